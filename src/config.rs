@@ -1,0 +1,533 @@
+//! Configuration: a strict TOML file, then environment overrides.
+//!
+//! Unknown keys are errors that name the file, line and column. Every default is written in the
+//! doc comment of the field that has it; `muxgate.example.toml` shows them all.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {name}: {message}")]
+    Env { name: &'static str, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to listen on. Default `127.0.0.1:8080`. Env `MUXGATE_LISTEN`.
+    pub listen: SocketAddr,
+    /// Dev mode: signs demo tokens at `GET /dev/token`, uses a random JWT secret when none is
+    /// set, and routes to the built-in simulated provider when no provider is configured. Refuses
+    /// a non-loopback `listen`. Default: on exactly when no JWT secret is configured. Env
+    /// `MUXGATE_DEV`.
+    pub dev: Option<bool>,
+    /// Directory served at `/` (the demo chat and the shim). Default: `web` in the working
+    /// directory if it exists, else the `web/` of the source tree. Env `MUXGATE_STATIC_DIR`.
+    pub static_dir: Option<PathBuf>,
+    /// Browser origins allowed to open a WebSocket, besides the gateway's own origin (always
+    /// allowed), e.g. `["https://chat.example.com"]`. Default empty. Env
+    /// `MUXGATE_ALLOWED_ORIGINS` (comma-separated).
+    pub allowed_origins: Vec<String>,
+    /// Bearer token for `/admin/*`. Default: none, and the admin routes answer 404. Env
+    /// `MUXGATE_ADMIN_TOKEN`.
+    pub admin_token: Option<String>,
+    pub auth: AuthConfig,
+    pub session: SessionConfig,
+    pub retry: RetryConfig,
+    /// Upstream providers; a stream's `model` picks the first provider that lists it.
+    pub providers: Vec<ProviderConfig>,
+    /// Keys of `open.params` passed to the upstream; any other key is refused with
+    /// `bad_request`. Default: the sampling and output parameters of the OpenAI chat API
+    /// (see [`default_allowed_params`]).
+    pub allowed_params: Vec<String>,
+    /// Price per model in USD per million tokens, for `done.cost_usd`. Default: the seed's
+    /// table (gpt-4.1, claude-sonnet-4.5, gemini-2.5-flash, deepseek-v3.2).
+    pub pricing: BTreeMap<String, Price>,
+    /// Shutdown: how long streams may run after `goaway` before they are aborted.
+    /// Default 10000 ms.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            dev: None,
+            static_dir: None,
+            allowed_origins: Vec::new(),
+            admin_token: None,
+            auth: AuthConfig::default(),
+            session: SessionConfig::default(),
+            retry: RetryConfig::default(),
+            providers: Vec::new(),
+            allowed_params: default_allowed_params(),
+            pricing: default_pricing(),
+            drain_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Token verification.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The HS256 secret. Prefer `jwt_secret_env`. Env `MUXGATE_JWT_SECRET` overrides both.
+    pub jwt_secret: Option<String>,
+    /// Name of an environment variable holding the secret. Default none.
+    pub jwt_secret_env: Option<String>,
+    /// Clock skew tolerated on `exp`, in seconds. Default 30.
+    pub leeway_secs: u64,
+    /// Tiers a token may carry; any other tier is `unauthorized`. Default
+    /// `["free", "pro", "enterprise"]`.
+    pub tiers: Vec<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            jwt_secret: None,
+            jwt_secret_env: None,
+            leeway_secs: 30,
+            tiers: vec!["free".into(), "pro".into(), "enterprise".into()],
+        }
+    }
+}
+
+/// One WebSocket connection and its streams.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// The first frame must be `hello` within this time, else close 4401. Default 5000 ms.
+    pub hello_timeout_ms: u64,
+    /// WebSocket ping interval; a connection that sends nothing (not even a pong) for two
+    /// intervals is dropped. Default 15000 ms.
+    pub heartbeat_ms: u64,
+    /// Largest client frame accepted; a larger one gets `bad_request` and the connection lives.
+    /// Default 1048576 (1 MiB).
+    pub max_frame_bytes: usize,
+    /// Live streams per user, over all their connections. Default 32.
+    pub max_streams: usize,
+    /// How long a dropped connection's streams keep running, waiting for a `hello` with
+    /// `resume`. Default 30000 ms.
+    pub resume_window_ms: u64,
+    /// Frames kept per stream for replay, in bytes. Frames already written are dropped from the
+    /// front beyond it; when what is unwritten alone reaches it, the stream stops reading its
+    /// upstream until the client catches up. Default 1048576 (1 MiB).
+    pub stream_buffer_bytes: usize,
+    /// A socket write that takes longer than this closes the connection (4408, slow consumer);
+    /// its streams wait for a resume. Default 10000 ms.
+    pub write_timeout_ms: u64,
+    /// Bad frames a connection may send per minute before it is closed with 4400. Default 20.
+    pub max_bad_frames_per_minute: u32,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            hello_timeout_ms: 5_000,
+            heartbeat_ms: 15_000,
+            max_frame_bytes: 1 << 20,
+            max_streams: 32,
+            resume_window_ms: 30_000,
+            stream_buffer_bytes: 1 << 20,
+            write_timeout_ms: 10_000,
+            max_bad_frames_per_minute: 20,
+        }
+    }
+}
+
+/// Retries of an upstream call that failed before its first token.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Attempts in all, the first included. Default 3.
+    pub max_attempts: u32,
+    /// Backoff base: attempt n waits a random time in `[0, min(max, base * 2^n))`. Default 250 ms.
+    pub base_delay_ms: u64,
+    /// Backoff ceiling. Default 4000 ms.
+    pub max_delay_ms: u64,
+    /// Longest upstream `Retry-After` honoured; a longer one ends the stream at once with
+    /// `upstream_error` and `retry_after_ms`. Default 30000 ms.
+    pub max_retry_after_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: 3,
+            base_delay_ms: 250,
+            max_delay_ms: 4_000,
+            max_retry_after_ms: 30_000,
+        }
+    }
+}
+
+/// One OpenAI-compatible upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// Name used in logs and metrics.
+    pub name: String,
+    /// Base URL up to and including `/v1`; the gateway posts to `{base_url}/chat/completions`.
+    pub base_url: String,
+    /// Environment variable holding the API key (sent as `Authorization: Bearer`). Default none.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Model names this provider serves; `"*"` serves any. Required.
+    pub models: Vec<String>,
+    /// TCP connect timeout. Default 5000 ms.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Time from sending the request to the first token. Default 60000 ms.
+    #[serde(default = "default_first_token_timeout_ms")]
+    pub first_token_timeout_ms: u64,
+    /// Longest silence between two chunks once streaming. Default 60000 ms.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Idle keep-alive connections kept per host. Default 64.
+    #[serde(default = "default_pool_max_idle")]
+    pub pool_max_idle_per_host: usize,
+    /// The API key itself, resolved from `api_key_env` or `MUXGATE_UPSTREAM_API_KEY` at load.
+    #[serde(skip)]
+    pub api_key: Option<String>,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_first_token_timeout_ms() -> u64 {
+    60_000
+}
+fn default_idle_timeout_ms() -> u64 {
+    60_000
+}
+fn default_pool_max_idle() -> usize {
+    64
+}
+
+impl ProviderConfig {
+    /// A provider that serves every model, as set by `MUXGATE_UPSTREAM_BASE_URL`.
+    pub fn catch_all(name: &str, base_url: String, api_key: Option<String>) -> Self {
+        ProviderConfig {
+            name: name.to_string(),
+            base_url,
+            api_key_env: None,
+            models: vec!["*".into()],
+            connect_timeout_ms: default_connect_timeout_ms(),
+            first_token_timeout_ms: default_first_token_timeout_ms(),
+            idle_timeout_ms: default_idle_timeout_ms(),
+            pool_max_idle_per_host: default_pool_max_idle(),
+            api_key,
+        }
+    }
+
+    pub fn serves(&self, model: &str) -> bool {
+        self.models.iter().any(|m| m == "*" || m == model)
+    }
+}
+
+/// USD per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub input: f64,
+    pub output: f64,
+}
+
+/// The `open.params` keys passed upstream unless the config says otherwise.
+pub fn default_allowed_params() -> Vec<String> {
+    [
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "max_completion_tokens",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "logit_bias",
+        "response_format",
+        "reasoning_effort",
+        "user",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect()
+}
+
+/// The seed article's price table, USD per million tokens.
+pub fn default_pricing() -> BTreeMap<String, Price> {
+    [
+        ("gpt-4.1", 2.00, 8.00),
+        ("claude-sonnet-4.5", 3.00, 15.00),
+        ("gemini-2.5-flash", 0.30, 2.50),
+        ("deepseek-v3.2", 0.10, 0.42),
+    ]
+    .into_iter()
+    .map(|(m, input, output)| (m.to_string(), Price { input, output }))
+    .collect()
+}
+
+/// Where environment values come from; a function so tests need not touch the process env.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+impl Config {
+    /// Reads `path` if given, then applies the process environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::load_with_env(path, &|name| std::env::var(name).ok())
+    }
+
+    pub fn load_with_env(path: Option<&Path>, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Config::from_toml(&text).map_err(|message| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message,
+                })?
+            }
+            None => Config::default(),
+        };
+        config.apply_env(env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; the error names line and column.
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            let message = e.message().to_string();
+            match e.span() {
+                Some(span) => {
+                    let (line, col) = line_col(text, span.start);
+                    format!("line {line}, column {col}: {message}")
+                }
+                None => message,
+            }
+        })
+    }
+
+    fn apply_env(&mut self, env: EnvLookup<'_>) -> Result<(), ConfigError> {
+        let get = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+        if let Some(v) = get("MUXGATE_LISTEN") {
+            self.listen = v.trim().parse().map_err(|e| ConfigError::Env {
+                name: "MUXGATE_LISTEN",
+                message: format!("`{v}` is not an address like 127.0.0.1:8080 ({e})"),
+            })?;
+        }
+        if let Some(v) = get("MUXGATE_DEV") {
+            self.dev = Some(parse_bool(&v).ok_or_else(|| ConfigError::Env {
+                name: "MUXGATE_DEV",
+                message: format!("`{v}` is not true/false/1/0"),
+            })?);
+        }
+        if let Some(v) = get("MUXGATE_STATIC_DIR") {
+            self.static_dir = Some(PathBuf::from(v));
+        }
+        if let Some(v) = get("MUXGATE_ALLOWED_ORIGINS") {
+            self.allowed_origins = v
+                .split(',')
+                .map(|s| s.trim().trim_end_matches('/').to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+        }
+        if let Some(v) = get("MUXGATE_ADMIN_TOKEN") {
+            self.admin_token = Some(v);
+        }
+        if let Some(name) = self.auth.jwt_secret_env.clone() {
+            if let Some(v) = get(&name) {
+                self.auth.jwt_secret = Some(v);
+            }
+        }
+        if let Some(v) = get("MUXGATE_JWT_SECRET") {
+            self.auth.jwt_secret = Some(v);
+        }
+        for provider in &mut self.providers {
+            if let Some(name) = &provider.api_key_env {
+                provider.api_key = get(name);
+            }
+        }
+        if let Some(base_url) = get("MUXGATE_UPSTREAM_BASE_URL") {
+            // The environment alone sets one provider that serves every model, ahead of any
+            // from the file.
+            let key = get("MUXGATE_UPSTREAM_API_KEY");
+            self.providers
+                .insert(0, ProviderConfig::catch_all("upstream", base_url, key));
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.is_dev() && !self.listen.ip().is_loopback() {
+            return invalid(format!(
+                "dev mode refuses to listen on non-loopback address {}: set MUXGATE_JWT_SECRET (or auth.jwt_secret_env) to run in production",
+                self.listen
+            ));
+        }
+        if let Some(secret) = &self.auth.jwt_secret {
+            if secret.len() < 16 {
+                return invalid("the JWT secret must be at least 16 bytes".into());
+            }
+        }
+        for p in &self.providers {
+            if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
+                return invalid(format!(
+                    "provider `{}`: base_url `{}` must start with http:// or https://",
+                    p.name, p.base_url
+                ));
+            }
+            if p.models.is_empty() {
+                return invalid(format!("provider `{}` lists no models", p.name));
+            }
+        }
+        let s = &self.session;
+        if s.max_streams == 0 || s.max_frame_bytes < 1024 || s.stream_buffer_bytes < 1024 {
+            return invalid(
+                "session.max_streams must be > 0, max_frame_bytes and stream_buffer_bytes >= 1024"
+                    .into(),
+            );
+        }
+        if s.heartbeat_ms == 0 || s.hello_timeout_ms == 0 || s.write_timeout_ms == 0 {
+            return invalid("session timeouts must be > 0".into());
+        }
+        if self.retry.max_attempts == 0 {
+            return invalid("retry.max_attempts must be at least 1".into());
+        }
+        if self.auth.tiers.is_empty() {
+            return invalid("auth.tiers must name at least one tier".into());
+        }
+        Ok(())
+    }
+
+    /// Dev mode, explicit or implied by a missing secret.
+    pub fn is_dev(&self) -> bool {
+        self.dev.unwrap_or(self.auth.jwt_secret.is_none())
+    }
+
+    pub fn static_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.static_dir {
+            return dir.clone();
+        }
+        let local = PathBuf::from("web");
+        if local.join("index.html").is_file() {
+            return local;
+        }
+        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/web"))
+    }
+
+    pub fn ms(ms: u64) -> Duration {
+        Duration::from_millis(ms)
+    }
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn unknown_key_names_line() {
+        let text = "listen = \"127.0.0.1:9000\"\n\n[session]\nheartbeat_ms = 100\nheartbeet = 3\n";
+        let err = Config::from_toml(text).expect_err("unknown key");
+        assert!(err.starts_with("line 5, column 1"), "{err}");
+        assert!(err.contains("heartbeet"), "{err}");
+    }
+
+    #[test]
+    fn file_error_names_path() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("m.toml");
+        std::fs::write(
+            &path,
+            "[[providers]]\nname = \"a\"\nbase_url = \"http://x/v1\"\nmodels = [\"m\"]\nkey = 1\n",
+        )
+        .expect("write");
+        let err = Config::load_with_env(Some(&path), &no_env).expect_err("bad");
+        let msg = err.to_string();
+        assert!(msg.contains("m.toml") && msg.contains("line 5"), "{msg}");
+    }
+
+    #[test]
+    fn defaults_and_env() {
+        let c = Config::load_with_env(None, &no_env).expect("defaults");
+        assert!(c.is_dev());
+        assert_eq!(c.session.max_streams, 32);
+        assert_eq!(
+            c.pricing["deepseek-v3.2"],
+            Price {
+                input: 0.10,
+                output: 0.42
+            }
+        );
+
+        let env = |name: &str| match name {
+            "MUXGATE_LISTEN" => Some("0.0.0.0:9999".to_string()),
+            "MUXGATE_JWT_SECRET" => Some("0123456789abcdef0123".to_string()),
+            "MUXGATE_UPSTREAM_BASE_URL" => Some("http://127.0.0.1:1/v1".to_string()),
+            "MUXGATE_UPSTREAM_API_KEY" => Some("sk-test".to_string()),
+            "MUXGATE_ALLOWED_ORIGINS" => Some("https://a.example, https://b.example/".to_string()),
+            _ => None,
+        };
+        let c = Config::load_with_env(None, &env).expect("env");
+        assert!(!c.is_dev());
+        assert_eq!(c.listen.port(), 9999);
+        assert_eq!(c.providers[0].api_key.as_deref(), Some("sk-test"));
+        assert!(c.providers[0].serves("anything"));
+        assert_eq!(
+            c.allowed_origins,
+            vec!["https://a.example", "https://b.example"]
+        );
+    }
+
+    #[test]
+    fn dev_mode_refuses_public_address() {
+        let env = |name: &str| (name == "MUXGATE_LISTEN").then(|| "0.0.0.0:8080".to_string());
+        let err = Config::load_with_env(None, &env).expect_err("dev on 0.0.0.0");
+        assert!(err.to_string().contains("dev mode refuses"), "{err}");
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../muxgate.example.toml");
+        let c = Config::from_toml(text).expect("example parses");
+        assert!(!c.providers.is_empty());
+    }
+}

@@ -1,0 +1,33 @@
+//! muxgate: any number of streamed LLM answers over one WebSocket per user.
+//!
+//! A browser tab (through the `web/` shim) or any client opens `GET /v1/ws`, says `hello`
+//! with a JWT, then opens logical streams by id. Each stream becomes one upstream
+//! OpenAI-compatible chat-completions SSE call; its chunks come back as `delta` frames on the
+//! shared socket. Streams outlive their connection for a resume window, so a dropped socket
+//! (or a browser tab handing leadership to another) loses no token.
+//!
+//! # Layout
+//! - [`protocol`]: wire frames, error codes, close codes, stream id rules (`docs/protocol.md`).
+//! - [`config`]: strict TOML config with environment overrides and documented defaults.
+//! - [`auth`]: HS256 JWT tokens (`sub`, `tier`, `exp`).
+//! - [`session`]: one WebSocket connection: handshake, reader, writer, heartbeats.
+//! - [`stream`]: one logical stream's replay log and its hand-off to a connection.
+//! - [`hub`]: the registry of streams and connections by user, for limits and resume.
+//! - [`relay`]: a stream's task: upstream call, retries, chunk to frame, terminal frame.
+//! - [`upstream`]: providers, pooled HTTP clients, SSE chunk parsing, backoff policy.
+//! - [`server`]: the router, shared state and graceful shutdown.
+//! - [`mock`]: the OpenAI-compatible mock upstream (tests, benchmarks, offline demo).
+
+pub mod auth;
+pub mod config;
+pub mod hub;
+pub mod mock;
+pub mod protocol;
+pub mod relay;
+pub mod server;
+pub mod session;
+pub mod stream;
+pub mod upstream;
+
+pub use config::Config;
+pub use server::{app, serve, Gateway, StartError};

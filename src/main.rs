@@ -1,0 +1,152 @@
+//! The `muxgate` command: parses the command line and calls the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+
+use muxgate::{auth, mock, Config, Gateway};
+
+#[derive(Parser)]
+#[command(
+    name = "muxgate",
+    version,
+    about = "One WebSocket per user, any number of streamed LLM answers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Config file (TOML). Environment variables override it.
+    #[arg(long, global = true, env = "MUXGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Serve,
+    /// Print a JWT signed with the configured secret.
+    Token {
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value = "free")]
+        tier: String,
+        /// Lifetime, e.g. 90s, 15m, 1h, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+    /// Run the OpenAI-compatible mock upstream.
+    MockUpstream {
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+        /// Require this API key as `Authorization: Bearer`.
+        #[arg(long, env = "MOCK_API_KEY")]
+        api_key: Option<String>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_json);
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(cli.config).await,
+        Command::Token { user, tier, ttl } => {
+            let config = Config::load(cli.config.as_deref())?;
+            let secret = config.auth.jwt_secret.as_deref().context(
+                "no JWT secret configured: set MUXGATE_JWT_SECRET or auth.jwt_secret_env",
+            )?;
+            let ttl = auth::parse_ttl(&ttl).map_err(anyhow::Error::msg)?;
+            let authn = auth::Authenticator::new(secret.as_bytes(), 0, config.auth.tiers.clone());
+            let token = authn.issue(&user, &tier, ttl)?;
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{token}");
+            }
+            Ok(())
+        }
+        Command::MockUpstream { listen, api_key } => {
+            let listener = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            let addr = listener.local_addr()?;
+            announce(&format!("mock-upstream: listening on http://{addr}"));
+            mock::run(listener, mock::MockState::new(api_key), shutdown_signal()).await?;
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = Config::load(config_path.as_deref())?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let gw = Gateway::start(config).await?;
+    if gw.config.is_dev() {
+        let upstream = match gw.simulated_upstream() {
+            Some(url) => format!("the built-in simulated provider ({url}), no API key needed"),
+            None => "the configured upstream".to_string(),
+        };
+        let secret = if gw.ephemeral_secret {
+            "a random JWT secret (tokens die with the process)"
+        } else {
+            "the configured JWT secret"
+        };
+        tracing::warn!("DEV MODE: demo tokens at /dev/token, {secret}; streams go to {upstream}. Set MUXGATE_JWT_SECRET for production.");
+        announce(&format!(
+            "muxgate dev mode: open http://{addr}/ for the demo chat"
+        ));
+    }
+    announce(&format!("muxgate: listening on http://{addr}"));
+    muxgate::serve(listener, gw, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// One line on stdout that scripts and tests wait for.
+#[allow(clippy::print_stdout)]
+fn announce(line: &str) {
+    use std::io::Write;
+    println!("{line}");
+    let _ = std::io::stdout().flush();
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MUXGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,507 @@
+//! Wire protocol v1: the frames, error codes and close codes of `docs/protocol.md`.
+//!
+//! Client frames are parsed in two steps (the `type` first, then the frame itself) so that a
+//! bad frame gets an error that names what is wrong. Server frames are serialized once into
+//! [`Utf8Bytes`] and shared by reference count between a stream's replay log and the socket:
+//! the per-chunk `delta` frame is written by hand to avoid a `serde_json::Value` on the hot path.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use axum::extract::ws::Utf8Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The WebSocket subprotocol the gateway accepts when a client offers it.
+pub const SUBPROTOCOL: &str = "muxgate.v1";
+
+/// Longest stream id the contract allows.
+pub const MAX_STREAM_ID_LEN: usize = 64;
+
+/// Every error code of the contract. Mirrored in `web/src/constants.js`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    Unauthorized,
+    BadRequest,
+    DuplicateId,
+    NotFound,
+    TooManyStreams,
+    RateLimited,
+    Overloaded,
+    BudgetExceeded,
+    UpstreamError,
+    UpstreamTimeout,
+    Cancelled,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::DuplicateId => "duplicate_id",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::TooManyStreams => "too_many_streams",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::BudgetExceeded => "budget_exceeded",
+            ErrorCode::UpstreamError => "upstream_error",
+            ErrorCode::UpstreamTimeout => "upstream_timeout",
+            ErrorCode::Cancelled => "cancelled",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// WebSocket close codes the gateway uses. The 4xxx range is ours; a client should reconnect
+/// after every code except [`close::UNAUTHORIZED`] (get a new token first) and
+/// [`close::POLICY`] (fix the client).
+pub mod close {
+    /// Normal closure after a client's own close.
+    pub const NORMAL: u16 = 1000;
+    /// The gateway is shutting down; reconnect (elsewhere) and resume.
+    pub const GOING_AWAY: u16 = 1001;
+    /// Too many bad frames on one connection ("repeated abuse" in the contract). Do not retry
+    /// unchanged.
+    pub const POLICY: u16 = 4400;
+    /// No `hello` in time, a bad or expired token, or a frame before `hello`.
+    pub const UNAUTHORIZED: u16 = 4401;
+    /// The client read too slowly: one socket write did not finish within the write timeout.
+    /// Reconnect and resume; nothing was lost.
+    pub const SLOW_CONSUMER: u16 = 4408;
+    /// The client stopped answering heartbeats. Reconnect and resume.
+    pub const HEARTBEAT_TIMEOUT: u16 = 4409;
+}
+
+/// Whether `id` is a valid logical stream id: 1–64 chars of `[A-Za-z0-9._:-]`.
+pub fn valid_stream_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_STREAM_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// One entry of `hello.resume`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct ResumeRequest {
+    pub id: String,
+    /// The last `seq` the client saw; replay starts after it. 0 (or absent) replays everything.
+    #[serde(default)]
+    pub after: u64,
+}
+
+/// A parsed client frame.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientFrame {
+    Hello {
+        token: String,
+        client: Option<String>,
+        resume: Vec<ResumeRequest>,
+    },
+    Open(OpenRequest),
+    Cancel {
+        id: String,
+    },
+    Ping {
+        ts: Value,
+    },
+}
+
+/// The `open` frame: one logical stream to run.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct OpenRequest {
+    pub id: String,
+    pub model: String,
+    pub messages: Vec<Value>,
+    #[serde(default)]
+    pub params: Map<String, Value>,
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct HelloFrame {
+    token: String,
+    #[serde(default)]
+    client: Option<String>,
+    #[serde(default)]
+    resume: Vec<ResumeRequest>,
+}
+
+#[derive(Deserialize)]
+struct CancelFrame {
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct PingFrame {
+    #[serde(default)]
+    ts: Value,
+}
+
+/// Why a client frame was refused; the message goes into the `error` frame as is.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct FrameError(pub String);
+
+/// Parses one client text frame. Unknown fields are ignored, as the contract says.
+pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
+    let envelope: Envelope<'_> = serde_json::from_str(text).map_err(|e| {
+        FrameError(format!(
+            "frame is not a JSON object with a string field `type`: {e}"
+        ))
+    })?;
+    let bad = |kind: &str, e: serde_json::Error| FrameError(format!("bad `{kind}` frame: {e}"));
+    match envelope.kind.as_ref() {
+        "hello" => {
+            let f: HelloFrame = serde_json::from_str(text).map_err(|e| bad("hello", e))?;
+            Ok(ClientFrame::Hello {
+                token: f.token,
+                client: f.client,
+                resume: f.resume,
+            })
+        }
+        "open" => {
+            let f: OpenRequest = serde_json::from_str(text).map_err(|e| bad("open", e))?;
+            Ok(ClientFrame::Open(f))
+        }
+        "cancel" => {
+            let f: CancelFrame = serde_json::from_str(text).map_err(|e| bad("cancel", e))?;
+            Ok(ClientFrame::Cancel { id: f.id })
+        }
+        "ping" => {
+            let f: PingFrame = serde_json::from_str(text).map_err(|e| bad("ping", e))?;
+            Ok(ClientFrame::Ping { ts: f.ts })
+        }
+        other => Err(FrameError(format!(
+            "unknown frame type `{}`",
+            truncate(other, 40)
+        ))),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// Token counts of one stream, as the upstream reported them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+/// `welcome.limits`.
+#[derive(Debug, Clone, Serialize)]
+pub struct WelcomeLimits {
+    pub max_streams: usize,
+    pub max_frame_bytes: usize,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ServerFrame<'a> {
+    Welcome {
+        session: &'a str,
+        user: &'a str,
+        tier: &'a str,
+        heartbeat_ms: u64,
+        limits: &'a WelcomeLimits,
+        resumed: &'a [String],
+    },
+    Queued {
+        id: &'a str,
+        position: usize,
+    },
+    Start {
+        id: &'a str,
+        model: &'a str,
+    },
+    Done {
+        id: &'a str,
+        seq: u64,
+        finish_reason: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        usage: Option<Usage>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cost_usd: Option<f64>,
+    },
+    Error {
+        id: Option<&'a str>,
+        code: ErrorCode,
+        message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
+    },
+    Pong {
+        ts: &'a Value,
+    },
+    Goaway {
+        reason: &'a str,
+        reconnect_after_ms: u64,
+    },
+}
+
+fn encode(frame: &ServerFrame<'_>) -> Utf8Bytes {
+    // Serializing these plain structs cannot fail: no maps with non-string keys, no I/O.
+    serde_json::to_string(frame)
+        .unwrap_or_else(|_| {
+            String::from(
+                r#"{"type":"error","id":null,"code":"internal","message":"frame encoding failed"}"#,
+            )
+        })
+        .into()
+}
+
+pub fn welcome(
+    session: &str,
+    user: &str,
+    tier: &str,
+    heartbeat_ms: u64,
+    limits: &WelcomeLimits,
+    resumed: &[String],
+) -> Utf8Bytes {
+    encode(&ServerFrame::Welcome {
+        session,
+        user,
+        tier,
+        heartbeat_ms,
+        limits,
+        resumed,
+    })
+}
+
+pub fn queued(id: &str, position: usize) -> Utf8Bytes {
+    encode(&ServerFrame::Queued { id, position })
+}
+
+pub fn start(id: &str, model: &str) -> Utf8Bytes {
+    encode(&ServerFrame::Start { id, model })
+}
+
+pub fn done(
+    id: &str,
+    seq: u64,
+    finish_reason: &str,
+    usage: Option<Usage>,
+    cost_usd: Option<f64>,
+) -> Utf8Bytes {
+    encode(&ServerFrame::Done {
+        id,
+        seq,
+        finish_reason,
+        usage,
+        cost_usd,
+    })
+}
+
+pub fn error(
+    id: Option<&str>,
+    code: ErrorCode,
+    message: &str,
+    retry_after_ms: Option<u64>,
+) -> Utf8Bytes {
+    encode(&ServerFrame::Error {
+        id,
+        code,
+        message,
+        retry_after_ms,
+    })
+}
+
+pub fn pong(ts: &Value) -> Utf8Bytes {
+    encode(&ServerFrame::Pong { ts })
+}
+
+pub fn goaway(reason: &str, reconnect_after_ms: u64) -> Utf8Bytes {
+    encode(&ServerFrame::Goaway {
+        reason,
+        reconnect_after_ms,
+    })
+}
+
+/// Writes `{"type":"delta","id":..,"seq":..,"text":..}` straight into one buffer.
+///
+/// This is the hot path (one upstream chunk, one frame), so it avoids building a JSON value.
+/// `id` needs no escaping: [`valid_stream_id`] admits no character JSON would escape.
+pub fn delta(id: &str, seq: u64, text: &str) -> Utf8Bytes {
+    let mut out = String::with_capacity(40 + id.len() + text.len() + text.len() / 8);
+    out.push_str(r#"{"type":"delta","id":""#);
+    out.push_str(id);
+    out.push_str(r#"","seq":"#);
+    push_u64(&mut out, seq);
+    out.push_str(r#","text":"#);
+    push_json_string(&mut out, text);
+    out.push('}');
+    out.into()
+}
+
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[i..] {
+        out.push(d as char);
+    }
+}
+
+/// Appends `s` as a JSON string literal, escaping as `serde_json` does.
+fn push_json_string(out: &mut String, s: &str) {
+    out.push('"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape: &str = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0x00..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        if escape.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.push_str("\\u00");
+            out.push(HEX[(b >> 4) as usize] as char);
+            out.push(HEX[(b & 0xf) as usize] as char);
+        } else {
+            out.push_str(escape);
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_ids() {
+        assert!(valid_stream_id("t1:8"));
+        assert!(valid_stream_id("a.b_c-d:e"));
+        assert!(valid_stream_id(&"x".repeat(64)));
+        assert!(!valid_stream_id(""));
+        assert!(!valid_stream_id(&"x".repeat(65)));
+        assert!(!valid_stream_id("a b"));
+        assert!(!valid_stream_id("a/b"));
+        assert!(!valid_stream_id("é"));
+        assert!(!valid_stream_id("a\"b"));
+    }
+
+    #[test]
+    fn delta_matches_serde() {
+        for text in [
+            "Hel",
+            "",
+            "quote \" back \\ nl \n tab \t",
+            "\u{1}\u{1f}ctl",
+            "ünï 🎉",
+            "\u{7f}",
+        ] {
+            let frame = delta("t1:8", 12345678901, text);
+            let parsed: Value = serde_json::from_str(frame.as_str()).expect("valid json");
+            assert_eq!(parsed["type"], "delta");
+            assert_eq!(parsed["id"], "t1:8");
+            assert_eq!(parsed["seq"], 12345678901u64);
+            assert_eq!(parsed["text"], text);
+            let expected =
+                serde_json::json!({"type":"delta","id":"t1:8","seq":12345678901u64,"text":text});
+            assert_eq!(parsed, expected);
+        }
+        assert_eq!(
+            delta("a", 0, "x").as_str(),
+            r#"{"type":"delta","id":"a","seq":0,"text":"x"}"#
+        );
+    }
+
+    #[test]
+    fn parses_client_frames() {
+        let f = parse_client_frame(
+            r#"{"type":"hello","token":"t","client":"x","resume":[{"id":"t1:7","after":17}],"extra":1}"#,
+        )
+        .expect("hello");
+        assert_eq!(
+            f,
+            ClientFrame::Hello {
+                token: "t".into(),
+                client: Some("x".into()),
+                resume: vec![ResumeRequest {
+                    id: "t1:7".into(),
+                    after: 17
+                }],
+            }
+        );
+        let f = parse_client_frame(
+            r#"{"type":"open","id":"t1:8","model":"m","messages":[{"role":"user","content":"hi"}],"params":{"temperature":0.7}}"#,
+        )
+        .expect("open");
+        match f {
+            ClientFrame::Open(o) => {
+                assert_eq!(o.id, "t1:8");
+                assert_eq!(o.params["temperature"], 0.7);
+            }
+            other => panic!("not open: {other:?}"),
+        }
+        assert_eq!(
+            parse_client_frame(r#"{"type":"ping","ts":5}"#).expect("ping"),
+            ClientFrame::Ping { ts: Value::from(5) }
+        );
+        assert!(parse_client_frame("not json").is_err());
+        assert!(parse_client_frame(r#"{"id":"x"}"#).is_err());
+        let e = parse_client_frame(r#"{"type":"subscribe"}"#).expect_err("unknown");
+        assert!(e.0.contains("unknown frame type `subscribe`"), "{e}");
+        let e = parse_client_frame(r#"{"type":"open","id":"x"}"#).expect_err("missing model");
+        assert!(e.0.contains("bad `open` frame"), "{e}");
+    }
+
+    #[test]
+    fn error_codes_serialize_as_in_contract() {
+        let frame = error(Some("s"), ErrorCode::TooManyStreams, "m", Some(5));
+        let v: Value = serde_json::from_str(frame.as_str()).expect("json");
+        assert_eq!(v["code"], "too_many_streams");
+        assert_eq!(v["retry_after_ms"], 5);
+        let v: Value = serde_json::from_str(error(None, ErrorCode::BadRequest, "m", None).as_str())
+            .expect("json");
+        assert_eq!(v["id"], Value::Null);
+        assert!(v.get("retry_after_ms").is_none());
+        for code in [
+            ErrorCode::Unauthorized,
+            ErrorCode::UpstreamTimeout,
+            ErrorCode::BudgetExceeded,
+        ] {
+            assert_eq!(
+                serde_json::to_value(code).expect("code"),
+                Value::from(code.as_str())
+            );
+        }
+    }
+}

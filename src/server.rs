@@ -1,0 +1,302 @@
+//! The HTTP side: the router (`/v1/ws`, dev token, admin, health, the static demo), the
+//! shared [`Gateway`] state, and [`serve`] with its two-step shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_http::services::ServeDir;
+
+use crate::auth::Authenticator;
+use crate::config::{Config, ProviderConfig};
+use crate::hub::Hub;
+use crate::mock;
+use crate::protocol::SUBPROTOCOL;
+use crate::session;
+use crate::upstream::Upstreams;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("no upstream provider configured: set MUXGATE_UPSTREAM_BASE_URL or [[providers]], or run in dev mode")]
+    NoProvider,
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+    #[error("cannot start the simulated provider: {0}")]
+    Simulated(#[from] std::io::Error),
+}
+
+/// Everything the connections and streams of one gateway process share.
+pub struct Gateway {
+    pub config: Config,
+    pub auth: Authenticator,
+    pub upstreams: Upstreams,
+    pub hub: Arc<Hub>,
+    /// Cancelled when shutdown begins: connections get `goaway` and refuse new streams.
+    pub draining: CancellationToken,
+    /// Cancelled when the drain is over: connections close with 1001.
+    pub closing: CancellationToken,
+    /// Every stream's task, so shutdown can wait for them.
+    pub stream_tasks: TaskTracker,
+    /// Every connection's task.
+    pub sessions: TaskTracker,
+    /// The dev-mode simulated provider, kept alive as long as the gateway.
+    simulated: Option<mock::MockHandle>,
+    /// Whether the JWT secret was generated at start (dev mode without a secret).
+    pub ephemeral_secret: bool,
+}
+
+impl Gateway {
+    /// Builds the shared state. In dev mode with no provider, starts the built-in simulated
+    /// provider on a loopback port, so the demo runs the real HTTP path with no API key.
+    pub async fn start(mut config: Config) -> Result<Arc<Gateway>, StartError> {
+        let mut simulated = None;
+        if config.providers.is_empty() {
+            if !config.is_dev() {
+                return Err(StartError::NoProvider);
+            }
+            let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+            let handle = mock::spawn(listener, None).await?;
+            config.providers.push(ProviderConfig::catch_all(
+                "simulated",
+                handle.base_url(),
+                None,
+            ));
+            simulated = Some(handle);
+        }
+        let ephemeral_secret = config.auth.jwt_secret.is_none();
+        let secret = match &config.auth.jwt_secret {
+            Some(secret) => secret.as_bytes().to_vec(),
+            None => rand::random::<[u8; 32]>().to_vec(),
+        };
+        let auth = Authenticator::new(&secret, config.auth.leeway_secs, config.auth.tiers.clone());
+        let upstreams = Upstreams::new(&config.providers)?;
+        Ok(Arc::new(Gateway {
+            config,
+            auth,
+            upstreams,
+            hub: Arc::new(Hub::new()),
+            draining: CancellationToken::new(),
+            closing: CancellationToken::new(),
+            stream_tasks: TaskTracker::new(),
+            sessions: TaskTracker::new(),
+            simulated,
+            ephemeral_secret,
+        }))
+    }
+
+    /// The simulated provider's address, in dev mode without a real provider.
+    pub fn simulated_upstream(&self) -> Option<String> {
+        self.simulated.as_ref().map(|h| h.base_url())
+    }
+}
+
+/// The gateway's routes.
+pub fn app(gw: Arc<Gateway>) -> Router {
+    let mut router = Router::new()
+        .route("/v1/ws", get(ws_upgrade))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/admin/users/{user}", get(admin_user));
+    if gw.config.is_dev() {
+        router = router.route("/dev/token", get(dev_token));
+    }
+    router
+        .fallback_service(ServeDir::new(gw.config.static_dir()))
+        .with_state(gw)
+}
+
+/// Serves until `shutdown` resolves, then drains: stop accepting, `goaway` to every
+/// connection, let streams finish for `drain_timeout_ms`, abort the rest, close.
+pub async fn serve(
+    listener: TcpListener,
+    gw: Arc<Gateway>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let draining = gw.draining.clone();
+    axum::serve(listener, app(gw.clone()))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            draining.cancel();
+        })
+        .await?;
+    tracing::info!("shutting down: draining streams");
+    gw.stream_tasks.close();
+    let drain = Duration::from_millis(gw.config.drain_timeout_ms);
+    if tokio::time::timeout(drain, gw.stream_tasks.wait())
+        .await
+        .is_err()
+    {
+        let live = gw.hub.live_streams();
+        tracing::warn!(streams = live.len(), "drain timeout: aborting streams");
+        for stream in live {
+            stream.cancel(crate::stream::CancelReason::Shutdown);
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), gw.stream_tasks.wait()).await;
+    }
+    gw.closing.cancel();
+    gw.sessions.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), gw.sessions.wait()).await;
+    Ok(())
+}
+
+async fn ws_upgrade(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if !origin_allowed(&gw.config.allowed_origins, &headers) {
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
+    if gw.draining.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    // tungstenite's own limit sits well above ours, so an oversize frame gets a `bad_request`
+    // frame and the connection lives; only a grossly oversize one is cut at this limit.
+    let hard_limit = gw
+        .config
+        .session
+        .max_frame_bytes
+        .saturating_mul(8)
+        .max(1 << 20);
+    let sessions = gw.sessions.clone();
+    ws.protocols([SUBPROTOCOL])
+        .max_message_size(hard_limit)
+        .max_frame_size(hard_limit)
+        .on_upgrade(move |socket| sessions.track_future(session::run(gw, socket)))
+}
+
+/// A browser's `Origin` must be the gateway's own or on the allow-list; a client that sends
+/// no `Origin` (not a browser) is let through, its token authenticates it.
+pub fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    let origin = origin.trim_end_matches('/');
+    if allowed
+        .iter()
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+    {
+        return true;
+    }
+    let authority = origin.split_once("://").map(|(_, rest)| rest);
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    matches!((authority, host), (Some(a), Some(h)) if a.eq_ignore_ascii_case(h))
+}
+
+#[derive(Deserialize)]
+struct DevTokenQuery {
+    user: Option<String>,
+    tier: Option<String>,
+}
+
+/// Dev mode only: a token for the demo page.
+async fn dev_token(State(gw): State<Arc<Gateway>>, Query(q): Query<DevTokenQuery>) -> Response {
+    let user = q.user.unwrap_or_else(|| "demo".into());
+    let tier = q.tier.unwrap_or_else(|| "pro".into());
+    if user.is_empty() || user.len() > 64 {
+        return (StatusCode::BAD_REQUEST, "user must be 1-64 characters").into_response();
+    }
+    let ttl = Duration::from_secs(3600);
+    match gw.auth.issue(&user, &tier, ttl) {
+        Ok(token) => Json(serde_json::json!({
+            "token": token, "user": user, "tier": tier, "expires_in": ttl.as_secs()
+        }))
+        .into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    }
+}
+
+async fn admin_user(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+) -> Response {
+    if let Err(resp) = check_admin(&gw, &headers) {
+        return resp;
+    }
+    let stats = gw.hub.user_stats(&user).unwrap_or_default();
+    Json(serde_json::json!({
+        "user": user,
+        "connections": stats.connections,
+        "connections_total": stats.connections_total,
+        "live_streams": stats.live_streams,
+    }))
+    .into_response()
+}
+
+fn check_admin(gw: &Gateway, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(expected) = &gw.config.admin_token else {
+        return Err(StatusCode::NOT_FOUND.into_response());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err((StatusCode::UNAUTHORIZED, "admin token required").into_response())
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(origin: Option<&str>, host: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, host.parse().expect("host"));
+        if let Some(o) = origin {
+            h.insert(header::ORIGIN, o.parse().expect("origin"));
+        }
+        h
+    }
+
+    #[test]
+    fn origins() {
+        let allowed = vec!["https://chat.example.com".to_string()];
+        assert!(origin_allowed(&allowed, &headers(None, "gw:8080")));
+        assert!(origin_allowed(
+            &allowed,
+            &headers(Some("http://gw:8080"), "gw:8080")
+        ));
+        assert!(origin_allowed(
+            &allowed,
+            &headers(Some("https://chat.example.com"), "gw:8080")
+        ));
+        assert!(!origin_allowed(
+            &allowed,
+            &headers(Some("https://evil.example"), "gw:8080")
+        ));
+        assert!(!origin_allowed(
+            &allowed,
+            &headers(Some("http://gw:8081"), "gw:8080")
+        ));
+        assert!(!origin_allowed(&allowed, &headers(Some("null"), "gw:8080")));
+    }
+
+    #[test]
+    fn constant_time() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}

@@ -1,0 +1,548 @@
+//! One WebSocket connection: the `hello` handshake, then a reader (client frames) and a
+//! writer (stream frames, control frames, pings) that share nothing but an [`Inbox`] and one
+//! bounded control queue.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Claims;
+use crate::protocol::{
+    self, close, ClientFrame, ErrorCode, OpenRequest, ResumeRequest, WelcomeLimits,
+};
+use crate::relay::{self, Job};
+use crate::server::Gateway;
+use crate::stream::{CancelReason, Inbox, Pulled, Stream};
+
+/// Control frames (welcome, pong, connection errors, goaway) waiting for the writer. Bounded:
+/// a client that floods requests without reading answers is slowed down, not buffered.
+const CONTROL_QUEUE: usize = 64;
+
+type Sink = SplitSink<WebSocket, Message>;
+type Source = SplitStream<WebSocket>;
+
+enum Control {
+    Frame(Utf8Bytes),
+    /// Write what is pending, then close with this code.
+    Close(u16, &'static str),
+}
+
+/// Runs one connection to its end.
+pub async fn run(gw: Arc<Gateway>, socket: WebSocket) {
+    let (mut sink, mut source) = socket.split();
+    let (claims, resume) = match handshake(&gw, &mut source).await {
+        Ok(hello) => hello,
+        Err(Some(message)) => {
+            let frame = protocol::error(None, ErrorCode::Unauthorized, &message, None);
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                sink.send(Message::Text(frame)).await?;
+                sink.send(close_message(close::UNAUTHORIZED, "unauthorized"))
+                    .await
+            })
+            .await;
+            return;
+        }
+        Err(None) => return,
+    };
+    let user = gw.hub.connect(&claims.sub);
+    let span = tracing::info_span!("conn", user = %user, tier = %claims.tier);
+    let _entered = span.enter();
+    drop(_entered);
+    let inbox = Inbox::new();
+    let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
+    let conn_end = CancellationToken::new();
+    let session_id = format!("{:016x}", rand::random::<u64>());
+    tracing::info!(parent: &span, session = %session_id, "connected");
+
+    // Welcome goes into the control queue before any resumed stream is attached, and the
+    // writer always empties that queue first: the client sees `welcome` before replayed frames.
+    let (found, missing) = lookup_resumes(&gw, &user, &resume);
+    let resumed: Vec<String> = found.iter().map(|(s, _)| s.id.clone()).collect();
+    let s = &gw.config.session;
+    let limits = WelcomeLimits {
+        max_streams: s.max_streams,
+        max_frame_bytes: s.max_frame_bytes,
+    };
+    let welcome = protocol::welcome(
+        &session_id,
+        &user,
+        &claims.tier,
+        s.heartbeat_ms,
+        &limits,
+        &resumed,
+    );
+    let _ = control.send(Control::Frame(welcome)).await;
+    let writer = tokio::spawn(write_loop(
+        sink,
+        inbox.clone(),
+        control_rx,
+        conn_end.clone(),
+        Duration::from_millis(s.heartbeat_ms),
+        Duration::from_millis(s.write_timeout_ms),
+    ));
+    for (stream, after) in found {
+        if let Err(gap) = stream.attach(&inbox, after) {
+            let message = format!(
+                "stream `{}` can no longer be replayed after seq {after}: the oldest kept is {}",
+                stream.id, gap.oldest_available
+            );
+            let _ = control
+                .send(Control::Frame(protocol::error(
+                    Some(&stream.id),
+                    ErrorCode::NotFound,
+                    &message,
+                    None,
+                )))
+                .await;
+        }
+    }
+    for frame in missing {
+        let _ = control.send(Control::Frame(frame)).await;
+    }
+
+    let mut conn = Connection {
+        gw: gw.clone(),
+        user: user.clone(),
+        claims,
+        inbox: inbox.clone(),
+        control,
+        draining: false,
+        bad_frames: 0,
+        bad_window: Instant::now(),
+    };
+    conn.read_loop(&mut source, &conn_end).await;
+    conn_end.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+
+    // The connection is gone; its streams keep running for the resume window.
+    let attached = std::mem::take(&mut *inbox.attached.lock());
+    let window = Duration::from_millis(gw.config.session.resume_window_ms);
+    for stream in attached.into_values() {
+        if let Some(epoch) = stream.detach(inbox.conn) {
+            tokio::spawn(async move {
+                tokio::time::sleep(window).await;
+                if stream.detached_since(epoch) {
+                    stream.cancel(CancelReason::ResumeExpired);
+                }
+            });
+        }
+    }
+    gw.hub.disconnect(&user);
+    tracing::info!(parent: &span, "disconnected");
+}
+
+/// Waits for `hello` and checks its token. `Err(Some(reason))` is answered with
+/// `unauthorized` and close 4401; `Err(None)` means the client is already gone.
+async fn handshake(
+    gw: &Gateway,
+    source: &mut Source,
+) -> Result<(Claims, Vec<ResumeRequest>), Option<String>> {
+    let timeout = Duration::from_millis(gw.config.session.hello_timeout_ms);
+    let first = tokio::time::timeout(timeout, async {
+        loop {
+            match source.next().await {
+                Some(Ok(Message::Text(text))) => return Ok(text),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(Message::Binary(_))) => {
+                    return Err(Some(
+                        "the first frame must be a `hello` text frame".to_string(),
+                    ))
+                }
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return Err(None),
+            }
+        }
+    })
+    .await
+    .map_err(|_| Some(format!("no `hello` within {} ms", timeout.as_millis())))??;
+    if first.len() > gw.config.session.max_frame_bytes {
+        return Err(Some("the `hello` frame is over the size limit".into()));
+    }
+    match protocol::parse_client_frame(&first) {
+        Ok(ClientFrame::Hello { token, resume, .. }) => {
+            let claims = gw.auth.verify(&token).map_err(|e| Some(e.to_string()))?;
+            Ok((claims, resume))
+        }
+        Ok(_) => Err(Some("the first frame must be `hello`".into())),
+        Err(e) => Err(Some(format!("the first frame must be `hello`: {e}"))),
+    }
+}
+
+/// Splits `hello.resume` into the streams found and `not_found` frames for the rest.
+fn lookup_resumes(
+    gw: &Gateway,
+    user: &Arc<str>,
+    resume: &[ResumeRequest],
+) -> (Vec<(Arc<Stream>, u64)>, Vec<Utf8Bytes>) {
+    let mut found: Vec<(Arc<Stream>, u64)> = Vec::new();
+    let mut missing = Vec::new();
+    for r in resume.iter().take(gw.config.session.max_streams) {
+        if found.iter().any(|(s, _)| s.id == r.id) {
+            continue;
+        }
+        match gw.hub.get(user, &r.id) {
+            Some(stream) => found.push((stream, r.after)),
+            None => {
+                let id = protocol::valid_stream_id(&r.id).then_some(r.id.as_str());
+                missing.push(protocol::error(
+                    id,
+                    ErrorCode::NotFound,
+                    "no such stream to resume (it ended long ago, never existed, or belonged to a gateway that restarted)",
+                    None,
+                ));
+            }
+        }
+    }
+    if resume.len() > gw.config.session.max_streams {
+        missing.push(protocol::error(
+            None,
+            ErrorCode::BadRequest,
+            "`resume` lists more streams than max_streams; the rest were ignored",
+            None,
+        ));
+    }
+    (found, missing)
+}
+
+struct Connection {
+    gw: Arc<Gateway>,
+    user: Arc<str>,
+    claims: Claims,
+    inbox: Arc<Inbox>,
+    control: mpsc::Sender<Control>,
+    /// `goaway` was sent: no new streams on this connection.
+    draining: bool,
+    bad_frames: u32,
+    bad_window: Instant,
+}
+
+/// Whether the read loop goes on.
+enum Next {
+    Continue,
+    Stop,
+}
+
+impl Connection {
+    async fn read_loop(&mut self, source: &mut Source, conn_end: &CancellationToken) {
+        let heartbeat = Duration::from_millis(self.gw.config.session.heartbeat_ms);
+        let mut check = tokio::time::interval(heartbeat);
+        let mut last_seen = Instant::now();
+        let gw = self.gw.clone();
+        loop {
+            let next = tokio::select! {
+                msg = source.next() => match msg {
+                    Some(Ok(msg)) => {
+                        last_seen = Instant::now();
+                        self.on_message(msg).await
+                    }
+                    Some(Err(_)) | None => Next::Stop,
+                },
+                _ = check.tick() => {
+                    if last_seen.elapsed() > heartbeat * 2 {
+                        tracing::info!(user = %self.user, "heartbeat timeout");
+                        self.close(close::HEARTBEAT_TIMEOUT, "heartbeat timeout").await;
+                        Next::Stop
+                    } else {
+                        Next::Continue
+                    }
+                }
+                _ = gw.draining.cancelled(), if !self.draining => {
+                    self.draining = true;
+                    self.send(protocol::goaway("shutdown", 500)).await
+                }
+                _ = gw.closing.cancelled() => {
+                    self.close(close::GOING_AWAY, "shutdown").await;
+                    Next::Stop
+                }
+                _ = conn_end.cancelled() => Next::Stop,
+            };
+            if let Next::Stop = next {
+                return;
+            }
+        }
+    }
+
+    async fn on_message(&mut self, msg: Message) -> Next {
+        match msg {
+            Message::Text(text) => {
+                if text.len() > self.gw.config.session.max_frame_bytes {
+                    let message = format!(
+                        "frame of {} bytes is over max_frame_bytes ({})",
+                        text.len(),
+                        self.gw.config.session.max_frame_bytes
+                    );
+                    return self.bad_frame(None, ErrorCode::BadRequest, &message).await;
+                }
+                match protocol::parse_client_frame(&text) {
+                    Ok(frame) => self.on_frame(frame).await,
+                    Err(e) => self.bad_frame(None, ErrorCode::BadRequest, &e.0).await,
+                }
+            }
+            Message::Binary(_) => {
+                self.bad_frame(
+                    None,
+                    ErrorCode::BadRequest,
+                    "binary frames are not part of the protocol",
+                )
+                .await
+            }
+            Message::Close(_) => Next::Stop,
+            Message::Ping(_) | Message::Pong(_) => Next::Continue,
+        }
+    }
+
+    async fn on_frame(&mut self, frame: ClientFrame) -> Next {
+        match frame {
+            ClientFrame::Ping { ts } => self.send(protocol::pong(&ts)).await,
+            ClientFrame::Hello { .. } => {
+                self.bad_frame(
+                    None,
+                    ErrorCode::BadRequest,
+                    "already authenticated: `hello` comes once",
+                )
+                .await
+            }
+            ClientFrame::Cancel { id } => {
+                match self
+                    .gw
+                    .hub
+                    .get(&self.user, &id)
+                    .filter(|s| !s.is_finished())
+                {
+                    Some(stream) => {
+                        stream.cancel(CancelReason::Client);
+                        Next::Continue
+                    }
+                    None => {
+                        let id = protocol::valid_stream_id(&id).then_some(id.as_str());
+                        self.send(protocol::error(
+                            id,
+                            ErrorCode::NotFound,
+                            "no live stream with this id",
+                            None,
+                        ))
+                        .await
+                    }
+                }
+            }
+            ClientFrame::Open(req) => self.open(req).await,
+        }
+    }
+
+    async fn open(&mut self, req: OpenRequest) -> Next {
+        if !protocol::valid_stream_id(&req.id) {
+            return self
+                .bad_frame(
+                    None,
+                    ErrorCode::BadRequest,
+                    "stream `id` must be 1-64 characters of [A-Za-z0-9._:-]",
+                )
+                .await;
+        }
+        let id = req.id.as_str();
+        let refuse =
+            |code: ErrorCode, message: &str| protocol::error(Some(id), code, message, None);
+        if self.draining {
+            let frame = refuse(
+                ErrorCode::Overloaded,
+                "this connection is draining after `goaway`: reconnect and open the stream there",
+            );
+            return self.send(frame).await;
+        }
+        let gw = &self.gw;
+        if let Err(message) = relay::validate_open(&req, &gw.config.allowed_params) {
+            return self.send(refuse(ErrorCode::BadRequest, &message)).await;
+        }
+        let Some(provider) = gw.upstreams.route(&req.model).cloned() else {
+            let frame = refuse(
+                ErrorCode::BadRequest,
+                &format!("unknown model `{}`", req.model),
+            );
+            return self.send(frame).await;
+        };
+        let body = match relay::upstream_body(&req) {
+            Ok(body) => body,
+            Err(e) => {
+                return self
+                    .send(refuse(ErrorCode::BadRequest, &e.to_string()))
+                    .await
+            }
+        };
+        let stream = Stream::new(
+            req.id.clone(),
+            self.user.clone(),
+            req.model.clone(),
+            gw.config.session.stream_buffer_bytes,
+        );
+        if let Err(refusal) = gw.hub.open(&stream, gw.config.session.max_streams) {
+            return self.send(refuse(refusal.code, &refusal.message)).await;
+        }
+        // A fresh stream has no gap to refuse.
+        let _ = stream.attach(&self.inbox, 0);
+        let job = Job {
+            stream: stream.clone(),
+            price: gw.config.pricing.get(&req.model).copied(),
+            provider,
+            body,
+            retry: gw.config.retry.clone(),
+        };
+        let hub = gw.hub.clone();
+        let linger = Duration::from_millis(gw.config.session.resume_window_ms);
+        let span = tracing::info_span!("stream", user = %self.user, tier = %self.claims.tier, stream = %stream.id, model = %stream.model);
+        gw.stream_tasks.spawn(tracing::Instrument::instrument(
+            async move {
+                let outcome = relay::run(job).await;
+                tracing::info!(?outcome, "stream ended");
+                hub.finished(&stream, linger);
+            },
+            span,
+        ));
+        Next::Continue
+    }
+
+    async fn send(&self, frame: Utf8Bytes) -> Next {
+        match self.control.send(Control::Frame(frame)).await {
+            Ok(()) => Next::Continue,
+            Err(_) => Next::Stop,
+        }
+    }
+
+    async fn close(&self, code: u16, reason: &'static str) {
+        let _ = self.control.send(Control::Close(code, reason)).await;
+    }
+
+    /// Answers a bad frame, and closes the connection once they come too often.
+    async fn bad_frame(&mut self, id: Option<&str>, code: ErrorCode, message: &str) -> Next {
+        if self.bad_window.elapsed() > Duration::from_secs(60) {
+            self.bad_window = Instant::now();
+            self.bad_frames = 0;
+        }
+        self.bad_frames += 1;
+        if let Next::Stop = self.send(protocol::error(id, code, message, None)).await {
+            return Next::Stop;
+        }
+        if self.bad_frames > self.gw.config.session.max_bad_frames_per_minute {
+            tracing::warn!(user = %self.user, "closing: too many bad frames");
+            self.close(close::POLICY, "too many bad frames").await;
+            return Next::Stop;
+        }
+        Next::Continue
+    }
+}
+
+fn close_message(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }))
+}
+
+/// Why the writer stopped.
+#[derive(Debug)]
+enum WriteEnd {
+    /// The socket failed or the session ended.
+    Done,
+    /// A write did not finish within the write timeout.
+    SlowConsumer,
+}
+
+/// Writes control frames, stream frames and pings until the connection ends.
+async fn write_loop(
+    mut sink: Sink,
+    inbox: Arc<Inbox>,
+    mut control: mpsc::Receiver<Control>,
+    conn_end: CancellationToken,
+    heartbeat: Duration,
+    write_timeout: Duration,
+) {
+    let mut ready = Vec::new();
+    let mut frames = Vec::new();
+    let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+    let end = loop {
+        let result = tokio::select! {
+            biased;
+            msg = control.recv() => match msg {
+                Some(Control::Frame(frame)) => {
+                    frames.push(frame);
+                    write(&mut sink, &mut frames, write_timeout).await
+                }
+                Some(Control::Close(code, reason)) => {
+                    pull_ready(&inbox, &mut ready, &mut frames);
+                    let _ = write(&mut sink, &mut frames, write_timeout).await;
+                    let _ = tokio::time::timeout(write_timeout, sink.send(close_message(code, reason))).await;
+                    break WriteEnd::Done;
+                }
+                None => break WriteEnd::Done,
+            },
+            _ = inbox.notify.notified() => {
+                pull_ready(&inbox, &mut ready, &mut frames);
+                write(&mut sink, &mut frames, write_timeout).await
+            }
+            _ = ping.tick() => {
+                match tokio::time::timeout(write_timeout, sink.send(Message::Ping(Default::default()))).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(_)) => Err(WriteEnd::Done),
+                    Err(_) => Err(WriteEnd::SlowConsumer),
+                }
+            }
+            _ = conn_end.cancelled() => break WriteEnd::Done,
+        };
+        if let Err(end) = result {
+            break end;
+        }
+    };
+    if let WriteEnd::SlowConsumer = end {
+        tracing::warn!(conn = inbox.conn, "closing slow consumer");
+        let _ = tokio::time::timeout(
+            Duration::from_millis(100),
+            sink.send(close_message(close::SLOW_CONSUMER, "slow consumer")),
+        )
+        .await;
+    }
+    conn_end.cancel();
+}
+
+/// Copies the frames of every ready stream into `frames`; forgets streams that ended.
+fn pull_ready(inbox: &Inbox, ready: &mut Vec<Arc<Stream>>, frames: &mut Vec<Utf8Bytes>) {
+    inbox.take_ready(ready);
+    for stream in ready.drain(..) {
+        if stream.pull(inbox.conn, frames) == Pulled::Finished {
+            let mut attached = inbox.attached.lock();
+            if attached
+                .get(&stream.id)
+                .is_some_and(|s| Arc::ptr_eq(s, &stream))
+            {
+                attached.remove(&stream.id);
+            }
+        }
+    }
+}
+
+/// Writes and flushes `frames` (emptying it) within `timeout`.
+async fn write(
+    sink: &mut Sink,
+    frames: &mut Vec<Utf8Bytes>,
+    timeout: Duration,
+) -> Result<(), WriteEnd> {
+    if frames.is_empty() {
+        return Ok(());
+    }
+    let result = tokio::time::timeout(timeout, async {
+        for frame in frames.drain(..) {
+            sink.feed(Message::Text(frame)).await?;
+        }
+        sink.flush().await
+    })
+    .await;
+    frames.clear();
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(WriteEnd::Done),
+        Err(_) => Err(WriteEnd::SlowConsumer),
+    }
+}

@@ -1,0 +1,480 @@
+//! One logical stream's frames, and the hand-off between the stream's task and the connection
+//! that carries it.
+//!
+//! The stream's task appends frames to a bounded replay log; the connection *pulls* them. A
+//! connection never gets a pushed queue that could grow: it gets at most one wake-up per
+//! stream (the stream's place in its [`Inbox`]), then copies out every frame it has not
+//! written yet. That one log serves three needs at once: ordering (replay and live frames
+//! come from the same place), resume (a new connection starts pulling after the client's
+//! `after`), and backpressure (when unwritten frames fill the log, the task stops reading
+//! its upstream until the client catches up).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol;
+
+/// Why a stream's task was told to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelReason {
+    /// The client sent `cancel`.
+    Client,
+    /// Its connection dropped and nobody resumed it within the resume window.
+    ResumeExpired,
+    /// The gateway is shutting down and the drain timeout ran out.
+    Shutdown,
+}
+
+/// A logical stream, shared by its task, the registry and the connection that carries it.
+pub struct Stream {
+    pub id: String,
+    pub user: Arc<str>,
+    pub model: String,
+    /// Cap on the replay log in bytes (`session.stream_buffer_bytes`).
+    buffer_cap: usize,
+    state: Mutex<State>,
+    /// Wakes the task when the connection has written frames and the log has room again.
+    space: Notify,
+    /// Stops the task; the reason is set first.
+    cancel: CancellationToken,
+    cancel_reason: Mutex<Option<CancelReason>>,
+}
+
+struct State {
+    /// Frames with a replay key: `delta` and `done` by their `seq`, a terminal `error` by the
+    /// key after the last `seq`. Oldest first.
+    log: VecDeque<Entry>,
+    /// Bytes of frames in `log`.
+    bytes: usize,
+    /// Highest key dropped from the front of `log`; a resume from before it has a gap.
+    trimmed_through: u64,
+    /// Highest key written to the attached connection.
+    written: u64,
+    /// Latest queue position not yet written (`queued` frames replace each other).
+    queued: Option<usize>,
+    /// The `start` frame, until written. Not replayed to a later connection.
+    start: Option<Utf8Bytes>,
+    /// The connection pulling this stream's frames, if any.
+    attached: Option<Attachment>,
+    /// A terminal frame (`done` or `error`) is in the log.
+    finished: bool,
+    /// Bumped at every detach, so a resume-window timer knows whether it is stale.
+    detach_epoch: u64,
+}
+
+struct Entry {
+    key: u64,
+    frame: Utf8Bytes,
+}
+
+struct Attachment {
+    inbox: Arc<Inbox>,
+    /// The stream already has a place in `inbox.ready`; no second wake-up is needed.
+    scheduled: bool,
+}
+
+/// What a connection found when it pulled a stream.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pulled {
+    /// The stream is attached to another connection now.
+    NotMine,
+    /// Frames were copied out (maybe none); more will come.
+    Open,
+    /// The terminal frame has been copied out: the stream is over for this connection.
+    Finished,
+}
+
+/// A resume asked for frames that were already dropped from the log.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ReplayGap {
+    pub oldest_available: u64,
+}
+
+impl Stream {
+    pub fn new(id: String, user: Arc<str>, model: String, buffer_cap: usize) -> Arc<Self> {
+        Arc::new(Stream {
+            id,
+            user,
+            model,
+            buffer_cap,
+            state: Mutex::new(State {
+                log: VecDeque::new(),
+                bytes: 0,
+                trimmed_through: 0,
+                written: 0,
+                queued: None,
+                start: None,
+                attached: None,
+                finished: false,
+                detach_epoch: 0,
+            }),
+            space: Notify::new(),
+            cancel: CancellationToken::new(),
+            cancel_reason: Mutex::new(None),
+        })
+    }
+
+    /// Appends a replayable frame, waiting while the log is full of unwritten frames.
+    /// Returns `false` if the stream was cancelled meanwhile (the frame is then dropped).
+    pub async fn push(self: &Arc<Self>, key: u64, frame: Utf8Bytes) -> bool {
+        loop {
+            let space = self.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            let appended = {
+                let mut st = self.state.lock();
+                st.trim(self.buffer_cap);
+                if st.bytes < self.buffer_cap || st.log.is_empty() {
+                    st.append(key, frame.clone());
+                    Some(st.schedule())
+                } else {
+                    None
+                }
+            };
+            match appended {
+                Some(wake) => {
+                    if let Some(inbox) = wake {
+                        inbox.wake(self);
+                    }
+                    return true;
+                }
+                None => tokio::select! {
+                    _ = &mut space => {}
+                    _ = self.cancel.cancelled() => return false,
+                },
+            }
+        }
+    }
+
+    /// Appends the stream's last frame (`done` or `error`), without waiting for room: a stream
+    /// must always be able to end.
+    pub fn finish(self: &Arc<Self>, key: u64, frame: Utf8Bytes) {
+        let wake = {
+            let mut st = self.state.lock();
+            st.append(key, frame);
+            st.finished = true;
+            st.schedule()
+        };
+        if let Some(inbox) = wake {
+            inbox.wake(self);
+        }
+    }
+
+    /// Sets the `start` frame, written once to the connection attached at that moment.
+    pub fn set_start(self: &Arc<Self>, frame: Utf8Bytes) {
+        let wake = {
+            let mut st = self.state.lock();
+            st.start = Some(frame);
+            st.schedule()
+        };
+        if let Some(inbox) = wake {
+            inbox.wake(self);
+        }
+    }
+
+    /// Sets the latest queue position; a position not yet written is replaced.
+    pub fn set_queued(self: &Arc<Self>, position: usize) {
+        let wake = {
+            let mut st = self.state.lock();
+            st.queued = Some(position);
+            st.schedule()
+        };
+        if let Some(inbox) = wake {
+            inbox.wake(self);
+        }
+    }
+
+    /// Attaches the stream to a connection, which will next pull every frame after `after`.
+    pub fn attach(self: &Arc<Self>, inbox: &Arc<Inbox>, after: u64) -> Result<(), ReplayGap> {
+        let wake = {
+            let mut st = self.state.lock();
+            if after < st.trimmed_through {
+                return Err(ReplayGap {
+                    oldest_available: st.trimmed_through + 1,
+                });
+            }
+            let last = st.log.back().map_or(0, |e| e.key);
+            st.written = after.min(last);
+            st.attached = Some(Attachment {
+                inbox: inbox.clone(),
+                scheduled: false,
+            });
+            st.schedule()
+        };
+        // Outside the stream's lock: the connection takes its map's lock first, then a stream's.
+        inbox.attached.lock().insert(self.id.clone(), self.clone());
+        if let Some(inbox) = wake {
+            inbox.wake(self);
+        }
+        Ok(())
+    }
+
+    /// Detaches the stream from the connection `conn`, if it is attached there. Returns the
+    /// detach epoch when the stream is still running (so its resume window starts now).
+    pub fn detach(&self, conn: u64) -> Option<u64> {
+        let mut st = self.state.lock();
+        match &st.attached {
+            Some(a) if a.inbox.conn == conn => {}
+            _ => return None,
+        }
+        st.attached = None;
+        st.start = None;
+        st.queued = None;
+        st.detach_epoch += 1;
+        (!st.finished).then_some(st.detach_epoch)
+    }
+
+    /// Whether the stream is still detached since the detach that returned `epoch`.
+    pub fn detached_since(&self, epoch: u64) -> bool {
+        let st = self.state.lock();
+        st.attached.is_none() && st.detach_epoch == epoch && !st.finished
+    }
+
+    /// Copies every frame not yet written to connection `conn` into `out`.
+    pub fn pull(&self, conn: u64, out: &mut Vec<Utf8Bytes>) -> Pulled {
+        let mut st = self.state.lock();
+        match &mut st.attached {
+            Some(a) if a.inbox.conn == conn => a.scheduled = false,
+            _ => return Pulled::NotMine,
+        }
+        if let Some(position) = st.queued.take() {
+            out.push(protocol::queued(&self.id, position));
+        }
+        if let Some(start) = st.start.take() {
+            out.push(start);
+        }
+        let written = st.written;
+        let from = st.log.partition_point(|e| e.key <= written);
+        let had_unwritten = from < st.log.len();
+        for entry in st.log.range(from..) {
+            out.push(entry.frame.clone());
+        }
+        if let Some(last) = st.log.back() {
+            st.written = last.key;
+        }
+        let finished = st.finished;
+        drop(st);
+        if had_unwritten {
+            self.space.notify_one();
+        }
+        if finished {
+            Pulled::Finished
+        } else {
+            Pulled::Open
+        }
+    }
+
+    /// Tells the task to stop. The first reason given wins.
+    pub fn cancel(&self, reason: CancelReason) {
+        self.cancel_reason.lock().get_or_insert(reason);
+        self.cancel.cancel();
+    }
+
+    pub fn cancel_reason(&self) -> Option<CancelReason> {
+        *self.cancel_reason.lock()
+    }
+
+    pub fn cancelled(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.state.lock().finished
+    }
+
+    /// Bytes held in the replay log (for the admin view and tests).
+    pub fn buffered_bytes(&self) -> usize {
+        self.state.lock().bytes
+    }
+}
+
+impl State {
+    fn append(&mut self, key: u64, frame: Utf8Bytes) {
+        self.bytes += frame.len();
+        self.log.push_back(Entry { key, frame });
+    }
+
+    /// Drops written frames from the front while the log is over `cap`.
+    fn trim(&mut self, cap: usize) {
+        while self.bytes >= cap {
+            match self.log.front() {
+                Some(e) if e.key <= self.written => {
+                    self.trimmed_through = e.key;
+                    self.bytes -= e.frame.len();
+                    self.log.pop_front();
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Marks the stream as needing a pull; returns the inbox to wake if it was not already.
+    fn schedule(&mut self) -> Option<Arc<Inbox>> {
+        let a = self.attached.as_mut()?;
+        if a.scheduled {
+            return None;
+        }
+        a.scheduled = true;
+        Some(a.inbox.clone())
+    }
+}
+
+/// A connection's side of the hand-off: which of its streams have frames to write.
+pub struct Inbox {
+    /// Process-unique connection number.
+    pub conn: u64,
+    /// Streams with frames to pull. Each stream is in here at most once per attachment, so its
+    /// length is bounded by the streams attached.
+    ready: Mutex<Vec<Arc<Stream>>>,
+    /// Wakes the connection's writer.
+    pub notify: Notify,
+    /// Streams this connection carries, by id.
+    pub attached: Mutex<HashMap<String, Arc<Stream>>>,
+}
+
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+impl Inbox {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Inbox {
+            conn: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
+            ready: Mutex::new(Vec::new()),
+            notify: Notify::new(),
+            attached: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn wake(&self, stream: &Arc<Stream>) {
+        self.ready.lock().push(stream.clone());
+        self.notify.notify_one();
+    }
+
+    /// Moves the ready streams into `into` (which should be empty), keeping both allocations.
+    pub fn take_ready(&self, into: &mut Vec<Arc<Stream>>) {
+        std::mem::swap(&mut *self.ready.lock(), into);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(out: &[Utf8Bytes]) -> Vec<String> {
+        out.iter().map(|f| f.as_str().to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn pull_copies_each_frame_once_in_order() {
+        let s = Stream::new("s1".into(), "u".into(), "m".into(), 1 << 20);
+        let inbox = Inbox::new();
+        s.attach(&inbox, 0).expect("attach");
+        s.set_start(protocol::start("s1", "m"));
+        assert!(s.push(1, protocol::delta("s1", 1, "a")).await);
+        assert!(s.push(2, protocol::delta("s1", 2, "b")).await);
+        let mut ready = Vec::new();
+        inbox.take_ready(&mut ready);
+        assert_eq!(ready.len(), 1, "one wake-up for many frames");
+        let mut out = Vec::new();
+        assert_eq!(s.pull(inbox.conn, &mut out), Pulled::Open);
+        assert_eq!(out.len(), 3);
+        assert!(out[0].as_str().contains("\"start\""));
+        out.clear();
+        assert_eq!(s.pull(inbox.conn, &mut out), Pulled::Open);
+        assert!(out.is_empty(), "nothing twice");
+        s.finish(3, protocol::done("s1", 3, "stop", None, None));
+        assert_eq!(s.pull(inbox.conn, &mut out), Pulled::Finished);
+        assert_eq!(frames(&out).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn resume_replays_after_and_other_connection_is_not_mine() {
+        let s = Stream::new("s1".into(), "u".into(), "m".into(), 1 << 20);
+        let first = Inbox::new();
+        s.attach(&first, 0).expect("attach");
+        for seq in 1..=5 {
+            assert!(s.push(seq, protocol::delta("s1", seq, "x")).await);
+        }
+        let mut out = Vec::new();
+        s.pull(first.conn, &mut out);
+        assert_eq!(out.len(), 5);
+        assert!(s.detach(first.conn).is_some());
+        let second = Inbox::new();
+        s.attach(&second, 3).expect("resume");
+        out.clear();
+        assert_eq!(s.pull(first.conn, &mut out), Pulled::NotMine);
+        s.pull(second.conn, &mut out);
+        let seqs: Vec<u64> = out
+            .iter()
+            .map(|f| {
+                serde_json::from_str::<serde_json::Value>(f.as_str()).expect("json")["seq"]
+                    .as_u64()
+                    .expect("seq")
+            })
+            .collect();
+        assert_eq!(seqs, vec![4, 5]);
+        assert_eq!(
+            s.detach(first.conn),
+            None,
+            "a stale connection cannot detach it"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn full_log_blocks_the_producer_until_written() {
+        let frame = protocol::delta("s", 1, &"x".repeat(100));
+        let cap = frame.len() * 4;
+        let s = Stream::new("s".into(), "u".into(), "m".into(), cap);
+        let inbox = Inbox::new();
+        s.attach(&inbox, 0).expect("attach");
+        for seq in 1..=4 {
+            assert!(
+                s.push(seq, protocol::delta("s", seq, &"x".repeat(100)))
+                    .await
+            );
+        }
+        let producer = {
+            let s = s.clone();
+            tokio::spawn(async move { s.push(5, protocol::delta("s", 5, &"x".repeat(100))).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        assert!(
+            !producer.is_finished(),
+            "producer waits while nothing is written"
+        );
+        assert_eq!(s.buffered_bytes(), cap);
+        let mut out = Vec::new();
+        s.pull(inbox.conn, &mut out);
+        assert!(producer.await.expect("join"), "written frames make room");
+        // written frames were trimmed: a resume from before them reports the gap
+        assert!(s.detach(inbox.conn).is_some());
+        let again = Inbox::new();
+        assert_eq!(
+            s.attach(&again, 0),
+            Err(ReplayGap {
+                oldest_available: 2
+            })
+        );
+        s.attach(&again, 1).expect("no gap after 1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_releases_a_blocked_producer() {
+        let s = Stream::new("s".into(), "u".into(), "m".into(), 1024);
+        assert!(s.push(1, protocol::delta("s", 1, &"x".repeat(2000))).await);
+        let producer = {
+            let s = s.clone();
+            tokio::spawn(async move { s.push(2, protocol::delta("s", 2, "y")).await })
+        };
+        tokio::task::yield_now().await;
+        s.cancel(CancelReason::Client);
+        s.cancel(CancelReason::Shutdown);
+        assert!(!producer.await.expect("join"));
+        assert_eq!(s.cancel_reason(), Some(CancelReason::Client));
+    }
+}

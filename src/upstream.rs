@@ -1,0 +1,483 @@
+//! Upstream providers: one pooled HTTP client each, the chat-completions call, SSE chunk
+//! parsing, and the retry policy (which failures may be retried, and how long to wait).
+
+use std::borrow::Cow;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use eventsource_stream::{Event, EventStreamError, Eventsource};
+use futures_util::Stream;
+use rand::Rng;
+use reqwest::header::{HeaderMap, CONTENT_TYPE, RETRY_AFTER};
+use serde::Deserialize;
+
+use crate::config::{ProviderConfig, RetryConfig};
+use crate::protocol::{ErrorCode, Usage};
+
+/// One upstream: where it is, its key, and its connection pool.
+pub struct Provider {
+    pub name: String,
+    /// `{base_url}/chat/completions`, built once.
+    url: String,
+    /// Sent as `Authorization: Bearer`; never logged, never put in a frame.
+    api_key: Option<String>,
+    /// Built once per provider so keep-alive connections (and HTTP/2 where offered) are
+    /// reused by every stream.
+    client: reqwest::Client,
+    models: Vec<String>,
+    pub first_token_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// All providers, in the order a model is looked up.
+pub struct Upstreams {
+    providers: Vec<Arc<Provider>>,
+}
+
+impl Upstreams {
+    pub fn new(configs: &[ProviderConfig]) -> Result<Self, reqwest::Error> {
+        let providers = configs
+            .iter()
+            .map(|c| Provider::new(c).map(Arc::new))
+            .collect::<Result<_, _>>()?;
+        Ok(Upstreams { providers })
+    }
+
+    /// The provider serving `model`, if any.
+    pub fn route(&self, model: &str) -> Option<&Arc<Provider>> {
+        self.providers
+            .iter()
+            .find(|p| p.models.iter().any(|m| m == "*" || m == model))
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.providers.iter().map(|p| p.name.as_str())
+    }
+}
+
+/// The SSE events of one upstream response.
+pub type EventStream =
+    Pin<Box<dyn Stream<Item = Result<Event, EventStreamError<reqwest::Error>>> + Send>>;
+
+impl Provider {
+    pub fn new(c: &ProviderConfig) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(c.connect_timeout_ms))
+            .pool_max_idle_per_host(c.pool_max_idle_per_host)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .tcp_keepalive(Duration::from_secs(30))
+            .user_agent(concat!("muxgate/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Provider {
+            name: c.name.clone(),
+            url: format!("{}/chat/completions", c.base_url.trim_end_matches('/')),
+            api_key: c.api_key.clone(),
+            client,
+            models: c.models.clone(),
+            first_token_timeout: Duration::from_millis(c.first_token_timeout_ms),
+            idle_timeout: Duration::from_millis(c.idle_timeout_ms),
+        })
+    }
+
+    /// Posts one streaming chat-completions request and checks status and content type
+    /// before anything is streamed.
+    pub async fn open(&self, body: Bytes) -> Result<EventStream, UpstreamError> {
+        let mut req = self
+            .client
+            .post(&self.url)
+            .header(CONTENT_TYPE, "application/json")
+            .header("accept", "text/event-stream")
+            .body(body);
+        if let Some(key) = &self.api_key {
+            req = req.bearer_auth(key);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| UpstreamError::Connect(self.redact(&error_chain(&e))))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let retry_after = retry_after(resp.headers());
+            let text = read_prefix(resp, 4096).await;
+            return Err(UpstreamError::Status {
+                status: status.as_u16(),
+                message: self.redact(&error_message(&text)),
+                retry_after,
+            });
+        }
+        let content_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        if !content_type.starts_with("text/event-stream") {
+            return Err(UpstreamError::ContentType(content_type));
+        }
+        Ok(Box::pin(resp.bytes_stream().eventsource()))
+    }
+
+    /// Removes the API key from text that may reach a client or a log.
+    pub fn redact(&self, text: &str) -> String {
+        match &self.api_key {
+            Some(key) if !key.is_empty() && text.contains(key.as_str()) => {
+                text.replace(key.as_str(), "[redacted]")
+            }
+            _ => text.to_string(),
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+async fn read_prefix(mut resp: reqwest::Response, max: usize) -> String {
+    let mut buf = Vec::new();
+    while buf.len() < max {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    buf.truncate(max);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// The `error.message` of an OpenAI-style error body, else the body's start.
+fn error_message(body: &str) -> String {
+    #[derive(Deserialize)]
+    struct Body {
+        error: Inner,
+    }
+    #[derive(Deserialize)]
+    struct Inner {
+        message: String,
+    }
+    let message = match serde_json::from_str::<Body>(body) {
+        Ok(b) => b.error.message,
+        Err(_) => body.trim().to_string(),
+    };
+    let mut message: String = message.chars().take(300).collect();
+    if message.is_empty() {
+        message.push_str("(empty body)");
+    }
+    message
+}
+
+/// `retry-after-ms` (OpenAI's) first, then `Retry-After` in seconds or as an HTTP date.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    if let Some(ms) = headers
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|ms| ms.is_finite() && *ms >= 0.0)
+    {
+        return Some(Duration::from_micros((ms * 1000.0) as u64));
+    }
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// Why one upstream attempt failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream unreachable: {0}")]
+    Connect(String),
+    #[error("upstream answered HTTP {status}: {message}")]
+    Status {
+        status: u16,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("upstream answered with content-type `{0}`, not text/event-stream")]
+    ContentType(String),
+    #[error("upstream sent no token within {0:?}")]
+    FirstTokenTimeout(Duration),
+    #[error("upstream went silent for {0:?} mid-stream")]
+    IdleTimeout(Duration),
+    #[error("upstream stream broke: {0}")]
+    Broken(String),
+    #[error("upstream sent a chunk that is not a chat-completion chunk: {0}")]
+    BadChunk(String),
+}
+
+impl UpstreamError {
+    /// Whether another attempt may help, provided no token has gone out yet.
+    pub fn retryable(&self) -> bool {
+        match self {
+            UpstreamError::Connect(_)
+            | UpstreamError::FirstTokenTimeout(_)
+            | UpstreamError::Broken(_) => true,
+            UpstreamError::Status { status, .. } => *status == 429 || *status >= 500,
+            UpstreamError::ContentType(_)
+            | UpstreamError::IdleTimeout(_)
+            | UpstreamError::BadChunk(_) => false,
+        }
+    }
+
+    /// The protocol code a client sees when this is the final failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            UpstreamError::FirstTokenTimeout(_) | UpstreamError::IdleTimeout(_) => {
+                ErrorCode::UpstreamTimeout
+            }
+            _ => ErrorCode::UpstreamError,
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            UpstreamError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// Short label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect(_) => "connect",
+            UpstreamError::Status { status: 429, .. } => "http_429",
+            UpstreamError::Status { status, .. } if *status >= 500 => "http_5xx",
+            UpstreamError::Status { .. } => "http_4xx",
+            UpstreamError::ContentType(_) => "content_type",
+            UpstreamError::FirstTokenTimeout(_) => "first_token_timeout",
+            UpstreamError::IdleTimeout(_) => "idle_timeout",
+            UpstreamError::Broken(_) => "broken",
+            UpstreamError::BadChunk(_) => "bad_chunk",
+        }
+    }
+}
+
+/// Full-jitter exponential backoff: a uniform wait in `[0, min(max, base * 2^retry))`, where
+/// `retry` counts from 0 for the wait after the first failure. An upstream `Retry-After` is a
+/// floor, not a suggestion.
+pub fn backoff(
+    retry: u32,
+    policy: &RetryConfig,
+    retry_after: Option<Duration>,
+    rng: &mut impl Rng,
+) -> Duration {
+    let ceiling = policy
+        .base_delay_ms
+        .saturating_mul(1u64.checked_shl(retry.min(32)).unwrap_or(u64::MAX))
+        .min(policy.max_delay_ms);
+    let jitter = Duration::from_millis(if ceiling == 0 {
+        0
+    } else {
+        rng.gen_range(0..ceiling)
+    });
+    match retry_after {
+        Some(floor) => floor.max(jitter),
+        None => jitter,
+    }
+}
+
+/// What one SSE `data` payload carries.
+#[derive(Debug, Default, PartialEq)]
+pub struct Chunk<'a> {
+    pub content: Option<Cow<'a, str>>,
+    pub finish_reason: Option<Cow<'a, str>>,
+    pub usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct ChunkWire<'a> {
+    #[serde(borrow, default)]
+    choices: Vec<ChoiceWire<'a>>,
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceWire<'a> {
+    #[serde(borrow, default)]
+    delta: Option<DeltaWire<'a>>,
+    #[serde(borrow, default)]
+    finish_reason: Option<Text<'a>>,
+}
+
+#[derive(Deserialize)]
+struct DeltaWire<'a> {
+    #[serde(borrow, default)]
+    content: Option<Text<'a>>,
+}
+
+/// serde borrows a `Cow<str>` only when it is the field's own type, not inside an `Option`;
+/// this newtype keeps unescaped text borrowed from the SSE payload.
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// Parses one chat-completion chunk, borrowing its text where it has no escapes.
+/// An `error` object inside the stream (some providers send one mid-stream) is an error.
+pub fn parse_chunk(data: &str) -> Result<Chunk<'_>, UpstreamError> {
+    let wire: ChunkWire<'_> = serde_json::from_str(data).map_err(|e| {
+        let raw: String = data.chars().take(120).collect();
+        UpstreamError::BadChunk(format!("{e} in `{raw}`"))
+    })?;
+    if let Some(err) = wire.error {
+        let message = err
+            .get("message")
+            .and_then(|m| m.as_str())
+            .map(str::to_string)
+            .unwrap_or_else(|| err.to_string());
+        return Err(UpstreamError::Broken(format!(
+            "upstream error event: {message}"
+        )));
+    }
+    let mut chunk = Chunk {
+        usage: wire.usage,
+        ..Chunk::default()
+    };
+    // muxgate never asks for n > 1, so the first choice is the answer.
+    if let Some(choice) = wire.choices.into_iter().next() {
+        chunk.content = choice
+            .delta
+            .and_then(|d| d.content)
+            .map(|t| t.0)
+            .filter(|c| !c.is_empty());
+        chunk.finish_reason = choice.finish_reason.map(|t| t.0);
+    }
+    Ok(chunk)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn parses_openai_chunks() {
+        let c = parse_chunk(r#"{"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"#)
+            .expect("chunk");
+        assert_eq!(c.content.as_deref(), Some("Hel"));
+        assert!(
+            matches!(c.content, Some(Cow::Borrowed(_))),
+            "plain text is borrowed"
+        );
+        assert_eq!(c.finish_reason, None);
+
+        let c = parse_chunk(r#"{"choices":[{"delta":{"content":"a\"b\nc"}}]}"#).expect("escaped");
+        assert_eq!(c.content.as_deref(), Some("a\"b\nc"));
+
+        let c = parse_chunk(r#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#)
+            .expect("role");
+        assert_eq!(c.content, None);
+
+        let c =
+            parse_chunk(r#"{"choices":[{"delta":{},"finish_reason":"length"}]}"#).expect("finish");
+        assert_eq!(c.finish_reason.as_deref(), Some("length"));
+
+        let c = parse_chunk(r#"{"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":40,"total_tokens":52}}"#)
+            .expect("usage");
+        assert_eq!(
+            c.usage,
+            Some(Usage {
+                prompt_tokens: 12,
+                completion_tokens: 40
+            })
+        );
+
+        assert!(matches!(
+            parse_chunk("not json"),
+            Err(UpstreamError::BadChunk(_))
+        ));
+        assert!(matches!(
+            parse_chunk(r#"{"error":{"message":"overloaded"}}"#),
+            Err(UpstreamError::Broken(m)) if m.contains("overloaded")
+        ));
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_and_bounded() {
+        let policy = RetryConfig {
+            max_attempts: 5,
+            base_delay_ms: 100,
+            max_delay_ms: 1000,
+            max_retry_after_ms: 30_000,
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for retry in 0..10u32 {
+            let ceiling = (100u64 << retry.min(20)).min(1000);
+            let mut seen_low = false;
+            for _ in 0..200 {
+                let d = backoff(retry, &policy, None, &mut rng);
+                assert!(d < Duration::from_millis(ceiling), "retry {retry}: {d:?}");
+                seen_low |= d < Duration::from_millis(ceiling / 2);
+            }
+            assert!(seen_low, "jitter spans the range");
+        }
+        let d = backoff(0, &policy, Some(Duration::from_secs(2)), &mut rng);
+        assert!(d >= Duration::from_secs(2), "Retry-After is a floor");
+    }
+
+    #[test]
+    fn retry_after_headers() {
+        let mut h = HeaderMap::new();
+        assert_eq!(retry_after(&h), None);
+        h.insert(RETRY_AFTER, "3".parse().expect("hv"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
+        h.insert("retry-after-ms", "150".parse().expect("hv"));
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(150)));
+        let mut h = HeaderMap::new();
+        let later = std::time::SystemTime::now() + Duration::from_secs(60);
+        h.insert(
+            RETRY_AFTER,
+            httpdate::fmt_http_date(later).parse().expect("hv"),
+        );
+        let d = retry_after(&h).expect("date");
+        assert!(
+            d > Duration::from_secs(55) && d <= Duration::from_secs(60),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn classification() {
+        let s = |status| UpstreamError::Status {
+            status,
+            message: String::new(),
+            retry_after: None,
+        };
+        assert!(s(429).retryable());
+        assert!(s(503).retryable());
+        assert!(!s(400).retryable());
+        assert!(!s(401).retryable());
+        assert!(UpstreamError::Connect("x".into()).retryable());
+        assert!(!UpstreamError::IdleTimeout(Duration::ZERO).retryable());
+        assert_eq!(
+            UpstreamError::FirstTokenTimeout(Duration::ZERO).code(),
+            ErrorCode::UpstreamTimeout
+        );
+        assert_eq!(s(500).code(), ErrorCode::UpstreamError);
+    }
+
+    #[test]
+    fn error_bodies() {
+        assert_eq!(
+            error_message(r#"{"error":{"message":"slow down","type":"x"}}"#),
+            "slow down"
+        );
+        assert_eq!(error_message("plain text"), "plain text");
+        assert_eq!(error_message(""), "(empty body)");
+    }
+}

@@ -1,0 +1,300 @@
+//! Test harness: the real gateway and the real mock upstream, in-process on loopback port 0,
+//! and a WebSocket client over tokio-tungstenite.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use muxgate::{mock, Config, Gateway};
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &str = "test-secret-0123456789abcdef";
+pub const API_KEY: &str = "sk-upstream-secret-7f3a9c";
+/// How long a test waits for any one frame before failing.
+pub const FRAME_WAIT: Duration = Duration::from_secs(10);
+
+pub struct Harness {
+    pub gw: Arc<Gateway>,
+    pub addr: SocketAddr,
+    pub mock: mock::MockHandle,
+    shutdown: Option<oneshot::Sender<()>>,
+    pub server: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Harness::start_with(|_| {}).await
+    }
+
+    /// Starts the mock upstream (requiring [`API_KEY`]) and a gateway relaying to it, after
+    /// `tweak` has adjusted the config.
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Harness {
+        let mock_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mock = mock::spawn(mock_listener, Some(API_KEY.to_string()))
+            .await
+            .unwrap();
+        let env = |name: &str| match name {
+            "MUXGATE_JWT_SECRET" => Some(SECRET.to_string()),
+            "MUXGATE_LISTEN" => Some("127.0.0.1:0".to_string()),
+            _ => None,
+        };
+        let mut config = Config::load_with_env(None, &env).unwrap();
+        config.providers = vec![muxgate::config::ProviderConfig::catch_all(
+            "mock",
+            mock.base_url(),
+            Some(API_KEY.to_string()),
+        )];
+        config.retry.base_delay_ms = 10;
+        config.retry.max_delay_ms = 50;
+        config.admin_token = Some("admin-test-token".into());
+        tweak(&mut config);
+        let listener = TcpListener::bind(config.listen).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let gw = Gateway::start(config).await.unwrap();
+        let (tx, rx) = oneshot::channel();
+        let server = tokio::spawn(muxgate::serve(listener, gw.clone(), async move {
+            let _ = rx.await;
+        }));
+        Harness {
+            gw,
+            addr,
+            mock,
+            shutdown: Some(tx),
+            server: Some(server),
+        }
+    }
+
+    pub fn token(&self, user: &str, tier: &str) -> String {
+        self.gw
+            .auth
+            .issue(user, tier, Duration::from_secs(600))
+            .unwrap()
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/ws", self.addr)
+    }
+
+    /// A socket with no `hello` sent yet.
+    pub async fn connect_raw(&self) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(self.ws_url())
+            .await
+            .unwrap();
+        Client { ws }
+    }
+
+    /// A socket after `hello` (with `resume`) and `welcome`.
+    pub async fn connect_resume(&self, user: &str, resume: Value) -> (Client, Value) {
+        let mut c = self.connect_raw().await;
+        c.send(json!({"type":"hello","token":self.token(user, "pro"),"client":"test/1","resume":resume}))
+            .await;
+        let welcome = c.recv().await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        (c, welcome)
+    }
+
+    pub async fn connect(&self, user: &str) -> Client {
+        self.connect_resume(user, json!([])).await.0
+    }
+
+    pub fn shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.shutdown();
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Client {
+    pub async fn send(&mut self, v: Value) {
+        self.ws
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send_text(&mut self, s: &str) {
+        self.ws
+            .send(Message::Text(s.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    /// The next JSON frame; fails the test after [`FRAME_WAIT`] or on close.
+    pub async fn recv(&mut self) -> Value {
+        match self.next_event().await {
+            Event::Frame(v) => v,
+            Event::Closed(code) => {
+                panic!("connection closed ({code:?}) while a frame was expected")
+            }
+        }
+    }
+
+    /// The next frame or the close code.
+    pub async fn next_event(&mut self) -> Event {
+        loop {
+            let msg = tokio::time::timeout(FRAME_WAIT, self.ws.next())
+                .await
+                .expect("no frame within FRAME_WAIT");
+            match msg {
+                Some(Ok(Message::Text(t))) => {
+                    return Event::Frame(serde_json::from_str(&t).unwrap())
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return Event::Closed(frame.map(|f: CloseFrame| u16::from(f.code)))
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Event::Closed(None),
+            }
+        }
+    }
+
+    /// Reads frames until one of `type` for stream `id` (or any id when None) arrives.
+    pub async fn recv_until(&mut self, kind: &str, id: Option<&str>) -> Value {
+        loop {
+            let f = self.recv().await;
+            if f["type"] == kind && id.is_none_or(|id| f["id"] == id) {
+                return f;
+            }
+        }
+    }
+
+    pub async fn open(&mut self, id: &str, prompt: &str) {
+        self.send(json!({"type":"open","id":id,"model":"deepseek-v3.2",
+            "messages":[{"role":"user","content":prompt}]}))
+            .await;
+    }
+
+    /// Reads until every stream in `ids` has ended; returns each one's record.
+    pub async fn collect(&mut self, ids: &[String]) -> HashMap<String, StreamRecord> {
+        let mut records: HashMap<String, StreamRecord> = ids
+            .iter()
+            .map(|id| (id.clone(), StreamRecord::default()))
+            .collect();
+        while records.values().any(|r| r.end.is_none()) {
+            let f = self.recv().await;
+            let Some(id) = f["id"].as_str() else { continue };
+            if let Some(r) = records.get_mut(id) {
+                r.take(f);
+            }
+        }
+        records
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+}
+
+pub enum Event {
+    Frame(Value),
+    Closed(Option<u16>),
+}
+
+/// Everything one stream sent, checked for seq order as it arrives.
+#[derive(Default, Debug)]
+pub struct StreamRecord {
+    pub text: String,
+    pub last_seq: u64,
+    pub deltas: u64,
+    pub started: bool,
+    pub end: Option<Value>,
+}
+
+impl StreamRecord {
+    pub fn take(&mut self, f: Value) {
+        assert!(self.end.is_none(), "frame after the stream's end: {f}");
+        match f["type"].as_str().unwrap() {
+            "start" => self.started = true,
+            "delta" => {
+                let seq = f["seq"].as_u64().unwrap();
+                assert_eq!(seq, self.last_seq + 1, "seq gap or repeat: {f}");
+                self.last_seq = seq;
+                self.deltas += 1;
+                self.text.push_str(f["text"].as_str().unwrap());
+            }
+            "done" => {
+                assert_eq!(
+                    f["seq"].as_u64().unwrap(),
+                    self.last_seq + 1,
+                    "done seq: {f}"
+                );
+                self.end = Some(f);
+            }
+            "error" => self.end = Some(f),
+            "queued" => {}
+            other => panic!("unexpected frame type {other}: {f}"),
+        }
+    }
+
+    pub fn end_type(&self) -> &str {
+        self.end
+            .as_ref()
+            .and_then(|e| e["type"].as_str())
+            .unwrap_or("")
+    }
+
+    pub fn error_code(&self) -> &str {
+        self.end
+            .as_ref()
+            .and_then(|e| e["code"].as_str())
+            .unwrap_or("")
+    }
+}
+
+/// The exact text the mock sends for `prompt` with `n` chunks (directives stripped).
+pub fn expected(prompt: &str, n: usize) -> String {
+    mock::word_chunks(prompt, n).concat()
+}
+
+/// Polls the mock's stats until `pred` holds, or fails after 10 s.
+pub async fn wait_for_mock(
+    h: &Harness,
+    what: &str,
+    pred: impl Fn(&mock::MockStatsSnapshot) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = h.mock.stats();
+        if pred(&s) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "mock never reached: {what}; stats {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A WebSocket handshake request with an `Origin` header.
+pub fn request_with_origin(
+    url: &str,
+    origin: &str,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut().insert("origin", origin.parse().unwrap());
+    req
+}
