@@ -75,7 +75,7 @@ impl Authenticator {
         if claims.sub.is_empty() || claims.sub.len() > 256 {
             return Err(AuthError::Invalid("`sub` must be 1-256 bytes".into()));
         }
-        if !self.tiers.iter().any(|t| *t == claims.tier) {
+        if !self.tiers.contains(&claims.tier) {
             return Err(AuthError::UnknownTier(claims.tier));
         }
         Ok(claims)

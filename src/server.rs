@@ -224,8 +224,8 @@ async fn admin_user(
     headers: HeaderMap,
     Path(user): Path<String>,
 ) -> Response {
-    if let Err(resp) = check_admin(&gw, &headers) {
-        return resp;
+    if let Some(refusal) = refuse_admin(&gw, &headers) {
+        return refusal;
     }
     let stats = gw.hub.user_stats(&user).unwrap_or_default();
     Json(serde_json::json!({
@@ -237,20 +237,18 @@ async fn admin_user(
     .into_response()
 }
 
-fn check_admin(gw: &Gateway, headers: &HeaderMap) -> Result<(), Response> {
+/// `None` when the request carries the admin token; else the response refusing it.
+fn refuse_admin(gw: &Gateway, headers: &HeaderMap) -> Option<Response> {
     let Some(expected) = &gw.config.admin_token else {
-        return Err(StatusCode::NOT_FOUND.into_response());
+        return Some(StatusCode::NOT_FOUND.into_response());
     };
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-        Ok(())
-    } else {
-        Err((StatusCode::UNAUTHORIZED, "admin token required").into_response())
-    }
+    (!constant_time_eq(given.as_bytes(), expected.as_bytes()))
+        .then(|| (StatusCode::UNAUTHORIZED, "admin token required").into_response())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
