@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 pub struct Claims {
     /// The user id: streams, limits and resume are scoped to it.
     pub sub: String,
-    /// The user's tier, one of `auth.tiers`.
+    /// The user's tier, one of the configured `[tiers]`.
     pub tier: String,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,

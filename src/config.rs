@@ -10,6 +10,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::breaker::BreakerConfig;
+use crate::limits::{default_tiers, LimitsConfig, TierConfig};
+use crate::scheduler::SchedulerConfig;
+
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -52,6 +56,15 @@ pub struct Config {
     pub retry: RetryConfig,
     /// Upstream providers; a stream's `model` picks the first provider that lists it.
     pub providers: Vec<ProviderConfig>,
+    /// Tiers by name; a token's `tier` must be one of them. Default: free, pro and enterprise
+    /// with the seed's limits (see [`default_tiers`]).
+    pub tiers: BTreeMap<String, TierConfig>,
+    pub limits: LimitsConfig,
+    pub scheduler: SchedulerConfig,
+    pub breaker: BreakerConfig,
+    /// Models tried, in order, when a model's provider is open-circuit or out of retries
+    /// before the first token, e.g. `"gpt-4.1" = ["claude-sonnet-4.5"]`. Default none.
+    pub fallbacks: BTreeMap<String, Vec<String>>,
     /// Keys of `open.params` passed to the upstream; any other key is refused with
     /// `bad_request`. Default: the sampling and output parameters of the OpenAI chat API
     /// (see [`default_allowed_params`]).
@@ -76,6 +89,11 @@ impl Default for Config {
             session: SessionConfig::default(),
             retry: RetryConfig::default(),
             providers: Vec::new(),
+            tiers: default_tiers(),
+            limits: LimitsConfig::default(),
+            scheduler: SchedulerConfig::default(),
+            breaker: BreakerConfig::default(),
+            fallbacks: BTreeMap::new(),
             allowed_params: default_allowed_params(),
             pricing: default_pricing(),
             drain_timeout_ms: 10_000,
@@ -93,9 +111,6 @@ pub struct AuthConfig {
     pub jwt_secret_env: Option<String>,
     /// Clock skew tolerated on `exp`, in seconds. Default 30.
     pub leeway_secs: u64,
-    /// Tiers a token may carry; any other tier is `unauthorized`. Default
-    /// `["free", "pro", "enterprise"]`.
-    pub tiers: Vec<String>,
 }
 
 impl Default for AuthConfig {
@@ -104,7 +119,6 @@ impl Default for AuthConfig {
             jwt_secret: None,
             jwt_secret_env: None,
             leeway_secs: 30,
-            tiers: vec!["free".into(), "pro".into(), "enterprise".into()],
         }
     }
 }
@@ -200,6 +214,9 @@ pub struct ProviderConfig {
     /// Longest silence between two chunks once streaming. Default 60000 ms.
     #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: u64,
+    /// Streams this provider runs at once; the rest queue by priority. Default 50 (the seed's).
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent: usize,
     /// Idle keep-alive connections kept per host. Default 64.
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle_per_host: usize,
@@ -217,6 +234,9 @@ fn default_first_token_timeout_ms() -> u64 {
 fn default_idle_timeout_ms() -> u64 {
     60_000
 }
+fn default_max_concurrent() -> usize {
+    50
+}
 fn default_pool_max_idle() -> usize {
     64
 }
@@ -232,6 +252,7 @@ impl ProviderConfig {
             connect_timeout_ms: default_connect_timeout_ms(),
             first_token_timeout_ms: default_first_token_timeout_ms(),
             idle_timeout_ms: default_idle_timeout_ms(),
+            max_concurrent: default_max_concurrent(),
             pool_max_idle_per_host: default_pool_max_idle(),
             api_key,
         }
@@ -413,8 +434,21 @@ impl Config {
         if self.retry.max_attempts == 0 {
             return invalid("retry.max_attempts must be at least 1".into());
         }
-        if self.auth.tiers.is_empty() {
-            return invalid("auth.tiers must name at least one tier".into());
+        if self.tiers.is_empty() {
+            return invalid("[tiers] must name at least one tier".into());
+        }
+        for (name, t) in &self.tiers {
+            if t.user_rpm == 0 || t.rpm == 0 || t.tpm == 0 || t.max_connections == 0 {
+                return invalid(format!(
+                    "tier `{name}`: user_rpm, rpm, tpm and max_connections must be > 0"
+                ));
+            }
+        }
+        if self.limits.global_rpm == 0 || self.limits.global_tpm == 0 {
+            return invalid("limits.global_rpm and limits.global_tpm must be > 0".into());
+        }
+        if self.providers.iter().any(|p| p.max_concurrent == 0) {
+            return invalid("providers.max_concurrent must be > 0".into());
         }
         Ok(())
     }

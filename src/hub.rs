@@ -46,16 +46,23 @@ impl Hub {
         Hub::default()
     }
 
+    /// Counts a new connection of `user`, unless they already have `max_connections`.
     /// Interns the user id so every connection and stream of a user shares one allocation.
-    pub fn connect(&self, user: &str) -> Arc<str> {
+    pub fn connect(&self, user: &str, max_connections: usize) -> Result<Arc<str>, Refusal> {
         let key: Arc<str> = match self.users.get(user) {
             Some(e) => e.key().clone(),
             None => Arc::from(user),
         };
         let mut stats = self.users.entry(key.clone()).or_default();
+        if stats.connections >= max_connections as u64 {
+            return Err(Refusal {
+                code: ErrorCode::TooManyStreams,
+                message: format!("at most {max_connections} simultaneous connections per user"),
+            });
+        }
         stats.connections += 1;
         stats.connections_total += 1;
-        key
+        Ok(key)
     }
 
     pub fn disconnect(&self, user: &Arc<str>) {
@@ -146,7 +153,12 @@ mod tests {
     #[test]
     fn duplicate_and_limit() {
         let hub = Hub::new();
-        let user = hub.connect("alice");
+        let user = hub.connect("alice", 2).expect("connect");
+        hub.connect("alice", 2).expect("second connection");
+        assert_eq!(
+            hub.connect("alice", 2).map_err(|r| r.code),
+            Err(ErrorCode::TooManyStreams)
+        );
         let a = Stream::new("a".into(), user.clone(), "m".into(), 1024);
         hub.open(&a, 2).expect("first");
         let dup = Stream::new("a".into(), user.clone(), "m".into(), 1024);
@@ -162,10 +174,10 @@ mod tests {
             Err(ErrorCode::TooManyStreams)
         );
         // another user has their own namespace and count
-        let bob = hub.connect("bob");
+        let bob = hub.connect("bob", 2).expect("bob");
         hub.open(&Stream::new("a".into(), bob, "m".into(), 1024), 2)
             .expect("bob's a");
         assert_eq!(hub.user_stats("alice").expect("stats").live_streams, 2);
-        assert_eq!(hub.user_stats("alice").expect("stats").connections_total, 1);
+        assert_eq!(hub.user_stats("alice").expect("stats").connections_total, 2);
     }
 }

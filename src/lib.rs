@@ -13,17 +13,25 @@
 //! - [`session`]: one WebSocket connection: handshake, reader, writer, heartbeats.
 //! - [`stream`]: one logical stream's replay log and its hand-off to a connection.
 //! - [`hub`]: the registry of streams and connections by user, for limits and resume.
-//! - [`relay`]: a stream's task: upstream call, retries, chunk to frame, terminal frame.
+//! - [`relay`]: a stream's task: limits, queue, upstream call, retries, fallbacks, frames.
+//! - [`limits`]: token buckets per user, tier and process (requests and tokens per minute).
+//! - [`scheduler`]: per-provider upstream slots and the priority queue with aging.
+//! - [`breaker`]: per-provider circuit breaker.
 //! - [`upstream`]: providers, pooled HTTP clients, SSE chunk parsing, backoff policy.
 //! - [`server`]: the router, shared state and graceful shutdown.
 //! - [`mock`]: the OpenAI-compatible mock upstream (tests, benchmarks, offline demo).
 
 pub mod auth;
+pub mod billing;
+pub mod breaker;
 pub mod config;
 pub mod hub;
+pub mod limits;
+pub mod metrics;
 pub mod mock;
 pub mod protocol;
 pub mod relay;
+pub mod scheduler;
 pub mod server;
 pub mod session;
 pub mod stream;

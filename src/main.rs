@@ -62,7 +62,11 @@ async fn main() -> anyhow::Result<()> {
                 "no JWT secret configured: set MUXGATE_JWT_SECRET or auth.jwt_secret_env",
             )?;
             let ttl = auth::parse_ttl(&ttl).map_err(anyhow::Error::msg)?;
-            let authn = auth::Authenticator::new(secret.as_bytes(), 0, config.auth.tiers.clone());
+            let authn = auth::Authenticator::new(
+                secret.as_bytes(),
+                0,
+                config.tiers.keys().cloned().collect(),
+            );
             let token = authn.issue(&user, &tier, ttl)?;
             #[allow(clippy::print_stdout)]
             {

@@ -79,6 +79,9 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4408;
     /// The client stopped answering heartbeats. Reconnect and resume.
     pub const HEARTBEAT_TIMEOUT: u16 = 4409;
+    /// The user already has the tier's maximum of simultaneous connections. Reconnect only
+    /// after closing another.
+    pub const TOO_MANY_CONNECTIONS: u16 = 4429;
 }
 
 /// Whether `id` is a valid logical stream id: 1–64 chars of `[A-Za-z0-9._:-]`.
@@ -241,6 +244,9 @@ enum ServerFrame<'a> {
         usage: Option<Usage>,
         #[serde(skip_serializing_if = "Option::is_none")]
         cost_usd: Option<f64>,
+        /// Extension: the model that answered, when a fallback served instead of the one asked.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        model: Option<&'a str>,
     },
     Error {
         id: Option<&'a str>,
@@ -301,6 +307,7 @@ pub fn done(
     finish_reason: &str,
     usage: Option<Usage>,
     cost_usd: Option<f64>,
+    served_by: Option<&str>,
 ) -> Utf8Bytes {
     encode(&ServerFrame::Done {
         id,
@@ -308,6 +315,7 @@ pub fn done(
         finish_reason,
         usage,
         cost_usd,
+        model: served_by,
     })
 }
 

@@ -1,5 +1,6 @@
-//! A stream's task: call the upstream, retry what may be retried, turn SSE chunks into
-//! `delta` frames, and end with exactly one `done` or `error`.
+//! A stream's task: take its rate-limit share, wait for an upstream slot, call the upstream,
+//! retry what may be retried, fall back to other models where configured, turn SSE chunks
+//! into `delta` frames, and end with exactly one `done` or `error`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,19 +10,22 @@ use futures_util::StreamExt;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
 
-use crate::config::{Price, RetryConfig};
+use crate::billing;
+use crate::breaker::Health;
+use crate::config::Price;
+use crate::limits::{OnLimit, Reservation, TierConfig};
 use crate::protocol::{self, ErrorCode, OpenRequest, Usage};
+use crate::scheduler::NoSlot;
+use crate::server::Gateway;
 use crate::stream::{CancelReason, Stream};
 use crate::upstream::{self, Provider, UpstreamError};
 
-/// Everything a stream's task needs besides the stream itself.
+/// One stream to run.
 pub struct Job {
+    pub gw: Arc<Gateway>,
     pub stream: Arc<Stream>,
-    pub provider: Arc<Provider>,
-    /// The upstream request body, serialized once and reused by every attempt.
-    pub body: Bytes,
-    pub retry: RetryConfig,
-    pub price: Option<Price>,
+    pub req: OpenRequest,
+    pub tier: Arc<str>,
 }
 
 /// How a stream ended, for the caller's bookkeeping.
@@ -35,14 +39,14 @@ pub enum Outcome {
     Cancelled(CancelReason),
 }
 
-/// Builds the upstream body: the client's messages and allowed params, with `stream` and
-/// `stream_options.include_usage` always set by the gateway.
-pub fn upstream_body(req: &OpenRequest) -> Result<Bytes, serde_json::Error> {
+/// Builds the upstream body for `model`: the client's messages and allowed params, with
+/// `stream` and `stream_options.include_usage` always set by the gateway.
+pub fn upstream_body(req: &OpenRequest, model: &str) -> Result<Bytes, serde_json::Error> {
     let mut body = Map::with_capacity(req.params.len() + 4);
     for (k, v) in &req.params {
         body.insert(k.clone(), v.clone());
     }
-    body.insert("model".into(), Value::String(req.model.clone()));
+    body.insert("model".into(), Value::String(model.to_string()));
     body.insert("messages".into(), Value::Array(req.messages.clone()));
     body.insert("stream".into(), Value::Bool(true));
     body.insert(
@@ -80,39 +84,44 @@ pub fn validate_open(req: &OpenRequest, allowed_params: &[String]) -> Result<(),
     Ok(())
 }
 
-/// Runs one stream to its end. Never returns before the terminal frame is in the log.
+/// Runs one stream to its end: rate limits, a queue slot, the upstream call with retries and
+/// fallbacks. Never returns before the terminal frame is in the log.
 pub async fn run(job: Job) -> Outcome {
     let stream = &job.stream;
-    stream.set_start(protocol::start(&stream.id, &stream.model));
-    let outcome = attempt_all(&job).await;
-    let last_seq = match &outcome {
-        Ended::Done { seq, .. } | Ended::Failed { seq, .. } | Ended::Cancelled { seq } => *seq,
-    };
-    let key = last_seq + 1;
-    match outcome {
+    let prompt_tokens = billing::count_prompt_tokens(&job.req.model, &job.req.messages);
+    let (ended, reservation) = drive(&job, prompt_tokens).await;
+    let key = ended.seq() + 1;
+    let outcome = match ended {
         Ended::Done {
             seq,
             finish_reason,
             usage,
+            model,
         } => {
-            let cost = usage.zip(job.price).map(|(u, p)| cost_usd(u, p));
+            let price = job.gw.config.pricing.get(&model).copied();
+            let cost = usage.zip(price).map(|(u, p)| cost_usd(u, p));
+            let served_by = (model != job.req.model).then_some(model.as_str());
             stream.finish(
                 key,
-                protocol::done(&stream.id, seq + 1, &finish_reason, usage, cost),
+                protocol::done(&stream.id, seq + 1, &finish_reason, usage, cost, served_by),
             );
             Outcome::Done {
                 finish_reason,
                 usage,
             }
         }
-        Ended::Failed { error, .. } => {
-            let code = error.code();
-            let retry_after = error.retry_after().map(|d| d.as_millis() as u64);
+        Ended::Failed { failure, .. } => {
+            let retry_after = failure.retry_after.map(|d| d.as_millis() as u64);
             stream.finish(
                 key,
-                protocol::error(Some(&stream.id), code, &error.to_string(), retry_after),
+                protocol::error(
+                    Some(&stream.id),
+                    failure.code,
+                    &failure.message,
+                    retry_after,
+                ),
             );
-            Outcome::Failed(code)
+            Outcome::Failed(failure.code)
         }
         Ended::Cancelled { .. } => {
             let reason = stream.cancel_reason().unwrap_or(CancelReason::Client);
@@ -129,7 +138,17 @@ pub async fn run(job: Job) -> Outcome {
             stream.finish(key, protocol::error(Some(&stream.id), code, message, None));
             Outcome::Cancelled(reason)
         }
+    };
+    if let Some(reservation) = reservation {
+        let used = match &outcome {
+            Outcome::Done { usage: Some(u), .. } => u.prompt_tokens + u.completion_tokens,
+            // Nothing reached the client: the upstream generated nothing we can account for.
+            _ if key == 1 => 0,
+            _ => prompt_tokens + billing::count_tokens(&job.req.model, &stream.completion_text()),
+        };
+        job.gw.limits.reconcile(&reservation, used);
     }
+    outcome
 }
 
 /// USD for `usage` at `price` (per million tokens).
@@ -138,48 +157,211 @@ pub fn cost_usd(usage: Usage, price: Price) -> f64 {
         / 1_000_000.0
 }
 
+/// Why a stream failed, as the client will read it.
+#[derive(Debug)]
+struct Failure {
+    code: ErrorCode,
+    message: String,
+    retry_after: Option<Duration>,
+    /// Whether another model in the fallback chain may serve instead.
+    may_fall_back: bool,
+}
+
+impl From<UpstreamError> for Failure {
+    fn from(e: UpstreamError) -> Self {
+        Failure {
+            code: e.code(),
+            may_fall_back: e.retryable() || matches!(e, UpstreamError::CircuitOpen { .. }),
+            retry_after: e.retry_after(),
+            message: e.to_string(),
+        }
+    }
+}
+
 enum Ended {
     Done {
         seq: u64,
         finish_reason: String,
         usage: Option<Usage>,
+        /// The model that answered (a fallback's, if one served).
+        model: String,
     },
     Failed {
         seq: u64,
-        error: UpstreamError,
+        failure: Failure,
     },
     Cancelled {
         seq: u64,
     },
 }
 
-async fn attempt_all(job: &Job) -> Ended {
+impl Ended {
+    fn seq(&self) -> u64 {
+        match self {
+            Ended::Done { seq, .. } | Ended::Failed { seq, .. } | Ended::Cancelled { seq } => *seq,
+        }
+    }
+
+    fn failed(code: ErrorCode, message: String, retry_after: Option<Duration>) -> Ended {
+        Ended::Failed {
+            seq: 0,
+            failure: Failure {
+                code,
+                message,
+                retry_after,
+                may_fall_back: false,
+            },
+        }
+    }
+}
+
+async fn drive(job: &Job, prompt_tokens: u64) -> (Ended, Option<Reservation>) {
+    let gw = &job.gw;
     let stream = &job.stream;
+    let Some(tier) = gw.limits.tier(&job.tier) else {
+        let message = format!("unknown tier `{}`", job.tier);
+        return (Ended::failed(ErrorCode::Internal, message, None), None);
+    };
+    let max_tokens = ["max_tokens", "max_completion_tokens"]
+        .iter()
+        .find_map(|k| job.req.params.get(*k).and_then(Value::as_u64));
+    let reserve = prompt_tokens + gw.limits.completion_reservation(max_tokens);
+    let reservation = match admit(job, tier, reserve).await {
+        Ok(r) => r,
+        Err(ended) => return (ended, None),
+    };
+
+    let primary = job.req.model.as_str();
+    let fallbacks = gw.config.fallbacks.get(primary).into_iter().flatten();
+    let mut last: Option<Failure> = None;
+    let mut started = false;
+    for model in std::iter::once(primary).chain(fallbacks.map(String::as_str)) {
+        let Some(provider) = gw.upstreams.route(model) else {
+            continue;
+        };
+        if let Some(retry_after) = provider.breaker.open_for() {
+            last = Some(Failure::from(UpstreamError::CircuitOpen {
+                provider: provider.name.clone(),
+                retry_after,
+            }));
+            continue;
+        }
+        let _slot = match provider
+            .scheduler
+            .acquire(stream, &job.tier, tier.priority)
+            .await
+        {
+            Ok(slot) => slot,
+            Err(NoSlot::Cancelled) => return (Ended::Cancelled { seq: 0 }, Some(reservation)),
+            Err(why) => {
+                let message = match why {
+                    NoSlot::QueueFull => format!("provider `{}`: queue full", provider.name),
+                    _ => format!(
+                        "provider `{}`: no upstream slot within {} ms",
+                        provider.name, gw.config.scheduler.queue_max_wait_ms
+                    ),
+                };
+                last = Some(Failure {
+                    code: ErrorCode::Overloaded,
+                    message,
+                    retry_after: None,
+                    may_fall_back: true,
+                });
+                continue;
+            }
+        };
+        if !started {
+            stream.set_start(protocol::start(&stream.id, &stream.model));
+            started = true;
+        }
+        let body = match upstream_body(&job.req, model) {
+            Ok(body) => body,
+            Err(e) => {
+                let ended = Ended::failed(ErrorCode::BadRequest, e.to_string(), None);
+                return (ended, Some(reservation));
+            }
+        };
+        match attempt_all(job, provider, body, model).await {
+            Ended::Failed { seq: 0, failure } if failure.may_fall_back => {
+                tracing::info!(stream = %stream.id, model, "falling back: {}", failure.message);
+                last = Some(failure);
+            }
+            ended => return (ended, Some(reservation)),
+        }
+    }
+    let failure = last.unwrap_or_else(|| Failure {
+        code: ErrorCode::BadRequest,
+        message: format!("no provider serves model `{primary}`"),
+        retry_after: None,
+        may_fall_back: false,
+    });
+    (Ended::Failed { seq: 0, failure }, Some(reservation))
+}
+
+/// Takes the stream's share of every rate limit, waiting where the tier's policy allows.
+async fn admit(job: &Job, tier: &TierConfig, tokens: u64) -> Result<Reservation, Ended> {
+    let deadline = Instant::now() + Duration::from_millis(tier.max_wait_ms);
+    loop {
+        let limited = match job
+            .gw
+            .limits
+            .try_acquire(&job.stream.user, &job.tier, tokens)
+        {
+            Ok(reservation) => return Ok(reservation),
+            Err(limited) => limited,
+        };
+        let wait = limited
+            .retry_after
+            .filter(|d| tier.on_limit == OnLimit::Wait && Instant::now() + *d <= deadline);
+        let Some(wait) = wait else {
+            return Err(Ended::failed(
+                ErrorCode::RateLimited,
+                limited.message(),
+                limited.retry_after,
+            ));
+        };
+        if until_cancelled(&job.stream, tokio::time::sleep(wait))
+            .await
+            .is_none()
+        {
+            return Err(Ended::Cancelled { seq: 0 });
+        }
+    }
+}
+
+/// Calls one provider until it answers, retrying failures before the first token.
+async fn attempt_all(job: &Job, provider: &Provider, body: Bytes, model: &str) -> Ended {
+    let stream = &job.stream;
+    let policy = &job.gw.config.retry;
     let mut retries = 0u32;
     loop {
         let mut seq = 0u64;
-        let error = match attempt(job, &mut seq).await {
+        let error = match attempt(stream, provider, body.clone(), &mut seq).await {
             Ok((finish_reason, usage)) => {
                 return Ended::Done {
                     seq,
                     finish_reason,
                     usage,
+                    model: model.to_string(),
                 }
             }
             Err(Attempt::Cancelled) => return Ended::Cancelled { seq },
             Err(Attempt::Failed(e)) => e,
         };
         // Text already went out: another attempt would send it twice.
-        let exhausted = retries + 1 >= job.retry.max_attempts;
+        let exhausted = retries + 1 >= policy.max_attempts;
         let retry_after = error.retry_after();
         let too_long =
-            retry_after.is_some_and(|d| d > Duration::from_millis(job.retry.max_retry_after_ms));
+            retry_after.is_some_and(|d| d > Duration::from_millis(policy.max_retry_after_ms));
         if seq > 0 || !error.retryable() || exhausted || too_long {
-            tracing::warn!(stream = %stream.id, provider = %job.provider.name, kind = error.kind(), attempts = retries + 1, "upstream failed: {error}");
-            return Ended::Failed { seq, error };
+            tracing::warn!(stream = %stream.id, provider = %provider.name, kind = error.kind(), attempts = retries + 1, "upstream failed: {error}");
+            return Ended::Failed {
+                seq,
+                failure: error.into(),
+            };
         }
-        let wait = upstream::backoff(retries, &job.retry, retry_after, &mut rand::thread_rng());
-        tracing::info!(stream = %stream.id, provider = %job.provider.name, kind = error.kind(), ?wait, "retrying upstream");
+        let wait = upstream::backoff(retries, policy, retry_after, &mut rand::thread_rng());
+        tracing::info!(stream = %stream.id, provider = %provider.name, kind = error.kind(), ?wait, "retrying upstream");
         retries += 1;
         if until_cancelled(stream, tokio::time::sleep(wait))
             .await
@@ -204,18 +386,43 @@ async fn until_cancelled<F: std::future::Future>(stream: &Stream, f: F) -> Optio
     }
 }
 
-/// One upstream call. `seq` counts the deltas pushed, so the caller knows whether any text
-/// went out.
-async fn attempt(job: &Job, seq: &mut u64) -> Result<(String, Option<Usage>), Attempt> {
-    let stream = &job.stream;
-    let provider = &job.provider;
+/// One upstream call, let through by the provider's breaker and reported back to it. `seq`
+/// counts the deltas pushed, so the caller knows whether any text went out.
+async fn attempt(
+    stream: &Arc<Stream>,
+    provider: &Provider,
+    body: Bytes,
+    seq: &mut u64,
+) -> Result<(String, Option<Usage>), Attempt> {
+    if let Err(retry_after) = provider.breaker.try_pass() {
+        return Err(Attempt::Failed(UpstreamError::CircuitOpen {
+            provider: provider.name.clone(),
+            retry_after,
+        }));
+    }
+    let result = relay_once(stream, provider, body, seq).await;
+    let health = match &result {
+        Ok(_) => Health::Success,
+        Err(Attempt::Failed(e)) => e.health(),
+        Err(Attempt::Cancelled) => Health::Neutral,
+    };
+    provider.breaker.report(health);
+    result
+}
+
+async fn relay_once(
+    stream: &Arc<Stream>,
+    provider: &Provider,
+    body: Bytes,
+    seq: &mut u64,
+) -> Result<(String, Option<Usage>), Attempt> {
     let first_token_deadline = Instant::now() + provider.first_token_timeout;
     let first_token_timeout = || {
         Attempt::Failed(UpstreamError::FirstTokenTimeout(
             provider.first_token_timeout,
         ))
     };
-    let opened = tokio::time::timeout_at(first_token_deadline, provider.open(job.body.clone()));
+    let opened = tokio::time::timeout_at(first_token_deadline, provider.open(body));
     let mut events = until_cancelled(stream, opened)
         .await
         .ok_or(Attempt::Cancelled)?
@@ -297,11 +504,11 @@ mod tests {
     fn body_forces_streaming_and_usage() {
         let req = open(serde_json::json!({"temperature": 0.5}));
         let body: Value =
-            serde_json::from_slice(&upstream_body(&req).expect("body")).expect("json");
+            serde_json::from_slice(&upstream_body(&req, "m2").expect("body")).expect("json");
         assert_eq!(body["stream"], true);
         assert_eq!(body["stream_options"]["include_usage"], true);
         assert_eq!(body["temperature"], 0.5);
-        assert_eq!(body["model"], "m");
+        assert_eq!(body["model"], "m2", "the model actually called");
     }
 
     #[test]

@@ -20,6 +20,7 @@ use tower_http::services::ServeDir;
 use crate::auth::Authenticator;
 use crate::config::{Config, ProviderConfig};
 use crate::hub::Hub;
+use crate::limits::RateLimiter;
 use crate::mock;
 use crate::protocol::SUBPROTOCOL;
 use crate::session;
@@ -41,6 +42,8 @@ pub struct Gateway {
     pub config: Config,
     pub auth: Authenticator,
     pub upstreams: Upstreams,
+    /// Token buckets shared by every connection.
+    pub limits: RateLimiter,
     pub hub: Arc<Hub>,
     /// Cancelled when shutdown begins: connections get `goaway` and refuse new streams.
     pub draining: CancellationToken,
@@ -79,12 +82,18 @@ impl Gateway {
             Some(secret) => secret.as_bytes().to_vec(),
             None => rand::random::<[u8; 32]>().to_vec(),
         };
-        let auth = Authenticator::new(&secret, config.auth.leeway_secs, config.auth.tiers.clone());
-        let upstreams = Upstreams::new(&config.providers)?;
+        let auth = Authenticator::new(
+            &secret,
+            config.auth.leeway_secs,
+            config.tiers.keys().cloned().collect(),
+        );
+        let upstreams = Upstreams::new(&config.providers, &config.scheduler, &config.breaker)?;
+        let limits = RateLimiter::new(config.limits.clone(), config.tiers.clone());
         Ok(Arc::new(Gateway {
             config,
             auth,
             upstreams,
+            limits,
             hub: Arc::new(Hub::new()),
             draining: CancellationToken::new(),
             closing: CancellationToken::new(),
@@ -106,7 +115,8 @@ pub fn app(gw: Arc<Gateway>) -> Router {
     let mut router = Router::new()
         .route("/v1/ws", get(ws_upgrade))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/admin/users/{user}", get(admin_user));
+        .route("/admin/users/{user}", get(admin_user))
+        .route("/admin/providers", get(admin_providers));
     if gw.config.is_dev() {
         router = router.route("/dev/token", get(dev_token));
     }
@@ -238,6 +248,33 @@ async fn admin_user(
 }
 
 /// `None` when the request carries the admin token; else the response refusing it.
+/// Each provider's circuit breaker and upstream slots.
+async fn admin_providers(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    if let Some(refusal) = refuse_admin(&gw, &headers) {
+        return refusal;
+    }
+    let providers: Vec<_> = gw
+        .upstreams
+        .all()
+        .iter()
+        .map(|p| {
+            let (active, queued, by_tier) = p.scheduler.load();
+            let by_tier: serde_json::Map<String, serde_json::Value> = by_tier
+                .into_iter()
+                .map(|(t, n)| (t.to_string(), n.into()))
+                .collect();
+            serde_json::json!({
+                "name": p.name,
+                "breaker": p.breaker.state(),
+                "active": active,
+                "queued": queued,
+                "queued_by_tier": by_tier,
+            })
+        })
+        .collect();
+    Json(serde_json::json!({ "providers": providers })).into_response()
+}
+
 fn refuse_admin(gw: &Gateway, headers: &HeaderMap) -> Option<Response> {
     let Some(expected) = &gw.config.admin_token else {
         return Some(StatusCode::NOT_FOUND.into_response());

@@ -50,10 +50,27 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket) {
         }
         Err(None) => return,
     };
-    let user = gw.hub.connect(&claims.sub);
+    let Some(tier) = gw.limits.tier(&claims.tier).cloned() else {
+        return;
+    };
+    let user = match gw.hub.connect(&claims.sub, tier.max_connections) {
+        Ok(user) => user,
+        Err(refusal) => {
+            let frame = protocol::error(None, refusal.code, &refusal.message, None);
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                sink.send(Message::Text(frame)).await?;
+                sink.send(close_message(
+                    close::TOO_MANY_CONNECTIONS,
+                    "too many connections",
+                ))
+                .await
+            })
+            .await;
+            return;
+        }
+    };
+    let max_streams = tier.max_streams.unwrap_or(gw.config.session.max_streams);
     let span = tracing::info_span!("conn", user = %user, tier = %claims.tier);
-    let _entered = span.enter();
-    drop(_entered);
     let inbox = Inbox::new();
     let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let conn_end = CancellationToken::new();
@@ -62,11 +79,11 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket) {
 
     // Welcome goes into the control queue before any resumed stream is attached, and the
     // writer always empties that queue first: the client sees `welcome` before replayed frames.
-    let (found, missing) = lookup_resumes(&gw, &user, &resume);
+    let (found, missing) = lookup_resumes(&gw, &user, &resume, max_streams);
     let resumed: Vec<String> = found.iter().map(|(s, _)| s.id.clone()).collect();
     let s = &gw.config.session;
     let limits = WelcomeLimits {
-        max_streams: s.max_streams,
+        max_streams,
         max_frame_bytes: s.max_frame_bytes,
     };
     let welcome = protocol::welcome(
@@ -109,7 +126,8 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket) {
     let mut conn = Connection {
         gw: gw.clone(),
         user: user.clone(),
-        claims,
+        tier: Arc::from(claims.tier.as_str()),
+        max_streams,
         inbox: inbox.clone(),
         control,
         draining: false,
@@ -178,10 +196,11 @@ fn lookup_resumes(
     gw: &Gateway,
     user: &Arc<str>,
     resume: &[ResumeRequest],
+    max_streams: usize,
 ) -> (Vec<(Arc<Stream>, u64)>, Vec<Utf8Bytes>) {
     let mut found: Vec<(Arc<Stream>, u64)> = Vec::new();
     let mut missing = Vec::new();
-    for r in resume.iter().take(gw.config.session.max_streams) {
+    for r in resume.iter().take(max_streams) {
         if found.iter().any(|(s, _)| s.id == r.id) {
             continue;
         }
@@ -198,7 +217,7 @@ fn lookup_resumes(
             }
         }
     }
-    if resume.len() > gw.config.session.max_streams {
+    if resume.len() > max_streams {
         missing.push(protocol::error(
             None,
             ErrorCode::BadRequest,
@@ -212,7 +231,9 @@ fn lookup_resumes(
 struct Connection {
     gw: Arc<Gateway>,
     user: Arc<str>,
-    claims: Claims,
+    tier: Arc<str>,
+    /// Live streams this user may have (the tier's, or `session.max_streams`).
+    max_streams: usize,
     inbox: Arc<Inbox>,
     control: mpsc::Sender<Control>,
     /// `goaway` was sent: no new streams on this connection.
@@ -358,20 +379,12 @@ impl Connection {
         if let Err(message) = relay::validate_open(&req, &gw.config.allowed_params) {
             return self.send(refuse(ErrorCode::BadRequest, &message)).await;
         }
-        let Some(provider) = gw.upstreams.route(&req.model).cloned() else {
+        if gw.upstreams.route(&req.model).is_none() {
             let frame = refuse(
                 ErrorCode::BadRequest,
                 &format!("unknown model `{}`", req.model),
             );
             return self.send(frame).await;
-        };
-        let body = match relay::upstream_body(&req) {
-            Ok(body) => body,
-            Err(e) => {
-                return self
-                    .send(refuse(ErrorCode::BadRequest, &e.to_string()))
-                    .await
-            }
         };
         let stream = Stream::new(
             req.id.clone(),
@@ -379,21 +392,20 @@ impl Connection {
             req.model.clone(),
             gw.config.session.stream_buffer_bytes,
         );
-        if let Err(refusal) = gw.hub.open(&stream, gw.config.session.max_streams) {
+        if let Err(refusal) = gw.hub.open(&stream, self.max_streams) {
             return self.send(refuse(refusal.code, &refusal.message)).await;
         }
         // A fresh stream has no gap to refuse.
         let _ = stream.attach(&self.inbox, 0);
-        let job = Job {
-            stream: stream.clone(),
-            price: gw.config.pricing.get(&req.model).copied(),
-            provider,
-            body,
-            retry: gw.config.retry.clone(),
-        };
         let hub = gw.hub.clone();
         let linger = Duration::from_millis(gw.config.session.resume_window_ms);
-        let span = tracing::info_span!("stream", user = %self.user, tier = %self.claims.tier, stream = %stream.id, model = %stream.model);
+        let span = tracing::info_span!("stream", user = %self.user, tier = %self.tier, stream = %stream.id, model = %stream.model);
+        let job = Job {
+            gw: gw.clone(),
+            stream: stream.clone(),
+            req,
+            tier: self.tier.clone(),
+        };
         gw.stream_tasks.spawn(tracing::Instrument::instrument(
             async move {
                 let outcome = relay::run(job).await;

@@ -288,6 +288,28 @@ impl Stream {
         self.state.lock().finished
     }
 
+    /// The text of the `delta` frames still in the log, for counting the tokens of a stream
+    /// that ended without the upstream's usage. Only called once, when a stream ends.
+    pub fn completion_text(&self) -> String {
+        #[derive(serde::Deserialize)]
+        struct Delta<'a> {
+            #[serde(rename = "type")]
+            kind: &'a str,
+            #[serde(default)]
+            text: String,
+        }
+        let st = self.state.lock();
+        let mut text = String::new();
+        for entry in &st.log {
+            if let Ok(d) = serde_json::from_str::<Delta<'_>>(entry.frame.as_str()) {
+                if d.kind == "delta" {
+                    text.push_str(&d.text);
+                }
+            }
+        }
+        text
+    }
+
     /// Bytes held in the replay log (for the admin view and tests).
     pub fn buffered_bytes(&self) -> usize {
         self.state.lock().bytes
@@ -387,7 +409,7 @@ mod tests {
         out.clear();
         assert_eq!(s.pull(inbox.conn, &mut out), Pulled::Open);
         assert!(out.is_empty(), "nothing twice");
-        s.finish(3, protocol::done("s1", 3, "stop", None, None));
+        s.finish(3, protocol::done("s1", 3, "stop", None, None, None));
         assert_eq!(s.pull(inbox.conn, &mut out), Pulled::Finished);
         assert_eq!(frames(&out).len(), 1);
     }

@@ -13,8 +13,10 @@ use rand::Rng;
 use reqwest::header::{HeaderMap, CONTENT_TYPE, RETRY_AFTER};
 use serde::Deserialize;
 
+use crate::breaker::{Breaker, BreakerConfig, Health};
 use crate::config::{ProviderConfig, RetryConfig};
 use crate::protocol::{ErrorCode, Usage};
+use crate::scheduler::{Scheduler, SchedulerConfig};
 
 /// One upstream: where it is, its key, and its connection pool.
 pub struct Provider {
@@ -29,6 +31,9 @@ pub struct Provider {
     models: Vec<String>,
     pub first_token_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Upstream slots and the queue for them.
+    pub scheduler: Arc<Scheduler>,
+    pub breaker: Breaker,
 }
 
 /// All providers, in the order a model is looked up.
@@ -37,10 +42,14 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
-    pub fn new(configs: &[ProviderConfig]) -> Result<Self, reqwest::Error> {
+    pub fn new(
+        configs: &[ProviderConfig],
+        scheduler: &SchedulerConfig,
+        breaker: &BreakerConfig,
+    ) -> Result<Self, reqwest::Error> {
         let providers = configs
             .iter()
-            .map(|c| Provider::new(c).map(Arc::new))
+            .map(|c| Provider::new(c, scheduler, breaker).map(Arc::new))
             .collect::<Result<_, _>>()?;
         Ok(Upstreams { providers })
     }
@@ -52,8 +61,8 @@ impl Upstreams {
             .find(|p| p.models.iter().any(|m| m == "*" || m == model))
     }
 
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.providers.iter().map(|p| p.name.as_str())
+    pub fn all(&self) -> &[Arc<Provider>] {
+        &self.providers
     }
 }
 
@@ -62,7 +71,11 @@ pub type EventStream =
     Pin<Box<dyn Stream<Item = Result<Event, EventStreamError<reqwest::Error>>> + Send>>;
 
 impl Provider {
-    pub fn new(c: &ProviderConfig) -> Result<Self, reqwest::Error> {
+    pub fn new(
+        c: &ProviderConfig,
+        scheduler: &SchedulerConfig,
+        breaker: &BreakerConfig,
+    ) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(c.connect_timeout_ms))
             .pool_max_idle_per_host(c.pool_max_idle_per_host)
@@ -79,6 +92,8 @@ impl Provider {
             models: c.models.clone(),
             first_token_timeout: Duration::from_millis(c.first_token_timeout_ms),
             idle_timeout: Duration::from_millis(c.idle_timeout_ms),
+            scheduler: Scheduler::new(c.max_concurrent, scheduler.clone()),
+            breaker: Breaker::new(breaker.clone()),
         })
     }
 
@@ -217,6 +232,11 @@ pub enum UpstreamError {
     Broken(String),
     #[error("upstream sent a chunk that is not a chat-completion chunk: {0}")]
     BadChunk(String),
+    #[error("provider `{provider}` is failing: circuit open for another {retry_after:?}")]
+    CircuitOpen {
+        provider: String,
+        retry_after: Duration,
+    },
 }
 
 impl UpstreamError {
@@ -229,7 +249,8 @@ impl UpstreamError {
             UpstreamError::Status { status, .. } => *status == 429 || *status >= 500,
             UpstreamError::ContentType(_)
             | UpstreamError::IdleTimeout(_)
-            | UpstreamError::BadChunk(_) => false,
+            | UpstreamError::BadChunk(_)
+            | UpstreamError::CircuitOpen { .. } => false,
         }
     }
 
@@ -246,6 +267,7 @@ impl UpstreamError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             UpstreamError::Status { retry_after, .. } => *retry_after,
+            UpstreamError::CircuitOpen { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -262,6 +284,16 @@ impl UpstreamError {
             UpstreamError::IdleTimeout(_) => "idle_timeout",
             UpstreamError::Broken(_) => "broken",
             UpstreamError::BadChunk(_) => "bad_chunk",
+            UpstreamError::CircuitOpen { .. } => "circuit_open",
+        }
+    }
+
+    /// What this failure says about the provider's health (for its circuit breaker).
+    pub fn health(&self) -> Health {
+        match self {
+            UpstreamError::Status { status, .. } if *status < 500 => Health::Neutral,
+            UpstreamError::CircuitOpen { .. } => Health::Neutral,
+            _ => Health::Failure,
         }
     }
 }

@@ -95,8 +95,17 @@ impl Harness {
 
     /// A socket after `hello` (with `resume`) and `welcome`.
     pub async fn connect_resume(&self, user: &str, resume: Value) -> (Client, Value) {
+        self.connect_as(user, "pro", resume).await
+    }
+
+    /// A socket of a `tier` user after `hello` and `welcome`.
+    pub async fn connect_tier(&self, user: &str, tier: &str) -> Client {
+        self.connect_as(user, tier, json!([])).await.0
+    }
+
+    async fn connect_as(&self, user: &str, tier: &str, resume: Value) -> (Client, Value) {
         let mut c = self.connect_raw().await;
-        c.send(json!({"type":"hello","token":self.token(user, "pro"),"client":"test/1","resume":resume}))
+        c.send(json!({"type":"hello","token":self.token(user, tier),"client":"test/1","resume":resume}))
             .await;
         let welcome = c.recv().await;
         assert_eq!(welcome["type"], "welcome", "{welcome}");
@@ -105,6 +114,19 @@ impl Harness {
 
     pub async fn connect(&self, user: &str) -> Client {
         self.connect_resume(user, json!([])).await.0
+    }
+
+    /// GET an admin route as JSON.
+    pub async fn admin(&self, path: &str) -> Value {
+        reqwest::Client::new()
+            .get(format!("http://{}{path}", self.addr))
+            .bearer_auth("admin-test-token")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     pub fn shutdown(&mut self) {
