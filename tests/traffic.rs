@@ -368,3 +368,31 @@ async fn too_many_connections_per_user() {
     // Another user is not affected.
     h.connect_tier("gina", "free").await;
 }
+
+#[tokio::test]
+async fn first_token_timeout_is_retried_then_reported() {
+    let h = Harness::start_with(|c| {
+        c.providers[0].first_token_timeout_ms = 200;
+        c.retry.max_attempts = 2;
+    })
+    .await;
+    let mut c = h.connect("alice").await;
+    c.open("slow", "[[mock chunks=3 stall_ms=5000]]").await;
+    let e = c.recv_until("error", Some("slow")).await;
+    assert_eq!(e["code"], "upstream_timeout", "{e}");
+    wait_for_mock(&h, "both attempts aborted", |s| s.requests == 2 && s.aborted == 2).await;
+}
+
+#[tokio::test]
+async fn silence_mid_stream_is_an_idle_timeout_without_retry() {
+    let h = Harness::start_with(|c| c.providers[0].idle_timeout_ms = 200).await;
+    let mut c = h.connect("alice").await;
+    c.open("idle", "idle [[mock chunks=3 delay_ms=2000]]").await;
+    let mut r = StreamRecord::default();
+    while r.end.is_none() {
+        r.take(c.recv().await);
+    }
+    assert_eq!(r.error_code(), "upstream_timeout", "{:?}", r.end);
+    assert_eq!(r.text, muxgate::mock::word_chunks("idle", 3)[0]);
+    assert_eq!(h.mock.stats().requests, 1, "text went out: no retry");
+}
