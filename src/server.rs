@@ -179,7 +179,10 @@ async fn ws_upgrade(
         .saturating_mul(8)
         .max(1 << 20);
     let sessions = gw.sessions.clone();
+    // Small read buffer: it grows for large frames, but an idle connection should cost a few
+    // KiB, not tungstenite's default 128 KiB.
     ws.protocols([SUBPROTOCOL])
+        .read_buffer_size(4 * 1024)
         .max_message_size(hard_limit)
         .max_frame_size(hard_limit)
         .on_upgrade(move |socket| sessions.track_future(session::run(gw, socket)))

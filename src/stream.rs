@@ -123,32 +123,44 @@ impl Stream {
     /// Appends a replayable frame, waiting while the log is full of unwritten frames.
     /// Returns `false` if the stream was cancelled meanwhile (the frame is then dropped).
     pub async fn push(self: &Arc<Self>, key: u64, frame: Utf8Bytes) -> bool {
+        let mut frame = Some(frame);
+        // The common case, room in the log, registers no waiter.
+        if let Some(wake) = self.try_append(key, &mut frame) {
+            self.wake(wake);
+            return true;
+        }
         loop {
             let space = self.space.notified();
             tokio::pin!(space);
             space.as_mut().enable();
-            let appended = {
-                let mut st = self.state.lock();
-                st.trim(self.buffer_cap);
-                if st.bytes < self.buffer_cap || st.log.is_empty() {
-                    st.append(key, frame.clone());
-                    Some(st.schedule())
-                } else {
-                    None
-                }
-            };
-            match appended {
-                Some(wake) => {
-                    if let Some(inbox) = wake {
-                        inbox.wake(self);
-                    }
-                    return true;
-                }
-                None => tokio::select! {
-                    _ = &mut space => {}
-                    _ = self.cancel.cancelled() => return false,
-                },
+            // Checked again after registering, so a pull in between cannot be missed.
+            if let Some(wake) = self.try_append(key, &mut frame) {
+                self.wake(wake);
+                return true;
             }
+            tokio::select! {
+                _ = &mut space => {}
+                _ = self.cancel.cancelled() => return false,
+            }
+        }
+    }
+
+    /// Appends `frame` if the log has room; `Some(inbox to wake, if any)` when it did.
+    fn try_append(&self, key: u64, frame: &mut Option<Utf8Bytes>) -> Option<Option<Arc<Inbox>>> {
+        let mut st = self.state.lock();
+        st.trim(self.buffer_cap);
+        if st.bytes >= self.buffer_cap && !st.log.is_empty() {
+            return None;
+        }
+        if let Some(frame) = frame.take() {
+            st.append(key, frame);
+        }
+        Some(st.schedule())
+    }
+
+    fn wake(self: &Arc<Self>, inbox: Option<Arc<Inbox>>) {
+        if let Some(inbox) = inbox {
+            inbox.wake(self);
         }
     }
 
@@ -161,9 +173,7 @@ impl Stream {
             st.finished = true;
             st.schedule()
         };
-        if let Some(inbox) = wake {
-            inbox.wake(self);
-        }
+        self.wake(wake);
     }
 
     /// Sets the `start` frame, written once to the connection attached at that moment.
@@ -173,9 +183,7 @@ impl Stream {
             st.start = Some(frame);
             st.schedule()
         };
-        if let Some(inbox) = wake {
-            inbox.wake(self);
-        }
+        self.wake(wake);
     }
 
     /// Sets the latest queue position; a position not yet written is replaced.
@@ -185,9 +193,7 @@ impl Stream {
             st.queued = Some(position);
             st.schedule()
         };
-        if let Some(inbox) = wake {
-            inbox.wake(self);
-        }
+        self.wake(wake);
     }
 
     /// Attaches the stream to a connection, which will next pull every frame after `after`.
@@ -207,11 +213,9 @@ impl Stream {
             });
             st.schedule()
         };
-        // Outside the stream's lock: the connection takes its map's lock first, then a stream's.
+        // Never under the stream's lock: no code path holds both locks at once.
         inbox.attached.lock().insert(self.id.clone(), self.clone());
-        if let Some(inbox) = wake {
-            inbox.wake(self);
-        }
+        self.wake(wake);
         Ok(())
     }
 
