@@ -17,14 +17,32 @@ use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().unwrap()).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().unwrap())
+        .collect();
     let arg = |i: usize, d: usize| args.get(i).copied().unwrap_or(d);
-    let (slots, counts) = (arg(0, 6), [("free", arg(1, 30)), ("pro", arg(2, 20)), ("enterprise", arg(3, 10))]);
+    let (slots, counts) = (
+        arg(0, 6),
+        [
+            ("free", arg(1, 30)),
+            ("pro", arg(2, 20)),
+            ("enterprise", arg(3, 10)),
+        ],
+    );
 
-    let mock = mock::spawn(TcpListener::bind("127.0.0.1:0").await.unwrap(), None).await.unwrap();
-    let env = |name: &str| (name == "MUXGATE_JWT_SECRET").then(|| "queue-load-secret-0123456789".to_string());
+    let mock = mock::spawn(TcpListener::bind("127.0.0.1:0").await.unwrap(), None)
+        .await
+        .unwrap();
+    let env = |name: &str| {
+        (name == "MUXGATE_JWT_SECRET").then(|| "queue-load-secret-0123456789".to_string())
+    };
     let mut config = Config::load_with_env(None, &env).unwrap();
-    config.providers = vec![muxgate::config::ProviderConfig::catch_all("mock", mock.base_url(), None)];
+    config.providers = vec![muxgate::config::ProviderConfig::catch_all(
+        "mock",
+        mock.base_url(),
+        None,
+    )];
     config.providers[0].max_concurrent = slots;
     config.session.max_streams = 1000;
     let aging = config.scheduler.aging_ms;
@@ -32,26 +50,39 @@ async fn main() {
     let addr = listener.local_addr().unwrap();
     let gw = Gateway::start(config).await.unwrap();
     tokio::spawn(muxgate::serve(listener, gw.clone(), std::future::pending()));
-    println!("provider cap {slots} slots, aging {aging} ms; streams: {counts:?}, 25 chunks x 20 ms each");
+    println!(
+        "provider cap {slots} slots, aging {aging} ms; streams: {counts:?}, 25 chunks x 20 ms each"
+    );
 
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for (tier, n) in counts {
-        let token = gw.auth.issue(&format!("{tier}-user"), tier, Duration::from_secs(600)).unwrap();
+        let token = gw
+            .auth
+            .issue(&format!("{tier}-user"), tier, Duration::from_secs(600))
+            .unwrap();
         let url = format!("ws://{addr}/v1/ws");
         tasks.push(tokio::spawn(async move {
             let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-            ws.send(Message::Text(json!({"type":"hello","token":token}).to_string().into())).await.unwrap();
+            ws.send(Message::Text(
+                json!({"type":"hello","token":token}).to_string().into(),
+            ))
+            .await
+            .unwrap();
             for i in 0..n {
                 let open = json!({"type":"open","id":format!("{tier}-{i}"),"model":"m",
                     "messages":[{"role":"user","content":"[[mock chunks=25 delay_ms=20]]"}]});
-                ws.send(Message::Text(open.to_string().into())).await.unwrap();
+                ws.send(Message::Text(open.to_string().into()))
+                    .await
+                    .unwrap();
             }
             // (start time, max queue position seen) per stream
             let mut seen: HashMap<String, (Option<Duration>, u64)> = HashMap::new();
             let mut ended = 0;
             while ended < n {
-                let Some(Ok(Message::Text(t))) = ws.next().await else { panic!("socket closed") };
+                let Some(Ok(Message::Text(t))) = ws.next().await else {
+                    panic!("socket closed")
+                };
                 let f: Value = serde_json::from_str(&t).unwrap();
                 let Some(id) = f["id"].as_str() else { continue };
                 let entry = seen.entry(id.to_string()).or_default();
@@ -73,14 +104,21 @@ async fn main() {
         let (active, queued, by_tier) = gw.upstreams.all()[0].scheduler.load();
         let mut by_tier: Vec<String> = by_tier.iter().map(|(t, n)| format!("{t}={n}")).collect();
         by_tier.sort();
-        depth_samples.push(format!("t={:>5} ms active={active} queued={queued:>2} [{}]", t0.elapsed().as_millis(), by_tier.join(" ")));
+        depth_samples.push(format!(
+            "t={:>5} ms active={active} queued={queued:>2} [{}]",
+            t0.elapsed().as_millis(),
+            by_tier.join(" ")
+        ));
     }
     println!("queue depth every 250 ms:");
     for line in depth_samples.iter().take(12) {
         println!("  {line}");
     }
     println!("time from open to start (the wait for an upstream slot):");
-    println!("{:<11} {:>7} {:>14} {:>14} {:>12}", "tier", "streams", "wait p50 (ms)", "wait max (ms)", "max position");
+    println!(
+        "{:<11} {:>7} {:>14} {:>14} {:>12}",
+        "tier", "streams", "wait p50 (ms)", "wait max (ms)", "max position"
+    );
     for task in tasks {
         let (tier, seen) = task.await.unwrap();
         let mut waits: Vec<u128> = seen.values().map(|(s, _)| s.unwrap().as_millis()).collect();
@@ -96,5 +134,8 @@ async fn main() {
         );
     }
     let stats = mock.stats();
-    println!("mock upstream: {} requests, {} completed", stats.requests, stats.completed);
+    println!(
+        "mock upstream: {} requests, {} completed",
+        stats.requests, stats.completed
+    );
 }

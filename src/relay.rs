@@ -283,7 +283,7 @@ async fn drive(job: &Job, prompt_tokens: u64) -> (Ended, Option<Reservation>) {
         };
         match attempt_all(job, provider, body, model).await {
             Ended::Failed { seq: 0, failure } if failure.may_fall_back => {
-                tracing::info!(stream = %stream.id, model, "falling back: {}", failure.message);
+                tracing::info!(model, code = %failure.code, "falling back to the next model");
                 last = Some(failure);
             }
             ended => return (ended, Some(reservation)),
@@ -354,14 +354,15 @@ async fn attempt_all(job: &Job, provider: &Provider, body: Bytes, model: &str) -
         let too_long =
             retry_after.is_some_and(|d| d > Duration::from_millis(policy.max_retry_after_ms));
         if seq > 0 || !error.retryable() || exhausted || too_long {
-            tracing::warn!(stream = %stream.id, provider = %provider.name, kind = error.kind(), attempts = retries + 1, "upstream failed: {error}");
+            // The kind and status only: upstream messages can quote the conversation.
+            tracing::warn!(provider = %provider.name, kind = error.kind(), status = error.status(), attempts = retries + 1, "upstream failed");
             return Ended::Failed {
                 seq,
                 failure: error.into(),
             };
         }
         let wait = upstream::backoff(retries, policy, retry_after, &mut rand::thread_rng());
-        tracing::info!(stream = %stream.id, provider = %provider.name, kind = error.kind(), ?wait, "retrying upstream");
+        tracing::info!(provider = %provider.name, kind = error.kind(), status = error.status(), ?wait, "retrying upstream");
         retries += 1;
         if until_cancelled(stream, tokio::time::sleep(wait))
             .await

@@ -115,6 +115,7 @@ pub fn app(gw: Arc<Gateway>) -> Router {
     let mut router = Router::new()
         .route("/v1/ws", get(ws_upgrade))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .route("/admin/users/{user}", get(admin_user))
         .route("/admin/providers", get(admin_providers));
     if gw.config.is_dev() {
@@ -251,6 +252,29 @@ async fn admin_user(
 }
 
 /// `None` when the request carries the admin token; else the response refusing it.
+/// Ready when the config is loaded (it is, or the process would not be serving) and at least
+/// one provider's circuit is not open; not ready while draining.
+async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
+    if gw.draining.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
+    }
+    let open: Vec<&str> = gw
+        .upstreams
+        .all()
+        .iter()
+        .filter(|p| p.breaker.open_for().is_some())
+        .map(|p| p.name.as_str())
+        .collect();
+    if open.len() == gw.upstreams.all().len() {
+        let body = format!(
+            "not ready: every provider's circuit is open ({})",
+            open.join(", ")
+        );
+        return (StatusCode::SERVICE_UNAVAILABLE, body).into_response();
+    }
+    "ready".into_response()
+}
+
 /// Each provider's circuit breaker and upstream slots.
 async fn admin_providers(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
     if let Some(refusal) = refuse_admin(&gw, &headers) {

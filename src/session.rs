@@ -35,18 +35,12 @@ enum Control {
 
 /// Runs one connection to its end.
 pub async fn run(gw: Arc<Gateway>, socket: WebSocket) {
-    let (mut sink, mut source) = socket.split();
+    let (sink, mut source) = socket.split();
     let (claims, resume) = match handshake(&gw, &mut source).await {
         Ok(hello) => hello,
         Err(Some(message)) => {
             let frame = protocol::error(None, ErrorCode::Unauthorized, &message, None);
-            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                sink.send(Message::Text(frame)).await?;
-                sink.send(close_message(close::UNAUTHORIZED, "unauthorized"))
-                    .await
-            })
-            .await;
-            return;
+            return refuse(sink, frame, close::UNAUTHORIZED, "unauthorized").await;
         }
         Err(None) => return,
     };
@@ -57,25 +51,56 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket) {
         Ok(user) => user,
         Err(refusal) => {
             let frame = protocol::error(None, refusal.code, &refusal.message, None);
-            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                sink.send(Message::Text(frame)).await?;
-                sink.send(close_message(
-                    close::TOO_MANY_CONNECTIONS,
-                    "too many connections",
-                ))
-                .await
-            })
+            return refuse(
+                sink,
+                frame,
+                close::TOO_MANY_CONNECTIONS,
+                "too many connections",
+            )
             .await;
-            return;
         }
     };
     let max_streams = tier.max_streams.unwrap_or(gw.config.session.max_streams);
     let span = tracing::info_span!("conn", user = %user, tier = %claims.tier);
+    let session = Authenticated {
+        user,
+        tier: Arc::from(claims.tier.as_str()),
+        max_streams,
+        resume,
+    };
+    tracing::Instrument::instrument(serve(gw, sink, source, session), span).await;
+}
+
+/// Sends a last `error` frame and closes with `code`.
+async fn refuse(mut sink: Sink, frame: Utf8Bytes, code: u16, reason: &'static str) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        sink.send(Message::Text(frame)).await?;
+        sink.send(close_message(code, reason)).await
+    })
+    .await;
+}
+
+/// Who is on a connection, once `hello` has been accepted.
+struct Authenticated {
+    user: Arc<str>,
+    tier: Arc<str>,
+    max_streams: usize,
+    resume: Vec<ResumeRequest>,
+}
+
+/// An accepted connection, from `welcome` to the detach of its streams.
+async fn serve(gw: Arc<Gateway>, sink: Sink, mut source: Source, session: Authenticated) {
+    let Authenticated {
+        user,
+        tier,
+        max_streams,
+        resume,
+    } = session;
     let inbox = Inbox::new();
     let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let conn_end = CancellationToken::new();
     let session_id = format!("{:016x}", rand::random::<u64>());
-    tracing::info!(parent: &span, session = %session_id, "connected");
+    tracing::info!(session = %session_id, "connected");
 
     // Welcome goes into the control queue before any resumed stream is attached, and the
     // writer always empties that queue first: the client sees `welcome` before replayed frames.
@@ -86,14 +111,7 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket) {
         max_streams,
         max_frame_bytes: s.max_frame_bytes,
     };
-    let welcome = protocol::welcome(
-        &session_id,
-        &user,
-        &claims.tier,
-        s.heartbeat_ms,
-        &limits,
-        &resumed,
-    );
+    let welcome = protocol::welcome(&session_id, &user, &tier, s.heartbeat_ms, &limits, &resumed);
     let _ = control.send(Control::Frame(welcome)).await;
     let writer = tokio::spawn(write_loop(
         sink,
@@ -126,7 +144,7 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket) {
     let mut conn = Connection {
         gw: gw.clone(),
         user: user.clone(),
-        tier: Arc::from(claims.tier.as_str()),
+        tier,
         max_streams,
         inbox: inbox.clone(),
         control,
@@ -152,7 +170,7 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket) {
         }
     }
     gw.hub.disconnect(&user);
-    tracing::info!(parent: &span, "disconnected");
+    tracing::info!("disconnected");
 }
 
 /// Waits for `hello` and checks its token. `Err(Some(reason))` is answered with
@@ -265,7 +283,7 @@ impl Connection {
                 },
                 _ = check.tick() => {
                     if last_seen.elapsed() > heartbeat * 2 {
-                        tracing::info!(user = %self.user, "heartbeat timeout");
+                        tracing::info!("heartbeat timeout");
                         self.close(close::HEARTBEAT_TIMEOUT, "heartbeat timeout").await;
                         Next::Stop
                     } else {
@@ -399,7 +417,7 @@ impl Connection {
         let _ = stream.attach(&self.inbox, 0);
         let hub = gw.hub.clone();
         let linger = Duration::from_millis(gw.config.session.resume_window_ms);
-        let span = tracing::info_span!("stream", user = %self.user, tier = %self.tier, stream = %stream.id, model = %stream.model);
+        let span = tracing::info_span!("stream", stream = %stream.id, model = %stream.model);
         let job = Job {
             gw: gw.clone(),
             stream: stream.clone(),
@@ -439,7 +457,7 @@ impl Connection {
             return Next::Stop;
         }
         if self.bad_frames > self.gw.config.session.max_bad_frames_per_minute {
-            tracing::warn!(user = %self.user, "closing: too many bad frames");
+            tracing::warn!("closing: too many bad frames");
             self.close(close::POLICY, "too many bad frames").await;
             return Next::Stop;
         }

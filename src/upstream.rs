@@ -272,6 +272,14 @@ impl UpstreamError {
         }
     }
 
+    /// The upstream's HTTP status, when it answered with an error status.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            UpstreamError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
     /// Short label for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -286,6 +286,10 @@ async fn breaker_opens_fails_fast_and_recovers() {
     }
     let providers = h.admin("/admin/providers").await;
     assert_eq!(providers["providers"][0]["breaker"], "open");
+    let ready = reqwest::get(format!("http://{}/readyz", h.addr))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503, "the only provider is open-circuit");
     c.open("fast", "[[mock chunks=3]]").await;
     let e = c.recv_until("error", Some("fast")).await;
     assert_eq!(e["code"], "upstream_error");
@@ -306,6 +310,10 @@ async fn breaker_opens_fails_fast_and_recovers() {
     assert_eq!(records["probe"].text, expected("probe", 3));
     let providers = h.admin("/admin/providers").await;
     assert_eq!(providers["providers"][0]["breaker"], "closed");
+    let ready = reqwest::get(format!("http://{}/readyz", h.addr))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
 }
 
 async fn fallback_harness() -> Harness {
@@ -380,7 +388,10 @@ async fn first_token_timeout_is_retried_then_reported() {
     c.open("slow", "[[mock chunks=3 stall_ms=5000]]").await;
     let e = c.recv_until("error", Some("slow")).await;
     assert_eq!(e["code"], "upstream_timeout", "{e}");
-    wait_for_mock(&h, "both attempts aborted", |s| s.requests == 2 && s.aborted == 2).await;
+    wait_for_mock(&h, "both attempts aborted", |s| {
+        s.requests == 2 && s.aborted == 2
+    })
+    .await;
 }
 
 #[tokio::test]

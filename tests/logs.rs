@@ -1,0 +1,97 @@
+//! Logs: one span per connection and per stream with user, stream id and model, and never a
+//! token, an API key or prompt text, whatever happens to the streams.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use serde_json::json;
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn logs_have_spans_and_no_secrets() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter("debug")
+        .with_writer(move || writer.clone())
+        .init();
+
+    let h = Harness::start_with(|c| c.retry.max_attempts = 2).await;
+    let token = h.token("alice", "pro");
+    let mut c = h.connect_raw().await;
+    c.send(json!({"type":"hello","token":token})).await;
+    c.recv_until("welcome", None).await;
+    let secret_prompt = "PROMPT-SECRET-41f7";
+    c.open("ok", &format!("{secret_prompt} [[mock chunks=5]]"))
+        .await;
+    c.open(
+        "fail",
+        &format!("{secret_prompt} [[mock fail=500 fail_times=9]]"),
+    )
+    .await;
+    c.open("cut", &format!("{secret_prompt} [[mock chunks=9 cut=2]]"))
+        .await;
+    c.open("bad", "[[mock chunks=1]]").await;
+    c.send(json!({"type":"cancel","id":"bad"})).await;
+    c.send_text(&format!(
+        "{{\"type\":\"open\",\"broken\":\"{secret_prompt}\""
+    ))
+    .await;
+    c.collect(&["ok".into(), "fail".into(), "cut".into(), "bad".into()])
+        .await;
+    c.close().await;
+    // A refused token is not logged either.
+    let mut bad = h.connect_raw().await;
+    bad.send(json!({"type":"hello","token":format!("{token}x")}))
+        .await;
+    let _ = bad.next_event().await;
+    wait_for_mock(&h, "all requests", |s| s.in_flight == 0).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(!logs.is_empty());
+    for secret in [API_KEY, secret_prompt, token.as_str(), SECRET] {
+        assert!(
+            !logs.contains(secret),
+            "a secret reached the logs: {secret}"
+        );
+    }
+    let ended: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["fields"]["message"] == "stream ended")
+        .collect();
+    assert_eq!(ended.len(), 4, "one line per stream");
+    for line in &ended {
+        let spans = line["spans"].as_array().unwrap();
+        assert!(
+            spans
+                .iter()
+                .any(|s| s["name"] == "conn" && s["user"] == "alice" && s["tier"] == "pro"),
+            "{line}"
+        );
+        assert!(
+            spans.iter().any(|s| s["name"] == "stream"
+                && s["model"] == "deepseek-v3.2"
+                && s["stream"].is_string()),
+            "{line}"
+        );
+    }
+}

@@ -1,0 +1,425 @@
+// The browser-test harness: starts the real gateway binary and its mock upstream on loopback,
+// launches Debian's Chromium through playwright-core, and drives the demo page's shim in many
+// tabs of ONE browser context. It builds nothing: the binary comes from $MUXGATE_BIN
+// (default ../target/debug/muxgate relative to web/).
+import { spawn } from 'node:child_process'
+import fs from 'node:fs'
+import net from 'node:net'
+import os from 'node:os'
+import path from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { chromium } from 'playwright-core'
+
+const here = path.dirname(fileURLToPath(import.meta.url))
+export const WEB_DIR = path.resolve(here, '..')
+export const BIN = path.resolve(WEB_DIR, process.env.MUXGATE_BIN ?? '../target/debug/muxgate')
+export const CHROMIUM = process.env.CHROMIUM_PATH ?? '/usr/bin/chromium'
+export const ADMIN_TOKEN = 'e2e-admin-token'
+const JWT_SECRET = 'e2e-secret-0123456789abcdef0123456789'
+
+const WORDS = ['alpha', 'bravo', 'charlie', 'delta', 'echo', 'foxtrot', 'golf', 'hotel', 'india',
+  'juliet', 'kilo', 'lima', 'mike', 'november', 'oscar', 'papa']
+
+/**
+ * The exact answer the mock streams in word mode: chunk k is WORDS[(h + k) % 16] + k + ' ',
+ * h the sum of the UTF-8 bytes of the prompt without its [[mock ...]] block, trimmed.
+ */
+export function expectedText (prompt, chunks) {
+  const cleaned = prompt.replace(/\[\[mock[^\]]*\]\]/g, '').trim()
+  const h = [...Buffer.from(cleaned, 'utf8')].reduce((a, b) => a + b, 0)
+  let out = ''
+  for (let k = 0; k < chunks; k++) out += `${WORDS[(h + k) % 16]}${k} `
+  return out
+}
+
+/** A prompt asking the mock for `chunks` chunks, `delayMs` apart, after `stallMs`. */
+export function mockPrompt (tag, { chunks, delayMs, stallMs = 0 }) {
+  return `${tag} [[mock chunks=${chunks} delay_ms=${delayMs} stall_ms=${stallMs}]]`
+}
+
+export const sleep = ms => new Promise(r => setTimeout(r, ms))
+
+/** Polls `fn` until truthy; throws with `what` after `timeoutMs`. */
+export async function waitFor (fn, { timeoutMs = 20_000, stepMs = 100, what = 'condition' } = {}) {
+  const end = Date.now() + timeoutMs
+  let last
+  for (;;) {
+    try {
+      last = await fn()
+      if (last) return last
+    } catch (err) {
+      last = err
+    }
+    if (Date.now() > end) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what} (last: ${last instanceof Error ? last.message : JSON.stringify(last)})`)
+    await sleep(stepMs)
+  }
+}
+
+/** A loopback port nobody listens on right now. */
+export function freePort () {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer()
+    srv.unref()
+    srv.on('error', reject)
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address()
+      srv.close(() => resolve(port))
+    })
+  })
+}
+
+const children = new Set()
+process.on('exit', () => { for (const c of children) try { c.kill('SIGKILL') } catch {} })
+
+/** Spawns `BIN args`, resolves once stdout prints a line matching `ready`. */
+function startProcess (args, env, ready, { timeoutMs = 15_000 } = {}) {
+  if (!fs.existsSync(BIN)) {
+    throw new Error(`gateway binary not found at ${BIN}: build it (cargo build) or set MUXGATE_BIN`)
+  }
+  const proc = spawn(BIN, args, { env: { ...process.env, MUXGATE_LOG: process.env.MUXGATE_LOG ?? 'warn', ...env }, stdio: ['ignore', 'pipe', 'pipe'] })
+  children.add(proc)
+  let stderr = ''
+  proc.stderr.on('data', d => { stderr = (stderr + d).slice(-8000) })
+  const exited = new Promise(resolve => proc.on('exit', (code, signal) => { children.delete(proc); resolve({ code, signal }) }))
+  return new Promise((resolve, reject) => {
+    let out = ''
+    const timer = setTimeout(() => {
+      proc.kill('SIGKILL')
+      reject(new Error(`${args[0] ?? 'serve'} did not start in ${timeoutMs} ms\n${stderr}`))
+    }, timeoutMs)
+    proc.stdout.on('data', (d) => {
+      out += d
+      const m = ready.exec(out)
+      if (m) {
+        clearTimeout(timer)
+        resolve({ proc, exited, url: m[1], stderr: () => stderr })
+      }
+    })
+    exited.then(({ code, signal }) => {
+      clearTimeout(timer)
+      reject(new Error(`${args[0] ?? 'serve'} exited early (${code ?? signal})\n${stderr}`))
+    })
+  })
+}
+
+async function stopProcess (p, signal = 'SIGTERM', timeoutMs = 15_000) {
+  if (!p || p.proc.exitCode !== null || p.proc.signalCode !== null) return
+  p.proc.kill(signal)
+  const t = setTimeout(() => p.proc.kill('SIGKILL'), timeoutMs)
+  await p.exited
+  clearTimeout(t)
+}
+
+/** The mock upstream on a free loopback port. */
+export async function startMock () {
+  const p = await startProcess(['mock-upstream', '--listen', '127.0.0.1:0'], {}, /mock-upstream: listening on (http:\/\/\S+)/)
+  const url = p.url
+  return {
+    url,
+    async stats () {
+      const res = await fetch(`${url}/mock/stats`)
+      return res.json()
+    },
+    async reset () {
+      await fetch(`${url}/mock/reset`, { method: 'POST' })
+    },
+    stop: () => stopProcess(p, 'SIGKILL'),
+  }
+}
+
+/**
+ * The gateway on `port` (the same port again after a restart), relaying to `mockUrl`, in dev
+ * mode with a fixed JWT secret (so tokens outlive a restart) and a short drain.
+ */
+export async function startGateway ({ port, mockUrl, drainMs = 2000 }) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'muxgate-e2e-'))
+  const config = path.join(dir, 'muxgate.toml')
+  fs.writeFileSync(config, `drain_timeout_ms = ${drainMs}\n`)
+  const p = await startProcess(['serve'], {
+    MUXGATE_CONFIG: config,
+    MUXGATE_LISTEN: `127.0.0.1:${port}`,
+    MUXGATE_UPSTREAM_BASE_URL: `${mockUrl}/v1`,
+    MUXGATE_ADMIN_TOKEN: ADMIN_TOKEN,
+    MUXGATE_DEV: 'true',
+    MUXGATE_JWT_SECRET: JWT_SECRET,
+    MUXGATE_STATIC_DIR: WEB_DIR,
+  }, /muxgate: listening on (http:\/\/\S+)/)
+  return {
+    url: p.url,
+    port,
+    proc: p.proc,
+    exited: p.exited,
+    stderr: p.stderr,
+    /** `{user, connections, connections_total, live_streams}` */
+    async admin (user) {
+      const res = await fetch(`${p.url}/admin/users/${encodeURIComponent(user)}`, { headers: { authorization: `Bearer ${ADMIN_TOKEN}` } })
+      if (!res.ok) throw new Error(`admin answered ${res.status}`)
+      return res.json()
+    },
+    stop: (signal = 'SIGTERM') => stopProcess(p, signal),
+  }
+}
+
+/** Mock + gateway; `restartGateway()` brings the gateway back on the same port. */
+export async function startStack () {
+  const mock = await startMock()
+  const port = await freePort()
+  const stack = { mock, gateway: await startGateway({ port, mockUrl: mock.url }) }
+  stack.restartGateway = async (signal = 'SIGTERM') => {
+    await stack.gateway.stop(signal)
+    stack.gateway = await startGateway({ port, mockUrl: mock.url })
+    return stack.gateway
+  }
+  stack.stop = async () => {
+    await stack.gateway.stop('SIGKILL')
+    await mock.stop()
+  }
+  return stack
+}
+
+/** A TCP proxy to `port`, so a test can cut every connection as a network failure would. */
+export async function startProxy (targetPort) {
+  const pairs = new Set()
+  const server = net.createServer((client) => {
+    const upstream = net.connect(targetPort, '127.0.0.1')
+    const pair = { client, upstream }
+    pairs.add(pair)
+    client.pipe(upstream)
+    upstream.pipe(client)
+    const end = () => { pairs.delete(pair); client.destroy(); upstream.destroy() }
+    client.on('error', end); upstream.on('error', end)
+    client.on('close', end); upstream.on('close', end)
+  })
+  await new Promise(resolve => server.listen(0, '127.0.0.1', resolve))
+  return {
+    port: server.address().port,
+    url: `http://127.0.0.1:${server.address().port}`,
+    get connections () { return pairs.size },
+    /** Resets every proxied connection, both ways. */
+    cut () {
+      for (const { client, upstream } of pairs) { client.resetAndDestroy?.() ?? client.destroy(); upstream.resetAndDestroy?.() ?? upstream.destroy() }
+      pairs.clear()
+    },
+    close: () => new Promise(resolve => { for (const p of pairs) { p.client.destroy(); p.upstream.destroy() } server.close(resolve) }),
+  }
+}
+
+/**
+ * Debian's Chromium, headless, with ONE persistent context (fresh profile) for all tabs.
+ * @param {{initScript?: Function}} [opts] a script every page runs before its own scripts
+ */
+export async function launchBrowser ({ initScript } = {}) {
+  if (!fs.existsSync(CHROMIUM)) throw new Error(`no Chromium at ${CHROMIUM}: apt-get install -y chromium`)
+  const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'muxgate-chromium-'))
+  const context = await chromium.launchPersistentContext(profile, {
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+    viewport: { width: 1100, height: 760 },
+  })
+  if (initScript) await context.addInitScript(initScript)
+  const close = async () => {
+    await context.close().catch(() => {})
+    fs.rmSync(profile, { recursive: true, force: true })
+  }
+  return { context, close }
+}
+
+/**
+ * Opens `n` tabs of the demo at `url` and waits until each one's shim has a role. All tabs
+ * are open before any stream starts (page loads would queue behind open streams too).
+ */
+export async function openTabs (context, url, n) {
+  const pages = []
+  const blank = context.pages().find(p => p.url() === 'about:blank')
+  for (let i = 0; i < n; i++) {
+    const page = i === 0 && blank ? blank : await context.newPage()
+    await page.goto(url)
+    pages.push(page)
+  }
+  for (const page of pages) {
+    await page.waitForFunction(() => window.muxgateDemo && window.muxgateDemo.mux.role !== 'electing', null, { timeout: 15_000 })
+  }
+  return pages
+}
+
+/** Every tab's shim status. */
+export function statuses (pages) {
+  return Promise.all(pages.map(p => p.evaluate(() => window.muxgateDemo.mux.status())))
+}
+
+/** Waits until exactly one tab leads, the rest follow, all count `pages.length` tabs, socket open. */
+export async function waitShared (pages, what = 'one leader shared by all tabs') {
+  return waitFor(async () => {
+    const s = await statuses(pages)
+    const leaders = s.filter(x => x.role === 'leader').length
+    const ok = leaders === 1 && s.filter(x => x.role === 'follower').length === pages.length - 1 &&
+      s.every(x => x.tabs === pages.length && x.connection === 'open')
+    return ok && s
+  }, { what })
+}
+
+/** Index of the leader tab. */
+export async function leaderIndex (pages) {
+  const s = await statuses(pages)
+  return s.findIndex(x => x.role === 'leader')
+}
+
+/**
+ * Starts one stream in `page` through the demo's shim; its progress is kept in
+ * `window.__runs[key]` (text, deltas, first/last data time, error).
+ */
+export function startChat (page, key, prompt, model = 'deepseek-v3.2') {
+  return page.evaluate(({ key, prompt, model }) => {
+    window.__runs = window.__runs || {}
+    const now = () => performance.timeOrigin + performance.now()
+    const stream = window.muxgateDemo.mux.chat({ model, messages: [{ role: 'user', content: prompt }] })
+    const run = { id: stream.id, text: '', deltas: 0, firstAt: null, lastAt: null, endAt: null, ended: false, error: null, result: null }
+    window.__runs[key] = run
+    ;(async () => {
+      try {
+        for await (const text of stream) {
+          const t = now()
+          if (run.firstAt === null) run.firstAt = t
+          run.lastAt = t
+          run.text += text
+          run.deltas++
+        }
+        run.result = await stream.result
+      } catch (err) {
+        run.error = { code: err.code, message: err.message }
+      } finally {
+        run.endAt = now()
+        run.ended = true
+      }
+    })()
+    return stream.id
+  }, { key, prompt, model })
+}
+
+/** The run `key` of `page`. */
+export function readRun (page, key) {
+  return page.evaluate(k => (window.__runs || {})[k] ?? null, key)
+}
+
+/** Waits for run `key` to end in every page; returns the runs. */
+export async function waitRuns (pages, key, { timeoutMs = 60_000 } = {}) {
+  return waitFor(async () => {
+    const runs = await Promise.all(pages.map(p => readRun(p, key)))
+    return runs.every(r => r && r.ended) && runs
+  }, { timeoutMs, what: `every tab's stream "${key}" to end` })
+}
+
+/**
+ * Plain SSE from `page`: a streaming fetch of the mock's chat completions (another origin,
+ * so its own 6-connection group). Progress in `window.__sse[key]`, like startChat.
+ */
+export function startSse (page, key, mockUrl, prompt) {
+  return page.evaluate(({ key, mockUrl, prompt }) => {
+    window.__sse = window.__sse || {}
+    const now = () => performance.timeOrigin + performance.now()
+    const run = { text: '', deltas: 0, firstAt: null, lastAt: null, endAt: null, ended: false, error: null }
+    window.__sse[key] = run
+    ;(async () => {
+      try {
+        const res = await fetch(`${mockUrl}/v1/chat/completions`, {
+          method: 'POST',
+          headers: { 'content-type': 'application/json' },
+          body: JSON.stringify({ model: 'deepseek-v3.2', stream: true, messages: [{ role: 'user', content: prompt }] }),
+        })
+        if (!res.ok) throw new Error(`HTTP ${res.status}`)
+        const reader = res.body.pipeThrough(new TextDecoderStream()).getReader()
+        let buf = ''
+        for (;;) {
+          const { value, done } = await reader.read()
+          if (done) break
+          buf += value
+          let nl
+          while ((nl = buf.indexOf('\n')) >= 0) {
+            const line = buf.slice(0, nl).trim()
+            buf = buf.slice(nl + 1)
+            if (!line.startsWith('data:')) continue
+            const data = line.slice(5).trim()
+            if (data === '[DONE]') continue
+            const text = JSON.parse(data).choices?.[0]?.delta?.content
+            if (text) {
+              const t = now()
+              if (run.firstAt === null) run.firstAt = t
+              run.lastAt = t
+              run.text += text
+              run.deltas++
+            }
+          }
+        }
+      } catch (err) {
+        run.error = { message: String(err) }
+      } finally {
+        run.endAt = now()
+        run.ended = true
+      }
+    })()
+  }, { key, mockUrl, prompt })
+}
+
+export async function waitSse (pages, key, { timeoutMs = 90_000 } = {}) {
+  return waitFor(async () => {
+    const runs = await Promise.all(pages.map(p => p.evaluate(k => (window.__sse || {})[k] ?? null, key)))
+    return runs.every(r => r && r.ended) && runs
+  }, { timeoutMs, what: `every tab's SSE stream "${key}" to end` })
+}
+
+/**
+ * The most streams that were receiving at one moment: each stream counts from its first to
+ * its last text chunk. With all streams started together this is how many the browser let
+ * run at once (a count, not a timing).
+ */
+export function maxConcurrent (runs) {
+  const events = []
+  for (const r of runs) {
+    if (r.firstAt === null || r.lastAt === null) continue
+    events.push([r.firstAt, 1], [r.lastAt, -1])
+  }
+  // at equal times, an end comes before a start: touching is not overlapping
+  events.sort((a, b) => a[0] - b[0] || a[1] - b[1])
+  let now = 0
+  let max = 0
+  for (const [, d] of events) { now += d; max = Math.max(max, now) }
+  return max
+}
+
+/**
+ * How many of the streams received data while at least `others` other streams were receiving.
+ */
+export function streamsOverlapping (runs, others) {
+  const live = runs.filter(r => r.firstAt !== null && r.lastAt !== null)
+  return live.filter(r => live.filter(o => o !== r && o.firstAt < r.lastAt && r.firstAt < o.lastAt).length >= others).length
+}
+
+/** Freezes `page` through the DevTools protocol; see the freeze test for why both calls. */
+export async function freezePage (context, page) {
+  const cdp = await context.newCDPSession(page)
+  await cdp.send('Page.setWebLifecycleState', { state: 'frozen' })
+  const frozen = await Promise.race([
+    page.evaluate(() => true).then(() => false),
+    sleep(1500).then(() => true),
+  ])
+  let paused = false
+  if (!frozen) {
+    // This Chromium accepted the call but the page still runs (headless keeps every page
+    // visible, and only hidden pages freeze). Stop its JavaScript instead: to the other tabs a
+    // debugger-paused leader is exactly a frozen one (holds its lock, answers nothing, its
+    // socket stays open), except that no `freeze` event lets it hand over first.
+    await cdp.send('Debugger.enable')
+    await cdp.send('Debugger.pause')
+    paused = true
+  }
+  return {
+    frozenByLifecycle: frozen,
+    async thaw () {
+      if (paused) await cdp.send('Debugger.resume').catch(() => {})
+      await cdp.send('Page.setWebLifecycleState', { state: 'active' }).catch(() => {})
+      await cdp.detach().catch(() => {})
+    },
+  }
+}

@@ -1,0 +1,174 @@
+/**
+ * Every string and number of the muxgate wire protocol (v1) and of the cross-tab bus, in one
+ * place. Mirrors the gateway's `src/protocol.rs` and `docs/protocol.md`; change both together.
+ *
+ * @example
+ * import { FRAME, ERROR_CODE } from './constants.js'
+ * if (frame.type === FRAME.error && frame.code === ERROR_CODE.rateLimited) wait(frame.retry_after_ms)
+ */
+
+/** The WebSocket subprotocol the gateway accepts. */
+export const SUBPROTOCOL = 'muxgate.v1'
+
+/** Sent in `hello.client`, for the gateway's logs. */
+export const CLIENT_NAME = 'muxgate-js/0.1'
+
+/** Default WebSocket path on the gateway's origin. */
+export const WS_PATH = '/v1/ws'
+
+/** Frame `type`s, client → server and server → client. */
+export const FRAME = Object.freeze({
+  // client → server
+  hello: 'hello',
+  open: 'open',
+  cancel: 'cancel',
+  ping: 'ping',
+  // server → client
+  welcome: 'welcome',
+  queued: 'queued',
+  start: 'start',
+  delta: 'delta',
+  done: 'done',
+  error: 'error',
+  goaway: 'goaway',
+  pong: 'pong',
+})
+
+/** Protocol error codes (`error.code`). */
+export const ERROR_CODE = Object.freeze({
+  unauthorized: 'unauthorized',
+  badRequest: 'bad_request',
+  duplicateId: 'duplicate_id',
+  notFound: 'not_found',
+  tooManyStreams: 'too_many_streams',
+  rateLimited: 'rate_limited',
+  overloaded: 'overloaded',
+  budgetExceeded: 'budget_exceeded',
+  upstreamError: 'upstream_error',
+  upstreamTimeout: 'upstream_timeout',
+  cancelled: 'cancelled',
+  internal: 'internal',
+})
+
+/**
+ * Codes the shim itself raises; they never come from the gateway.
+ * - `closed`: `mux.close()` or the page went away while the stream ran.
+ * - `buffer_full`: too many streams waiting for a connection (see `sendBufferLimit`).
+ * - `sequence_gap`: frames went missing and did not arrive in time; the text has a hole.
+ * - `tab_gone`: the leader stopped hearing this tab and cancelled its streams.
+ */
+export const CLIENT_ERROR_CODE = Object.freeze({
+  closed: 'closed',
+  bufferFull: 'buffer_full',
+  sequenceGap: 'sequence_gap',
+  tabGone: 'tab_gone',
+})
+
+/**
+ * WebSocket close codes the gateway uses, and what the shim does about each.
+ * Anything not listed reconnects with backoff.
+ */
+export const CLOSE_CODE = Object.freeze({
+  /** Our own close, or the server's after ours. No reconnect. */
+  normal: 1000,
+  /** The gateway is shutting down: reconnect (elsewhere) and resume. */
+  goingAway: 1001,
+  /** No status (network loss, refused handshake): reconnect with backoff. */
+  abnormal: 1006,
+  /** Too many bad frames. The shim sent garbage; reconnecting unchanged would repeat it. */
+  policy: 4400,
+  /** No hello in time, bad or expired token: fetch a new token (if we can) and reconnect. */
+  unauthorized: 4401,
+  /** We read too slowly; nothing was lost: reconnect and resume. */
+  slowConsumer: 4408,
+  /** We stopped answering heartbeats: reconnect and resume. */
+  heartbeatTimeout: 4409,
+  /** The shim closed the socket itself because its own heartbeat went unanswered. */
+  clientHeartbeatTimeout: 4000,
+})
+
+/** This tab's part in the sharing of one socket. */
+export const ROLE = Object.freeze({
+  /** Not decided yet (first milliseconds, or between leaders). */
+  electing: 'electing',
+  /** Owns the socket; carries every tab's streams. */
+  leader: 'leader',
+  /** Streams through the leader tab over BroadcastChannel. */
+  follower: 'follower',
+  /** No BroadcastChannel or Web Locks here: this tab has its own socket. */
+  solo: 'solo',
+  /** `close()` was called. */
+  closed: 'closed',
+})
+
+/** The shared socket's state, as seen from any tab. */
+export const CONNECTION = Object.freeze({
+  idle: 'idle',
+  connecting: 'connecting',
+  open: 'open',
+  /** Lost, or told to go away; waiting for the next attempt. */
+  reconnecting: 'reconnecting',
+  /** Closed for good (`close()`, or a token that cannot be renewed). */
+  closed: 'closed',
+})
+
+/**
+ * Messages between tabs on the BroadcastChannel. `from` is the sender's tab id, `to` (when
+ * present) the only tab meant to read it.
+ */
+export const BUS = Object.freeze({
+  /** leader → all: "I hold the lock now", with its epoch. Followers answer `join`. */
+  claim: 'claim',
+  /** leader → all: periodic heartbeat with status and the roster. Followers answer `ack`. */
+  hb: 'hb',
+  /** follower → leader: answer to `hb` (the leader counts unanswered ones per tab). */
+  ack: 'ack',
+  /** follower → leader: "are you there?" when it has not heard a heartbeat for a while. */
+  probe: 'probe',
+  /** leader → follower: answer to `probe`. */
+  pong: 'pong',
+  /** follower → leader: "I am here, and these are my streams (last seq seen, open frame)". */
+  join: 'join',
+  /** follower → leader: open this stream for me. */
+  open: 'open',
+  /** follower → leader: cancel my stream. */
+  cancel: 'cancel',
+  /** follower → leader: my page is going away; cancel these streams. */
+  bye: 'bye',
+  /** leader → one follower: a server frame of one of its streams. */
+  frame: 'frame',
+  /** leader → one follower or all: a connection-level error (`id: null`). */
+  connError: 'conn_error',
+  /** leader → all: "I am stepping down", with the stream table the next leader resumes. */
+  resign: 'resign',
+})
+
+/** Defaults of `connect()` options, in milliseconds unless said otherwise. */
+export const DEFAULTS = Object.freeze({
+  /** First reconnect delay; doubles per failed attempt. */
+  backoffBaseMs: 250,
+  /** Longest reconnect delay. */
+  backoffMaxMs: 5000,
+  /** Streams that may wait for a connection before `chat()` fails with `buffer_full`. */
+  sendBufferLimit: 64,
+  /** Cross-tab heartbeat period. */
+  tabHeartbeatMs: 1000,
+  /** Heartbeats a follower may miss before the leader cancels its streams. */
+  tabMaxMissed: 4,
+  /** Heartbeat periods without word from the leader before a follower takes over. */
+  leaderMaxSilent: 4,
+  /** How long a new leader waits for the other tabs' `join` before it connects. */
+  collectMs: 400,
+  /** A hidden leader is replaced by a visible follower after this long. */
+  preferVisibleMs: 5000,
+  /** Socket ping period until `welcome.heartbeat_ms` says otherwise. */
+  heartbeatMs: 15000,
+  /** A token function is called again when its token has less than this left. */
+  tokenRefreshSkewMs: 30000,
+  /** Out-of-order frames one stream holds while waiting for a missing `seq`. */
+  maxHeldFrames: 1024,
+  /** How long a stream's last frame may wait for missing earlier ones before `sequence_gap`. */
+  gapTimeoutMs: 5000,
+  /** Ended stream ids the leader remembers, to drop their late frames quietly. */
+  tombstoneLimit: 1024,
+})

@@ -1,0 +1,127 @@
+/**
+ * Leadership among the tabs of one origin, with the Web Locks API: the tab holding the
+ * exclusive lock `name` is the leader. Other tabs wait in the lock's queue, so when the
+ * leader releases it (or its page dies) the next tab is granted it at once. A leader that
+ * is frozen or hung never releases it: a follower then takes it with `steal`, and the old
+ * holder learns it was deposed when its request rejects.
+ *
+ * @example
+ * const election = new Election(navigator.locks, 'muxgate:wss://gw/v1/ws', {
+ *   onElected: how => becomeLeader(how),   // 'available' | 'queued' | 'stolen'
+ *   onDeposed: () => stepDown(),
+ * })
+ * if (!(await election.tryAcquire())) election.queue()
+ */
+export default class Election {
+  /**
+   * @param {LockManager} locks
+   * @param {string} name
+   * @param {{onElected: (how: string) => void, onDeposed: () => void}} hooks
+   */
+  constructor (locks, name, { onElected, onDeposed }) {
+    this.locks = locks
+    this.name = name
+    this.onElected = onElected
+    this.onDeposed = onDeposed
+    /** True while this tab holds the lock. */
+    this.holding = false
+    /** Resolves the promise that keeps the lock held. */
+    this.releaseHold = null
+    /** Aborts this tab's waiting request. */
+    this.waiting = null
+    /** Bumped per grant, so a rejection from an older grant is not taken for the current one. */
+    this.grant = 0
+    /** Set by `stop()`: grants that still arrive are handed straight back. */
+    this.stopped = false
+  }
+
+  /**
+   * Takes the lock if nobody holds it. Resolves true when this tab is now the leader.
+   * @returns {Promise<boolean>}
+   */
+  tryAcquire () {
+    this.stopped = false
+    return new Promise((resolve) => {
+      this.request({ ifAvailable: true }, 'available', resolve)
+    })
+  }
+
+  /** Waits in the lock's queue; `onElected('queued')` when granted. */
+  queue () {
+    this.stopped = false
+    if (this.holding || this.waiting) return
+    const waiting = new AbortController()
+    this.waiting = waiting
+    this.request({ signal: waiting.signal }, 'queued', null, waiting)
+  }
+
+  /** Takes the lock from its holder (frozen, hung, or hidden while this tab is visible). */
+  steal () {
+    this.stopped = false
+    if (this.holding) return
+    this.unqueue()
+    this.request({ steal: true }, 'stolen', null)
+  }
+
+  /**
+   * @param {LockOptions} options
+   * @param {string} how
+   * @param {((got: boolean) => void)|null} answer for `ifAvailable`
+   * @param {AbortController} [waiting]
+   */
+  request (options, how, answer, waiting) {
+    let grant = 0
+    this.locks.request(this.name, { mode: 'exclusive', ...options }, (lock) => {
+      if (this.waiting === waiting) this.waiting = null
+      if (!lock) {
+        answer?.(false)
+        return undefined
+      }
+      if (this.stopped || this.holding) {
+        answer?.(false)
+        return undefined
+      }
+      grant = ++this.grant
+      this.holding = true
+      const held = new Promise((resolve) => { this.releaseHold = resolve })
+      answer?.(true)
+      this.onElected(how)
+      return held
+    }).catch(() => {
+      if (this.waiting === waiting) this.waiting = null
+      // AbortError: a waiting request was withdrawn (nothing to do), or the lock we held
+      // was stolen (we are no longer leader).
+      if (grant !== 0 && grant === this.grant && this.holding) {
+        this.holding = false
+        this.releaseHold?.()
+        this.releaseHold = null
+        this.onDeposed()
+      }
+      answer?.(false)
+    })
+  }
+
+  /** Withdraws the waiting request, if any. */
+  unqueue () {
+    const waiting = this.waiting
+    this.waiting = null
+    waiting?.abort()
+  }
+
+  /** Releases the lock if held; the next tab in the queue becomes leader. */
+  resign () {
+    if (!this.holding) return
+    this.holding = false
+    this.grant++
+    const release = this.releaseHold
+    this.releaseHold = null
+    release?.()
+  }
+
+  /** Leaves the election: withdraws from the queue and releases the lock. */
+  stop () {
+    this.stopped = true
+    this.unqueue()
+    this.resign()
+  }
+}

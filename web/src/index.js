@@ -1,0 +1,40 @@
+/**
+ * muxgate browser shim: any number of tabs stream LLM answers at once over one WebSocket.
+ *
+ * Layout (one class per module, like Phoenix's client):
+ * - `constants.js`: protocol frame types, error and close codes, bus messages, defaults.
+ * - `errors.js`:    MuxError, the one error type (with the protocol `code`).
+ * - `timer.js`:     reconnect backoff with jitter.
+ * - `ids.js`:       tab ids and `<tab>:<n>` stream ids.
+ * - `stream.js`:    ChatStream, one answer: async iterable, seq dedupe, result.
+ * - `router.js`:    the socket owner's table: stream → owning tab, last seq, resume list.
+ * - `roster.js`:    the leader's follower tabs and which stopped answering.
+ * - `bus.js`:       the BroadcastChannel between tabs.
+ * - `election.js`:  leadership with Web Locks (queue, steal, resign).
+ * - `socket.js`:    the WebSocket: hello, heartbeat, reconnect, goaway.
+ * - `mux.js`:       Mux, one tab's handle, tying the rest together.
+ *
+ * @example
+ * import { connect } from './index.js'
+ * const mux = connect({ url: '/v1/ws', token: async () => (await fetch('/dev/token')).json().then(t => t.token) })
+ * const answer = mux.chat({ model: 'deepseek-v3.2', messages: [{ role: 'user', content: 'Hello!' }] })
+ * for await (const text of answer) document.body.append(text)
+ * console.log(await answer.result) // { usage, finish_reason, cost_usd }
+ */
+import Mux from './mux.js'
+
+export { default as Mux } from './mux.js'
+export { default as MuxError } from './errors.js'
+export { default as ChatStream } from './stream.js'
+export {
+  BUS, CLIENT_ERROR_CODE, CLOSE_CODE, CONNECTION, DEFAULTS, ERROR_CODE, FRAME, ROLE, SUBPROTOCOL,
+} from './constants.js'
+
+/**
+ * Joins (or starts) the shared connection of this origin's tabs.
+ * @param {import('./index.d.ts').ConnectOptions} options
+ * @returns {Mux}
+ */
+export function connect (options) {
+  return new Mux(options)
+}

@@ -1,0 +1,882 @@
+import {
+  BUS, CLIENT_ERROR_CODE, CONNECTION, DEFAULTS, ERROR_CODE, FRAME, ROLE, WS_PATH,
+} from './constants.js'
+import Bus from './bus.js'
+import Election from './election.js'
+import MuxError from './errors.js'
+import { makeTabId, streamId } from './ids.js'
+import Roster from './roster.js'
+import Router from './router.js'
+import Socket from './socket.js'
+import ChatStream from './stream.js'
+
+/**
+ * Leader epochs order leaders: a higher one replaced a lower one. `n` grows by one per
+ * takeover; the tab id breaks the tie between two tabs that took over at the same moment.
+ * @typedef {{n: number, tab: string}} Epoch
+ */
+
+/** @param {Epoch|null} a @param {Epoch|null} b */
+export function compareEpochs (a, b) {
+  if (!a || !b) return a ? 1 : b ? -1 : 0
+  if (a.n !== b.n) return a.n < b.n ? -1 : 1
+  return a.tab === b.tab ? 0 : a.tab < b.tab ? -1 : 1
+}
+
+const UTF8 = typeof TextEncoder !== 'undefined' ? new TextEncoder() : null
+
+/**
+ * @param {string|undefined} url
+ * @param {any} location
+ */
+function resolveUrl (url, location) {
+  if (url && /^wss?:\/\//.test(url)) return url
+  if (!location) throw new TypeError('connect(): `url` must be a ws:// or wss:// URL outside a page')
+  const base = new URL(url || WS_PATH, location.href)
+  base.protocol = base.protocol === 'https:' ? 'wss:' : 'ws:'
+  return base.href
+}
+
+/**
+ * One tab's handle on the shared connection. Every tab of an origin creates one; they
+ * elect a leader (Web Locks) that owns the only WebSocket, and the others (followers) send
+ * their streams through it over a BroadcastChannel. Where either API is missing each tab
+ * has its own socket (role `solo`) behind the same API.
+ *
+ * Leader: owns the Socket, a Router (stream → owning tab, last seq) and a Roster (which
+ * followers still answer). Follower: sends `open`/`cancel` to the leader, gets its own
+ * streams' frames back, and reports its streams (with the last seq it has shown) to every
+ * new leader, which resumes them. Every tab dedupes its own streams by seq (ChatStream).
+ *
+ * @example
+ * import { connect } from '/src/index.js'
+ * const mux = connect({ url: '/v1/ws', token: () => getToken() })
+ * mux.on('status', s => console.log(s.role, s.connection, s.tabs))
+ * const answer = mux.chat({ model: 'deepseek-v3.2', messages: [{ role: 'user', content: 'hi' }] })
+ * for await (const text of answer) output.append(text)
+ */
+export default class Mux {
+  /** @param {import('./index.js').ConnectOptions} options */
+  constructor (options = {}) {
+    const g = globalThis
+    this.env = {
+      WebSocket: options.WebSocket ?? g.WebSocket,
+      BroadcastChannel: 'BroadcastChannel' in options ? options.BroadcastChannel : g.BroadcastChannel,
+      locks: 'locks' in options ? options.locks : g.navigator?.locks,
+      window: options.window ?? (typeof g.window !== 'undefined' ? g.window : null),
+      document: options.document ?? (typeof g.document !== 'undefined' ? g.document : null),
+    }
+    if (!options.token) throw new TypeError('connect(): `token` (a string or a function) is required')
+    this.url = resolveUrl(options.url, this.env.window?.location ?? g.location)
+    this.token = options.token
+    this.opts = { ...DEFAULTS }
+    for (const key of Object.keys(DEFAULTS)) if (options[key] !== undefined) this.opts[key] = options[key]
+    this.name = options.name ?? `muxgate:${this.url}`
+    /** This tab's id, the prefix of its stream ids. */
+    this.tabId = options.tabId ?? makeTabId()
+    this.counter = 0
+    /** @type {Map<string, ChatStream>} this tab's live streams */
+    this.streams = new Map()
+    /** @type {Map<string, Set<Function>>} */
+    this.listeners = new Map()
+    this.role = ROLE.electing
+    this.connection = CONNECTION.idle
+    this.tabs = 1
+    this.user = null
+    this.tier = null
+    this.lastStatus = ''
+    /** Running: not closed, not hidden away in the bfcache. */
+    this.running = false
+    this.frozen = false
+    this.shared = !!(this.env.BroadcastChannel && this.env.locks)
+
+    // leader (and solo) state
+    this.router = null
+    this.roster = null
+    this.socket = null
+    this.epoch = null
+    this.hbTimer = undefined
+    /** While a new leader waits for the other tabs' streams: {expected: Set, timer}. */
+    this.collecting = null
+    this.hello = 0
+
+    // follower state
+    this.leaderId = null
+    this.leaderEpoch = null
+    this.leaderVisible = true
+    this.leaderHiddenSince = null
+    this.silent = 0
+    this.followTimer = undefined
+    this.stealTimer = undefined
+    /** The roster the last leader announced: who a new leader waits for. */
+    this.knownRoster = []
+    /** The last leader's `resign`, if it stepped down cleanly. */
+    this.lastResign = null
+    /** Highest epoch seen, so a new leader's epoch is above every earlier one. */
+    this.maxEpochN = 0
+
+    this.installLifecycle()
+    this.start()
+  }
+
+  // ---------------------------------------------------------------- public API
+
+  /**
+   * Streams one answer. The returned stream is an async iterable of text deltas.
+   * @param {{model: string, messages: Array<{role: string, content: any}>, params?: object, signal?: AbortSignal}} request
+   * @returns {ChatStream}
+   */
+  chat ({ model, messages, params, signal } = {}) {
+    if (typeof model !== 'string' || !model) throw new TypeError('chat(): `model` is required')
+    if (!Array.isArray(messages) || messages.length === 0) throw new TypeError('chat(): `messages` must be a non-empty array')
+    const id = streamId(this.tabId, ++this.counter)
+    const open = { type: FRAME.open, id, model, messages }
+    if (params && Object.keys(params).length > 0) open.params = params
+    const stream = new ChatStream(id, open, {
+      maxHeld: this.opts.maxHeldFrames,
+      gapTimeoutMs: this.opts.gapTimeoutMs,
+      onCancel: (sid) => this.cancelStream(sid),
+      onChange: () => this.emitStatus(),
+    })
+    stream.dispatched = false
+    if (this.role === ROLE.closed) {
+      stream.fail(new MuxError(CLIENT_ERROR_CODE.closed, 'this connection was closed', { id }))
+      return stream
+    }
+    this.streams.set(id, stream)
+    if (signal) {
+      if (signal.aborted) {
+        stream.cancel()
+        return stream
+      }
+      signal.addEventListener('abort', () => stream.cancel(), { once: true })
+    }
+    this.dispatch(stream)
+    return stream
+  }
+
+  /**
+   * @param {'status'|'error'} event
+   * @param {(payload: any) => void} fn
+   * @returns {() => void} unsubscribes
+   */
+  on (event, fn) {
+    if (!this.listeners.has(event)) this.listeners.set(event, new Set())
+    this.listeners.get(event).add(fn)
+    if (event === 'status') fn(this.status())
+    return () => this.listeners.get(event)?.delete(fn)
+  }
+
+  /** The current status (what `on('status')` reports). */
+  status () {
+    const queue = []
+    for (const s of this.streams.values()) if (s.position !== null) queue.push({ id: s.id, position: s.position })
+    return {
+      tabId: this.tabId,
+      role: this.role,
+      connection: this.connection,
+      tabs: this.tabs,
+      streams: this.streams.size,
+      queue,
+      user: this.user,
+      tier: this.tier,
+    }
+  }
+
+  /** Ends this tab's streams (code `closed`), hands the socket to another tab if leader. */
+  close () {
+    if (this.role === ROLE.closed) return
+    this.endOwnStreams(new MuxError(CLIENT_ERROR_CODE.closed, 'the connection was closed by the page'))
+    this.suspend(true)
+    this.removeLifecycle()
+    this.setRole(ROLE.closed)
+    this.connection = CONNECTION.closed
+    this.emitStatus()
+  }
+
+  // ---------------------------------------------------------------- lifecycle
+
+  start () {
+    this.running = true
+    this.frozen = false
+    if (!this.shared) {
+      this.setRole(ROLE.solo)
+      this.tabs = 1
+      this.startOwner()
+      this.socket.connect()
+      return
+    }
+    if (!this.bus) this.bus = new Bus(this.env.BroadcastChannel, this.name, this.tabId, m => this.onBus(m))
+    this.bus.open()
+    if (!this.election) {
+      this.election = new Election(this.env.locks, this.name, {
+        onElected: how => this.becomeLeader(how),
+        onDeposed: () => this.stepDown({ handoff: true, rejoin: true }),
+      })
+    }
+    this.elect()
+  }
+
+  elect () {
+    this.setRole(ROLE.electing)
+    this.election.tryAcquire().then((got) => {
+      if (!got && this.running && !this.frozen && this.role === ROLE.electing) this.becomeFollower()
+    })
+  }
+
+  /**
+   * Stops taking part: on pagehide (`final`), close(), or freeze.
+   * @param {boolean} final the page (or this Mux) is going away, not just pausing
+   */
+  suspend (final) {
+    if (!this.running) return
+    this.running = !final
+    this.clearFollowerTimers()
+    if (this.role === ROLE.leader) this.stepDown({ handoff: true, rejoin: false, leaving: final })
+    if (this.role === ROLE.solo) this.stopOwner()
+    this.election?.stop()
+    if (final) {
+      this.bus?.close()
+      this.leaderId = null
+      this.leaderEpoch = null
+      this.connection = CONNECTION.idle
+      if (this.role !== ROLE.closed) this.setRole(ROLE.electing)
+    }
+  }
+
+  installLifecycle () {
+    const win = this.env.window
+    const doc = this.env.document
+    this.lifecycle = []
+    const on = (target, type, fn) => {
+      if (!target?.addEventListener) return
+      target.addEventListener(type, fn)
+      this.lifecycle.push(() => target.removeEventListener(type, fn))
+    }
+    // Leaving (closed, navigated away, or into the bfcache): end our streams, hand the
+    // socket over, and hold nothing that keeps the page out of the bfcache.
+    on(win, 'pagehide', () => {
+      if (this.role === ROLE.closed || !this.running) return
+      this.endOwnStreams(new MuxError(CLIENT_ERROR_CODE.closed, 'the page was closed or navigated away'))
+      this.suspend(true)
+    })
+    on(win, 'pageshow', (event) => {
+      if (event.persisted && this.role !== ROLE.closed && !this.running) this.start()
+    })
+    // A frozen leader would hold the lock forever: hand over before the page stops.
+    on(doc, 'freeze', () => {
+      if (this.role === ROLE.closed || !this.running) return
+      this.frozen = true
+      if (this.role === ROLE.leader) {
+        this.stepDown({ handoff: true, rejoin: false, leaving: false })
+        this.election.stop()
+        this.setRole(ROLE.electing)
+      } else if (this.role === ROLE.follower) {
+        this.clearFollowerTimers()
+        this.election.stop()
+      }
+    })
+    on(doc, 'resume', () => {
+      if (!this.frozen || this.role === ROLE.closed || !this.running) return
+      this.frozen = false
+      if (this.role === ROLE.solo) this.socket?.reconnectNow()
+      else if (this.role === ROLE.electing) this.elect()
+      else if (this.role === ROLE.follower) this.becomeFollower()
+    })
+    on(doc, 'visibilitychange', () => {
+      if (this.isVisible()) this.socket?.reconnectNow()
+      if (this.role === ROLE.leader) this.broadcastStatus()
+      if (this.role === ROLE.follower && this.leaderId) this.bus.post({ t: BUS.ack, visible: this.isVisible() })
+    })
+    on(win, 'online', () => this.socket?.reconnectNow())
+  }
+
+  removeLifecycle () {
+    for (const off of this.lifecycle ?? []) off()
+    this.lifecycle = []
+  }
+
+  isVisible () {
+    return (this.env.document?.visibilityState ?? 'visible') === 'visible'
+  }
+
+  // ---------------------------------------------------------------- this tab's streams
+
+  /** Hands a new stream to whoever carries it. @param {ChatStream} stream */
+  dispatch (stream) {
+    if (this.role === ROLE.leader || this.role === ROLE.solo) {
+      stream.dispatched = true
+      this.ownerOpen(this.tabId, stream.openFrame)
+    } else if (this.role === ROLE.follower && this.leaderId) {
+      stream.dispatched = true
+      this.bus.post({ t: BUS.open, frame: stream.openFrame })
+    }
+    // else: no leader yet; the stream goes out with our `join` once one claims
+  }
+
+  /** @param {string} id */
+  cancelStream (id) {
+    this.streams.delete(id)
+    this.emitStatus()
+    if (this.role === ROLE.leader || this.role === ROLE.solo) this.ownerCancel(id)
+    else if (this.role === ROLE.follower) this.bus.post({ t: BUS.cancel, id })
+  }
+
+  /** @param {MuxError} error */
+  endOwnStreams (error) {
+    const ids = [...this.streams.keys()]
+    for (const s of this.streams.values()) {
+      s.fail(new MuxError(error.code, error.message, { id: s.id }))
+    }
+    this.streams.clear()
+    if (ids.length === 0) return
+    if (this.router) for (const id of ids) this.ownerCancel(id)
+    else if (this.role === ROLE.follower) this.bus.post({ t: BUS.bye, ids })
+  }
+
+  /** A frame for one of this tab's streams. @param {any} frame */
+  deliverLocal (frame) {
+    const s = this.streams.get(frame.id)
+    if (!s) return
+    s.push(frame)
+    if (s.ended) {
+      this.streams.delete(s.id)
+      this.emitStatus()
+    }
+  }
+
+  /** Our streams as a `join` lists them. */
+  ownStreamList () {
+    const list = []
+    for (const s of this.streams.values()) {
+      if (s.ended) continue
+      list.push({ id: s.id, after: s.lastSeq, open: s.openFrame, sent: s.dispatched })
+      s.dispatched = true
+    }
+    return list
+  }
+
+  // ---------------------------------------------------------------- socket owner (leader, solo)
+
+  startOwner () {
+    this.fatal = null
+    this.router = new Router({ tombstoneLimit: this.opts.tombstoneLimit })
+    for (const s of this.streams.values()) {
+      if (!s.ended) this.router.add(this.tabId, s.openFrame, { lastSeq: s.lastSeq, sent: s.dispatched })
+      s.dispatched = true
+    }
+    this.socket = new Socket(this.url, {
+      token: this.token,
+      WebSocket: this.env.WebSocket,
+      backoffBaseMs: this.opts.backoffBaseMs,
+      backoffMaxMs: this.opts.backoffMaxMs,
+      heartbeatMs: this.opts.heartbeatMs,
+      tokenRefreshSkewMs: this.opts.tokenRefreshSkewMs,
+      resume: () => this.router.resumeList(++this.hello),
+      onWelcome: frame => this.onWelcome(frame),
+      onFrame: frame => this.onServerFrame(frame),
+      onState: state => this.setConnection(state),
+      onFatal: error => this.onFatal(error),
+    })
+  }
+
+  stopOwner () {
+    this.socket?.disconnect()
+    this.socket = null
+    this.router = null
+  }
+
+  /** @param {string} tab @param {any} open */
+  ownerOpen (tab, open) {
+    const router = this.router
+    if (router.has(open.id) || router.tombstone(open.id)) return
+    if (this.fatal) {
+      // the socket gave up for good (a token it cannot renew): fail at once, don't queue
+      this.deliverTo(tab, { type: FRAME.error, id: open.id, code: this.fatal.code, message: this.fatal.message })
+      return
+    }
+    if (!this.socket.ready && router.pendingCount() >= this.opts.sendBufferLimit) {
+      this.deliverTo(tab, {
+        type: FRAME.error, id: open.id, code: CLIENT_ERROR_CODE.bufferFull,
+        message: `${this.opts.sendBufferLimit} streams are already waiting for the connection`,
+      })
+      return
+    }
+    router.add(tab, open)
+    this.flushPending()
+  }
+
+  /** @param {string} id */
+  ownerCancel (id) {
+    const route = this.router?.get(id)
+    if (!route) return
+    if (!route.sent) {
+      this.router.remove(id, 'ended')
+      return
+    }
+    route.cancelled = true
+    this.socket.send({ type: FRAME.cancel, id })
+  }
+
+  /** Sends the `open` of every stream not sent yet, if the socket is ready. */
+  flushPending () {
+    if (!this.socket?.ready) return
+    const max = this.socket.limits?.max_frame_bytes
+    for (const route of this.router.pending()) {
+      const json = JSON.stringify(route.open)
+      const bytes = UTF8 ? UTF8.encode(json).length : json.length
+      if (typeof max === 'number' && bytes > max) {
+        // the gateway would answer with a connection error, not one for this stream
+        this.router.remove(route.id, 'ended')
+        this.deliverTo(route.tab, {
+          type: FRAME.error, id: route.id, code: ERROR_CODE.badRequest,
+          message: `the request is ${bytes} bytes, over the gateway's max_frame_bytes (${max})`,
+        })
+        continue
+      }
+      if (!this.socket.send(route.open)) return
+      route.sent = true
+    }
+  }
+
+  /** @param {any} frame */
+  onWelcome (frame) {
+    this.user = frame.user ?? this.user
+    this.tier = frame.tier ?? this.tier
+    const { lost, cancel, renew } = this.router.afterWelcome(this.hello, frame.resumed ?? [])
+    for (const route of lost) {
+      this.deliverTo(route.tab, {
+        type: FRAME.error, id: route.id, code: ERROR_CODE.notFound,
+        message: 'the gateway no longer has this stream (it restarted, or the resume window ran out); the answer is incomplete',
+      })
+    }
+    for (const route of cancel) this.socket.send({ type: FRAME.cancel, id: route.id })
+    this.flushPending()
+    if (renew) this.socket.renew()
+    this.emitStatus()
+    if (this.role === ROLE.leader) this.broadcastStatus()
+  }
+
+  /** @param {any} frame */
+  onServerFrame (frame) {
+    if (frame.id === null || frame.id === undefined) {
+      if (frame.type === FRAME.error) {
+        const error = MuxError.fromFrame(frame)
+        this.emit('error', error)
+        if (this.role === ROLE.leader) this.bus.post({ t: BUS.connError, error: error.toJSON() })
+      }
+      return
+    }
+    const routed = this.router?.route(frame)
+    if (routed) this.deliverTo(routed.tab, routed.frame)
+  }
+
+  /** @param {string} tab @param {any} frame */
+  deliverTo (tab, frame) {
+    if (tab === this.tabId) this.deliverLocal(frame)
+    else this.bus?.post({ t: BUS.frame, to: tab, frame })
+  }
+
+  /** @param {MuxError} error the socket gave up (token refused) */
+  onFatal (error) {
+    this.fatal = error
+    this.emit('error', error)
+    if (this.role === ROLE.leader) this.bus.post({ t: BUS.connError, error: error.toJSON() })
+    for (const route of [...this.router.streams.values()]) {
+      this.router.remove(route.id, 'ended')
+      this.deliverTo(route.tab, { type: FRAME.error, id: route.id, code: error.code, message: error.message })
+    }
+  }
+
+  /** @param {string} state */
+  setConnection (state) {
+    if (this.connection === state) return
+    this.connection = state
+    this.emitStatus()
+    if (this.role === ROLE.leader) this.broadcastStatus()
+  }
+
+  // ---------------------------------------------------------------- leader
+
+  /** @param {'available'|'queued'|'stolen'} how */
+  becomeLeader (how) {
+    if (!this.running || this.frozen || this.role === ROLE.closed) {
+      this.election.resign()
+      return
+    }
+    const previous = { leader: this.leaderId, roster: this.knownRoster, resign: this.lastResign }
+    this.clearFollowerTimers()
+    this.setRole(ROLE.leader)
+    this.epoch = { n: this.maxEpochN + 1, tab: this.tabId }
+    this.maxEpochN = this.epoch.n
+    this.leaderId = this.tabId
+    this.leaderEpoch = this.epoch
+    this.lastResign = null
+    this.roster = new Roster(this.tabId, { maxMissed: this.opts.tabMaxMissed })
+    this.startOwner()
+    if (previous.resign && previous.resign.from === previous.leader) {
+      this.adopt(previous.resign.from, previous.resign.streams, { fromOwner: false })
+    }
+    // Wait for the tabs the last leader knew (not the last leader: it left, or it is stuck),
+    // so that hello can resume all their streams at once.
+    const expected = new Set(previous.roster.filter(t => t !== this.tabId && t !== previous.leader))
+    this.collecting = { expected, timer: undefined }
+    this.bus.post({ t: BUS.claim, epoch: this.epoch, how })
+    if (expected.size === 0) {
+      this.finishCollecting()
+    } else {
+      this.collecting.timer = setTimeout(() => this.finishCollecting(), this.opts.collectMs)
+    }
+    this.hbTimer = setInterval(() => this.leaderBeat(), this.opts.tabHeartbeatMs)
+    this.tabs = this.roster.size
+    this.emitStatus()
+  }
+
+  finishCollecting () {
+    if (!this.collecting) return
+    clearTimeout(this.collecting.timer)
+    this.collecting = null
+    this.socket.connect()
+  }
+
+  /**
+   * Takes over streams that another tab reports (its own in a `join`, or a whole table in a
+   * `resign`).
+   * @param {string} from
+   * @param {Array<{id: string, tab?: string, after: number, open: any, sent: boolean, cancelled?: boolean}>} list
+   * @param {{fromOwner: boolean}} how `fromOwner`: the owning tab itself says what it has seen
+   */
+  adopt (from, list, { fromOwner }) {
+    if (!Array.isArray(list)) return
+    let renew = false
+    for (const s of list) {
+      if (!s || typeof s.id !== 'string' || !s.open) continue
+      const tab = s.tab ?? from
+      if (tab === this.tabId && !fromOwner) continue // we know our own streams better
+      const route = this.router.get(s.id)
+      if (route) {
+        if (route.cancelled && fromOwner) {
+          // we gave up on this tab while it was silent; tell it
+          this.deliverTo(tab, {
+            type: FRAME.error, id: s.id, code: CLIENT_ERROR_CODE.tabGone,
+            message: 'this tab stopped answering, so its stream was cancelled',
+          })
+        } else if (s.after < route.lastSeq) {
+          route.lastSeq = s.after
+          // the tab missed frames we forwarded (it was frozen): only a replay brings them back
+          if (fromOwner && route.sent && this.socket.ready) renew = true
+        }
+        continue
+      }
+      const tomb = this.router.tombstone(s.id)
+      if (tomb) {
+        if (tomb === 'vanished' && fromOwner) {
+          this.deliverTo(tab, {
+            type: FRAME.error, id: s.id, code: CLIENT_ERROR_CODE.tabGone,
+            message: 'this tab stopped answering, so its stream was cancelled',
+          })
+        }
+        continue // 'ended': its terminal frame is on its way to the tab
+      }
+      if (s.cancelled && !s.sent) continue
+      const added = this.router.add(tab, s.open, { lastSeq: s.after ?? 0, sent: !!s.sent, cancelled: !!s.cancelled })
+      if (!added) continue
+      this.roster.touch(tab)
+      if (added.sent && !this.collecting && this.socket.ready) renew = true
+    }
+    if (!this.collecting) {
+      this.flushPending()
+      if (renew) this.socket.renew()
+    }
+    this.tabs = this.roster.size
+  }
+
+  leaderBeat () {
+    if (this.role !== ROLE.leader) return
+    for (const tab of this.roster.beat()) this.dropTab(tab, 'vanished')
+    this.broadcastStatus()
+  }
+
+  /** A follower left (`bye`) or stopped answering: cancel its streams upstream. */
+  dropTab (tab, reason) {
+    this.roster.leave(tab)
+    for (const route of this.router.routesOf(tab)) {
+      this.ownerCancel(route.id)
+      if (reason === 'vanished') {
+        if (this.router.has(route.id)) this.router.get(route.id).vanished = true
+        else this.router.tombstones.set(route.id, 'vanished')
+        this.deliverTo(tab, {
+          type: FRAME.error, id: route.id, code: CLIENT_ERROR_CODE.tabGone,
+          message: 'this tab stopped answering, so its stream was cancelled',
+        })
+      }
+    }
+    this.tabs = this.roster.size
+    this.emitStatus()
+  }
+
+  broadcastStatus () {
+    if (this.role !== ROLE.leader) return
+    this.tabs = this.roster.size
+    this.bus.post({ t: BUS.hb, ...this.leaderPayload() })
+    this.emitStatus()
+  }
+
+  leaderPayload () {
+    return {
+      epoch: this.epoch,
+      roster: this.roster.list(),
+      tabs: this.roster.size,
+      connection: this.collecting ? CONNECTION.connecting : this.connection,
+      user: this.user,
+      tier: this.tier,
+      visible: this.isVisible(),
+    }
+  }
+
+  /** @param {any} m */
+  onLeaderBus (m) {
+    const from = m.from
+    switch (m.t) {
+      case BUS.join:
+        if (this.roster.touch(from, { visible: m.visible })) this.tabs = this.roster.size
+        this.adopt(from, m.streams, { fromOwner: true })
+        if (this.collecting) {
+          this.collecting.expected.delete(from)
+          if (this.collecting.expected.size === 0) this.finishCollecting()
+        }
+        this.broadcastStatus()
+        return
+      case BUS.open:
+        if (this.roster.touch(from)) this.broadcastStatus()
+        if (m.frame && typeof m.frame.id === 'string') this.ownerOpen(from, m.frame)
+        return
+      case BUS.cancel:
+        if (this.router.get(m.id)?.tab === from) this.ownerCancel(m.id)
+        return
+      case BUS.bye:
+        this.dropTab(from, 'bye')
+        this.broadcastStatus()
+        return
+      case BUS.ack:
+        this.roster.ack(from, { visible: m.visible })
+        return
+      case BUS.probe:
+        this.roster.ack(from)
+        this.bus.post({ t: BUS.pong, to: from, ...this.leaderPayload() })
+        return
+      case BUS.claim:
+      case BUS.hb:
+        // Another tab leads with a later epoch: our lock was stolen (its rejection may lag).
+        if (compareEpochs(m.epoch, this.epoch) > 0) {
+          this.maxEpochN = Math.max(this.maxEpochN, m.epoch.n)
+          this.stepDown({ handoff: true, rejoin: true })
+          this.onFollowerBus(m)
+        }
+        return
+      case BUS.frame:
+        // sent by the leader before us, still in flight when we took over
+        if (m.frame) this.deliverLocal(m.frame)
+        return
+      case BUS.resign:
+        // a deposed leader's table (it was stuck when we took over): streams we lack
+        if (m.from !== this.tabId) this.adopt(m.from, m.streams, { fromOwner: false })
+        return
+      default:
+    }
+  }
+
+  /**
+   * @param {{handoff: boolean, rejoin: boolean, leaving?: boolean}} how
+   *   handoff: publish the stream table for the next leader; rejoin: follow the next
+   *   leader; leaving: this page is going away, its own streams are not handed over
+   */
+  stepDown ({ handoff, rejoin, leaving = false }) {
+    if (this.role !== ROLE.leader) return
+    clearInterval(this.hbTimer)
+    this.hbTimer = undefined
+    if (this.collecting) clearTimeout(this.collecting.timer)
+    this.collecting = null
+    const streams = this.router.snapshot(r => !(leaving && r.tab === this.tabId))
+    const roster = this.roster.list()
+    // Close first, so the gateway detaches the streams before the next leader resumes them.
+    this.stopOwner()
+    if (handoff) this.bus.post({ t: BUS.resign, epoch: this.epoch, streams, roster })
+    this.roster = null
+    this.knownRoster = roster
+    this.leaderId = null
+    this.election.resign()
+    if (rejoin) {
+      this.becomeFollower()
+    } else {
+      this.setRole(ROLE.electing)
+    }
+  }
+
+  // ---------------------------------------------------------------- follower
+
+  becomeFollower () {
+    if (!this.running || this.frozen) return
+    this.setRole(ROLE.follower)
+    this.silent = 0
+    // after a freeze or a step-down the leader must hear how far our streams got
+    this.mustJoin = true
+    this.connection = this.leaderId ? this.connection : CONNECTION.connecting
+    this.election.queue()
+    this.clearFollowerTimers()
+    this.followTimer = setInterval(() => this.followerBeat(), this.opts.tabHeartbeatMs)
+    this.bus.post({ t: BUS.probe })
+    this.emitStatus()
+  }
+
+  clearFollowerTimers () {
+    clearInterval(this.followTimer)
+    clearTimeout(this.stealTimer)
+    this.followTimer = undefined
+    this.stealTimer = undefined
+  }
+
+  followerBeat () {
+    if (this.role !== ROLE.follower) return
+    this.silent++
+    if (this.silent >= this.opts.leaderMaxSilent) {
+      this.takeOver('silent')
+    } else if (this.silent >= 2) {
+      // heartbeats are late: ask directly (answered from the leader's event loop, which the
+      // browser does not throttle like its timers)
+      this.bus.post({ t: BUS.probe })
+    }
+    if (this.leaderId && this.leaderHiddenSince !== null && this.isVisible() &&
+        Date.now() - this.leaderHiddenSince >= this.opts.preferVisibleMs) {
+      this.takeOver('visible')
+    }
+  }
+
+  /**
+   * Takes the lock from a leader that is silent (frozen, hung) or hidden while we are seen.
+   * A random delay lets one follower win; the others hear its claim and stand down.
+   * @param {'silent'|'visible'} reason
+   */
+  takeOver (reason) {
+    if (this.stealTimer !== undefined) return
+    const spread = this.opts.tabHeartbeatMs
+    const delay = Math.round(Math.random() * spread + (this.isVisible() ? 0 : spread))
+    const epoch = this.leaderEpoch
+    this.stealTimer = setTimeout(() => {
+      this.stealTimer = undefined
+      if (this.role !== ROLE.follower || !this.running) return
+      const stillNeeded = reason === 'silent'
+        ? this.silent >= this.opts.leaderMaxSilent
+        : compareEpochs(this.leaderEpoch, epoch) === 0 && this.leaderHiddenSince !== null && this.isVisible()
+      if (!stillNeeded) return
+      if (reason === 'silent') {
+        // the silent leader will not resign: do not wait for it
+        this.knownRoster = this.knownRoster.filter(t => t !== this.leaderId)
+      }
+      this.election.steal()
+    }, delay)
+  }
+
+  /** @param {any} m a claim, hb or pong */
+  noteLeader (m, claim) {
+    if (!m.epoch || typeof m.epoch.n !== 'number') return
+    if (this.leaderEpoch && compareEpochs(m.epoch, this.leaderEpoch) < 0) return // a deposed leader
+    this.maxEpochN = Math.max(this.maxEpochN, m.epoch.n)
+    const changed = compareEpochs(m.epoch, this.leaderEpoch) !== 0
+    this.leaderEpoch = m.epoch
+    this.leaderId = m.from
+    this.silent = 0
+    if (Array.isArray(m.roster)) this.knownRoster = m.roster
+    if (typeof m.tabs === 'number') this.tabs = m.tabs
+    if (m.connection) this.connection = m.connection
+    if (m.user !== undefined) this.user = m.user
+    if (m.tier !== undefined) this.tier = m.tier
+    if (m.visible === false) this.leaderHiddenSince ??= Date.now()
+    else if (m.visible === true) this.leaderHiddenSince = null
+    const forgotten = Array.isArray(m.roster) && !m.roster.includes(this.tabId)
+    if (changed || claim || forgotten || this.mustJoin) {
+      this.mustJoin = false
+      this.bus.post({ t: BUS.join, visible: this.isVisible(), streams: this.ownStreamList() })
+    }
+    this.emitStatus()
+  }
+
+  /** @param {any} m */
+  onFollowerBus (m) {
+    switch (m.t) {
+      case BUS.claim:
+        this.noteLeader({ ...m, connection: CONNECTION.connecting }, true)
+        return
+      case BUS.hb:
+        this.noteLeader(m, false)
+        if (m.from === this.leaderId) this.bus.post({ t: BUS.ack, visible: this.isVisible() })
+        return
+      case BUS.pong:
+        this.noteLeader(m, false)
+        return
+      case BUS.frame:
+        if (m.frame) this.deliverLocal(m.frame)
+        return
+      case BUS.connError:
+        this.emit('error', new MuxError(m.error?.code ?? ERROR_CODE.internal, m.error?.message))
+        return
+      case BUS.resign:
+        this.lastResign = m
+        if (m.epoch) this.maxEpochN = Math.max(this.maxEpochN, m.epoch.n)
+        if (m.from === this.leaderId) {
+          if (Array.isArray(m.roster)) this.knownRoster = m.roster
+          this.connection = CONNECTION.reconnecting
+          this.emitStatus()
+        }
+        return
+      default:
+    }
+  }
+
+  // ---------------------------------------------------------------- bus, roles, events
+
+  /** @param {any} m */
+  onBus (m) {
+    if (!this.running || this.frozen) return
+    if (m.epoch && typeof m.epoch.n === 'number') this.maxEpochN = Math.max(this.maxEpochN, m.epoch.n)
+    if (this.role === ROLE.leader) {
+      this.onLeaderBus(m)
+    } else if (this.role === ROLE.follower) {
+      this.onFollowerBus(m)
+    } else if (this.role === ROLE.electing) {
+      // remember what we hear while deciding, so we can follow or lead knowing it
+      if (m.t === BUS.resign) this.onFollowerBus(m)
+      if ((m.t === BUS.hb || m.t === BUS.claim || m.t === BUS.pong) && m.epoch) {
+        if (Array.isArray(m.roster)) this.knownRoster = m.roster
+      }
+    }
+  }
+
+  /** @param {string} role */
+  setRole (role) {
+    if (this.role === role) return
+    this.role = role
+    if (role === ROLE.solo) this.tabs = 1
+    this.emitStatus()
+  }
+
+  emitStatus () {
+    const status = this.status()
+    const key = JSON.stringify(status)
+    if (key === this.lastStatus) return
+    this.lastStatus = key
+    this.emit('status', status)
+  }
+
+  /** @param {string} event @param {any} payload */
+  emit (event, payload) {
+    for (const fn of this.listeners.get(event) ?? []) {
+      try {
+        fn(payload)
+      } catch (err) {
+        // a listener's bug must not break the socket's event handling
+        setTimeout(() => { throw err })
+      }
+    }
+  }
+}

@@ -1,0 +1,291 @@
+import { CLIENT_NAME, CLOSE_CODE, CONNECTION, DEFAULTS, ERROR_CODE, FRAME, SUBPROTOCOL } from './constants.js'
+import MuxError from './errors.js'
+import Timer, { backoffDelay } from './timer.js'
+
+/**
+ * Seconds-since-epoch `exp` of a JWT, or null when the token is not a readable JWT.
+ * @param {string} token
+ * @returns {number|null}
+ */
+export function jwtExpiry (token) {
+  const part = typeof token === 'string' ? token.split('.')[1] : undefined
+  if (!part) return null
+  try {
+    const b64 = part.replace(/-/g, '+').replace(/_/g, '/')
+    const json = JSON.parse(atob(b64 + '='.repeat((4 - b64.length % 4) % 4)))
+    return typeof json.exp === 'number' ? json.exp : null
+  } catch {
+    return null
+  }
+}
+
+/**
+ * @typedef {object} SocketHooks
+ * @property {() => Array<{id: string, after: number}>} resume  streams to resume, asked at each hello
+ * @property {(frame: any) => void} onWelcome
+ * @property {(frame: any) => void} onFrame  every other server frame (streams, connection errors)
+ * @property {(state: string) => void} onState
+ * @property {(error: MuxError) => void} onFatal  the socket gave up for good (token refused)
+ */
+
+/**
+ * The one WebSocket to the gateway: `hello` with a fresh token and the streams to resume,
+ * heartbeats that notice a dead connection, reconnects with backoff and jitter, and `goaway`.
+ *
+ * On `goaway` the old connection is kept: it goes on carrying the streams it has (the gateway
+ * drains them) while a new connection is opened; once that one is welcomed, its `resume` has
+ * moved the streams over and the old one is closed. New streams wait for the new connection.
+ * Nothing is buffered here: whoever owns the socket keeps its streams' state and sends when
+ * `send()` says the socket is ready (see Router).
+ *
+ * @example
+ * const socket = new Socket('wss://gw.example/v1/ws', {
+ *   token: () => fetch('/token').then(r => r.text()),
+ *   resume: () => router.resumeList(),
+ *   onWelcome, onFrame, onState, onFatal,
+ * })
+ * socket.connect()
+ * socket.send({ type: 'open', id: 'k3f9:1', model, messages }) // false until welcomed
+ */
+export default class Socket {
+  /**
+   * @param {string} url
+   * @param {SocketHooks & {token: string|(() => string|Promise<string>), WebSocket?: typeof WebSocket,
+   *   backoffBaseMs?: number, backoffMaxMs?: number, heartbeatMs?: number, tokenRefreshSkewMs?: number,
+   *   random?: () => number}} opts
+   */
+  constructor (url, opts) {
+    this.url = url
+    this.token = opts.token
+    this.WebSocket = opts.WebSocket ?? globalThis.WebSocket
+    this.hooks = opts
+    this.heartbeatMs = opts.heartbeatMs ?? DEFAULTS.heartbeatMs
+    this.tokenRefreshSkewMs = opts.tokenRefreshSkewMs ?? DEFAULTS.tokenRefreshSkewMs
+    this.random = opts.random ?? Math.random
+    this.state = CONNECTION.idle
+    /** The connection new frames go to. */
+    this.conn = null
+    /** A connection told to go away, still delivering its streams until the new one is up. */
+    this.old = null
+    this.stopped = true
+    /** Bumped per attempt, so a token that arrives after `disconnect()` is not used. */
+    this.attempt = 0
+    this.cachedToken = null
+    this.cachedExpiry = null
+    /** Limits from `welcome`. */
+    this.limits = {}
+    const backoff = { baseMs: opts.backoffBaseMs, maxMs: opts.backoffMaxMs }
+    this.reconnectTimer = new Timer(() => this.open(), tries => backoffDelay(tries, backoff, this.random))
+  }
+
+  /** Whether `send()` would put a frame on the wire now. */
+  get ready () {
+    return !!this.conn && this.conn.welcomed && this.conn.ws.readyState === 1
+  }
+
+  /** Starts connecting (and reconnecting, until `disconnect()`). */
+  connect () {
+    if (!this.stopped) return
+    this.stopped = false
+    this.open()
+  }
+
+  /** Closes for good. */
+  disconnect (code = CLOSE_CODE.normal, reason = 'client closed') {
+    this.stopped = true
+    this.attempt++
+    this.reconnectTimer.cancel()
+    for (const rec of [this.conn, this.old]) if (rec) this.drop(rec, code, reason)
+    this.conn = null
+    this.old = null
+    this.setState(CONNECTION.closed)
+  }
+
+  /** Opens a new connection now (e.g. to resume streams another tab reported) and lets
+   * the current one drain, as on `goaway`. */
+  renew () {
+    if (this.stopped) return
+    if (this.conn && this.conn.welcomed) {
+      this.retire(this.conn)
+      this.open()
+    }
+  }
+
+  /** Reconnects at once if waiting for the next attempt (page back online or in view). */
+  reconnectNow () {
+    if (this.stopped || this.conn) return
+    if (this.reconnectTimer.pending) this.reconnectTimer.fireNow()
+  }
+
+  /**
+   * @param {object} frame
+   * @returns {boolean} true when written to an open, welcomed connection
+   */
+  send (frame) {
+    if (!this.ready) return false
+    this.conn.ws.send(JSON.stringify(frame))
+    return true
+  }
+
+  async open () {
+    if (this.stopped || this.conn) return
+    const attempt = ++this.attempt
+    this.setState(this.everWelcomed ? CONNECTION.reconnecting : CONNECTION.connecting)
+    let token
+    try {
+      token = await this.getToken()
+    } catch (err) {
+      if (attempt !== this.attempt || this.stopped) return
+      this.reconnectTimer.scheduleTimeout()
+      return
+    }
+    if (attempt !== this.attempt || this.stopped || this.conn) return
+    let ws
+    try {
+      ws = new this.WebSocket(this.url, SUBPROTOCOL)
+    } catch (err) {
+      // A malformed URL: retrying will not fix it.
+      this.stopped = true
+      this.setState(CONNECTION.closed)
+      this.hooks.onFatal(new MuxError(ERROR_CODE.badRequest, `cannot open ${this.url}: ${err.message}`))
+      return
+    }
+    const rec = { ws, welcomed: false, pingTimer: undefined, pendingPing: null }
+    this.conn = rec
+    ws.onopen = () => {
+      ws.send(JSON.stringify({ type: FRAME.hello, token, client: CLIENT_NAME, resume: this.hooks.resume() }))
+    }
+    ws.onmessage = (event) => this.onMessage(rec, event.data)
+    ws.onclose = (event) => this.onClose(rec, event.code, event.reason)
+    ws.onerror = () => {} // a close event follows
+  }
+
+  /** @param {any} rec @param {string} data */
+  onMessage (rec, data) {
+    let frame
+    try {
+      frame = JSON.parse(data)
+    } catch {
+      return
+    }
+    if (!frame || typeof frame.type !== 'string') return
+    switch (frame.type) {
+      case FRAME.welcome:
+        if (rec !== this.conn) return
+        rec.welcomed = true
+        this.everWelcomed = true
+        this.reconnectTimer.reset()
+        this.limits = frame.limits ?? {}
+        if (typeof frame.heartbeat_ms === 'number' && frame.heartbeat_ms > 0) this.heartbeatMs = frame.heartbeat_ms
+        this.startHeartbeat(rec)
+        if (this.old) {
+          // the new connection's resume took the streams over
+          this.drop(this.old, CLOSE_CODE.normal, 'resumed on a new connection')
+          this.old = null
+        }
+        this.setState(CONNECTION.open)
+        this.hooks.onWelcome(frame)
+        return
+      case FRAME.pong:
+        rec.pendingPing = null
+        return
+      case FRAME.goaway:
+        if (rec !== this.conn) return
+        this.retire(rec)
+        // "reconnect within reconnect_after_ms": spread the clients of one gateway over it
+        this.reconnectTimer.scheduleTimeout(Math.round(this.random() * (frame.reconnect_after_ms ?? 0)))
+        return
+      default:
+        this.hooks.onFrame(frame)
+    }
+  }
+
+  /** Moves `rec` aside as the draining connection; no new frames go to it. */
+  retire (rec) {
+    if (this.old && this.old !== rec) this.drop(this.old, CLOSE_CODE.normal, 'replaced')
+    this.old = rec
+    if (this.conn === rec) this.conn = null
+    this.setState(CONNECTION.reconnecting)
+  }
+
+  /** @param {any} rec @param {number} code @param {string} reason */
+  onClose (rec, code, reason) {
+    this.stopHeartbeat(rec)
+    if (rec === this.old) {
+      this.old = null
+      return
+    }
+    if (rec !== this.conn) return
+    this.conn = null
+    if (this.stopped) {
+      this.setState(CONNECTION.closed)
+      return
+    }
+    if (code === CLOSE_CODE.unauthorized) {
+      this.cachedToken = null
+      if (typeof this.token !== 'function') {
+        this.stopped = true
+        this.setState(CONNECTION.closed)
+        this.hooks.onFatal(new MuxError(ERROR_CODE.unauthorized, reason || 'the gateway refused the token'))
+        return
+      }
+    }
+    this.setState(CONNECTION.reconnecting)
+    this.reconnectTimer.scheduleTimeout()
+  }
+
+  /** Closes `rec` without hearing about it again. */
+  drop (rec, code, reason) {
+    this.stopHeartbeat(rec)
+    const ws = rec.ws
+    ws.onopen = ws.onmessage = ws.onclose = null
+    ws.onerror = () => {}
+    try {
+      ws.close(code, reason)
+    } catch {
+      try { ws.close() } catch {}
+    }
+  }
+
+  startHeartbeat (rec) {
+    this.stopHeartbeat(rec)
+    rec.pingTimer = setInterval(() => {
+      if (rec.pendingPing !== null) {
+        // the last ping got no pong within a whole period: the connection is dead
+        this.drop(rec, CLOSE_CODE.clientHeartbeatTimeout, 'heartbeat timeout')
+        this.onClose(rec, CLOSE_CODE.clientHeartbeatTimeout, 'heartbeat timeout')
+        return
+      }
+      rec.pendingPing = Date.now()
+      try {
+        rec.ws.send(JSON.stringify({ type: FRAME.ping, ts: rec.pendingPing }))
+      } catch {}
+    }, this.heartbeatMs)
+  }
+
+  stopHeartbeat (rec) {
+    clearInterval(rec.pingTimer)
+    rec.pingTimer = undefined
+  }
+
+  /** The token for the next hello: the string given, or the function's, renewed near expiry. */
+  async getToken () {
+    if (typeof this.token !== 'function') return this.token
+    const now = Date.now()
+    if (this.cachedToken && this.cachedExpiry !== null && this.cachedExpiry * 1000 - now > this.tokenRefreshSkewMs) {
+      return this.cachedToken
+    }
+    const token = await this.token()
+    if (typeof token !== 'string' || token === '') throw new MuxError(ERROR_CODE.unauthorized, 'the token function returned no token')
+    this.cachedToken = token
+    this.cachedExpiry = jwtExpiry(token)
+    return token
+  }
+
+  /** @param {string} state */
+  setState (state) {
+    if (this.state === state) return
+    this.state = state
+    this.hooks.onState(state)
+  }
+}

@@ -1,0 +1,277 @@
+// In-memory stand-ins for the browser APIs the shim uses (Web Locks, WebSocket, window,
+// document), and a small fake gateway that speaks protocol v1. They let the cross-tab logic
+// run in node; the real gateway and Chromium are exercised by ../e2e.
+
+/** A LockManager with the semantics the shim relies on: FIFO queue, ifAvailable, steal, signal. */
+export class FakeLocks {
+  constructor () {
+    this.held = new Map()
+    this.queues = new Map()
+  }
+
+  request (name, options, cb) {
+    if (typeof options === 'function') { cb = options; options = {} }
+    return new Promise((resolve, reject) => {
+      const req = { cb, resolve, reject }
+      const holder = this.held.get(name)
+      if (options.steal) {
+        if (holder) {
+          this.held.delete(name)
+          holder.stolen = true
+          holder.reject(new DOMException('The lock was stolen', 'AbortError'))
+        }
+        this.grant(name, req)
+        return
+      }
+      if (!holder && !(this.queues.get(name)?.length)) {
+        this.grant(name, req)
+        return
+      }
+      if (options.ifAvailable) {
+        setTimeout(() => Promise.resolve().then(() => cb(null)).then(resolve, reject))
+        return
+      }
+      const queue = this.queues.get(name) ?? []
+      this.queues.set(name, queue)
+      queue.push(req)
+      options.signal?.addEventListener('abort', () => {
+        const i = queue.indexOf(req)
+        if (i >= 0) {
+          queue.splice(i, 1)
+          reject(new DOMException('aborted', 'AbortError'))
+        }
+      })
+    })
+  }
+
+  grant (name, req) {
+    const holder = { stolen: false, reject: req.reject }
+    this.held.set(name, holder)
+    setTimeout(() => {
+      Promise.resolve()
+        .then(() => req.cb({ name, mode: 'exclusive' }))
+        .then((v) => { if (!holder.stolen) req.resolve(v) }, (e) => { if (!holder.stolen) req.reject(e) })
+        .finally(() => this.release(name, holder))
+    })
+  }
+
+  release (name, holder) {
+    if (this.held.get(name) !== holder) return
+    this.held.delete(name)
+    const next = this.queues.get(name)?.shift()
+    if (next) this.grant(name, next)
+  }
+}
+
+/** A window/document pair with the events the shim listens to. */
+export function fakePage () {
+  const window = new EventTarget()
+  window.location = { href: 'http://127.0.0.1:8080/' }
+  const document = new EventTarget()
+  document.visibilityState = 'visible'
+  return {
+    window,
+    document,
+    pagehide (persisted = false) { window.dispatchEvent(Object.assign(new Event('pagehide'), { persisted })) },
+    pageshow (persisted = true) { window.dispatchEvent(Object.assign(new Event('pageshow'), { persisted })) },
+    freeze () { document.dispatchEvent(new Event('freeze')) },
+    resume () { document.dispatchEvent(new Event('resume')) },
+  }
+}
+
+/** The text the fake gateway streams for `chunks` chunks of stream `id`. */
+export function fakeAnswer (id, chunks) {
+  return Array.from({ length: chunks }, (_, k) => `${id}#${k} `).join('')
+}
+
+/**
+ * A fake gateway: streams outlive connections and are resumed by `hello.resume`, like the
+ * real one. Prompts say how many chunks: `chunks=N` in the last message.
+ */
+export class FakeGateway {
+  constructor ({ chunkMs = 5 } = {}) {
+    this.chunkMs = chunkMs
+    this.streams = new Map()
+    this.sockets = new Set()
+    this.connectionsTotal = 0
+    this.aborted = 0
+    this.opened = 0
+    this.resumes = []
+    const gw = this
+    this.WebSocket = class extends FakeSocket {
+      constructor (url, protocol) { super(gw, url, protocol) }
+    }
+  }
+
+  get open () {
+    return [...this.sockets].filter(s => s.readyState === 1).length
+  }
+
+  frame (ws, frame) {
+    if (ws.readyState !== 1) return
+    ws.deliver(frame)
+  }
+
+  handle (ws, msg) {
+    if (!ws.hello) {
+      if (msg.type !== 'hello') return ws.serverClose(4401, 'hello first')
+      if (msg.token === 'bad') {
+        this.frame(ws, { type: 'error', id: null, code: 'unauthorized', message: 'bad token' })
+        return ws.serverClose(4401, 'unauthorized')
+      }
+      ws.hello = true
+      this.connectionsTotal++
+      const resumed = []
+      const missing = []
+      for (const r of msg.resume ?? []) {
+        if (this.streams.has(r.id)) resumed.push(r)
+        else missing.push(r.id)
+      }
+      this.resumes.push(msg.resume ?? [])
+      this.frame(ws, { type: 'welcome', session: `s${this.connectionsTotal}`, user: 'u', tier: 'pro', heartbeat_ms: 15000, limits: { max_streams: 32, max_frame_bytes: 1048576 }, resumed: resumed.map(r => r.id) })
+      for (const id of missing) this.frame(ws, { type: 'error', id, code: 'not_found', message: 'no such stream' })
+      for (const r of resumed) {
+        const s = this.streams.get(r.id)
+        s.ws = ws
+        for (const f of s.log) if (f.seq > r.after) this.frame(ws, f)
+      }
+      return
+    }
+    switch (msg.type) {
+      case 'open': {
+        const live = this.streams.get(msg.id)
+        if (live && !live.finished) return this.frame(ws, { type: 'error', id: msg.id, code: 'duplicate_id', message: 'dup' })
+        const content = msg.messages.at(-1).content
+        const chunks = Number(/chunks=(\d+)/.exec(content)?.[1] ?? 5)
+        const s = { id: msg.id, ws, log: [], seq: 0, chunks, finished: false, timer: null }
+        this.streams.set(msg.id, s)
+        this.opened++
+        this.frame(ws, { type: 'start', id: msg.id, model: msg.model })
+        s.timer = setInterval(() => this.tick(s), this.chunkMs)
+        return
+      }
+      case 'cancel': {
+        const s = this.streams.get(msg.id)
+        if (!s || s.finished) return this.frame(ws, { type: 'error', id: msg.id, code: 'not_found', message: 'no live stream' })
+        this.aborted++
+        this.finish(s, { type: 'error', id: s.id, code: 'cancelled', message: 'cancelled by the client' })
+        return
+      }
+      case 'ping':
+        return this.frame(ws, { type: 'pong', ts: msg.ts })
+      default:
+        return this.frame(ws, { type: 'error', id: null, code: 'bad_request', message: 'unknown type' })
+    }
+  }
+
+  tick (s) {
+    const k = s.seq
+    if (k < s.chunks) {
+      const f = { type: 'delta', id: s.id, seq: ++s.seq, text: `${s.id}#${k} ` }
+      s.log.push(f)
+      if (s.ws && s.ws.readyState === 1) this.frame(s.ws, f)
+      return
+    }
+    this.finish(s, { type: 'done', id: s.id, finish_reason: 'stop', usage: { prompt_tokens: 3, completion_tokens: s.chunks }, cost_usd: 0.001 })
+  }
+
+  finish (s, frame) {
+    clearInterval(s.timer)
+    s.finished = true
+    const f = { ...frame, seq: ++s.seq }
+    s.log.push(f)
+    if (s.ws && s.ws.readyState === 1) this.frame(s.ws, f)
+  }
+
+  detach (ws) {
+    for (const s of this.streams.values()) if (s.ws === ws) s.ws = null
+  }
+
+  /** Drops every connection as a network failure would. */
+  dropAll () {
+    for (const ws of [...this.sockets]) ws.serverClose(1006, '')
+  }
+
+  goawayAll (reconnectAfterMs = 20) {
+    for (const ws of [...this.sockets]) this.frame(ws, { type: 'goaway', reason: 'shutdown', reconnect_after_ms: reconnectAfterMs })
+  }
+
+  /** Forgets every stream, as a restarted process would. */
+  restart () {
+    for (const s of this.streams.values()) clearInterval(s.timer)
+    this.streams.clear()
+    this.dropAll()
+  }
+
+  stop () {
+    for (const s of this.streams.values()) clearInterval(s.timer)
+    for (const ws of [...this.sockets]) ws.serverClose(1001, 'bye')
+  }
+}
+
+class FakeSocket {
+  constructor (gw, url, protocol) {
+    this.gw = gw
+    this.url = url
+    this.protocol = protocol
+    this.readyState = 0
+    this.hello = false
+    gw.sockets.add(this)
+    setTimeout(() => {
+      if (this.readyState !== 0) return
+      if (gw.refuse) return this.serverClose(1006, '')
+      this.readyState = 1
+      this.onopen?.({})
+    })
+  }
+
+  send (data) {
+    if (this.readyState !== 1) throw new Error('not open')
+    const msg = JSON.parse(data)
+    // written to the wire: the gateway reads it even if we close right after (as TCP would)
+    setTimeout(() => this.gw.handle(this, msg))
+  }
+
+  deliver (frame) {
+    const data = JSON.stringify(frame)
+    setTimeout(() => { if (this.readyState === 1 || frame.type === 'error') this.onmessage?.({ data }) })
+  }
+
+  close (code = 1000, reason = '') {
+    if (this.readyState >= 2) return
+    this.readyState = 3
+    this.gw.sockets.delete(this)
+    this.gw.detach(this)
+    setTimeout(() => this.onclose?.({ code, reason }))
+  }
+
+  serverClose (code, reason) {
+    if (this.readyState >= 2) return
+    this.readyState = 3
+    this.gw.sockets.delete(this)
+    this.gw.detach(this)
+    setTimeout(() => this.onclose?.({ code, reason }))
+  }
+}
+
+/** Polls `fn` until it returns a truthy value, or throws after `timeoutMs`. */
+export async function until (fn, { timeoutMs = 5000, stepMs = 10, what = 'condition' } = {}) {
+  const end = Date.now() + timeoutMs
+  for (;;) {
+    const v = await fn()
+    if (v) return v
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`)
+    await new Promise(r => setTimeout(r, stepMs))
+  }
+}
+
+/** Reads a whole stream; resolves {text, error}. */
+export async function collect (stream) {
+  let text = ''
+  try {
+    for await (const t of stream) text += t
+    return { text, error: null }
+  } catch (error) {
+    return { text, error }
+  }
+}

@@ -1,0 +1,334 @@
+// The cross-tab logic end to end in node: several Mux instances ("tabs") share node's
+// BroadcastChannel and a fake Web Locks manager, and talk to an in-memory fake gateway.
+import { test } from 'node:test'
+import assert from 'node:assert/strict'
+import Mux from '../src/mux.js'
+import { FakeGateway, FakeLocks, collect, fakeAnswer, fakePage, until } from './fakes.js'
+
+const FAST = { tabHeartbeatMs: 40, tabMaxMissed: 3, leaderMaxSilent: 4, collectMs: 150, backoffBaseMs: 20, backoffMaxMs: 200 }
+let channelSeq = 0
+
+function tabs (n, { gw, locks = new FakeLocks(), shared = true, token = 'tok', ...opts } = {}) {
+  const name = `muxtest-${process.pid}-${++channelSeq}`
+  return Array.from({ length: n }, () => {
+    const page = fakePage()
+    const mux = new Mux({
+      url: 'ws://gw.test/v1/ws', token, name, WebSocket: gw.WebSocket,
+      BroadcastChannel: shared ? BroadcastChannel : undefined, locks: shared ? locks : undefined,
+      window: page.window, document: page.document, ...FAST, ...opts,
+    })
+    return { mux, page }
+  })
+}
+
+const ask = (mux, chunks) => mux.chat({ model: 'm', messages: [{ role: 'user', content: `go chunks=${chunks}` }] })
+const roles = list => list.map(t => t.mux.role)
+const closeAll = list => list.forEach(t => t.mux.close())
+
+async function settled (list) {
+  await until(() => roles(list).filter(r => r === 'leader').length === 1 &&
+    roles(list).filter(r => r === 'follower').length === list.length - 1 &&
+    list.every(t => t.mux.tabs === list.length) && list.every(t => t.mux.connection === 'open'), { what: 'one leader, all joined' })
+}
+
+test('many tabs, one socket: every stream exact, one connection', async () => {
+  const gw = new FakeGateway({ chunkMs: 3 })
+  const list = tabs(4, { gw })
+  try {
+    await settled(list)
+    const streams = list.map(t => ask(t.mux, 20))
+    const results = await Promise.all(streams.map(collect))
+    results.forEach((r, i) => assert.deepEqual(r, { text: fakeAnswer(streams[i].id, 20), error: null }))
+    assert.equal(gw.connectionsTotal, 1)
+    const usage = await streams[1].result
+    assert.equal(usage.finish_reason, 'stop')
+    assert.ok(streams.every((s, i) => s.id.startsWith(list[i].mux.tabId + ':')))
+  } finally { closeAll(list); gw.stop() }
+})
+
+test('leader leaves mid-stream: followers finish exact, a new leader resumes', async () => {
+  const gw = new FakeGateway({ chunkMs: 4 })
+  const list = tabs(3, { gw })
+  try {
+    await settled(list)
+    const leader = list.find(t => t.mux.role === 'leader')
+    const others = list.filter(t => t !== leader)
+    const streams = list.map(t => ask(t.mux, 60))
+    const reads = streams.map(collect)
+    await until(() => streams.every(s => s.lastSeq >= 5), { what: 'streams under way' })
+    const abortedBefore = gw.aborted
+    leader.page.pagehide()
+    const results = await Promise.all(reads)
+    const li = list.indexOf(leader)
+    assert.equal(results[li].error?.code, 'closed')
+    for (const t of others) {
+      const i = list.indexOf(t)
+      assert.deepEqual(results[i], { text: fakeAnswer(streams[i].id, 60), error: null })
+    }
+    await until(() => roles(others).filter(r => r === 'leader').length === 1 && others.every(t => t.mux.tabs === 2), { what: 'new leader' })
+    assert.equal(gw.connectionsTotal, 2)
+    assert.equal(gw.aborted, abortedBefore + 1, "the leaving leader's own stream was cancelled")
+    const resumed = gw.resumes.at(-1).map(r => r.id).sort()
+    assert.deepEqual(resumed, others.map(t => streams[list.indexOf(t)].id).sort())
+  } finally { closeAll(list); gw.stop() }
+})
+
+test('follower leaves mid-stream: its upstream stream is cancelled', async () => {
+  const gw = new FakeGateway({ chunkMs: 5 })
+  const list = tabs(3, { gw })
+  try {
+    await settled(list)
+    const follower = list.find(t => t.mux.role === 'follower')
+    const streams = list.map(t => ask(t.mux, 40))
+    const reads = streams.map(collect)
+    await until(() => streams.every(s => s.lastSeq >= 3), { what: 'streams under way' })
+    follower.page.pagehide()
+    await until(() => gw.aborted === 1, { what: 'upstream abort' })
+    const results = await Promise.all(reads)
+    list.forEach((t, i) => {
+      if (t === follower) assert.equal(results[i].error.code, 'closed')
+      else assert.deepEqual(results[i], { text: fakeAnswer(streams[i].id, 40), error: null })
+    })
+  } finally { closeAll(list); gw.stop() }
+})
+
+test('a follower that goes silent is dropped by heartbeat and its stream cancelled', async () => {
+  const gw = new FakeGateway({ chunkMs: 10 })
+  const list = tabs(2, { gw })
+  try {
+    await settled(list)
+    const follower = list.find(t => t.mux.role === 'follower')
+    const s = ask(follower.mux, 200)
+    await until(() => s.lastSeq >= 2, { what: 'stream under way' })
+    // simulate a crashed renderer: no pagehide, no more messages
+    follower.mux.bus.close()
+    follower.mux.clearFollowerTimers()
+    follower.mux.running = false
+    await until(() => gw.aborted === 1, { what: 'vanished follower cancelled', timeoutMs: 3000 })
+    await until(() => list.find(t => t !== follower).mux.tabs === 1, { what: 'roster shrinks' })
+  } finally { closeAll(list); gw.stop() }
+})
+
+test('dropped socket: reconnect with backoff and resume exact text', async () => {
+  const gw = new FakeGateway({ chunkMs: 4 })
+  const list = tabs(3, { gw })
+  try {
+    await settled(list)
+    const streams = list.map(t => ask(t.mux, 60))
+    const reads = streams.map(collect)
+    await until(() => streams.every(s => s.lastSeq >= 5), { what: 'streams under way' })
+    gw.refuse = true
+    gw.dropAll()
+    await until(() => list.every(t => t.mux.connection === 'reconnecting'), { what: 'everyone sees reconnecting' })
+    await new Promise(r => setTimeout(r, 100))
+    gw.refuse = false
+    const results = await Promise.all(reads)
+    results.forEach((r, i) => assert.deepEqual(r, { text: fakeAnswer(streams[i].id, 60), error: null }))
+    assert.ok(gw.connectionsTotal >= 2)
+    assert.equal(gw.sockets.size, 1)
+  } finally { closeAll(list); gw.stop() }
+})
+
+test('goaway: streams move to a new connection without loss', async () => {
+  const gw = new FakeGateway({ chunkMs: 4 })
+  const list = tabs(2, { gw })
+  try {
+    await settled(list)
+    const streams = list.map(t => ask(t.mux, 50))
+    const reads = streams.map(collect)
+    await until(() => streams.every(s => s.lastSeq >= 5), { what: 'streams under way' })
+    gw.goawayAll(30)
+    const results = await Promise.all(reads)
+    results.forEach((r, i) => assert.deepEqual(r, { text: fakeAnswer(streams[i].id, 50), error: null }))
+    assert.equal(gw.connectionsTotal, 2)
+    await until(() => gw.sockets.size === 1, { what: 'old connection closed' })
+  } finally { closeAll(list); gw.stop() }
+})
+
+test('gateway restart: running streams end with not_found, new ones work', async () => {
+  const gw = new FakeGateway({ chunkMs: 5 })
+  const list = tabs(2, { gw })
+  try {
+    await settled(list)
+    const streams = list.map(t => ask(t.mux, 400))
+    const reads = streams.map(collect)
+    await until(() => streams.every(s => s.lastSeq >= 2), { what: 'streams under way' })
+    gw.restart()
+    const results = await Promise.all(reads)
+    for (const r of results) assert.equal(r.error?.code, 'not_found')
+    await until(() => list.every(t => t.mux.connection === 'open'), { what: 'reconnected' })
+    const again = list.map(t => ask(t.mux, 5))
+    const more = await Promise.all(again.map(collect))
+    more.forEach((r, i) => assert.deepEqual(r, { text: fakeAnswer(again[i].id, 5), error: null }))
+  } finally { closeAll(list); gw.stop() }
+})
+
+test('fallback without BroadcastChannel: each tab solo with its own socket', async () => {
+  const gw = new FakeGateway({ chunkMs: 3 })
+  const list = tabs(3, { gw, shared: false })
+  try {
+    assert.deepEqual(roles(list), ['solo', 'solo', 'solo'])
+    const streams = list.map(t => ask(t.mux, 10))
+    const results = await Promise.all(streams.map(collect))
+    results.forEach((r, i) => assert.deepEqual(r, { text: fakeAnswer(streams[i].id, 10), error: null }))
+    assert.equal(gw.connectionsTotal, 3)
+  } finally { closeAll(list); gw.stop() }
+})
+
+test('a hung leader is replaced by a follower that steals the lock', async () => {
+  const gw = new FakeGateway({ chunkMs: 5 })
+  const list = tabs(3, { gw })
+  try {
+    await settled(list)
+    const leader = list.find(t => t.mux.role === 'leader')
+    const others = list.filter(t => t !== leader)
+    const streams = others.map(t => ask(t.mux, 120))
+    const reads = streams.map(collect)
+    await until(() => streams.every(s => s.lastSeq >= 3), { what: 'streams under way' })
+    // hang it: it holds the lock and its socket, but hears and says nothing
+    leader.mux.bus.close()
+    clearInterval(leader.mux.hbTimer)
+    leader.mux.running = false
+    const results = await Promise.all(reads)
+    results.forEach((r, i) => assert.deepEqual(r, { text: fakeAnswer(streams[i].id, 120), error: null }))
+    assert.equal(roles(others).filter(r => r === 'leader').length, 1)
+  } finally { closeAll(list); gw.stop() }
+})
+
+test('freeze hands leadership over; resume rejoins as follower', async () => {
+  const gw = new FakeGateway({ chunkMs: 5 })
+  const list = tabs(3, { gw })
+  try {
+    await settled(list)
+    const leader = list.find(t => t.mux.role === 'leader')
+    const others = list.filter(t => t !== leader)
+    const streams = others.map(t => ask(t.mux, 80))
+    const reads = streams.map(collect)
+    await until(() => streams.every(s => s.lastSeq >= 3), { what: 'streams under way' })
+    leader.page.freeze()
+    assert.notEqual(leader.mux.role, 'leader')
+    await until(() => roles(others).includes('leader'), { what: 'new leader' })
+    const results = await Promise.all(reads)
+    results.forEach((r, i) => assert.deepEqual(r, { text: fakeAnswer(streams[i].id, 80), error: null }))
+    leader.page.resume()
+    await settled(list)
+    assert.equal(leader.mux.role, 'follower')
+  } finally { closeAll(list); gw.stop() }
+})
+
+test('bfcache: pagehide(persisted) then pageshow rejoins', async () => {
+  const gw = new FakeGateway({ chunkMs: 3 })
+  const list = tabs(2, { gw })
+  try {
+    await settled(list)
+    const follower = list.find(t => t.mux.role === 'follower')
+    follower.page.pagehide(true)
+    await until(() => list.find(t => t !== follower).mux.tabs === 1, { what: 'follower gone' })
+    follower.page.pageshow(true)
+    await settled(list)
+    const s = ask(follower.mux, 5)
+    assert.deepEqual(await collect(s), { text: fakeAnswer(s.id, 5), error: null })
+  } finally { closeAll(list); gw.stop() }
+})
+
+test('a refused token string is fatal: streams fail with unauthorized', async () => {
+  const gw = new FakeGateway()
+  const [t] = tabs(1, { gw, shared: false, token: 'bad' })
+  const errors = []
+  t.mux.on('error', e => errors.push(e.code))
+  try {
+    const s = ask(t.mux, 5)
+    const r = await collect(s)
+    assert.equal(r.error?.code, 'unauthorized')
+    assert.equal(t.mux.connection, 'closed')
+    assert.ok(errors.includes('unauthorized'))
+    const later = await collect(ask(t.mux, 5))
+    assert.equal(later.error?.code, 'unauthorized', 'new streams fail at once instead of waiting forever')
+  } finally { t.mux.close(); gw.stop() }
+})
+
+test('a token function is called again after 4401 and the stream still gets through', async () => {
+  const gw = new FakeGateway()
+  let calls = 0
+  const [t] = tabs(1, { gw, shared: false, token: async () => (++calls === 1 ? 'bad' : 'good') })
+  try {
+    const s = ask(t.mux, 5)
+    assert.deepEqual(await collect(s), { text: fakeAnswer(s.id, 5), error: null })
+    assert.equal(calls, 2)
+  } finally { t.mux.close(); gw.stop() }
+})
+
+test('the send buffer is bounded while no connection is up', async () => {
+  const gw = new FakeGateway()
+  gw.refuse = true
+  const [t] = tabs(1, { gw, shared: false, sendBufferLimit: 2 })
+  try {
+    const a = ask(t.mux, 3)
+    const b = ask(t.mux, 3)
+    const c = ask(t.mux, 3)
+    assert.equal((await collect(c)).error?.code, 'buffer_full')
+    gw.refuse = false
+    assert.deepEqual(await collect(a), { text: fakeAnswer(a.id, 3), error: null })
+    assert.deepEqual(await collect(b), { text: fakeAnswer(b.id, 3), error: null })
+  } finally { t.mux.close(); gw.stop() }
+})
+
+test('cancel and AbortSignal stop the upstream stream', async () => {
+  const gw = new FakeGateway({ chunkMs: 5 })
+  const list = tabs(2, { gw })
+  try {
+    await settled(list)
+    const follower = list.find(t => t.mux.role === 'follower')
+    const ac = new AbortController()
+    const s = follower.mux.chat({ model: 'm', messages: [{ role: 'user', content: 'chunks=500' }], signal: ac.signal })
+    await until(() => s.lastSeq >= 2, { what: 'under way' })
+    ac.abort()
+    assert.deepEqual((await collect(s)).error, null)
+    await assert.rejects(s.result, { code: 'cancelled' })
+    await until(() => gw.aborted === 1, { what: 'upstream abort' })
+    const l = list.find(t => t.mux.role === 'leader')
+    const s2 = ask(l.mux, 500)
+    await until(() => s2.lastSeq >= 2, { what: 'under way' })
+    s2.cancel()
+    await until(() => gw.aborted === 2, { what: 'leader stream abort' })
+  } finally { closeAll(list); gw.stop() }
+})
+
+test('status reports role, connection, tabs and queue position', async () => {
+  const gw = new FakeGateway()
+  const list = tabs(2, { gw })
+  try {
+    await settled(list)
+    const seen = []
+    const follower = list.find(t => t.mux.role === 'follower')
+    follower.mux.on('status', s => seen.push(s))
+    const st = seen.at(-1)
+    assert.equal(st.role, 'follower')
+    assert.equal(st.connection, 'open')
+    assert.equal(st.tabs, 2)
+    assert.equal(st.user, 'u')
+    assert.equal(st.tier, 'pro')
+    const s = ask(follower.mux, 50)
+    follower.mux.deliverLocal({ type: 'queued', id: s.id, position: 2 })
+    assert.deepEqual(seen.at(-1).queue, [{ id: s.id, position: 2 }])
+    s.cancel()
+  } finally { closeAll(list); gw.stop() }
+})
+
+test('a visible follower takes over from a leader hidden for preferVisibleMs', async () => {
+  const gw = new FakeGateway({ chunkMs: 5 })
+  const list = tabs(2, { gw, preferVisibleMs: 200 })
+  try {
+    await settled(list)
+    const leader = list.find(t => t.mux.role === 'leader')
+    const follower = list.find(t => t !== leader)
+    const s = ask(follower.mux, 80)
+    const reading = collect(s)
+    await until(() => s.lastSeq >= 3, { what: 'under way' })
+    leader.page.document.visibilityState = 'hidden'
+    leader.page.document.dispatchEvent(new Event('visibilitychange'))
+    await until(() => follower.mux.role === 'leader', { what: 'the visible tab to lead' })
+    assert.deepEqual(await reading, { text: fakeAnswer(s.id, 80), error: null })
+    await until(() => leader.mux.role === 'follower', { what: 'the hidden tab to follow' })
+  } finally { closeAll(list); gw.stop() }
+})

@@ -1,0 +1,37 @@
+import { test } from 'node:test'
+import assert from 'node:assert/strict'
+import Roster from '../src/roster.js'
+
+test('a follower that misses more than maxMissed heartbeats vanishes', () => {
+  const r = new Roster('L', { maxMissed: 2 })
+  r.touch('A')
+  r.touch('B')
+  assert.equal(r.size, 3)
+  assert.deepEqual(r.beat(), [])
+  r.ack('A')
+  assert.deepEqual(r.beat(), [])
+  assert.deepEqual(r.beat(), ['B'])
+  assert.deepEqual(r.list(), ['L', 'A'])
+  assert.ok(!r.has('B'))
+})
+
+test('touch reports new members; the leader is never a member', () => {
+  const r = new Roster('L')
+  assert.equal(r.touch('A', { visible: false }), true)
+  assert.equal(r.touch('A'), false)
+  assert.equal(r.members.get('A').visible, false)
+  assert.equal(r.touch('L'), false)
+  assert.ok(r.has('L'))
+  assert.equal(r.leave('A'), true)
+  assert.equal(r.size, 1)
+})
+
+test('an ack does not bring back a dropped tab: it must join again', () => {
+  const r = new Roster('L', { maxMissed: 0 })
+  r.touch('A')
+  assert.deepEqual(r.beat(), ['A'])
+  assert.equal(r.ack('A'), false)
+  assert.ok(!r.has('A'))
+  r.touch('A')
+  assert.equal(r.ack('A'), true)
+})
