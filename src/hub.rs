@@ -12,6 +12,8 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use serde::Serialize;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::protocol::ErrorCode;
 use crate::stream::Stream;
 
@@ -39,6 +41,8 @@ pub struct Refusal {
 pub struct Hub {
     streams: DashMap<StreamKey, Arc<Stream>>,
     users: DashMap<Arc<str>, UserStats>,
+    /// Open connections by number, with their user and the token that asks them to `goaway`.
+    conns: DashMap<u64, (Arc<str>, CancellationToken)>,
 }
 
 impl Hub {
@@ -63,6 +67,30 @@ impl Hub {
         stats.connections += 1;
         stats.connections_total += 1;
         Ok(key)
+    }
+
+    /// Registers an open connection; the token is cancelled when an operator asks its user's
+    /// connections to move (`goaway`).
+    pub fn register_conn(&self, conn: u64, user: &Arc<str>) -> CancellationToken {
+        let token = CancellationToken::new();
+        self.conns.insert(conn, (user.clone(), token.clone()));
+        token
+    }
+
+    pub fn unregister_conn(&self, conn: u64) {
+        self.conns.remove(&conn);
+    }
+
+    /// Sends `goaway` on every connection of `user`; returns how many.
+    pub fn goaway_user(&self, user: &str) -> usize {
+        let mut told = 0;
+        for entry in self.conns.iter() {
+            if &*entry.value().0 == user {
+                entry.value().1.cancel();
+                told += 1;
+            }
+        }
+        told
     }
 
     pub fn disconnect(&self, user: &Arc<str>) {

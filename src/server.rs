@@ -117,6 +117,7 @@ pub fn app(gw: Arc<Gateway>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/admin/users/{user}", get(admin_user))
+        .route("/admin/users/{user}/goaway", axum::routing::post(admin_goaway))
         .route("/admin/providers", get(admin_providers));
     if gw.config.is_dev() {
         router = router.route("/dev/token", get(dev_token));
@@ -252,6 +253,16 @@ async fn admin_user(
 }
 
 /// `None` when the request carries the admin token; else the response refusing it.
+/// Asks every connection of a user to move: each gets `goaway`, takes no new streams, and
+/// closes (1001) once the client's new connection has resumed its streams. For rebalancing
+/// users across instances, or draining one user.
+async fn admin_goaway(State(gw): State<Arc<Gateway>>, headers: HeaderMap, Path(user): Path<String>) -> Response {
+    if let Some(refusal) = refuse_admin(&gw, &headers) {
+        return refusal;
+    }
+    Json(serde_json::json!({ "user": user, "connections": gw.hub.goaway_user(&user) })).into_response()
+}
+
 /// Ready when the config is loaded (it is, or the process would not be serving) and at least
 /// one provider's circuit is not open; not ready while draining.
 async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {

@@ -149,6 +149,7 @@ async fn serve(gw: Arc<Gateway>, sink: Sink, mut source: Source, session: Authen
         inbox: inbox.clone(),
         control,
         draining: false,
+        moved_at: None,
         bad_frames: 0,
         bad_window: Instant::now(),
     };
@@ -256,6 +257,9 @@ struct Connection {
     control: mpsc::Sender<Control>,
     /// `goaway` was sent: no new streams on this connection.
     draining: bool,
+    /// When an operator's `goaway` was sent; the connection closes once its streams have moved
+    /// to the client's new connection, or after the resume window.
+    moved_at: Option<Instant>,
     bad_frames: u32,
     bad_window: Instant,
 }
@@ -270,8 +274,11 @@ impl Connection {
     async fn read_loop(&mut self, source: &mut Source, conn_end: &CancellationToken) {
         let heartbeat = Duration::from_millis(self.gw.config.session.heartbeat_ms);
         let mut check = tokio::time::interval(heartbeat);
+        let mut moved_check = tokio::time::interval(Duration::from_millis(100));
         let mut last_seen = Instant::now();
         let gw = self.gw.clone();
+        let goaway = gw.hub.register_conn(self.inbox.conn, &self.user);
+        let window = Duration::from_millis(gw.config.session.resume_window_ms);
         loop {
             let next = tokio::select! {
                 msg = source.next() => match msg {
@@ -294,6 +301,21 @@ impl Connection {
                     self.draining = true;
                     self.send(protocol::goaway("shutdown", 500)).await
                 }
+                _ = goaway.cancelled(), if !self.draining => {
+                    self.draining = true;
+                    self.moved_at = Some(Instant::now());
+                    self.send(protocol::goaway("rebalance", 0)).await
+                }
+                _ = moved_check.tick(), if self.moved_at.is_some() => {
+                    let carried: Vec<Arc<Stream>> = self.inbox.attached.lock().values().cloned().collect();
+                    let moved = carried.iter().all(|s| !s.is_attached_to(self.inbox.conn));
+                    if moved || self.moved_at.is_some_and(|t| t.elapsed() > window) {
+                        self.close(close::GOING_AWAY, "moved").await;
+                        Next::Stop
+                    } else {
+                        Next::Continue
+                    }
+                }
                 _ = gw.closing.cancelled() => {
                     self.close(close::GOING_AWAY, "shutdown").await;
                     Next::Stop
@@ -301,6 +323,7 @@ impl Connection {
                 _ = conn_end.cancelled() => Next::Stop,
             };
             if let Next::Stop = next {
+                gw.hub.unregister_conn(self.inbox.conn);
                 return;
             }
         }

@@ -234,6 +234,11 @@ impl Stream {
         (!st.finished).then_some(st.detach_epoch)
     }
 
+    /// Whether connection `conn` is the one pulling this stream's frames.
+    pub fn is_attached_to(&self, conn: u64) -> bool {
+        self.state.lock().attached.as_ref().is_some_and(|a| a.inbox.conn == conn)
+    }
+
     /// Whether the stream is still detached since the detach that returned `epoch`.
     pub fn detached_since(&self, epoch: u64) -> bool {
         let st = self.state.lock();
