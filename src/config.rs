@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::billing::BudgetConfig;
 use crate::breaker::BreakerConfig;
 use crate::limits::{default_tiers, LimitsConfig, TierConfig};
 use crate::scheduler::SchedulerConfig;
@@ -62,6 +63,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub scheduler: SchedulerConfig,
     pub breaker: BreakerConfig,
+    /// Daily spend limits per user and per tier (USD, UTC days). Default: none.
+    pub budgets: BudgetConfig,
     /// Models tried, in order, when a model's provider is open-circuit or out of retries
     /// before the first token, e.g. `"gpt-4.1" = ["claude-sonnet-4.5"]`. Default none.
     pub fallbacks: BTreeMap<String, Vec<String>>,
@@ -93,6 +96,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             scheduler: SchedulerConfig::default(),
             breaker: BreakerConfig::default(),
+            budgets: BudgetConfig::default(),
             fallbacks: BTreeMap::new(),
             allowed_params: default_allowed_params(),
             pricing: default_pricing(),
@@ -446,6 +450,9 @@ impl Config {
         }
         if self.limits.global_rpm == 0 || self.limits.global_tpm == 0 {
             return invalid("limits.global_rpm and limits.global_tpm must be > 0".into());
+        }
+        if let Err(e) = self.budgets.validate() {
+            return invalid(format!("budgets: {e}"));
         }
         if self.providers.iter().any(|p| p.max_concurrent == 0) {
             return invalid("providers.max_concurrent must be > 0".into());

@@ -52,7 +52,8 @@ impl Hub {
 
     /// Counts a new connection of `user`, unless they already have `max_connections`.
     /// Interns the user id so every connection and stream of a user shares one allocation.
-    pub fn connect(&self, user: &str, max_connections: usize) -> Result<Arc<str>, Refusal> {
+    /// Returns the user and their number of open connections, this one included.
+    pub fn connect(&self, user: &str, max_connections: usize) -> Result<(Arc<str>, u64), Refusal> {
         let key: Arc<str> = match self.users.get(user) {
             Some(e) => e.key().clone(),
             None => Arc::from(user),
@@ -66,7 +67,7 @@ impl Hub {
         }
         stats.connections += 1;
         stats.connections_total += 1;
-        Ok(key)
+        Ok((key, stats.connections))
     }
 
     /// Registers an open connection; the token is cancelled when an operator asks its user's
@@ -93,9 +94,14 @@ impl Hub {
         told
     }
 
-    pub fn disconnect(&self, user: &Arc<str>) {
-        if let Some(mut stats) = self.users.get_mut(user) {
-            stats.connections = stats.connections.saturating_sub(1);
+    /// Returns the user's number of open connections left.
+    pub fn disconnect(&self, user: &Arc<str>) -> u64 {
+        match self.users.get_mut(user) {
+            Some(mut stats) => {
+                stats.connections = stats.connections.saturating_sub(1);
+                stats.connections
+            }
+            None => 0,
         }
     }
 
@@ -157,6 +163,29 @@ impl Hub {
         self.users.get(user).map(|s| s.clone())
     }
 
+    /// Every user's counters (for the admin view).
+    pub fn all_user_stats(&self) -> Vec<(Arc<str>, UserStats)> {
+        let mut all: Vec<_> = self
+            .users
+            .iter()
+            .map(|u| (u.key().clone(), u.value().clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Ids of a user's live streams (for the admin view).
+    pub fn live_stream_ids(&self, user: &str) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .streams
+            .iter()
+            .filter(|s| &*s.key().0 == user && !s.is_finished())
+            .map(|s| s.key().1.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
     /// Every stream still running (for shutdown).
     pub fn live_streams(&self) -> Vec<Arc<Stream>> {
         self.streams
@@ -181,7 +210,7 @@ mod tests {
     #[test]
     fn duplicate_and_limit() {
         let hub = Hub::new();
-        let user = hub.connect("alice", 2).expect("connect");
+        let (user, _) = hub.connect("alice", 2).expect("connect");
         hub.connect("alice", 2).expect("second connection");
         assert_eq!(
             hub.connect("alice", 2).map_err(|r| r.code),
@@ -202,7 +231,7 @@ mod tests {
             Err(ErrorCode::TooManyStreams)
         );
         // another user has their own namespace and count
-        let bob = hub.connect("bob", 2).expect("bob");
+        let (bob, _) = hub.connect("bob", 2).expect("bob");
         hub.open(&Stream::new("a".into(), bob, "m".into(), 1024), 2)
             .expect("bob's a");
         assert_eq!(hub.user_stats("alice").expect("stats").live_streams, 2);

@@ -17,6 +17,8 @@
 //! - [`limits`]: token buckets per user, tier and process (requests and tokens per minute).
 //! - [`scheduler`]: per-provider upstream slots and the priority queue with aging.
 //! - [`breaker`]: per-provider circuit breaker.
+//! - [`metrics`]: Prometheus metrics (`docs/metrics.md`).
+//! - [`billing`]: token counts, stream cost, daily budgets per user and tier.
 //! - [`upstream`]: providers, pooled HTTP clients, SSE chunk parsing, backoff policy.
 //! - [`server`]: the router, shared state and graceful shutdown.
 //! - [`mock`]: the OpenAI-compatible mock upstream (tests, benchmarks, offline demo).

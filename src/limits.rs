@@ -445,8 +445,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn global_cap_spans_tiers() {
-        let mut config = LimitsConfig::default();
-        config.global_rpm = 2;
+        let config = LimitsConfig {
+            global_rpm: 2,
+            ..LimitsConfig::default()
+        };
         let l = RateLimiter::new(config, default_tiers());
         l.try_acquire(&"a".into(), "free", 1).expect("1");
         l.try_acquire(&"b".into(), "pro", 1).expect("2");

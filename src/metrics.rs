@@ -60,27 +60,7 @@ const OVERHEAD_BUCKETS: [f64; 16] = [
     0.1, 0.25, 0.5, 1.0,
 ];
 
-/// State of one provider's circuit breaker, as the gauge `muxgate_circuit_breaker_state` shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum BreakerState {
-    /// Requests flow (gauge 0).
-    Closed,
-    /// A probe request decides whether to close again (gauge 1).
-    HalfOpen,
-    /// Requests are refused without calling the provider (gauge 2).
-    Open,
-}
-
-impl BreakerState {
-    /// The gauge value: ordered so that `max()` over providers is the worst state.
-    pub fn gauge_value(self) -> i64 {
-        match self {
-            BreakerState::Closed => 0,
-            BreakerState::HalfOpen => 1,
-            BreakerState::Open => 2,
-        }
-    }
-}
+pub use crate::breaker::BreakerState;
 
 /// How one stream ended, for [`Metrics::stream_finished`].
 ///
@@ -464,7 +444,7 @@ impl Metrics {
             .get_or_create(&ProviderLabels {
                 provider: provider.to_owned(),
             })
-            .set(state.gauge_value());
+            .set(state.as_gauge());
     }
 
     /// A connection's writer sent one batch: `frames` WebSocket messages carrying `bytes` of

@@ -339,7 +339,7 @@ fn push_word_chunk(out: &mut String, h: usize, k: usize, pad_to: usize) {
     // Writing into a String cannot fail.
     let _ = write!(out, "{k}");
     let natural = out.len() - start + 1;
-    out.extend(std::iter::repeat('.').take(pad_to.saturating_sub(natural)));
+    out.extend(std::iter::repeat_n('.', pad_to.saturating_sub(natural)));
     out.push(' ');
 }
 

@@ -247,6 +247,9 @@ enum ServerFrame<'a> {
         /// Extension: the model that answered, when a fallback served instead of the one asked.
         #[serde(skip_serializing_if = "Option::is_none")]
         model: Option<&'a str>,
+        /// Extension: `usage` was counted by the gateway's tokenizer, the upstream sent none.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        usage_estimated: bool,
     },
     Error {
         id: Option<&'a str>,
@@ -308,6 +311,7 @@ pub fn done(
     usage: Option<Usage>,
     cost_usd: Option<f64>,
     served_by: Option<&str>,
+    usage_estimated: bool,
 ) -> Utf8Bytes {
     encode(&ServerFrame::Done {
         id,
@@ -316,6 +320,7 @@ pub fn done(
         usage,
         cost_usd,
         model: served_by,
+        usage_estimated,
     })
 }
 

@@ -12,8 +12,8 @@ use tokio::time::Instant;
 
 use crate::billing;
 use crate::breaker::Health;
-use crate::config::Price;
 use crate::limits::{OnLimit, Reservation, TierConfig};
+use crate::metrics::{self, StreamOutcome};
 use crate::protocol::{self, ErrorCode, OpenRequest, Usage};
 use crate::scheduler::NoSlot;
 use crate::server::Gateway;
@@ -84,26 +84,60 @@ pub fn validate_open(req: &OpenRequest, allowed_params: &[String]) -> Result<(),
     Ok(())
 }
 
-/// Runs one stream to its end: rate limits, a queue slot, the upstream call with retries and
-/// fallbacks. Never returns before the terminal frame is in the log.
+/// Runs one stream to its end: budget, rate limits, a queue slot, the upstream call with
+/// retries and fallbacks. Never returns before the terminal frame is in the log. Bills and
+/// records what the stream used, whatever way it ended.
 pub async fn run(job: Job) -> Outcome {
+    let gw = &job.gw;
     let stream = &job.stream;
-    let prompt_tokens = billing::count_prompt_tokens(&job.req.model, &job.req.messages);
-    let (ended, reservation) = drive(&job, prompt_tokens).await;
+    let _live = gw.metrics.stream_started();
+    let mut t = Timings::new();
+    let prompt_tokens = prompt_tokens(&job.req).await;
+    let (ended, reservation) = drive(&job, prompt_tokens, &mut t).await;
     let key = ended.seq() + 1;
+    let model = match &ended {
+        Ended::Done { model, .. } => model.clone(),
+        _ => job.req.model.clone(),
+    };
+    // Tokens: the upstream's count when it sent one; else counted with the model's tokenizer
+    // over what was generated, for streams cancelled or cut mid-way too. A stream no upstream
+    // accepted (refused, or answered only with errors) used nothing.
+    let reported = match &ended {
+        Ended::Done { usage, .. } => *usage,
+        _ => None,
+    };
+    let usage = reported.or_else(|| {
+        t.accepted.then(|| Usage {
+            prompt_tokens,
+            completion_tokens: billing::count_tokens(&model, &stream.completion_text()),
+        })
+    });
+    let estimated = reported.is_none();
+    let cost = usage.and_then(|u| {
+        let price = gw.config.pricing.get(&model)?;
+        Some(billing::cost_usd(
+            u.prompt_tokens,
+            u.completion_tokens,
+            price.input,
+            price.output,
+        ))
+    });
     let outcome = match ended {
         Ended::Done {
-            seq,
-            finish_reason,
-            usage,
-            model,
+            seq, finish_reason, ..
         } => {
-            let price = job.gw.config.pricing.get(&model).copied();
-            let cost = usage.zip(price).map(|(u, p)| cost_usd(u, p));
             let served_by = (model != job.req.model).then_some(model.as_str());
             stream.finish(
                 key,
-                protocol::done(&stream.id, seq + 1, &finish_reason, usage, cost, served_by),
+                protocol::done(
+                    &stream.id,
+                    seq + 1,
+                    &finish_reason,
+                    usage,
+                    cost,
+                    served_by,
+                    estimated,
+                ),
             );
             Outcome::Done {
                 finish_reason,
@@ -140,21 +174,99 @@ pub async fn run(job: Job) -> Outcome {
         }
     };
     if let Some(reservation) = reservation {
-        let used = match &outcome {
-            Outcome::Done { usage: Some(u), .. } => u.prompt_tokens + u.completion_tokens,
-            // Nothing reached the client: the upstream generated nothing we can account for.
-            _ if key == 1 => 0,
-            _ => prompt_tokens + billing::count_tokens(&job.req.model, &stream.completion_text()),
-        };
-        job.gw.limits.reconcile(&reservation, used);
+        gw.limits.reconcile(
+            &reservation,
+            usage.map_or(0, |u| u.prompt_tokens + u.completion_tokens),
+        );
     }
+    if let Some(u) = usage {
+        gw.metrics.tokens(
+            &model,
+            &job.tier,
+            u.prompt_tokens,
+            u.completion_tokens,
+            estimated,
+        );
+    }
+    if let Some(cost) = cost {
+        gw.metrics.spend(&model, &job.tier, cost);
+        gw.budgets.record(&stream.user, &job.tier, cost);
+    }
+    let status = match &outcome {
+        Outcome::Done { .. } => metrics::STATUS_DONE,
+        Outcome::Failed(code) => code.as_str(),
+        Outcome::Cancelled(CancelReason::Shutdown) => ErrorCode::Internal.as_str(),
+        Outcome::Cancelled(_) => ErrorCode::Cancelled.as_str(),
+    };
+    gw.metrics.stream_finished(&StreamOutcome {
+        model: &model,
+        provider: t.provider.as_deref().unwrap_or("none"),
+        tier: &job.tier,
+        status,
+        duration: t.opened.elapsed(),
+        time_to_first_token: t.first_delta.map(|at| at - t.opened),
+        upstream_time_to_first_byte: t.upstream_started.zip(t.first_chunk).map(|(s, f)| f - s),
+        queue_wait: t.waited,
+    });
     outcome
 }
 
-/// USD for `usage` at `price` (per million tokens).
-pub fn cost_usd(usage: Usage, price: Price) -> f64 {
-    (usage.prompt_tokens as f64 * price.input + usage.completion_tokens as f64 * price.output)
-        / 1_000_000.0
+/// Counts the prompt's tokens; a large prompt is counted off the async threads (the
+/// tokenizer costs tens of milliseconds per MiB).
+async fn prompt_tokens(req: &OpenRequest) -> u64 {
+    let size: usize = req.messages.iter().map(message_text_len).sum();
+    if size < 64 * 1024 {
+        return billing::count_prompt_tokens(&req.model, &req.messages);
+    }
+    let (model, messages) = (req.model.clone(), req.messages.clone());
+    tokio::task::spawn_blocking(move || billing::count_prompt_tokens(&model, &messages))
+        .await
+        .unwrap_or(0)
+}
+
+fn message_text_len(m: &Value) -> usize {
+    match m.get("content") {
+        Some(Value::String(s)) => s.len(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .map(str::len)
+            .sum(),
+        _ => 0,
+    }
+}
+
+/// When things happened to one stream, for the latency metrics.
+struct Timings {
+    /// The stream's task started (the `open` frame was just read).
+    opened: Instant,
+    /// Time spent waiting by policy: for a rate limit under `on_limit = "wait"`, or in the
+    /// upstream queue. Not gateway overhead.
+    waited: Duration,
+    /// The first upstream attempt began.
+    upstream_started: Option<Instant>,
+    /// The first content chunk arrived from the upstream.
+    first_chunk: Option<Instant>,
+    /// The first `delta` was in the stream's log, ready for its connection.
+    first_delta: Option<Instant>,
+    /// The last provider tried.
+    provider: Option<String>,
+    /// An upstream answered 200 and began streaming: from then on the prompt is billable.
+    accepted: bool,
+}
+
+impl Timings {
+    fn new() -> Self {
+        Timings {
+            opened: Instant::now(),
+            waited: Duration::ZERO,
+            upstream_started: None,
+            first_chunk: None,
+            first_delta: None,
+            provider: None,
+            accepted: false,
+        }
+    }
 }
 
 /// Why a stream failed, as the client will read it.
@@ -215,18 +327,30 @@ impl Ended {
     }
 }
 
-async fn drive(job: &Job, prompt_tokens: u64) -> (Ended, Option<Reservation>) {
+async fn drive(job: &Job, prompt_tokens: u64, t: &mut Timings) -> (Ended, Option<Reservation>) {
     let gw = &job.gw;
     let stream = &job.stream;
     let Some(tier) = gw.limits.tier(&job.tier) else {
         let message = format!("unknown tier `{}`", job.tier);
         return (Ended::failed(ErrorCode::Internal, message, None), None);
     };
+    if let Err(over) = gw.budgets.check(&stream.user, &job.tier) {
+        gw.metrics.refused("budget");
+        let ended = Ended::failed(
+            ErrorCode::BudgetExceeded,
+            over.to_string(),
+            Some(over.retry_after),
+        );
+        return (ended, None);
+    }
     let max_tokens = ["max_tokens", "max_completion_tokens"]
         .iter()
         .find_map(|k| job.req.params.get(*k).and_then(Value::as_u64));
     let reserve = prompt_tokens + gw.limits.completion_reservation(max_tokens);
-    let reservation = match admit(job, tier, reserve).await {
+    let admitting = Instant::now();
+    let admitted = admit(job, tier, reserve).await;
+    t.waited += admitting.elapsed();
+    let reservation = match admitted {
         Ok(r) => r,
         Err(ended) => return (ended, None),
     };
@@ -246,14 +370,21 @@ async fn drive(job: &Job, prompt_tokens: u64) -> (Ended, Option<Reservation>) {
             }));
             continue;
         }
-        let _slot = match provider
+        t.provider = Some(provider.name.clone());
+        let queueing = Instant::now();
+        let slot = provider
             .scheduler
             .acquire(stream, &job.tier, tier.priority)
-            .await
-        {
+            .await;
+        t.waited += queueing.elapsed();
+        let _slot = match slot {
             Ok(slot) => slot,
             Err(NoSlot::Cancelled) => return (Ended::Cancelled { seq: 0 }, Some(reservation)),
             Err(why) => {
+                gw.metrics.refused(match why {
+                    NoSlot::QueueFull => "queue_full",
+                    _ => "queue_timeout",
+                });
                 let message = match why {
                     NoSlot::QueueFull => format!("provider `{}`: queue full", provider.name),
                     _ => format!(
@@ -281,7 +412,8 @@ async fn drive(job: &Job, prompt_tokens: u64) -> (Ended, Option<Reservation>) {
                 return (ended, Some(reservation));
             }
         };
-        match attempt_all(job, provider, body, model).await {
+        t.upstream_started.get_or_insert_with(Instant::now);
+        match attempt_all(job, provider, body, model, t).await {
             Ended::Failed { seq: 0, failure } if failure.may_fall_back => {
                 tracing::info!(model, code = %failure.code, "falling back to the next model");
                 last = Some(failure);
@@ -314,6 +446,7 @@ async fn admit(job: &Job, tier: &TierConfig, tokens: u64) -> Result<Reservation,
             .retry_after
             .filter(|d| tier.on_limit == OnLimit::Wait && Instant::now() + *d <= deadline);
         let Some(wait) = wait else {
+            job.gw.metrics.refused(limited.kind.as_str());
             return Err(Ended::failed(
                 ErrorCode::RateLimited,
                 limited.message(),
@@ -330,13 +463,19 @@ async fn admit(job: &Job, tier: &TierConfig, tokens: u64) -> Result<Reservation,
 }
 
 /// Calls one provider until it answers, retrying failures before the first token.
-async fn attempt_all(job: &Job, provider: &Provider, body: Bytes, model: &str) -> Ended {
+async fn attempt_all(
+    job: &Job,
+    provider: &Provider,
+    body: Bytes,
+    model: &str,
+    t: &mut Timings,
+) -> Ended {
     let stream = &job.stream;
     let policy = &job.gw.config.retry;
     let mut retries = 0u32;
     loop {
         let mut seq = 0u64;
-        let error = match attempt(stream, provider, body.clone(), &mut seq).await {
+        let error = match attempt(stream, provider, body.clone(), &mut seq, t).await {
             Ok((finish_reason, usage)) => {
                 return Ended::Done {
                     seq,
@@ -362,6 +501,7 @@ async fn attempt_all(job: &Job, provider: &Provider, body: Bytes, model: &str) -
             };
         }
         let wait = upstream::backoff(retries, policy, retry_after, &mut rand::thread_rng());
+        job.gw.metrics.upstream_retry(&provider.name, error.kind());
         tracing::info!(provider = %provider.name, kind = error.kind(), status = error.status(), ?wait, "retrying upstream");
         retries += 1;
         if until_cancelled(stream, tokio::time::sleep(wait))
@@ -394,6 +534,7 @@ async fn attempt(
     provider: &Provider,
     body: Bytes,
     seq: &mut u64,
+    t: &mut Timings,
 ) -> Result<(String, Option<Usage>), Attempt> {
     if let Err(retry_after) = provider.breaker.try_pass() {
         return Err(Attempt::Failed(UpstreamError::CircuitOpen {
@@ -401,7 +542,7 @@ async fn attempt(
             retry_after,
         }));
     }
-    let result = relay_once(stream, provider, body, seq).await;
+    let result = relay_once(stream, provider, body, seq, t).await;
     let health = match &result {
         Ok(_) => Health::Success,
         Err(Attempt::Failed(e)) => e.health(),
@@ -416,6 +557,7 @@ async fn relay_once(
     provider: &Provider,
     body: Bytes,
     seq: &mut u64,
+    t: &mut Timings,
 ) -> Result<(String, Option<Usage>), Attempt> {
     let first_token_deadline = Instant::now() + provider.first_token_timeout;
     let first_token_timeout = || {
@@ -429,6 +571,7 @@ async fn relay_once(
         .ok_or(Attempt::Cancelled)?
         .map_err(|_| first_token_timeout())?
         .map_err(Attempt::Failed)?;
+    t.accepted = true;
     let mut finish_reason: Option<String> = None;
     let mut usage = None;
     loop {
@@ -468,6 +611,7 @@ async fn relay_once(
             }
             Ok(Some(Ok(event))) => event,
         };
+        let received = Instant::now();
         if event.data == "[DONE]" {
             return Ok((finish_reason.unwrap_or_else(|| "stop".into()), usage));
         }
@@ -479,6 +623,9 @@ async fn relay_once(
             finish_reason = Some(reason.into_owned());
         }
         if let Some(text) = chunk.content {
+            if *seq == 0 {
+                t.first_chunk = Some(received);
+            }
             *seq += 1;
             if !stream
                 .push(*seq, protocol::delta(&stream.id, *seq, &text))
@@ -486,6 +633,7 @@ async fn relay_once(
             {
                 return Err(Attempt::Cancelled);
             }
+            t.first_delta.get_or_insert_with(Instant::now);
         }
     }
 }
@@ -524,21 +672,5 @@ mod tests {
         assert!(validate_open(&req, &allowed).is_err());
         req.messages.clear();
         assert!(validate_open(&req, &allowed).is_err());
-    }
-
-    #[test]
-    fn cost() {
-        let price = Price {
-            input: 0.10,
-            output: 0.42,
-        };
-        let c = cost_usd(
-            Usage {
-                prompt_tokens: 1_000_000,
-                completion_tokens: 1_000_000,
-            },
-            price,
-        );
-        assert!((c - 0.52).abs() < 1e-12);
     }
 }

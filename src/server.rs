@@ -18,9 +18,11 @@ use tokio_util::task::TaskTracker;
 use tower_http::services::ServeDir;
 
 use crate::auth::Authenticator;
+use crate::billing::Budgets;
 use crate::config::{Config, ProviderConfig};
 use crate::hub::Hub;
 use crate::limits::RateLimiter;
+use crate::metrics::{self, Metrics};
 use crate::mock;
 use crate::protocol::SUBPROTOCOL;
 use crate::session;
@@ -44,6 +46,9 @@ pub struct Gateway {
     pub upstreams: Upstreams,
     /// Token buckets shared by every connection.
     pub limits: RateLimiter,
+    /// Daily spend per user and tier, and their limits.
+    pub budgets: Budgets,
+    pub metrics: Arc<Metrics>,
     pub hub: Arc<Hub>,
     /// Cancelled when shutdown begins: connections get `goaway` and refuse new streams.
     pub draining: CancellationToken,
@@ -89,11 +94,16 @@ impl Gateway {
         );
         let upstreams = Upstreams::new(&config.providers, &config.scheduler, &config.breaker)?;
         let limits = RateLimiter::new(config.limits.clone(), config.tiers.clone());
+        let budgets = Budgets::new(config.budgets.clone());
+        // Both tokenizers take a moment to build; not on the first stream's time.
+        tokio::task::spawn_blocking(crate::billing::warm_up);
         Ok(Arc::new(Gateway {
             config,
             auth,
             upstreams,
             limits,
+            budgets,
+            metrics: Arc::new(Metrics::new()),
             hub: Arc::new(Hub::new()),
             draining: CancellationToken::new(),
             closing: CancellationToken::new(),
@@ -116,8 +126,13 @@ pub fn app(gw: Arc<Gateway>) -> Router {
         .route("/v1/ws", get(ws_upgrade))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/admin/users", get(admin_users))
         .route("/admin/users/{user}", get(admin_user))
-        .route("/admin/users/{user}/goaway", axum::routing::post(admin_goaway))
+        .route(
+            "/admin/users/{user}/goaway",
+            axum::routing::post(admin_goaway),
+        )
         .route("/admin/providers", get(admin_providers));
     if gw.config.is_dev() {
         router = router.route("/dev/token", get(dev_token));
@@ -248,19 +263,78 @@ async fn admin_user(
         "connections": stats.connections,
         "connections_total": stats.connections_total,
         "live_streams": stats.live_streams,
+        "streams": gw.hub.live_stream_ids(&user),
+        "spend_today_usd": gw.budgets.user_spent_today(&user),
     }))
     .into_response()
 }
 
 /// `None` when the request carries the admin token; else the response refusing it.
-/// Asks every connection of a user to move: each gets `goaway`, takes no new streams, and
-/// closes (1001) once the client's new connection has resumed its streams. For rebalancing
-/// users across instances, or draining one user.
-async fn admin_goaway(State(gw): State<Arc<Gateway>>, headers: HeaderMap, Path(user): Path<String>) -> Response {
+/// Prometheus text. Gauges of state that changes with time alone (a breaker due for its probe)
+/// or under locks the hot path holds (queue depths) are read here, at scrape time.
+async fn metrics_text(State(gw): State<Arc<Gateway>>) -> Response {
+    for p in gw.upstreams.all() {
+        gw.metrics.set_breaker_state(&p.name, p.breaker.state());
+        let (_, _, by_tier) = p.scheduler.load();
+        for tier in gw.config.tiers.keys() {
+            let depth = by_tier
+                .iter()
+                .find(|(t, _)| &**t == tier)
+                .map_or(0, |(_, n)| *n);
+            gw.metrics.set_queue_depth(&p.name, tier, depth);
+        }
+    }
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        gw.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// Every user with a connection or stream since start: connections, live streams, spend today.
+async fn admin_users(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
     if let Some(refusal) = refuse_admin(&gw, &headers) {
         return refusal;
     }
-    Json(serde_json::json!({ "user": user, "connections": gw.hub.goaway_user(&user) })).into_response()
+    let spend = gw.budgets.snapshot();
+    let users: Vec<_> = gw
+        .hub
+        .all_user_stats()
+        .into_iter()
+        .map(|(user, stats)| {
+            serde_json::json!({
+                "user": &*user,
+                "connections": stats.connections,
+                "connections_total": stats.connections_total,
+                "live_streams": stats.live_streams,
+                "spend_today_usd": spend.users.get(&*user).copied().unwrap_or(0.0),
+            })
+        })
+        .collect();
+    let (connections, live_streams) = gw.hub.totals();
+    Json(serde_json::json!({
+        "day": spend.day,
+        "connections": connections,
+        "live_streams": live_streams,
+        "spend_today_usd_by_tier": spend.tiers,
+        "users": users,
+    }))
+    .into_response()
+}
+
+/// Asks every connection of a user to move: each gets `goaway`, takes no new streams, and
+/// closes (1001) once the client's new connection has resumed its streams. For rebalancing
+/// users across instances, or draining one user.
+async fn admin_goaway(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+) -> Response {
+    if let Some(refusal) = refuse_admin(&gw, &headers) {
+        return refusal;
+    }
+    Json(serde_json::json!({ "user": user, "connections": gw.hub.goaway_user(&user) }))
+        .into_response()
 }
 
 /// Ready when the config is loaded (it is, or the process would not be serving) and at least

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Claims;
+use crate::metrics::Metrics;
 use crate::protocol::{
     self, close, ClientFrame, ErrorCode, OpenRequest, ResumeRequest, WelcomeLimits,
 };
@@ -35,6 +36,7 @@ enum Control {
 
 /// Runs one connection to its end.
 pub async fn run(gw: Arc<Gateway>, socket: WebSocket) {
+    let _open = gw.metrics.connection_opened();
     let (sink, mut source) = socket.split();
     let (claims, resume) = match handshake(&gw, &mut source).await {
         Ok(hello) => hello,
@@ -48,8 +50,13 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket) {
         return;
     };
     let user = match gw.hub.connect(&claims.sub, tier.max_connections) {
-        Ok(user) => user,
+        Ok((user, open)) => {
+            gw.metrics
+                .user_connections_changed(open as usize - 1, open as usize);
+            user
+        }
         Err(refusal) => {
+            gw.metrics.refused("too_many_connections");
             let frame = protocol::error(None, refusal.code, &refusal.message, None);
             return refuse(
                 sink,
@@ -114,6 +121,7 @@ async fn serve(gw: Arc<Gateway>, sink: Sink, mut source: Source, session: Authen
     let welcome = protocol::welcome(&session_id, &user, &tier, s.heartbeat_ms, &limits, &resumed);
     let _ = control.send(Control::Frame(welcome)).await;
     let writer = tokio::spawn(write_loop(
+        gw.metrics.clone(),
         sink,
         inbox.clone(),
         control_rx,
@@ -170,7 +178,9 @@ async fn serve(gw: Arc<Gateway>, sink: Sink, mut source: Source, session: Authen
             });
         }
     }
-    gw.hub.disconnect(&user);
+    let open = gw.hub.disconnect(&user);
+    gw.metrics
+        .user_connections_changed(open as usize + 1, open as usize);
     tracing::info!("disconnected");
 }
 
@@ -434,6 +444,9 @@ impl Connection {
             gw.config.session.stream_buffer_bytes,
         );
         if let Err(refusal) = gw.hub.open(&stream, self.max_streams) {
+            if refusal.code == ErrorCode::TooManyStreams {
+                gw.metrics.refused("too_many_streams");
+            }
             return self.send(refuse(refusal.code, &refusal.message)).await;
         }
         // A fresh stream has no gap to refuse.
@@ -506,6 +519,7 @@ enum WriteEnd {
 
 /// Writes control frames, stream frames and pings until the connection ends.
 async fn write_loop(
+    metrics: Arc<Metrics>,
     mut sink: Sink,
     inbox: Arc<Inbox>,
     mut control: mpsc::Receiver<Control>,
@@ -522,11 +536,11 @@ async fn write_loop(
             msg = control.recv() => match msg {
                 Some(Control::Frame(frame)) => {
                     frames.push(frame);
-                    write(&mut sink, &mut frames, write_timeout).await
+                    write(&mut sink, &mut frames, write_timeout, &metrics).await
                 }
                 Some(Control::Close(code, reason)) => {
                     pull_ready(&inbox, &mut ready, &mut frames);
-                    let _ = write(&mut sink, &mut frames, write_timeout).await;
+                    let _ = write(&mut sink, &mut frames, write_timeout, &metrics).await;
                     let _ = tokio::time::timeout(write_timeout, sink.send(close_message(code, reason))).await;
                     break WriteEnd::Done;
                 }
@@ -534,7 +548,7 @@ async fn write_loop(
             },
             _ = inbox.notify.notified() => {
                 pull_ready(&inbox, &mut ready, &mut frames);
-                write(&mut sink, &mut frames, write_timeout).await
+                write(&mut sink, &mut frames, write_timeout, &metrics).await
             }
             _ = ping.tick() => {
                 match tokio::time::timeout(write_timeout, sink.send(Message::Ping(Default::default()))).await {
@@ -581,10 +595,13 @@ async fn write(
     sink: &mut Sink,
     frames: &mut Vec<Utf8Bytes>,
     timeout: Duration,
+    metrics: &Metrics,
 ) -> Result<(), WriteEnd> {
     if frames.is_empty() {
         return Ok(());
     }
+    let count = frames.len() as u64;
+    let bytes: usize = frames.iter().map(|f| f.len()).sum();
     let result = tokio::time::timeout(timeout, async {
         for frame in frames.drain(..) {
             sink.feed(Message::Text(frame)).await?;
@@ -594,7 +611,10 @@ async fn write(
     .await;
     frames.clear();
     match result {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(())) => {
+            metrics.frames_sent(count, bytes as u64);
+            Ok(())
+        }
         Ok(Err(_)) => Err(WriteEnd::Done),
         Err(_) => Err(WriteEnd::SlowConsumer),
     }

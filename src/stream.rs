@@ -236,7 +236,11 @@ impl Stream {
 
     /// Whether connection `conn` is the one pulling this stream's frames.
     pub fn is_attached_to(&self, conn: u64) -> bool {
-        self.state.lock().attached.as_ref().is_some_and(|a| a.inbox.conn == conn)
+        self.state
+            .lock()
+            .attached
+            .as_ref()
+            .is_some_and(|a| a.inbox.conn == conn)
     }
 
     /// Whether the stream is still detached since the detach that returned `epoch`.
@@ -418,7 +422,7 @@ mod tests {
         out.clear();
         assert_eq!(s.pull(inbox.conn, &mut out), Pulled::Open);
         assert!(out.is_empty(), "nothing twice");
-        s.finish(3, protocol::done("s1", 3, "stop", None, None, None));
+        s.finish(3, protocol::done("s1", 3, "stop", None, None, None, false));
         assert_eq!(s.pull(inbox.conn, &mut out), Pulled::Finished);
         assert_eq!(frames(&out).len(), 1);
     }

@@ -693,7 +693,9 @@ async fn an_operator_goaway_moves_streams_to_a_new_connection() {
         r.take(f);
     }
     old.open("late", "[[mock chunks=2]]").await;
-    let (mut new, welcome) = h.connect_resume("alice", json!([{"id":"m","after":r.last_seq}])).await;
+    let (mut new, welcome) = h
+        .connect_resume("alice", json!([{"id":"m","after":r.last_seq}]))
+        .await;
     assert_eq!(welcome["resumed"], json!(["m"]));
     // The old socket may still deliver what it had; then it closes. Like the shim, the client
     // keeps frames by seq, so nothing is lost or repeated.
