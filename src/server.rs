@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -127,19 +128,23 @@ pub fn app(gw: Arc<Gateway>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .route("/admin/users", get(admin_users))
-        .route("/admin/users/{user}", get(admin_user))
-        .route(
-            "/admin/users/{user}/goaway",
-            axum::routing::post(admin_goaway),
-        )
-        .route("/admin/providers", get(admin_providers));
+        .nest("/admin", admin_routes(gw.clone()));
     if gw.config.is_dev() {
         router = router.route("/dev/token", get(dev_token));
     }
     router
         .fallback_service(ServeDir::new(gw.config.static_dir()))
         .with_state(gw)
+}
+
+/// The operator's routes, all behind the admin bearer token.
+fn admin_routes(gw: Arc<Gateway>) -> Router<Arc<Gateway>> {
+    Router::new()
+        .route("/users", get(admin_users))
+        .route("/users/{user}", get(admin_user))
+        .route("/users/{user}/goaway", axum::routing::post(admin_goaway))
+        .route("/providers", get(admin_providers))
+        .route_layer(middleware::from_fn_with_state(gw, require_admin))
 }
 
 /// Serves until `shutdown` resolves, then drains: stop accepting, `goaway` to every
@@ -249,14 +254,7 @@ async fn dev_token(State(gw): State<Arc<Gateway>>, Query(q): Query<DevTokenQuery
     }
 }
 
-async fn admin_user(
-    State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    Path(user): Path<String>,
-) -> Response {
-    if let Some(refusal) = refuse_admin(&gw, &headers) {
-        return refusal;
-    }
+async fn admin_user(State(gw): State<Arc<Gateway>>, Path(user): Path<String>) -> Response {
     let stats = gw.hub.user_stats(&user).unwrap_or_default();
     Json(serde_json::json!({
         "user": user,
@@ -292,10 +290,7 @@ async fn metrics_text(State(gw): State<Arc<Gateway>>) -> Response {
 }
 
 /// Every user with a connection or stream since start: connections, live streams, spend today.
-async fn admin_users(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
-    if let Some(refusal) = refuse_admin(&gw, &headers) {
-        return refusal;
-    }
+async fn admin_users(State(gw): State<Arc<Gateway>>) -> Response {
     let spend = gw.budgets.snapshot();
     let users: Vec<_> = gw
         .hub
@@ -325,14 +320,7 @@ async fn admin_users(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Resp
 /// Asks every connection of a user to move: each gets `goaway`, takes no new streams, and
 /// closes (1001) once the client's new connection has resumed its streams. For rebalancing
 /// users across instances, or draining one user.
-async fn admin_goaway(
-    State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    Path(user): Path<String>,
-) -> Response {
-    if let Some(refusal) = refuse_admin(&gw, &headers) {
-        return refusal;
-    }
+async fn admin_goaway(State(gw): State<Arc<Gateway>>, Path(user): Path<String>) -> Response {
     Json(serde_json::json!({ "user": user, "connections": gw.hub.goaway_user(&user) }))
         .into_response()
 }
@@ -361,10 +349,7 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
 }
 
 /// Each provider's circuit breaker and upstream slots.
-async fn admin_providers(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
-    if let Some(refusal) = refuse_admin(&gw, &headers) {
-        return refusal;
-    }
+async fn admin_providers(State(gw): State<Arc<Gateway>>) -> Response {
     let providers: Vec<_> = gw
         .upstreams
         .all()
@@ -387,17 +372,23 @@ async fn admin_providers(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> 
     Json(serde_json::json!({ "providers": providers })).into_response()
 }
 
-fn refuse_admin(gw: &Gateway, headers: &HeaderMap) -> Option<Response> {
+/// Lets a request through with the admin token; without an admin token configured, the admin
+/// routes do not exist (404).
+async fn require_admin(State(gw): State<Arc<Gateway>>, req: Request, next: Next) -> Response {
     let Some(expected) = &gw.config.admin_token else {
-        return Some(StatusCode::NOT_FOUND.into_response());
+        return StatusCode::NOT_FOUND.into_response();
     };
-    let given = headers
+    let given = req
+        .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    (!constant_time_eq(given.as_bytes(), expected.as_bytes()))
-        .then(|| (StatusCode::UNAUTHORIZED, "admin token required").into_response())
+    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        next.run(req).await
+    } else {
+        (StatusCode::UNAUTHORIZED, "admin token required").into_response()
+    }
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
