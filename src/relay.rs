@@ -611,7 +611,8 @@ async fn relay_once(
             }
             Ok(Some(Ok(event))) => event,
         };
-        let received = Instant::now();
+        // One clock read per stream, not per chunk: only the first content chunk's time counts.
+        let received = t.first_chunk.is_none().then(Instant::now);
         if event.data == "[DONE]" {
             return Ok((finish_reason.unwrap_or_else(|| "stop".into()), usage));
         }
@@ -624,7 +625,7 @@ async fn relay_once(
         }
         if let Some(text) = chunk.content {
             if *seq == 0 {
-                t.first_chunk = Some(received);
+                t.first_chunk = received;
             }
             *seq += 1;
             if !stream
