@@ -719,3 +719,70 @@ async fn an_operator_goaway_moves_streams_to_a_new_connection() {
     assert_eq!(r.text, expected("move", 80));
     assert_eq!(h.gw.hub.user_stats("alice").unwrap().connections, 1);
 }
+
+#[tokio::test]
+async fn a_reader_too_slow_for_the_write_timeout_is_closed_4408_and_can_resume() {
+    let h = Harness::start_with(|c| {
+        c.session.stream_buffer_bytes = 64 * 1024;
+        c.session.write_timeout_ms = 300;
+        c.session.heartbeat_ms = 60_000;
+    })
+    .await;
+    let mut c = h.connect("alice").await;
+    c.open("big", "slow [[mock chunks=20000 chunk_bytes=4096]]")
+        .await;
+    c.recv_until("delta", Some("big")).await;
+    // Stop reading until the gateway gives up on this socket.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while h.gw.hub.user_stats("alice").unwrap().connections > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slow reader was never dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // What was written before the drop is still readable. The close frame (4408) goes out only
+    // if the socket takes it: a reader this slow usually just sees the connection end.
+    let mut r = StreamRecord {
+        last_seq: 1,
+        deltas: 1,
+        ..Default::default()
+    };
+    loop {
+        match c.next_event().await {
+            Event::Frame(f) => r.take(f),
+            Event::Closed(code) => {
+                assert!(matches!(code, None | Some(4408)), "{code:?}");
+                break;
+            }
+        }
+    }
+    // The stream waited for a resume: it continues with no gap, or, if the frames the dead
+    // socket swallowed were already trimmed from the log, says so. Never a silent gap.
+    let (mut c, welcome) = h
+        .connect_resume("alice", json!([{"id":"big","after":r.last_seq}]))
+        .await;
+    assert_eq!(welcome["resumed"], json!(["big"]));
+    loop {
+        let f = c.recv().await;
+        if f["id"] != "big" {
+            continue;
+        }
+        if f["type"] == "error" {
+            assert_eq!(f["code"], "not_found", "{f}");
+            assert!(
+                f["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("no longer be replayed"),
+                "{f}"
+            );
+            break;
+        }
+        r.take(f);
+        if r.end.is_some() {
+            assert_eq!(r.deltas, 20_000);
+            break;
+        }
+    }
+}
