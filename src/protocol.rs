@@ -354,31 +354,37 @@ pub fn goaway(reason: &str, reconnect_after_ms: u64) -> Utf8Bytes {
 /// This is the hot path (one upstream chunk, one frame), so it avoids building a JSON value.
 /// `id` needs no escaping: [`valid_stream_id`] admits no character JSON would escape.
 pub fn delta(id: &str, seq: u64, text: &str) -> Utf8Bytes {
-    let mut out = String::with_capacity(40 + id.len() + text.len() + text.len() / 8);
-    out.push_str(r#"{"type":"delta","id":""#);
+    const HEAD: &str = r#"{"type":"delta","id":""#;
+    const SEQ: &str = r#"","seq":"#;
+    const TEXT: &str = r#","text":"#;
+    let mut digits = itoa::Buffer::new();
+    let seq = digits.format(seq);
+    // The exact size: a `String` whose capacity equals its length becomes `Bytes` without a
+    // second allocation.
+    let len =
+        HEAD.len() + id.len() + SEQ.len() + seq.len() + TEXT.len() + json_string_len(text) + 1;
+    let mut out = String::with_capacity(len);
+    out.push_str(HEAD);
     out.push_str(id);
-    out.push_str(r#"","seq":"#);
-    push_u64(&mut out, seq);
-    out.push_str(r#","text":"#);
+    out.push_str(SEQ);
+    out.push_str(seq);
+    out.push_str(TEXT);
     push_json_string(&mut out, text);
     out.push('}');
+    debug_assert_eq!(out.len(), len);
     out.into()
 }
 
-fn push_u64(out: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    for &d in &digits[i..] {
-        out.push(d as char);
-    }
+/// Length of `s` as a JSON string literal, quotes included (see [`push_json_string`]).
+fn json_string_len(s: &str) -> usize {
+    2 + s
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0x00..=0x1f => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
 }
 
 /// Appends `s` as a JSON string literal, escaping as `serde_json` does.

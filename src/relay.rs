@@ -574,28 +574,25 @@ async fn relay_once(
     t.accepted = true;
     let mut finish_reason: Option<String> = None;
     let mut usage = None;
+    // One timer for the whole call, moved forward per chunk rather than made anew: first the
+    // first-token deadline, then the idle timeout after each token.
+    let deadline = tokio::time::sleep_until(first_token_deadline);
+    tokio::pin!(deadline);
     loop {
-        let next = if *seq == 0 {
-            until_cancelled(
-                stream,
-                tokio::time::timeout_at(first_token_deadline, events.next()),
-            )
-            .await
-        } else {
-            until_cancelled(
-                stream,
-                tokio::time::timeout(provider.idle_timeout, events.next()),
-            )
-            .await
-        };
-        let event = match next.ok_or(Attempt::Cancelled)? {
-            Err(_) if *seq == 0 => return Err(first_token_timeout()),
-            Err(_) => {
-                return Err(Attempt::Failed(UpstreamError::IdleTimeout(
-                    provider.idle_timeout,
-                )))
+        let next = tokio::select! {
+            biased;
+            _ = stream.cancelled().cancelled() => return Err(Attempt::Cancelled),
+            next = events.next() => next,
+            _ = &mut deadline => {
+                return Err(if *seq == 0 {
+                    first_token_timeout()
+                } else {
+                    Attempt::Failed(UpstreamError::IdleTimeout(provider.idle_timeout))
+                });
             }
-            Ok(None) => {
+        };
+        let event = match next {
+            None => {
                 // A clean end without [DONE] is fine once the upstream said why it finished.
                 return match finish_reason {
                     Some(reason) => Ok((reason, usage)),
@@ -604,12 +601,12 @@ async fn relay_once(
                     ))),
                 };
             }
-            Ok(Some(Err(e))) => {
+            Some(Err(e)) => {
                 return Err(Attempt::Failed(UpstreamError::Broken(
                     provider.redact(&e.to_string()),
                 )))
             }
-            Ok(Some(Ok(event))) => event,
+            Some(Ok(event)) => event,
         };
         // One clock read per stream, not per chunk: only the first content chunk's time counts.
         let received = t.first_chunk.is_none().then(Instant::now);
@@ -635,6 +632,12 @@ async fn relay_once(
                 return Err(Attempt::Cancelled);
             }
             t.first_delta.get_or_insert_with(Instant::now);
+        }
+        if *seq > 0 {
+            // Any event after the first token proves the upstream alive.
+            deadline
+                .as_mut()
+                .reset(Instant::now() + provider.idle_timeout);
         }
     }
 }
