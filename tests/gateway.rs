@@ -674,15 +674,7 @@ async fn an_operator_goaway_moves_streams_to_a_new_connection() {
             r.take(f);
         }
     }
-    let told: serde_json::Value = reqwest::Client::new()
-        .post(format!("http://{}/admin/users/alice/goaway", h.addr))
-        .bearer_auth("admin-test-token")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let told = h.admin_post("/admin/users/alice/goaway").await;
     assert_eq!(told["connections"], 1);
     loop {
         let f = old.recv().await;

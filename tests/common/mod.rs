@@ -118,8 +118,17 @@ impl Harness {
 
     /// GET an admin route as JSON.
     pub async fn admin(&self, path: &str) -> Value {
+        self.admin_call(reqwest::Method::GET, path).await
+    }
+
+    /// POST to an admin route; its JSON answer.
+    pub async fn admin_post(&self, path: &str) -> Value {
+        self.admin_call(reqwest::Method::POST, path).await
+    }
+
+    async fn admin_call(&self, method: reqwest::Method, path: &str) -> Value {
         reqwest::Client::new()
-            .get(format!("http://{}{path}", self.addr))
+            .request(method, format!("http://{}{path}", self.addr))
             .bearer_auth("admin-test-token")
             .send()
             .await
