@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -474,10 +473,6 @@ impl Config {
             return local;
         }
         PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/web"))
-    }
-
-    pub fn ms(ms: u64) -> Duration {
-        Duration::from_millis(ms)
     }
 }
 
