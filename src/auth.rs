@@ -51,6 +51,7 @@ impl Authenticator {
 
     /// A signed token for `user` in `tier`, valid for `ttl`.
     pub fn issue(&self, user: &str, tier: &str, ttl: Duration) -> Result<String, AuthError> {
+        check_sub(user)?;
         if !self.tiers.iter().any(|t| t == tier) {
             return Err(AuthError::UnknownTier(tier.to_string()));
         }
@@ -72,9 +73,7 @@ impl Authenticator {
                 }
             })?;
         let claims = data.claims;
-        if claims.sub.is_empty() || claims.sub.len() > 256 {
-            return Err(AuthError::Invalid("`sub` must be 1-256 bytes".into()));
-        }
+        check_sub(&claims.sub)?;
         if !self.tiers.contains(&claims.tier) {
             return Err(AuthError::UnknownTier(claims.tier));
         }
@@ -82,10 +81,29 @@ impl Authenticator {
     }
 }
 
+/// Longest `sub` accepted, in bytes.
+pub const MAX_SUB_LEN: usize = 256;
+
+/// The user id is logged, keyed on and shown to operators: bounded, and nothing in it may
+/// forge a log line (no newline, ESC or other control character).
+fn check_sub(sub: &str) -> Result<(), AuthError> {
+    if sub.is_empty() || sub.len() > MAX_SUB_LEN || !crate::protocol::printable(sub) {
+        return Err(AuthError::Invalid(format!(
+            "`sub` must be 1-{MAX_SUB_LEN} bytes of printable characters"
+        )));
+    }
+    Ok(())
+}
+
 pub fn unix_now() -> u64 {
+    unix_now_ms() / 1000
+}
+
+/// Milliseconds since the Unix epoch: a token's `exp` plus a leeway in milliseconds.
+pub fn unix_now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Parses a duration like `90s`, `15m`, `1h`, `7d` (a bare number is seconds).
@@ -148,6 +166,23 @@ mod tests {
             a.issue("a", "gold", Duration::from_secs(1)),
             Err(AuthError::UnknownTier("gold".into()))
         );
+        for sub in ["", "a\nb", "a\u{1b}[2J", "x\u{202e}y"] {
+            let forged = encode(
+                &Header::new(Algorithm::HS256),
+                &Claims {
+                    sub: sub.into(),
+                    tier: "pro".into(),
+                    exp: unix_now() + 100,
+                },
+                &EncodingKey::from_secret(b"0123456789abcdef"),
+            )
+            .expect("encode");
+            assert!(
+                matches!(a.verify(&forged), Err(AuthError::Invalid(m)) if m.contains("printable")),
+                "{sub:?}"
+            );
+            assert!(a.issue(sub, "pro", Duration::from_secs(1)).is_err());
+        }
     }
 
     #[test]

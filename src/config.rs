@@ -44,14 +44,15 @@ pub struct Config {
     /// Directory served at `/` (the demo chat and the shim). Default: `web` in the working
     /// directory if it exists, else the `web/` of the source tree. Env `MUXGATE_STATIC_DIR`.
     pub static_dir: Option<PathBuf>,
-    /// Browser origins allowed to open a WebSocket, besides the gateway's own origin (always
-    /// allowed), e.g. `["https://chat.example.com"]`. Default empty. Env
-    /// `MUXGATE_ALLOWED_ORIGINS` (comma-separated).
+    /// Browser origins allowed to open a WebSocket besides the gateway's own (see
+    /// `server.public_origins`), e.g. `["https://chat.example.com"]`; `"*"` allows any. Default
+    /// empty. Env `MUXGATE_ALLOWED_ORIGINS` (comma-separated).
     pub allowed_origins: Vec<String>,
     /// Bearer token for `/admin/*`. Default: none, and the admin routes answer 404. Env
     /// `MUXGATE_ADMIN_TOKEN`.
     pub admin_token: Option<String>,
     pub auth: AuthConfig,
+    pub server: ServerConfig,
     pub session: SessionConfig,
     pub retry: RetryConfig,
     /// Upstream providers; a stream's `model` picks the first provider that lists it.
@@ -88,6 +89,7 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             admin_token: None,
             auth: AuthConfig::default(),
+            server: ServerConfig::default(),
             session: SessionConfig::default(),
             retry: RetryConfig::default(),
             providers: Vec::new(),
@@ -126,6 +128,45 @@ impl Default for AuthConfig {
     }
 }
 
+/// The HTTP edge: who may talk to the gateway and how many sockets it holds before a
+/// WebSocket is authenticated.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// The origins the gateway itself is served at in production, e.g.
+    /// `["https://chat.example.com"]`: a browser page from one of them may open a WebSocket, as
+    /// may one from `allowed_origins`. The request's `Host` is never trusted for this (DNS
+    /// rebinding). Dev mode instead answers only loopback `Host` names, and there a page from
+    /// the gateway's own loopback origin is always allowed. Default empty. Env
+    /// `MUXGATE_PUBLIC_ORIGINS` (comma-separated).
+    pub public_origins: Vec<String>,
+    /// A client must send a request's whole header within this time, counted from its first
+    /// byte or, on a keep-alive connection, from the end of the previous response; else the
+    /// connection is closed. Bounds slowloris and idle keep-alive sockets. Default 10000 ms.
+    pub header_read_timeout_ms: u64,
+    /// Open TCP connections, WebSockets included; beyond it a new connection gets a 503 and is
+    /// closed. Keep it under the process's file descriptor limit. Default 20000.
+    pub max_connections: usize,
+    /// HTTP connections not (yet) upgraded to a WebSocket; beyond it a new connection gets a
+    /// 503 and is closed. Default 1024.
+    pub max_pending_connections: usize,
+    /// The same, per client IP address. Behind a reverse proxy every client shares the proxy's
+    /// address: raise it (or set it equal to `max_pending_connections`). Default 64.
+    pub max_pending_connections_per_ip: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            public_origins: Vec::new(),
+            header_read_timeout_ms: 10_000,
+            max_connections: 20_000,
+            max_pending_connections: 1_024,
+            max_pending_connections_per_ip: 64,
+        }
+    }
+}
+
 /// One WebSocket connection and its streams.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -152,6 +193,12 @@ pub struct SessionConfig {
     pub write_timeout_ms: u64,
     /// Bad frames a connection may send per minute before it is closed with 4400. Default 20.
     pub max_bad_frames_per_minute: u32,
+    /// Once the connection's token is past its `exp` by more than this, `open` is refused with
+    /// `unauthorized` until a `refresh` frame brings a new token. Default 5000 ms.
+    pub token_leeway_ms: u64,
+    /// A connection whose token is past its `exp` by this much without a valid `refresh` is
+    /// closed with 4401; its streams stay resumable. Default 60000 ms.
+    pub token_grace_ms: u64,
 }
 
 impl Default for SessionConfig {
@@ -165,6 +212,8 @@ impl Default for SessionConfig {
             stream_buffer_bytes: 1 << 20,
             write_timeout_ms: 10_000,
             max_bad_frames_per_minute: 20,
+            token_leeway_ms: 5_000,
+            token_grace_ms: 60_000,
         }
     }
 }
@@ -368,11 +417,10 @@ impl Config {
             self.static_dir = Some(PathBuf::from(v));
         }
         if let Some(v) = get("MUXGATE_ALLOWED_ORIGINS") {
-            self.allowed_origins = v
-                .split(',')
-                .map(|s| s.trim().trim_end_matches('/').to_string())
-                .filter(|s| !s.is_empty())
-                .collect();
+            self.allowed_origins = origin_list(&v);
+        }
+        if let Some(v) = get("MUXGATE_PUBLIC_ORIGINS") {
+            self.server.public_origins = origin_list(&v);
         }
         if let Some(v) = get("MUXGATE_ADMIN_TOKEN") {
             self.admin_token = Some(v);
@@ -434,6 +482,19 @@ impl Config {
         if s.heartbeat_ms == 0 || s.hello_timeout_ms == 0 || s.write_timeout_ms == 0 {
             return invalid("session timeouts must be > 0".into());
         }
+        if s.token_grace_ms < s.token_leeway_ms {
+            return invalid("session.token_grace_ms must be >= session.token_leeway_ms".into());
+        }
+        let e = &self.server;
+        if e.header_read_timeout_ms == 0
+            || e.max_connections == 0
+            || e.max_pending_connections == 0
+            || e.max_pending_connections_per_ip == 0
+        {
+            return invalid(
+                "server.header_read_timeout_ms and the server connection limits must be > 0".into(),
+            );
+        }
         if self.retry.max_attempts == 0 {
             return invalid("retry.max_attempts must be at least 1".into());
         }
@@ -474,6 +535,14 @@ impl Config {
         }
         PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/web"))
     }
+}
+
+/// A comma-separated list of origins, without trailing slashes.
+fn origin_list(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(|s| s.trim().trim_end_matches('/').to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 fn parse_bool(v: &str) -> Option<bool> {
@@ -540,6 +609,7 @@ mod tests {
             "MUXGATE_UPSTREAM_BASE_URL" => Some("http://127.0.0.1:1/v1".to_string()),
             "MUXGATE_UPSTREAM_API_KEY" => Some("sk-test".to_string()),
             "MUXGATE_ALLOWED_ORIGINS" => Some("https://a.example, https://b.example/".to_string()),
+            "MUXGATE_PUBLIC_ORIGINS" => Some("https://gw.example/".to_string()),
             _ => None,
         };
         let c = Config::load_with_env(None, &env).expect("env");
@@ -551,6 +621,7 @@ mod tests {
             c.allowed_origins,
             vec!["https://a.example", "https://b.example"]
         );
+        assert_eq!(c.server.public_origins, vec!["https://gw.example"]);
     }
 
     #[test]

@@ -69,6 +69,12 @@ pub mod close {
     pub const NORMAL: u16 = 1000;
     /// The gateway is shutting down; reconnect (elsewhere) and resume.
     pub const GOING_AWAY: u16 = 1001;
+    /// The WebSocket framing was broken (RFC 6455). Fix the client.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text frame was not valid UTF-8. Fix the client.
+    pub const INVALID_DATA: u16 = 1007;
+    /// A frame over the hard size limit (8× `max_frame_bytes`, at least 1 MiB). Fix the client.
+    pub const TOO_BIG: u16 = 1009;
     /// Too many bad frames on one connection ("repeated abuse" in the contract). Do not retry
     /// unchanged.
     pub const POLICY: u16 = 4400;
@@ -91,6 +97,42 @@ pub fn valid_stream_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// Longest `model` name accepted.
+pub const MAX_MODEL_LEN: usize = 200;
+
+/// Whether `s` holds no character that could forge or hide a log line: no C0/C1 control
+/// (newline, carriage return, ESC, DEL...) and no bidirectional override.
+pub fn printable(s: &str) -> bool {
+    !s.chars().any(unsafe_in_logs)
+}
+
+fn unsafe_in_logs(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Whether `model` is a model name the gateway will route: 1–200 bytes, printable.
+pub fn valid_model(model: &str) -> bool {
+    !model.is_empty() && model.len() <= MAX_MODEL_LEN && printable(model)
+}
+
+/// Displays a client- or upstream-derived string for a log line or a plain-text answer: what
+/// [`printable`] refuses is written as a `\u{..}` escape, so the text can neither end the line
+/// nor steer a terminal. Valid ids, models and users print unchanged.
+pub struct LogSafe<'a>(pub &'a str);
+
+impl fmt::Display for LogSafe<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut rest = self.0;
+        while let Some((i, c)) = rest.char_indices().find(|&(_, c)| unsafe_in_logs(c)) {
+            f.write_str(&rest[..i])?;
+            write!(f, "\\u{{{:x}}}", c as u32)?;
+            rest = &rest[i + c.len_utf8()..];
+        }
+        f.write_str(rest)
+    }
 }
 
 /// One entry of `hello.resume`.
@@ -117,6 +159,10 @@ pub enum ClientFrame {
     Ping {
         ts: Value,
     },
+    /// A new token for the same user and tier, before the current one expires.
+    Refresh {
+        token: String,
+    },
 }
 
 /// The `open` frame: one logical stream to run.
@@ -142,6 +188,11 @@ struct HelloFrame {
     client: Option<String>,
     #[serde(default)]
     resume: Vec<ResumeRequest>,
+}
+
+#[derive(Deserialize)]
+struct RefreshFrame {
+    token: String,
 }
 
 #[derive(Deserialize)]
@@ -185,6 +236,10 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
             let f: CancelFrame = serde_json::from_str(text).map_err(|e| bad("cancel", e))?;
             Ok(ClientFrame::Cancel { id: f.id })
         }
+        "refresh" => {
+            let f: RefreshFrame = serde_json::from_str(text).map_err(|e| bad("refresh", e))?;
+            Ok(ClientFrame::Refresh { token: f.token })
+        }
         "ping" => {
             let f: PingFrame = serde_json::from_str(text).map_err(|e| bad("ping", e))?;
             Ok(ClientFrame::Ping { ts: f.ts })
@@ -227,6 +282,12 @@ enum ServerFrame<'a> {
         heartbeat_ms: u64,
         limits: &'a WelcomeLimits,
         resumed: &'a [String],
+        /// Extension: the hello token's expiry (Unix seconds); `refresh` before it.
+        exp: u64,
+    },
+    /// Extension: a `refresh` was accepted; the connection now expires at `exp`.
+    Refreshed {
+        exp: u64,
     },
     Queued {
         id: &'a str,
@@ -285,6 +346,7 @@ pub fn welcome(
     heartbeat_ms: u64,
     limits: &WelcomeLimits,
     resumed: &[String],
+    exp: u64,
 ) -> Utf8Bytes {
     encode(&ServerFrame::Welcome {
         session,
@@ -293,7 +355,12 @@ pub fn welcome(
         heartbeat_ms,
         limits,
         resumed,
+        exp,
     })
+}
+
+pub fn refreshed(exp: u64) -> Utf8Bytes {
+    encode(&ServerFrame::Refreshed { exp })
 }
 
 pub fn queued(id: &str, position: usize) -> Utf8Bytes {
@@ -500,6 +567,36 @@ mod tests {
         assert!(e.0.contains("unknown frame type `subscribe`"), "{e}");
         let e = parse_client_frame(r#"{"type":"open","id":"x"}"#).expect_err("missing model");
         assert!(e.0.contains("bad `open` frame"), "{e}");
+        assert_eq!(
+            parse_client_frame(r#"{"type":"refresh","token":"t2"}"#).expect("refresh"),
+            ClientFrame::Refresh { token: "t2".into() }
+        );
+        let e = parse_client_frame(r#"{"type":"refresh"}"#).expect_err("no token");
+        assert!(e.0.contains("bad `refresh` frame"), "{e}");
+    }
+
+    #[test]
+    fn models_and_log_escaping() {
+        assert!(valid_model("deepseek-v3.2"));
+        assert!(valid_model("org/model:tag ünï"));
+        assert!(valid_model(&"m".repeat(MAX_MODEL_LEN)));
+        for bad in [
+            "",
+            "a\nb",
+            "a\rb",
+            "a\u{1b}[2J",
+            "a\u{7f}",
+            "a\u{85}",
+            "a\u{202e}b",
+        ] {
+            assert!(!valid_model(bad), "{bad:?}");
+        }
+        assert!(!valid_model(&"m".repeat(MAX_MODEL_LEN + 1)));
+        assert_eq!(LogSafe("alice").to_string(), "alice");
+        assert_eq!(
+            LogSafe("a\nINFO forged\u{1b}[2J\u{202e}é").to_string(),
+            "a\\u{a}INFO forged\\u{1b}[2J\\u{202e}é"
+        );
     }
 
     #[test]

@@ -130,12 +130,73 @@ pub fn app(gw: Arc<Gateway>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .nest("/admin", admin_routes(gw.clone()));
-    if gw.config.is_dev() {
+    let dev = gw.config.is_dev();
+    if dev {
         router = router.route("/dev/token", get(dev_token));
     }
-    router
-        .fallback_service(ServeDir::new(gw.config.static_dir()))
-        .with_state(gw)
+    let router = router.fallback_service(ServeDir::new(gw.config.static_dir()));
+    // Outermost, so it covers every route and the static files alike.
+    let router = if dev {
+        router.layer(middleware::from_fn(loopback_host_only))
+    } else {
+        router
+    };
+    router.with_state(gw)
+}
+
+/// Dev mode: refuses any request whose `Host` is not a loopback name. A dev gateway holds a
+/// real upstream key and signs tokens for anyone who asks; without this, a page on another site
+/// could rebind its own host name to 127.0.0.1 (DNS rebinding) and use both.
+async fn loopback_host_only(req: Request, next: Next) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    match host {
+        Some(host) if is_loopback_host(host) => next.run(req).await,
+        other => {
+            let named = other.map_or_else(
+                || "no Host".to_string(),
+                |h| format!("Host `{}`", crate::protocol::LogSafe(h)),
+            );
+            let body = format!(
+                "dev mode answers only loopback host names (127.0.0.1, localhost, [::1]); this request named {named}\n"
+            );
+            (StatusCode::MISDIRECTED_REQUEST, body).into_response()
+        }
+    }
+}
+
+/// Whether a `Host` value (with or without a port) names this machine's loopback interface.
+/// Only literal addresses and `localhost`: any other name could be rebound by its owner.
+pub fn is_loopback_host(host: &str) -> bool {
+    let (name, port) = match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((v6, port)) => (v6, port),
+            None => return false,
+        },
+        None => match host.rsplit_once(':') {
+            Some((name, _)) => (name, &host[name.len()..]),
+            None => (host, ""),
+        },
+    };
+    let port_ok = port.is_empty()
+        || port.strip_prefix(':').is_some_and(|p| {
+            !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit())
+        });
+    if !port_ok {
+        return false;
+    }
+    if host.starts_with('[') {
+        return name
+            .parse::<std::net::Ipv6Addr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    }
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The operator's routes, all behind the admin bearer token.
@@ -192,7 +253,7 @@ async fn ws_upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if !origin_allowed(&gw.config.allowed_origins, &headers) {
+    if !origin_allowed(&gw.config, &headers) {
         return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
     }
     if gw.draining.is_cancelled() {
@@ -216,9 +277,12 @@ async fn ws_upgrade(
         .on_upgrade(move |socket| sessions.track_future(session::run(gw, socket)))
 }
 
-/// A browser's `Origin` must be the gateway's own or on the allow-list; a client that sends
-/// no `Origin` (not a browser) is let through, its token authenticates it.
-pub fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
+/// A browser's `Origin` must be one of the gateway's own (`server.public_origins`) or on the
+/// allow-list; a client that sends no `Origin` (not a browser) is let through, its token
+/// authenticates it. The request's `Host` proves nothing in production: under DNS rebinding it
+/// is the attacker's name. Only in dev mode, where `Host` has been checked to be a loopback
+/// name, does an `Origin` equal to it count as the gateway's own.
+pub fn origin_allowed(config: &Config, headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
     };
@@ -226,15 +290,20 @@ pub fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
         return false;
     };
     let origin = origin.trim_end_matches('/');
-    if allowed
+    if config
+        .allowed_origins
         .iter()
+        .chain(&config.server.public_origins)
         .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
     {
         return true;
     }
+    if !config.is_dev() {
+        return false;
+    }
     let authority = origin.split_once("://").map(|(_, rest)| rest);
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-    matches!((authority, host), (Some(a), Some(h)) if a.eq_ignore_ascii_case(h))
+    matches!((authority, host), (Some(a), Some(h)) if a.eq_ignore_ascii_case(h) && is_loopback_host(h))
 }
 
 #[derive(Deserialize)]
@@ -247,8 +316,12 @@ struct DevTokenQuery {
 async fn dev_token(State(gw): State<Arc<Gateway>>, Query(q): Query<DevTokenQuery>) -> Response {
     let user = q.user.unwrap_or_else(|| "demo".into());
     let tier = q.tier.unwrap_or_else(|| "pro".into());
-    if user.is_empty() || user.len() > 64 {
-        return (StatusCode::BAD_REQUEST, "user must be 1-64 characters").into_response();
+    if user.is_empty() || user.len() > 64 || !crate::protocol::printable(&user) {
+        return (
+            StatusCode::BAD_REQUEST,
+            "user must be 1-64 bytes of printable characters",
+        )
+            .into_response();
     }
     let ttl = Duration::from_secs(3600);
     match gw.auth.issue(&user, &tier, ttl) {
@@ -414,27 +487,88 @@ mod tests {
         h
     }
 
+    fn config(dev: bool) -> Config {
+        Config {
+            dev: Some(dev),
+            allowed_origins: vec!["https://chat.example.com".to_string()],
+            server: crate::config::ServerConfig {
+                public_origins: vec!["https://gw.example".to_string()],
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn origins() {
-        let allowed = vec!["https://chat.example.com".to_string()];
-        assert!(origin_allowed(&allowed, &headers(None, "gw:8080")));
+        for dev in [false, true] {
+            let c = config(dev);
+            assert!(origin_allowed(&c, &headers(None, "gw:8080")));
+            assert!(origin_allowed(
+                &c,
+                &headers(Some("https://chat.example.com"), "gw:8080")
+            ));
+            assert!(origin_allowed(
+                &c,
+                &headers(Some("https://gw.example/"), "gw:8080")
+            ));
+            assert!(!origin_allowed(
+                &c,
+                &headers(Some("https://evil.example"), "gw:8080")
+            ));
+            assert!(!origin_allowed(&c, &headers(Some("null"), "gw:8080")));
+            // The Host is the attacker's under DNS rebinding: never proof of same origin.
+            assert!(!origin_allowed(
+                &c,
+                &headers(
+                    Some("http://rebind.evil.example:8080"),
+                    "rebind.evil.example:8080"
+                )
+            ));
+        }
+        let dev = config(true);
         assert!(origin_allowed(
-            &allowed,
-            &headers(Some("http://gw:8080"), "gw:8080")
-        ));
-        assert!(origin_allowed(
-            &allowed,
-            &headers(Some("https://chat.example.com"), "gw:8080")
+            &dev,
+            &headers(Some("http://127.0.0.1:8080"), "127.0.0.1:8080")
         ));
         assert!(!origin_allowed(
-            &allowed,
-            &headers(Some("https://evil.example"), "gw:8080")
+            &dev,
+            &headers(Some("http://127.0.0.1:8081"), "127.0.0.1:8080")
         ));
         assert!(!origin_allowed(
-            &allowed,
-            &headers(Some("http://gw:8081"), "gw:8080")
+            &config(false),
+            &headers(Some("http://127.0.0.1:8080"), "127.0.0.1:8080")
         ));
-        assert!(!origin_allowed(&allowed, &headers(Some("null"), "gw:8080")));
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for host in [
+            "127.0.0.1",
+            "127.0.0.1:8080",
+            "localhost",
+            "LocalHost:3000",
+            "[::1]",
+            "[::1]:8080",
+            "127.1.2.3:80",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "rebind.evil.example:8080",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io",
+            "10.0.0.1:8080",
+            "[::2]:80",
+            "[::1",
+            "localhost:",
+            "localhost:80:80",
+            "localhost:http",
+            "",
+            "0.0.0.0:8080",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
     }
 
     #[test]

@@ -12,10 +12,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Claims;
+use crate::auth::{unix_now_ms, AuthError, Claims};
 use crate::metrics::Metrics;
 use crate::protocol::{
-    self, close, ClientFrame, ErrorCode, OpenRequest, ResumeRequest, WelcomeLimits,
+    self, close, ClientFrame, ErrorCode, LogSafe, OpenRequest, ResumeRequest, WelcomeLimits,
 };
 use crate::relay::{self, Job};
 use crate::server::Gateway;
@@ -24,6 +24,11 @@ use crate::stream::{CancelReason, Inbox, Pulled, Stream};
 /// Control frames (welcome, pong, connection errors, goaway) waiting for the writer. Bounded:
 /// a client that floods requests without reading answers is slowed down, not buffered.
 const CONTROL_QUEUE: usize = 64;
+
+/// After the gateway sends a close frame, how long the connection stays open reading (and
+/// discarding) what the client still sends. Closing a socket with unread input makes the
+/// kernel send a reset, and a reset can destroy the close frame before the client reads it.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
 type Sink = SplitSink<WebSocket, Message>;
 type Source = SplitStream<WebSocket>;
@@ -40,11 +45,21 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket) {
     let (sink, mut source) = socket.split();
     let (claims, resume) = match handshake(&gw, &mut source).await {
         Ok(hello) => hello,
-        Err(Some(message)) => {
+        Err(Refusal::Unauthorized(message)) => {
             let frame = protocol::error(None, ErrorCode::Unauthorized, &message, None);
-            return refuse(sink, frame, close::UNAUTHORIZED, "unauthorized").await;
+            return refuse(
+                sink,
+                source,
+                Some(frame),
+                close::UNAUTHORIZED,
+                "unauthorized",
+            )
+            .await;
         }
-        Err(None) => return,
+        Err(Refusal::Broken(code, reason)) => {
+            return refuse(sink, source, None, code, reason).await;
+        }
+        Err(Refusal::Gone) => return,
     };
     let Some(tier) = gw.limits.tier(&claims.tier).cloned() else {
         return;
@@ -60,7 +75,8 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket) {
             let frame = protocol::error(None, refusal.code, &refusal.message, None);
             return refuse(
                 sink,
-                frame,
+                source,
+                Some(frame),
                 close::TOO_MANY_CONNECTIONS,
                 "too many connections",
             )
@@ -68,23 +84,64 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket) {
         }
     };
     let max_streams = tier.max_streams.unwrap_or(gw.config.session.max_streams);
-    let span = tracing::info_span!("conn", user = %user, tier = %claims.tier);
+    let span = tracing::info_span!("conn", user = %LogSafe(&user), tier = %LogSafe(&claims.tier));
     let session = Authenticated {
         user,
         tier: Arc::from(claims.tier.as_str()),
         max_streams,
         resume,
+        exp: claims.exp,
     };
     tracing::Instrument::instrument(serve(gw, sink, source, session), span).await;
 }
 
-/// Sends a last `error` frame and closes with `code`.
-async fn refuse(mut sink: Sink, frame: Utf8Bytes, code: u16, reason: &'static str) {
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        sink.send(Message::Text(frame)).await?;
+/// Sends a last `error` frame (if any) and closes with `code`, then lingers so the close frame
+/// reaches the client.
+async fn refuse(
+    mut sink: Sink,
+    mut source: Source,
+    frame: Option<Utf8Bytes>,
+    code: u16,
+    reason: &'static str,
+) {
+    let readable = frame.is_some();
+    let sent = tokio::time::timeout(Duration::from_secs(2), async {
+        if let Some(frame) = frame {
+            sink.send(Message::Text(frame)).await?;
+        }
         sink.send(close_message(code, reason)).await
     })
     .await;
+    if matches!(sent, Ok(Ok(()))) {
+        // Without a frame, the refusal is for input that broke the WebSocket layer.
+        linger(&mut source, readable).await;
+    }
+}
+
+/// Reads and discards what the client still sends after our close frame, until its own close,
+/// the end of the socket, or [`CLOSE_LINGER`]. A source that already failed (a frame over the
+/// hard limit) cannot be read: then the socket is only held open, unread, for that time, which
+/// still lets a client that reads see the close frame before the reset.
+async fn linger(source: &mut Source, readable: bool) {
+    let _ = tokio::time::timeout(CLOSE_LINGER, async {
+        if readable {
+            while let Some(Ok(_)) = source.next().await {}
+        } else {
+            std::future::pending::<()>().await
+        }
+    })
+    .await;
+}
+
+/// How a socket error maps to a close code (RFC 6455 §7.4.1), when the peer deserves one.
+fn close_for_read_error(error: axum::Error) -> Option<(u16, &'static str)> {
+    let error = error.into_inner().downcast::<tungstenite::Error>().ok()?;
+    match *error {
+        tungstenite::Error::Capacity(_) => Some((close::TOO_BIG, "frame too large")),
+        tungstenite::Error::Utf8(_) => Some((close::INVALID_DATA, "invalid UTF-8")),
+        tungstenite::Error::Protocol(_) => Some((close::PROTOCOL_ERROR, "protocol error")),
+        _ => None,
+    }
 }
 
 /// Who is on a connection, once `hello` has been accepted.
@@ -93,6 +150,8 @@ struct Authenticated {
     tier: Arc<str>,
     max_streams: usize,
     resume: Vec<ResumeRequest>,
+    /// The hello token's `exp`, Unix seconds.
+    exp: u64,
 }
 
 /// An accepted connection, from `welcome` to the detach of its streams.
@@ -102,6 +161,7 @@ async fn serve(gw: Arc<Gateway>, sink: Sink, mut source: Source, session: Authen
         tier,
         max_streams,
         resume,
+        exp,
     } = session;
     let inbox = Inbox::new();
     let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
@@ -118,7 +178,15 @@ async fn serve(gw: Arc<Gateway>, sink: Sink, mut source: Source, session: Authen
         max_streams,
         max_frame_bytes: s.max_frame_bytes,
     };
-    let welcome = protocol::welcome(&session_id, &user, &tier, s.heartbeat_ms, &limits, &resumed);
+    let welcome = protocol::welcome(
+        &session_id,
+        &user,
+        &tier,
+        s.heartbeat_ms,
+        &limits,
+        &resumed,
+        exp,
+    );
     let _ = control.send(Control::Frame(welcome)).await;
     let writer = tokio::spawn(write_loop(
         gw.metrics.clone(),
@@ -160,10 +228,15 @@ async fn serve(gw: Arc<Gateway>, sink: Sink, mut source: Source, session: Authen
         moved_at: None,
         bad_frames: 0,
         bad_window: Instant::now(),
+        exp,
+        closed_by_us: false,
+        source_broken: false,
     };
     conn.read_loop(&mut source, &conn_end).await;
+    let closed_by_us = conn.closed_by_us;
     conn_end.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    let write_end = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    let closed_by_us = closed_by_us || matches!(write_end, Ok(Ok(WriteEnd::SlowConsumer)));
 
     // The connection is gone; its streams keep running for the resume window.
     let attached = std::mem::take(&mut *inbox.attached.lock());
@@ -182,14 +255,28 @@ async fn serve(gw: Arc<Gateway>, sink: Sink, mut source: Source, session: Authen
     gw.metrics
         .user_connections_changed(open as usize + 1, open as usize);
     tracing::info!("disconnected");
+    // Last, so neither the user's connection count nor the streams wait for it.
+    if closed_by_us {
+        linger(&mut source, !conn.source_broken).await;
+    }
 }
 
-/// Waits for `hello` and checks its token. `Err(Some(reason))` is answered with
-/// `unauthorized` and close 4401; `Err(None)` means the client is already gone.
+/// Why a connection ends before `welcome`.
+enum Refusal {
+    /// Answered with `unauthorized` and close 4401.
+    Unauthorized(String),
+    /// The socket broke the WebSocket rules: closed with this code, no frame.
+    Broken(u16, &'static str),
+    /// The client is already gone.
+    Gone,
+}
+
+/// Waits for `hello` and checks its token.
 async fn handshake(
     gw: &Gateway,
     source: &mut Source,
-) -> Result<(Claims, Vec<ResumeRequest>), Option<String>> {
+) -> Result<(Claims, Vec<ResumeRequest>), Refusal> {
+    let unauthorized = |m: &str| Refusal::Unauthorized(m.to_string());
     let timeout = Duration::from_millis(gw.config.session.hello_timeout_ms);
     let first = tokio::time::timeout(timeout, async {
         loop {
@@ -197,26 +284,38 @@ async fn handshake(
                 Some(Ok(Message::Text(text))) => return Ok(text),
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 Some(Ok(Message::Binary(_))) => {
-                    return Err(Some(
-                        "the first frame must be a `hello` text frame".to_string(),
-                    ))
+                    return Err(unauthorized("the first frame must be a `hello` text frame"))
                 }
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return Err(None),
+                Some(Err(e)) => {
+                    return Err(
+                        close_for_read_error(e).map_or(Refusal::Gone, |(code, reason)| {
+                            Refusal::Broken(code, reason)
+                        }),
+                    )
+                }
+                Some(Ok(Message::Close(_))) | None => return Err(Refusal::Gone),
             }
         }
     })
     .await
-    .map_err(|_| Some(format!("no `hello` within {} ms", timeout.as_millis())))??;
+    .map_err(|_| {
+        Refusal::Unauthorized(format!("no `hello` within {} ms", timeout.as_millis()))
+    })??;
     if first.len() > gw.config.session.max_frame_bytes {
-        return Err(Some("the `hello` frame is over the size limit".into()));
+        return Err(unauthorized("the `hello` frame is over the size limit"));
     }
     match protocol::parse_client_frame(&first) {
         Ok(ClientFrame::Hello { token, resume, .. }) => {
-            let claims = gw.auth.verify(&token).map_err(|e| Some(e.to_string()))?;
+            let claims = gw
+                .auth
+                .verify(&token)
+                .map_err(|e| Refusal::Unauthorized(e.to_string()))?;
             Ok((claims, resume))
         }
-        Ok(_) => Err(Some("the first frame must be `hello`".into())),
-        Err(e) => Err(Some(format!("the first frame must be `hello`: {e}"))),
+        Ok(_) => Err(unauthorized("the first frame must be `hello`")),
+        Err(e) => Err(Refusal::Unauthorized(format!(
+            "the first frame must be `hello`: {e}"
+        ))),
     }
 }
 
@@ -272,6 +371,12 @@ struct Connection {
     moved_at: Option<Instant>,
     bad_frames: u32,
     bad_window: Instant,
+    /// The current token's `exp` (Unix seconds): the hello token's, then the last refresh's.
+    exp: u64,
+    /// The gateway sent a close frame: the client still gets [`CLOSE_LINGER`] to read it.
+    closed_by_us: bool,
+    /// The WebSocket layer refused the client's input and can read no more.
+    source_broken: bool,
 }
 
 /// Whether the read loop goes on.
@@ -289,15 +394,42 @@ impl Connection {
         let gw = self.gw.clone();
         let goaway = gw.hub.register_conn(self.inbox.conn, &self.user);
         let window = Duration::from_millis(gw.config.session.resume_window_ms);
+        let mut armed_exp = self.exp;
+        let expiry = tokio::time::sleep_until(self.grace_deadline());
+        tokio::pin!(expiry);
         loop {
+            if armed_exp != self.exp {
+                armed_exp = self.exp;
+                expiry.as_mut().reset(self.grace_deadline());
+            }
             let next = tokio::select! {
                 msg = source.next() => match msg {
                     Some(Ok(msg)) => {
                         last_seen = Instant::now();
                         self.on_message(msg).await
                     }
-                    Some(Err(_)) | None => Next::Stop,
+                    Some(Err(e)) => {
+                        self.source_broken = true;
+                        if let Some((code, reason)) = close_for_read_error(e) {
+                            tracing::info!(code, reason, "closing: bad WebSocket input");
+                            self.close(code, reason).await;
+                        }
+                        Next::Stop
+                    }
+                    None => Next::Stop,
                 },
+                () = &mut expiry => {
+                    tracing::info!("closing: token expired and not refreshed");
+                    let message = format!(
+                        "token expired: no valid `refresh` within {} ms of its `exp`",
+                        gw.config.session.token_grace_ms
+                    );
+                    let _ = self
+                        .send(protocol::error(None, ErrorCode::Unauthorized, &message, None))
+                        .await;
+                    self.close(close::UNAUTHORIZED, "token expired").await;
+                    Next::Stop
+                }
                 _ = check.tick() => {
                     if last_seen.elapsed() > heartbeat * 2 {
                         tracing::info!("heartbeat timeout");
@@ -368,9 +500,44 @@ impl Connection {
         }
     }
 
+    /// When the connection closes unless a `refresh` comes: the token's `exp` plus the grace.
+    fn grace_deadline(&self) -> Instant {
+        let close_at = (self.exp * 1000).saturating_add(self.gw.config.session.token_grace_ms);
+        Instant::now() + Duration::from_millis(close_at.saturating_sub(unix_now_ms()))
+    }
+
+    /// Whether the current token is past its `exp` and the leeway: no new streams.
+    fn token_expired(&self) -> bool {
+        unix_now_ms() > (self.exp * 1000).saturating_add(self.gw.config.session.token_leeway_ms)
+    }
+
+    /// A new token for the same user and tier moves the connection's expiry; anything else is
+    /// refused and the connection goes on under its current token.
+    async fn refresh(&mut self, token: &str) -> Next {
+        let refusal = match self.gw.auth.verify(token) {
+            Ok(claims) if *claims.sub != *self.user => {
+                "refresh refused: the new token is for another user (`sub`)".to_string()
+            }
+            Ok(claims) if *claims.tier != *self.tier => {
+                "refresh refused: the new token is for another tier; reconnect to change tier"
+                    .to_string()
+            }
+            Ok(claims) => {
+                self.exp = claims.exp;
+                return self.send(protocol::refreshed(claims.exp)).await;
+            }
+            Err(AuthError::Expired) => "refresh refused: the new token is expired".to_string(),
+            Err(e) => format!("refresh refused: {e}"),
+        };
+        // Counted as a bad frame: a client cannot make the gateway verify tokens without end.
+        self.bad_frame(None, ErrorCode::Unauthorized, &refusal)
+            .await
+    }
+
     async fn on_frame(&mut self, frame: ClientFrame) -> Next {
         match frame {
             ClientFrame::Ping { ts } => self.send(protocol::pong(&ts)).await,
+            ClientFrame::Refresh { token } => self.refresh(&token).await,
             ClientFrame::Hello { .. } => {
                 self.bad_frame(
                     None,
@@ -419,6 +586,17 @@ impl Connection {
         let id = req.id.as_str();
         let refuse =
             |code: ErrorCode, message: &str| protocol::error(Some(id), code, message, None);
+        if self.token_expired() {
+            let frame = refuse(ErrorCode::Unauthorized, "token expired: send `refresh`");
+            return self.send(frame).await;
+        }
+        if !protocol::valid_model(&req.model) {
+            let message = format!(
+                "`model` must be 1-{} bytes of printable characters",
+                protocol::MAX_MODEL_LEN
+            );
+            return self.send(refuse(ErrorCode::BadRequest, &message)).await;
+        }
         if self.draining {
             let frame = refuse(
                 ErrorCode::Overloaded,
@@ -453,7 +631,8 @@ impl Connection {
         let _ = stream.attach(&self.inbox, 0);
         let hub = gw.hub.clone();
         let linger = Duration::from_millis(gw.config.session.resume_window_ms);
-        let span = tracing::info_span!("stream", stream = %stream.id, model = %stream.model);
+        let span =
+            tracing::info_span!("stream", stream = %stream.id, model = %LogSafe(&stream.model));
         let job = Job {
             gw: gw.clone(),
             stream: stream.clone(),
@@ -478,7 +657,8 @@ impl Connection {
         }
     }
 
-    async fn close(&self, code: u16, reason: &'static str) {
+    async fn close(&mut self, code: u16, reason: &'static str) {
+        self.closed_by_us = true;
         let _ = self.control.send(Control::Close(code, reason)).await;
     }
 
@@ -526,7 +706,7 @@ async fn write_loop(
     conn_end: CancellationToken,
     heartbeat: Duration,
     write_timeout: Duration,
-) {
+) -> WriteEnd {
     let mut ready = Vec::new();
     let mut frames = Vec::new();
     let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
@@ -565,13 +745,16 @@ async fn write_loop(
     };
     if let WriteEnd::SlowConsumer = end {
         tracing::warn!(conn = inbox.conn, "closing slow consumer");
+        // The socket stays open (the session lingers) while this waits for room behind the
+        // frames the client has not read yet.
         let _ = tokio::time::timeout(
-            Duration::from_millis(100),
+            CLOSE_LINGER,
             sink.send(close_message(close::SLOW_CONSUMER, "slow consumer")),
         )
         .await;
     }
     conn_end.cancel();
+    end
 }
 
 /// Copies the frames of every ready stream into `frames`; forgets streams that ended.

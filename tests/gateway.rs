@@ -219,33 +219,18 @@ async fn repeated_abuse_closes_with_4400() {
     assert_eq!(errors, 4);
 }
 
-async fn expect_unauthorized_close(c: &mut Client) -> String {
-    let e = c.recv().await;
-    assert_eq!(
-        (e["type"].as_str(), e["code"].as_str()),
-        (Some("error"), Some("unauthorized")),
-        "{e}"
-    );
-    assert!(e["id"].is_null());
-    match c.next_event().await {
-        Event::Closed(code) => assert_eq!(code, Some(4401)),
-        Event::Frame(f) => panic!("expected close 4401, got {f}"),
-    }
-    e["message"].as_str().unwrap().to_string()
-}
-
 #[tokio::test]
 async fn handshake_refusals_close_4401() {
     let h = Harness::start_with(|c| c.session.hello_timeout_ms = 300).await;
 
     let mut c = h.connect_raw().await;
     c.open("a", "hi").await;
-    let m = expect_unauthorized_close(&mut c).await;
+    let m = c.expect_unauthorized_close().await;
     assert!(m.contains("hello"), "{m}");
 
     let mut c = h.connect_raw().await;
     c.send(json!({"type":"hello","token":"not-a-jwt"})).await;
-    expect_unauthorized_close(&mut c).await;
+    c.expect_unauthorized_close().await;
 
     let expired = jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
@@ -255,7 +240,7 @@ async fn handshake_refusals_close_4401() {
     .unwrap();
     let mut c = h.connect_raw().await;
     c.send(json!({"type":"hello","token":expired})).await;
-    let m = expect_unauthorized_close(&mut c).await;
+    let m = c.expect_unauthorized_close().await;
     assert!(m.contains("expired"), "{m}");
 
     let forged = jsonwebtoken::encode(
@@ -266,18 +251,21 @@ async fn handshake_refusals_close_4401() {
     .unwrap();
     let mut c = h.connect_raw().await;
     c.send(json!({"type":"hello","token":forged})).await;
-    expect_unauthorized_close(&mut c).await;
+    c.expect_unauthorized_close().await;
 
     // No hello at all.
     let mut c = h.connect_raw().await;
-    let m = expect_unauthorized_close(&mut c).await;
+    let m = c.expect_unauthorized_close().await;
     assert!(m.contains("no `hello`"), "{m}");
 }
 
 #[tokio::test]
 async fn origin_allow_list() {
-    let h =
-        Harness::start_with(|c| c.allowed_origins = vec!["https://chat.example.com".into()]).await;
+    let h = Harness::start_with(|c| {
+        c.allowed_origins = vec!["https://chat.example.com".into()];
+        c.server.public_origins = vec!["https://gw.example".into()];
+    })
+    .await;
     let url = h.ws_url();
     let refused =
         tokio_tungstenite::connect_async(request_with_origin(&url, "https://evil.example")).await;
@@ -288,10 +276,16 @@ async fn origin_allow_list() {
     tokio_tungstenite::connect_async(request_with_origin(&url, "https://chat.example.com"))
         .await
         .unwrap();
-    let same = format!("http://{}", h.addr);
-    tokio_tungstenite::connect_async(request_with_origin(&url, &same))
+    tokio_tungstenite::connect_async(request_with_origin(&url, "https://gw.example"))
         .await
         .unwrap();
+    // In production, `Origin` equal to `Host` proves nothing (DNS rebinding): only the
+    // configured public origins count as the gateway's own.
+    let same = format!("http://{}", h.addr);
+    match tokio_tungstenite::connect_async(request_with_origin(&url, &same)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 403),
+        other => panic!("Origin == Host was let through: {:?}", other.map(|_| ())),
+    }
 }
 
 #[tokio::test]

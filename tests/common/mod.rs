@@ -234,6 +234,22 @@ impl Client {
         records
     }
 
+    /// Expects `error` `unauthorized` (id null), then close 4401; returns the error's message.
+    pub async fn expect_unauthorized_close(&mut self) -> String {
+        let e = self.recv().await;
+        assert_eq!(
+            (e["type"].as_str(), e["code"].as_str()),
+            (Some("error"), Some("unauthorized")),
+            "{e}"
+        );
+        assert!(e["id"].is_null());
+        match self.next_event().await {
+            Event::Closed(code) => assert_eq!(code, Some(4401)),
+            Event::Frame(f) => panic!("expected close 4401, got {f}"),
+        }
+        e["message"].as_str().unwrap().to_string()
+    }
+
     pub async fn close(mut self) {
         let _ = self.ws.close(None).await;
     }
@@ -318,6 +334,38 @@ pub async fn wait_for_mock(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A token signed with the harness's secret carrying exactly `claims`, checked or not.
+pub fn sign(claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// Sends `request` as is on a fresh connection to `addr` and returns the answer's status code
+/// (0 if the gateway closed without answering).
+pub async fn raw_http_status(addr: SocketAddr, request: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(2).any(|w| w == b"\r\n") {
+        match tokio::time::timeout(FRAME_WAIT, tcp.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+            Ok(_) => break,
+            Err(_) => panic!("no answer within FRAME_WAIT"),
+        }
+    }
+    let line = String::from_utf8_lossy(&head);
+    line.split(' ')
+        .nth(1)
+        .and_then(|c| c.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// A WebSocket handshake request with an `Origin` header.
