@@ -21,8 +21,10 @@
 //! - [`billing`]: token counts, stream cost, daily budgets per user and tier.
 //! - [`upstream`]: providers, pooled HTTP clients, SSE chunk parsing, backoff policy.
 //! - [`server`]: the router, shared state and graceful shutdown.
+//! - [`accept`]: the accept loop: header-read timeout, connection caps, shutdown by a deadline.
 //! - [`mock`]: the OpenAI-compatible mock upstream (tests, benchmarks, offline demo).
 
+pub mod accept;
 pub mod auth;
 pub mod billing;
 pub mod breaker;

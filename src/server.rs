@@ -11,14 +11,15 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serde::Deserialize;
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_http::services::ServeDir;
 
+use crate::accept;
 use crate::auth::Authenticator;
 use crate::billing::Budgets;
 use crate::config::{Config, ProviderConfig};
@@ -210,38 +211,40 @@ fn admin_routes(gw: Arc<Gateway>) -> Router<Arc<Gateway>> {
 }
 
 /// Serves until `shutdown` resolves, then drains: stop accepting, `goaway` to every
-/// connection, let streams finish for `drain_timeout_ms`, abort the rest, close.
+/// connection, let streams and HTTP requests in flight finish for `drain_timeout_ms`, abort the
+/// rest, close.
 pub async fn serve(
     listener: TcpListener,
     gw: Arc<Gateway>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let draining = gw.draining.clone();
-    // Frames are small and latency-bound: without TCP_NODELAY, Nagle's algorithm holds a
-    // stream's first token until the client's delayed ACK (~40 ms).
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app(gw.clone()))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            draining.cancel();
-        })
-        .await?;
+    let http = accept::serve_until(
+        listener,
+        app(gw.clone()),
+        &gw.config.server,
+        gw.sessions.clone(),
+        shutdown,
+    )
+    .await;
+    gw.draining.cancel();
     tracing::info!("shutting down: draining streams");
-    gw.stream_tasks.close();
-    let drain = Duration::from_millis(gw.config.drain_timeout_ms);
-    if tokio::time::timeout(drain, gw.stream_tasks.wait())
-        .await
-        .is_err()
-    {
-        let live = gw.hub.live_streams();
-        tracing::warn!(streams = live.len(), "drain timeout: aborting streams");
-        for stream in live {
-            stream.cancel(crate::stream::CancelReason::Shutdown);
+    // One deadline for both: whatever the clients do, the drain ends on time.
+    let deadline = Instant::now() + Duration::from_millis(gw.config.drain_timeout_ms);
+    let streams = async {
+        gw.stream_tasks.close();
+        if tokio::time::timeout_at(deadline, gw.stream_tasks.wait())
+            .await
+            .is_err()
+        {
+            let live = gw.hub.live_streams();
+            tracing::warn!(streams = live.len(), "drain timeout: aborting streams");
+            for stream in live {
+                stream.cancel(crate::stream::CancelReason::Shutdown);
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(5), gw.stream_tasks.wait()).await;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(5), gw.stream_tasks.wait()).await;
-    }
+    };
+    tokio::join!(streams, http.shutdown(deadline));
     gw.closing.cancel();
     gw.sessions.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), gw.sessions.wait()).await;

@@ -333,3 +333,132 @@ async fn the_4400_close_frame_reaches_a_client_that_keeps_sending() {
         .collect();
     assert_eq!(close_code_after(c, flood).await, Some(4400));
 }
+
+// Item 6: sockets that never finish a request.
+
+/// Reads until the gateway closes the socket or `within` passes; returns what was read, or
+/// `None` if the socket is still open.
+async fn read_until_closed(tcp: &mut tokio::net::TcpStream, within: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(String::from_utf8_lossy(&got).into_owned()),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn shutdown_ends_on_time_whatever_idle_and_half_sent_requests_do() {
+    use tokio::io::AsyncWriteExt;
+    // The header-read timeout is far beyond the drain: only the drain deadline can end these.
+    let mut h = Harness::start_with(|c| {
+        c.drain_timeout_ms = 500;
+        c.server.header_read_timeout_ms = 120_000;
+    })
+    .await;
+    let mut half_sent = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    half_sent
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let mut keep_alive = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    keep_alive
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = tokio::io::AsyncReadExt::read(&mut keep_alive, &mut buf)
+        .await
+        .unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let _never_spoke = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    h.shutdown();
+    // Generous: the drain is 0.5 s; this only tells "on time" from "never".
+    tokio::time::timeout(Duration::from_secs(8), h.server.take().unwrap())
+        .await
+        .expect("shutdown did not finish")
+        .unwrap()
+        .unwrap();
+    assert!(read_until_closed(&mut half_sent, Duration::from_secs(2))
+        .await
+        .is_some());
+    assert!(read_until_closed(&mut keep_alive, Duration::from_secs(2))
+        .await
+        .is_some());
+}
+
+#[tokio::test]
+async fn a_slowloris_socket_is_closed_at_the_header_read_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let h = Harness::start_with(|c| c.server.header_read_timeout_ms = 300).await;
+    let mut tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .unwrap();
+    // One header byte every 100 ms: never a whole header, never silent for long.
+    let start = tokio::time::Instant::now();
+    let mut closed = false;
+    while start.elapsed() < Duration::from_secs(6) {
+        if tcp.write_all(b"X").await.is_err() {
+            closed = true;
+            break;
+        }
+        if read_until_closed(&mut tcp, Duration::from_millis(100))
+            .await
+            .is_some()
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "the slowloris socket is still open after 6 s");
+
+    // An idle keep-alive connection is closed by the same timeout.
+    let mut tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut tcp, Duration::from_secs(6)).await;
+    assert!(
+        answer
+            .as_deref()
+            .is_some_and(|a| a.starts_with("HTTP/1.1 200")),
+        "{answer:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_per_ip_cap_refuses_the_extra_connection_until_one_leaves() {
+    let h = Harness::start_with(|c| c.server.max_pending_connections_per_ip = 2).await;
+    let first = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let mut second = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let mut extra = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let answer = read_until_closed(&mut extra, Duration::from_secs(5))
+        .await
+        .expect("the extra connection was not closed");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.contains("too many connections from your address"),
+        "{answer}"
+    );
+    assert!(
+        read_until_closed(&mut second, Duration::from_millis(200))
+            .await
+            .is_none(),
+        "a connection within the cap was closed"
+    );
+
+    // A WebSocket counts only until its upgrade: with one slot free, any number connect.
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _a = h.connect("alice").await;
+    let _b = h.connect("bob").await;
+    let _c = h.connect("carol").await;
+}
