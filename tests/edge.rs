@@ -267,9 +267,9 @@ async fn no_refresh_closes_4401_after_the_grace_and_streams_stay_resumable() {
 
 // Item 10: oversize and broken frames get their close code, and the close frame arrives.
 
-/// Sends `msg` from a separate task (the gateway may stop reading mid-frame) and returns the
+/// Sends `msgs` from a separate task (the gateway may stop reading mid-frame) and returns the
 /// close code the client reads.
-async fn close_code_after(c: Client, msgs: Vec<Message>) -> Option<u16> {
+async fn close_code_after(c: Client, msgs: Vec<Message>, read_after: Duration) -> Option<u16> {
     let (mut tx, mut rx) = c.ws.split();
     let sender = tokio::spawn(async move {
         for msg in msgs {
@@ -278,6 +278,8 @@ async fn close_code_after(c: Client, msgs: Vec<Message>) -> Option<u16> {
             }
         }
     });
+    // A client busy elsewhere reads late: the close frame must still be there.
+    tokio::time::sleep(read_after).await;
     let code = loop {
         match tokio::time::timeout(FRAME_WAIT, rx.next())
             .await
@@ -307,18 +309,24 @@ async fn a_frame_over_the_hard_limit_closes_1009_and_invalid_utf8_1007() {
     let huge = || Message::Text("x".repeat((1 << 20) + 4096).into());
 
     let c = h.connect("alice").await;
-    assert_eq!(close_code_after(c, vec![huge()]).await, Some(1009));
+    assert_eq!(
+        close_code_after(c, vec![huge()], Duration::ZERO).await,
+        Some(1009)
+    );
     let c = h.connect_raw().await;
-    assert_eq!(close_code_after(c, vec![huge()]).await, Some(1009));
+    assert_eq!(
+        close_code_after(c, vec![huge()], Duration::ZERO).await,
+        Some(1009)
+    );
 
     let c = h.connect("alice").await;
     assert_eq!(
-        close_code_after(c, vec![invalid_utf8_text()]).await,
+        close_code_after(c, vec![invalid_utf8_text()], Duration::ZERO).await,
         Some(1007)
     );
     let c = h.connect_raw().await;
     assert_eq!(
-        close_code_after(c, vec![invalid_utf8_text()]).await,
+        close_code_after(c, vec![invalid_utf8_text()], Duration::ZERO).await,
         Some(1007)
     );
 }
@@ -326,12 +334,20 @@ async fn a_frame_over_the_hard_limit_closes_1009_and_invalid_utf8_1007() {
 #[tokio::test]
 async fn the_4400_close_frame_reaches_a_client_that_keeps_sending() {
     let h = Harness::start_with(|c| c.session.max_bad_frames_per_minute = 3).await;
-    let c = h.connect("alice").await;
+    let mut c = h.connect("alice").await;
+    // Unread frames fill the socket buffers, so the close frame queues behind them: closing
+    // the socket while the client still sends would discard it with a reset.
+    c.open("big", "big [[mock chunks=4000 chunk_bytes=1024]]")
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let garbage = "g".repeat(8 * 1024);
     let flood = (0..1000)
         .map(|_| Message::Text(garbage.clone().into()))
         .collect();
-    assert_eq!(close_code_after(c, flood).await, Some(4400));
+    assert_eq!(
+        close_code_after(c, flood, Duration::from_millis(300)).await,
+        Some(4400)
+    );
 }
 
 // Item 6: sockets that never finish a request.
