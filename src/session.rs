@@ -419,16 +419,12 @@ impl Connection {
                     None => Next::Stop,
                 },
                 () = &mut expiry => {
-                    tracing::info!("closing: token expired and not refreshed");
-                    let message = format!(
-                        "token expired: no valid `refresh` within {} ms of its `exp`",
-                        gw.config.session.token_grace_ms
-                    );
-                    let _ = self
-                        .send(protocol::error(None, ErrorCode::Unauthorized, &message, None))
-                        .await;
-                    self.close(close::UNAUTHORIZED, "token expired").await;
-                    Next::Stop
+                    if unix_now_ms() < self.close_at_ms() {
+                        expiry.as_mut().reset(self.grace_deadline());
+                        Next::Continue
+                    } else {
+                        self.expired().await
+                    }
                 }
                 _ = check.tick() => {
                     if last_seen.elapsed() > heartbeat * 2 {
@@ -500,15 +496,49 @@ impl Connection {
         }
     }
 
-    /// When the connection closes unless a `refresh` comes: the token's `exp` plus the grace.
+    /// When the expiry timer next wakes: at the token's `exp` plus the grace, or sooner.
+    /// The timer never sleeps longer than this at once: a token may say it expires in a
+    /// thousand years, and the wall clock may jump; on waking the expiry is checked again.
+    const MAX_EXPIRY_SLEEP: Duration = Duration::from_secs(24 * 3600);
+
     fn grace_deadline(&self) -> Instant {
-        let close_at = (self.exp * 1000).saturating_add(self.gw.config.session.token_grace_ms);
-        Instant::now() + Duration::from_millis(close_at.saturating_sub(unix_now_ms()))
+        let left = self.close_at_ms().saturating_sub(unix_now_ms());
+        Instant::now() + Duration::from_millis(left).min(Self::MAX_EXPIRY_SLEEP)
+    }
+
+    /// No valid `refresh` within the grace: tell the client why, close 4401.
+    async fn expired(&mut self) -> Next {
+        tracing::info!("closing: token expired and not refreshed");
+        let message = format!(
+            "token expired: no valid `refresh` within {} ms of its `exp`",
+            self.gw.config.session.token_grace_ms
+        );
+        let _ = self
+            .send(protocol::error(
+                None,
+                ErrorCode::Unauthorized,
+                &message,
+                None,
+            ))
+            .await;
+        self.close(close::UNAUTHORIZED, "token expired").await;
+        Next::Stop
+    }
+
+    /// When the connection closes unless a `refresh` comes (Unix ms).
+    fn close_at_ms(&self) -> u64 {
+        self.exp
+            .saturating_mul(1000)
+            .saturating_add(self.gw.config.session.token_grace_ms)
     }
 
     /// Whether the current token is past its `exp` and the leeway: no new streams.
     fn token_expired(&self) -> bool {
-        unix_now_ms() > (self.exp * 1000).saturating_add(self.gw.config.session.token_leeway_ms)
+        let refuse_after = self
+            .exp
+            .saturating_mul(1000)
+            .saturating_add(self.gw.config.session.token_leeway_ms);
+        unix_now_ms() > refuse_after
     }
 
     /// A new token for the same user and tier moves the connection's expiry; anything else is

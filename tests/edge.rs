@@ -209,6 +209,11 @@ async fn an_expired_token_refuses_opens_until_a_refresh_for_the_same_user() {
     c.send(json!({"type":"refresh","token":fresh})).await;
     let f = next_other(&mut c, "before", &mut before).await;
     assert_eq!(f, json!({"type":"refreshed","exp":fresh_exp}));
+    // A far-future `exp` neither overflows the expiry arithmetic nor the timer.
+    let far = sign(&json!({"sub":"alice","tier":"pro","exp":u64::MAX / 2}));
+    c.send(json!({"type":"refresh","token":far})).await;
+    let f = next_other(&mut c, "before", &mut before).await;
+    assert_eq!(f, json!({"type":"refreshed","exp":u64::MAX / 2}));
     c.open("after", "after [[mock chunks=3]]").await;
     let mut after = StreamRecord::default();
     while after.end.is_none() || before.end.is_none() {
