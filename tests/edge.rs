@@ -483,3 +483,51 @@ async fn the_per_ip_cap_refuses_the_extra_connection_until_one_leaves() {
     let _b = h.connect("bob").await;
     let _c = h.connect("carol").await;
 }
+
+#[tokio::test]
+async fn a_slow_reader_that_reads_again_soon_gets_the_4408_close_frame() {
+    let h = Harness::start_with(|c| {
+        c.session.stream_buffer_bytes = 64 * 1024;
+        c.session.write_timeout_ms = 300;
+        c.session.heartbeat_ms = 60_000;
+    })
+    .await;
+    let mut c = h.connect("alice").await;
+    c.open("big", "slow [[mock chunks=20000 chunk_bytes=4096]]")
+        .await;
+    c.recv_until("delta", Some("big")).await;
+    // Not reading: the socket fills and a write blocks. Once no write has completed for
+    // 150 ms, the write timeout (300 ms) is near; the gateway then gives up on the socket and
+    // tries for up to a second to queue the close frame behind what the client has not read.
+    let sent_frames = || {
+        let text = h.gw.metrics.encode();
+        text.lines()
+            .find_map(|l| l.strip_prefix("muxgate_ws_sent_frames_total "))
+            .map(|v| v.trim().parse::<f64>().unwrap())
+            .unwrap()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let (mut last, mut since) = (sent_frames(), tokio::time::Instant::now());
+    while since.elapsed() < Duration::from_millis(150) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the writer never blocked"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let now = sent_frames();
+        if now != last {
+            (last, since) = (now, tokio::time::Instant::now());
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Reading again, the client finds the close frame behind the frames it had not read.
+    loop {
+        match c.next_event().await {
+            Event::Frame(_) => {}
+            Event::Closed(code) => {
+                assert_eq!(code, Some(4408));
+                break;
+            }
+        }
+    }
+}
