@@ -462,8 +462,10 @@ struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
 /// What an error quotes of the chunk goes through `redactor` first.
 pub fn parse_chunk<'a>(data: &'a str, redactor: &Redactor) -> Result<Chunk<'a>, UpstreamError> {
     let wire: ChunkWire<'_> = serde_json::from_str(data).map_err(|e| {
+        // serde's message quotes values too (`invalid type: string "sk-…"`).
+        let error = redactor.clean(&e.to_string(), MAX_MESSAGE_CHARS);
         let raw = redactor.clean(data, MAX_QUOTE_CHARS);
-        UpstreamError::BadChunk(format!("{e} in `{raw}`"))
+        UpstreamError::BadChunk(format!("{error} in `{raw}`"))
     })?;
     if let Some(err) = wire.error {
         let message = match err.get("message").and_then(|m| m.as_str()) {
@@ -513,6 +515,9 @@ mod tests {
         .expect_err("event");
         let m = e.to_string();
         assert!(!m.contains("sk-up") && !m.contains('\n'), "{m}");
+        let typed = parse_chunk(&format!(r#"{{"choices":"{key}\u001b"}}"#), &r).expect_err("type");
+        let m = typed.to_string();
+        assert!(!m.contains("sk-up") && !m.contains('\u{1b}'), "{m}");
         let long = format!("{}{key}", "x".repeat(MAX_QUOTE_CHARS - 5));
         let m = parse_chunk(&long, &r).expect_err("bad").to_string();
         assert!(
