@@ -13,6 +13,7 @@ use crate::billing::BudgetConfig;
 use crate::breaker::BreakerConfig;
 use crate::limits::{default_tiers, LimitsConfig, TierConfig};
 use crate::scheduler::SchedulerConfig;
+use crate::upstream::UpstreamConfig;
 
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +64,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub scheduler: SchedulerConfig,
     pub breaker: BreakerConfig,
+    /// Limits on what any upstream may send (event size, stream duration).
+    pub upstream: UpstreamConfig,
     /// Daily spend limits per user and per tier (USD, UTC days). Default: none.
     pub budgets: BudgetConfig,
     /// Models tried, in order, when a model's provider is open-circuit or out of retries
@@ -97,6 +100,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             scheduler: SchedulerConfig::default(),
             breaker: BreakerConfig::default(),
+            upstream: UpstreamConfig::default(),
             budgets: BudgetConfig::default(),
             fallbacks: BTreeMap::new(),
             allowed_params: default_allowed_params(),
@@ -513,6 +517,11 @@ impl Config {
         }
         if let Err(e) = self.budgets.validate() {
             return invalid(format!("budgets: {e}"));
+        }
+        if self.upstream.max_event_bytes < 1024 || self.upstream.max_stream_duration_ms == 0 {
+            return invalid(
+                "upstream.max_event_bytes must be >= 1024 and max_stream_duration_ms > 0".into(),
+            );
         }
         if self.providers.iter().any(|p| p.max_concurrent == 0) {
             return invalid("providers.max_concurrent must be > 0".into());

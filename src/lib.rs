@@ -20,6 +20,8 @@
 //! - [`metrics`]: Prometheus metrics (`docs/metrics.md`).
 //! - [`billing`]: token counts, stream cost, daily budgets per user and tier.
 //! - [`upstream`]: providers, pooled HTTP clients, SSE chunk parsing, backoff policy.
+//! - [`sse`]: the server-sent events parser: linear time, bounded event size.
+//! - [`redact`]: the one path upstream text takes to a frame or a log (keys, controls).
 //! - [`server`]: the router, shared state and graceful shutdown.
 //! - [`accept`]: the accept loop: header-read timeout, connection caps, shutdown by a deadline.
 //! - [`mock`]: the OpenAI-compatible mock upstream (tests, benchmarks, offline demo).
@@ -34,10 +36,12 @@ pub mod limits;
 pub mod metrics;
 pub mod mock;
 pub mod protocol;
+pub mod redact;
 pub mod relay;
 pub mod scheduler;
 pub mod server;
 pub mod session;
+pub mod sse;
 pub mod stream;
 pub mod upstream;
 

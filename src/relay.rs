@@ -40,13 +40,20 @@ pub enum Outcome {
 }
 
 /// Builds the upstream body for `model`: the client's messages and allowed params, with
-/// `stream` and `stream_options.include_usage` always set by the gateway.
-pub fn upstream_body(req: &OpenRequest, model: &str) -> Result<Bytes, serde_json::Error> {
-    let mut body = Map::with_capacity(req.params.len() + 4);
+/// `stream`, `stream_options.include_usage` and `user` always set by the gateway. `user_id`
+/// is the authenticated user's keyed hash ([`crate::upstream::Upstreams::user_id`]): a
+/// client-sent `params.user` is replaced, so a client cannot pose as another user upstream.
+pub fn upstream_body(
+    req: &OpenRequest,
+    model: &str,
+    user_id: &str,
+) -> Result<Bytes, serde_json::Error> {
+    let mut body = Map::with_capacity(req.params.len() + 5);
     for (k, v) in &req.params {
         body.insert(k.clone(), v.clone());
     }
     body.insert("model".into(), Value::String(model.to_string()));
+    body.insert("user".into(), Value::String(user_id.to_string()));
     body.insert("messages".into(), Value::Array(req.messages.clone()));
     body.insert("stream".into(), Value::Bool(true));
     body.insert(
@@ -91,7 +98,9 @@ pub async fn run(job: Job) -> Outcome {
     let gw = &job.gw;
     let stream = &job.stream;
     let _live = gw.metrics.stream_started();
-    let mut t = Timings::new();
+    let mut t = Timings::new(Duration::from_millis(
+        gw.config.upstream.max_stream_duration_ms,
+    ));
     let prompt_tokens = prompt_tokens(&job.req).await;
     let (ended, reservation) = drive(&job, prompt_tokens, &mut t).await;
     let key = ended.seq() + 1;
@@ -253,12 +262,18 @@ struct Timings {
     provider: Option<String>,
     /// An upstream answered 200 and began streaming: from then on the prompt is billable.
     accepted: bool,
+    /// `opened` plus `upstream.max_stream_duration_ms`: no upstream call runs past it.
+    ends_by: Instant,
+    max_duration: Duration,
 }
 
 impl Timings {
-    fn new() -> Self {
+    fn new(max_duration: Duration) -> Self {
+        let opened = Instant::now();
         Timings {
-            opened: Instant::now(),
+            opened,
+            ends_by: opened + max_duration,
+            max_duration,
             waited: Duration::ZERO,
             upstream_started: None,
             first_chunk: None,
@@ -343,9 +358,12 @@ async fn drive(job: &Job, prompt_tokens: u64, t: &mut Timings) -> (Ended, Option
         );
         return (ended, None);
     }
+    // Both may be set (the newer name and the older); the upstream may honour either, so
+    // the reservation covers the larger.
     let max_tokens = ["max_tokens", "max_completion_tokens"]
         .iter()
-        .find_map(|k| job.req.params.get(*k).and_then(Value::as_u64));
+        .filter_map(|k| job.req.params.get(*k).and_then(Value::as_u64))
+        .max();
     let reserve = prompt_tokens + gw.limits.completion_reservation(max_tokens);
     let admitting = Instant::now();
     let admitted = admit(job, tier, reserve).await;
@@ -405,7 +423,7 @@ async fn drive(job: &Job, prompt_tokens: u64, t: &mut Timings) -> (Ended, Option
             stream.set_start(protocol::start(&stream.id, &stream.model));
             started = true;
         }
-        let body = match upstream_body(&job.req, model) {
+        let body = match upstream_body(&job.req, model, &gw.upstreams.user_id(&stream.user)) {
             Ok(body) => body,
             Err(e) => {
                 let ended = Ended::failed(ErrorCode::BadRequest, e.to_string(), None);
@@ -560,36 +578,37 @@ async fn relay_once(
     t: &mut Timings,
 ) -> Result<(String, Option<Usage>), Attempt> {
     let first_token_deadline = Instant::now() + provider.first_token_timeout;
-    let first_token_timeout = || {
-        Attempt::Failed(UpstreamError::FirstTokenTimeout(
-            provider.first_token_timeout,
-        ))
+    let ends_by = t.ends_by;
+    let max_duration = t.max_duration;
+    // Whichever comes first: the timeout the upstream is in, or the stream's end of life.
+    let timed_out = |seq: u64| {
+        Attempt::Failed(if Instant::now() >= ends_by {
+            UpstreamError::MaxDuration(max_duration)
+        } else if seq == 0 {
+            UpstreamError::FirstTokenTimeout(provider.first_token_timeout)
+        } else {
+            UpstreamError::IdleTimeout(provider.idle_timeout)
+        })
     };
-    let opened = tokio::time::timeout_at(first_token_deadline, provider.open(body));
+    let opened = tokio::time::timeout_at(first_token_deadline.min(ends_by), provider.open(body));
     let mut events = until_cancelled(stream, opened)
         .await
         .ok_or(Attempt::Cancelled)?
-        .map_err(|_| first_token_timeout())?
+        .map_err(|_| timed_out(0))?
         .map_err(Attempt::Failed)?;
     t.accepted = true;
     let mut finish_reason: Option<String> = None;
     let mut usage = None;
     // One timer for the whole call, moved forward per chunk rather than made anew: first the
-    // first-token deadline, then the idle timeout after each token.
-    let deadline = tokio::time::sleep_until(first_token_deadline);
+    // first-token deadline, then the idle timeout after each token, never past `ends_by`.
+    let deadline = tokio::time::sleep_until(first_token_deadline.min(ends_by));
     tokio::pin!(deadline);
     loop {
         let next = tokio::select! {
             biased;
             _ = stream.cancelled().cancelled() => return Err(Attempt::Cancelled),
             next = events.next() => next,
-            _ = &mut deadline => {
-                return Err(if *seq == 0 {
-                    first_token_timeout()
-                } else {
-                    Attempt::Failed(UpstreamError::IdleTimeout(provider.idle_timeout))
-                });
-            }
+            _ = &mut deadline => return Err(timed_out(*seq)),
         };
         let event = match next {
             None => {
@@ -601,11 +620,7 @@ async fn relay_once(
                     ))),
                 };
             }
-            Some(Err(e)) => {
-                return Err(Attempt::Failed(UpstreamError::Broken(
-                    provider.redact(&e.to_string()),
-                )))
-            }
+            Some(Err(e)) => return Err(Attempt::Failed(e)),
             Some(Ok(event)) => event,
         };
         // One clock read per stream, not per chunk: only the first content chunk's time counts.
@@ -613,7 +628,7 @@ async fn relay_once(
         if event.data == "[DONE]" {
             return Ok((finish_reason.unwrap_or_else(|| "stop".into()), usage));
         }
-        let chunk = upstream::parse_chunk(&event.data).map_err(Attempt::Failed)?;
+        let chunk = provider.parse_chunk(&event.data).map_err(Attempt::Failed)?;
         if let Some(u) = chunk.usage {
             usage = Some(u);
         }
@@ -637,7 +652,7 @@ async fn relay_once(
             // Any event after the first token proves the upstream alive.
             deadline
                 .as_mut()
-                .reset(Instant::now() + provider.idle_timeout);
+                .reset((Instant::now() + provider.idle_timeout).min(ends_by));
         }
     }
 }
@@ -655,13 +670,15 @@ mod tests {
 
     #[test]
     fn body_forces_streaming_and_usage() {
-        let req = open(serde_json::json!({"temperature": 0.5}));
+        let req = open(serde_json::json!({"temperature": 0.5, "user": "someone-else"}));
         let body: Value =
-            serde_json::from_slice(&upstream_body(&req, "m2").expect("body")).expect("json");
+            serde_json::from_slice(&upstream_body(&req, "m2", "u-hash").expect("body"))
+                .expect("json");
         assert_eq!(body["stream"], true);
         assert_eq!(body["stream_options"]["include_usage"], true);
         assert_eq!(body["temperature"], 0.5);
         assert_eq!(body["model"], "m2", "the model actually called");
+        assert_eq!(body["user"], "u-hash", "never the client's `user`");
     }
 
     #[test]

@@ -51,6 +51,12 @@ pub enum NoSlot {
 
 type Key = (i128, u64);
 
+/// Waiters at the first positions hear of every move at once: that is where moves matter.
+pub const ANNOUNCE_HEAD: usize = 32;
+/// Positions behind the head are refreshed by a walk of the whole queue at most this often
+/// (on a queue change), so a change costs `O(ANNOUNCE_HEAD)`, not `O(queue_max_len)`.
+pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
+
 struct Waiter {
     grant: oneshot::Sender<()>,
     stream: Arc<Stream>,
@@ -65,6 +71,8 @@ struct State {
     next_seq: u64,
     /// Waiting streams per tier (for the queue-depth gauge).
     depth: HashMap<Arc<str>, usize>,
+    /// When every waiter's position was last refreshed.
+    walked_all: Option<Instant>,
 }
 
 /// One provider's slots and queue.
@@ -98,6 +106,7 @@ impl Scheduler {
                 queue: BTreeMap::new(),
                 next_seq: 0,
                 depth: HashMap::new(),
+                walked_all: None,
             }),
         })
     }
@@ -139,7 +148,7 @@ impl Scheduler {
                 },
             );
             *st.depth.entry(tier.clone()).or_default() += 1;
-            announce(&mut st);
+            announce(&mut st, Some(key));
             (key, granted)
         };
         let max_wait = Duration::from_millis(self.config.queue_max_wait_ms);
@@ -168,7 +177,7 @@ impl Scheduler {
         match st.queue.remove(&key) {
             Some(w) => {
                 decrement(&mut st.depth, &w.tier);
-                announce(&mut st);
+                announce(&mut st, None);
                 true
             }
             None => false,
@@ -180,7 +189,7 @@ impl Scheduler {
         while let Some((_, w)) = st.queue.pop_first() {
             decrement(&mut st.depth, &w.tier);
             if w.grant.send(()).is_ok() {
-                announce(&mut st);
+                announce(&mut st, None);
                 return;
             }
         }
@@ -201,12 +210,32 @@ fn decrement(depth: &mut HashMap<Arc<str>, usize>, tier: &Arc<str>) {
     }
 }
 
-/// Sends every waiter whose place changed its new 1-based position.
-fn announce(st: &mut State) {
-    for (i, w) in st.queue.values_mut().enumerate() {
+/// Sends waiters whose place changed their new 1-based position: the first
+/// [`ANNOUNCE_HEAD`] on every change, everyone at most once per [`ANNOUNCE_EVERY`]. A waiter
+/// that just `entered` behind the head is told at once too: its exact place when it is last
+/// (the common case), else the queue's length, an upper bound until the next full walk.
+fn announce(st: &mut State, entered: Option<Key>) {
+    let now = Instant::now();
+    let full = st
+        .walked_all
+        .is_none_or(|at| now.duration_since(at) >= ANNOUNCE_EVERY);
+    let walk = if full {
+        st.walked_all = Some(now);
+        st.queue.len()
+    } else {
+        ANNOUNCE_HEAD
+    };
+    for (i, w) in st.queue.values_mut().take(walk).enumerate() {
         if w.position != i + 1 {
             w.position = i + 1;
             w.stream.set_queued(i + 1);
+        }
+    }
+    if let Some(key) = entered.filter(|_| st.queue.len() > walk) {
+        let len = st.queue.len();
+        if let Some(w) = st.queue.get_mut(&key) {
+            w.position = len;
+            w.stream.set_queued(len);
         }
     }
 }

@@ -95,7 +95,7 @@ impl Gateway {
             config.auth.leeway_secs,
             config.tiers.keys().cloned().collect(),
         );
-        let upstreams = Upstreams::new(&config.providers, &config.scheduler, &config.breaker)?;
+        let upstreams = Upstreams::new(&config, &secret)?;
         let limits = RateLimiter::new(config.limits.clone(), config.tiers.clone());
         let budgets = Budgets::new(config.budgets.clone());
         // Both tokenizers take a moment to build; not on the first stream's time.

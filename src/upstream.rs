@@ -7,16 +7,45 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use eventsource_stream::{Event, EventStreamError, Eventsource};
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use rand::Rng;
 use reqwest::header::{HeaderMap, CONTENT_TYPE, RETRY_AFTER};
+use ring::hmac;
 use serde::Deserialize;
 
 use crate::breaker::{Breaker, BreakerConfig, Health};
-use crate::config::{ProviderConfig, RetryConfig};
+use crate::config::{Config, ProviderConfig, RetryConfig};
 use crate::protocol::{ErrorCode, Usage};
+use crate::redact::Redactor;
 use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::sse::{self, SseError};
+
+/// Limits on what any upstream may send, for every provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Largest SSE event (its `data` lines plus the line being read) accepted from an
+    /// upstream; a larger one ends the stream with `upstream_error`, and the gateway stops
+    /// reading that response. Default 4194304 (4 MiB).
+    pub max_event_bytes: usize,
+    /// Longest a stream may run, from its `open` to its last token, whatever the upstream
+    /// sends (keep-alive events reset the idle timer, not this one); beyond it the stream ends
+    /// with `upstream_timeout`. Default 1800000 ms (30 minutes).
+    pub max_stream_duration_ms: u64,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            max_event_bytes: 4 << 20,
+            max_stream_duration_ms: 30 * 60 * 1000,
+        }
+    }
+}
+
+/// Bounds on upstream text quoted in an error, in characters.
+const MAX_MESSAGE_CHARS: usize = 300;
+const MAX_QUOTE_CHARS: usize = 120;
 
 /// One upstream: where it is, its key, and its connection pool.
 pub struct Provider {
@@ -25,6 +54,9 @@ pub struct Provider {
     url: String,
     /// Sent as `Authorization: Bearer`; never logged, never put in a frame.
     api_key: Option<String>,
+    /// Every string this provider sends back goes through it before a frame or a log.
+    redactor: Arc<Redactor>,
+    max_event_bytes: usize,
     /// Built once per provider so keep-alive connections (and HTTP/2 where offered) are
     /// reused by every stream.
     client: reqwest::Client,
@@ -39,19 +71,55 @@ pub struct Provider {
 /// All providers, in the order a model is looked up.
 pub struct Upstreams {
     providers: Vec<Arc<Provider>>,
+    /// Keys the upstream `user` field, so a provider can tell users apart (abuse reports,
+    /// its own per-user limits) without learning who they are.
+    user_key: hmac::Key,
 }
 
 impl Upstreams {
-    pub fn new(
-        configs: &[ProviderConfig],
-        scheduler: &SchedulerConfig,
-        breaker: &BreakerConfig,
-    ) -> Result<Self, reqwest::Error> {
-        let providers = configs
+    /// `secret` is the JWT secret: the upstream `user` key is derived from it, so user ids
+    /// are stable across restarts and replicas sharing the secret.
+    pub fn new(config: &Config, secret: &[u8]) -> Result<Self, reqwest::Error> {
+        // Any provider's key is redacted from every provider's text: a fallback can quote
+        // what it was sent no more than the primary.
+        let redactor = Arc::new(Redactor::new(
+            config.providers.iter().filter_map(|p| p.api_key.as_deref()),
+        ));
+        let providers = config
+            .providers
             .iter()
-            .map(|c| Provider::new(c, scheduler, breaker).map(Arc::new))
+            .map(|c| {
+                Provider::new(
+                    c,
+                    &config.scheduler,
+                    &config.breaker,
+                    &config.upstream,
+                    redactor.clone(),
+                )
+                .map(Arc::new)
+            })
             .collect::<Result<_, _>>()?;
-        Ok(Upstreams { providers })
+        let derived = hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA256, secret),
+            b"muxgate upstream user id v1",
+        );
+        Ok(Upstreams {
+            providers,
+            user_key: hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref()),
+        })
+    }
+
+    /// The `user` sent upstream for the authenticated `sub`: a keyed hash (HMAC-SHA256,
+    /// first 128 bits in hex), the same for every stream of that user, meaningless without
+    /// the gateway's secret.
+    pub fn user_id(&self, sub: &str) -> String {
+        let tag = hmac::sign(&self.user_key, sub.as_bytes());
+        let mut out = String::with_capacity(32);
+        for b in &tag.as_ref()[..16] {
+            use std::fmt::Write;
+            let _ = write!(out, "{b:02x}");
+        }
+        out
     }
 
     /// The provider serving `model`, if any.
@@ -66,15 +134,16 @@ impl Upstreams {
     }
 }
 
-/// The SSE events of one upstream response.
-pub type EventStream =
-    Pin<Box<dyn Stream<Item = Result<Event, EventStreamError<reqwest::Error>>> + Send>>;
+/// The SSE events of one upstream response; errors already redacted.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<sse::Event, UpstreamError>> + Send>>;
 
 impl Provider {
     pub fn new(
         c: &ProviderConfig,
         scheduler: &SchedulerConfig,
         breaker: &BreakerConfig,
+        limits: &UpstreamConfig,
+        redactor: Arc<Redactor>,
     ) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(c.connect_timeout_ms))
@@ -88,6 +157,8 @@ impl Provider {
             name: c.name.clone(),
             url: format!("{}/chat/completions", c.base_url.trim_end_matches('/')),
             api_key: c.api_key.clone(),
+            redactor,
+            max_event_bytes: limits.max_event_bytes,
             client,
             models: c.models.clone(),
             first_token_timeout: Duration::from_millis(c.first_token_timeout_ms),
@@ -126,23 +197,33 @@ impl Provider {
         let content_type = resp
             .headers()
             .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
+            .map(|v| String::from_utf8_lossy(v.as_bytes()))
+            .unwrap_or_default();
         if !content_type.starts_with("text/event-stream") {
-            return Err(UpstreamError::ContentType(content_type));
+            return Err(UpstreamError::ContentType(
+                self.redactor.clean(&content_type, MAX_QUOTE_CHARS),
+            ));
         }
-        Ok(Box::pin(resp.bytes_stream().eventsource()))
+        let redactor = self.redactor.clone();
+        let events = sse::EventStream::new(resp.bytes_stream(), self.max_event_bytes);
+        Ok(Box::pin(events.map(move |event| {
+            event.map_err(|e| match e {
+                SseError::TooLarge { limit } => UpstreamError::EventTooLarge(limit),
+                SseError::Transport(e) => {
+                    UpstreamError::Broken(redactor.clean(&error_chain(&e), MAX_MESSAGE_CHARS))
+                }
+            })
+        })))
     }
 
-    /// Removes the API key from text that may reach a client or a log.
+    /// Upstream text made fit for a client frame or a log (see [`crate::redact`]).
     pub fn redact(&self, text: &str) -> String {
-        match &self.api_key {
-            Some(key) if !key.is_empty() && text.contains(key.as_str()) => {
-                text.replace(key.as_str(), "[redacted]")
-            }
-            _ => text.to_string(),
-        }
+        self.redactor.clean(text, MAX_MESSAGE_CHARS)
+    }
+
+    /// [`parse_chunk`] with this provider's redaction of what an error quotes.
+    pub fn parse_chunk<'a>(&self, data: &'a str) -> Result<Chunk<'a>, UpstreamError> {
+        parse_chunk(data, &self.redactor)
     }
 }
 
@@ -183,7 +264,7 @@ fn error_message(body: &str) -> String {
         Ok(b) => b.error.message,
         Err(_) => body.trim().to_string(),
     };
-    let mut message: String = message.chars().take(300).collect();
+    let mut message = message;
     if message.is_empty() {
         message.push_str("(empty body)");
     }
@@ -232,6 +313,10 @@ pub enum UpstreamError {
     Broken(String),
     #[error("upstream sent a chunk that is not a chat-completion chunk: {0}")]
     BadChunk(String),
+    #[error("upstream sent an SSE event larger than {0} bytes (upstream.max_event_bytes)")]
+    EventTooLarge(usize),
+    #[error("the stream ran past its maximum duration of {0:?} (upstream.max_stream_duration_ms)")]
+    MaxDuration(Duration),
     #[error("provider `{provider}` is failing: circuit open for another {retry_after:?}")]
     CircuitOpen {
         provider: String,
@@ -250,6 +335,8 @@ impl UpstreamError {
             UpstreamError::ContentType(_)
             | UpstreamError::IdleTimeout(_)
             | UpstreamError::BadChunk(_)
+            | UpstreamError::EventTooLarge(_)
+            | UpstreamError::MaxDuration(_)
             | UpstreamError::CircuitOpen { .. } => false,
         }
     }
@@ -257,9 +344,9 @@ impl UpstreamError {
     /// The protocol code a client sees when this is the final failure.
     pub fn code(&self) -> ErrorCode {
         match self {
-            UpstreamError::FirstTokenTimeout(_) | UpstreamError::IdleTimeout(_) => {
-                ErrorCode::UpstreamTimeout
-            }
+            UpstreamError::FirstTokenTimeout(_)
+            | UpstreamError::IdleTimeout(_)
+            | UpstreamError::MaxDuration(_) => ErrorCode::UpstreamTimeout,
             _ => ErrorCode::UpstreamError,
         }
     }
@@ -292,6 +379,8 @@ impl UpstreamError {
             UpstreamError::IdleTimeout(_) => "idle_timeout",
             UpstreamError::Broken(_) => "broken",
             UpstreamError::BadChunk(_) => "bad_chunk",
+            UpstreamError::EventTooLarge(_) => "event_too_large",
+            UpstreamError::MaxDuration(_) => "max_duration",
             UpstreamError::CircuitOpen { .. } => "circuit_open",
         }
     }
@@ -300,7 +389,8 @@ impl UpstreamError {
     pub fn health(&self) -> Health {
         match self {
             UpstreamError::Status { status, .. } if *status < 500 => Health::Neutral,
-            UpstreamError::CircuitOpen { .. } => Health::Neutral,
+            // The upstream was answering all along: the limit is ours, not its failure.
+            UpstreamError::CircuitOpen { .. } | UpstreamError::MaxDuration(_) => Health::Neutral,
             _ => Health::Failure,
         }
     }
@@ -369,17 +459,19 @@ struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
 
 /// Parses one chat-completion chunk, borrowing its text where it has no escapes.
 /// An `error` object inside the stream (some providers send one mid-stream) is an error.
-pub fn parse_chunk(data: &str) -> Result<Chunk<'_>, UpstreamError> {
+/// What an error quotes of the chunk goes through `redactor` first.
+pub fn parse_chunk<'a>(data: &'a str, redactor: &Redactor) -> Result<Chunk<'a>, UpstreamError> {
     let wire: ChunkWire<'_> = serde_json::from_str(data).map_err(|e| {
-        let raw: String = data.chars().take(120).collect();
-        UpstreamError::BadChunk(format!("{e} in `{raw}`"))
+        // serde's message quotes values too (`invalid type: string "sk-…"`).
+        let error = redactor.clean(&e.to_string(), MAX_MESSAGE_CHARS);
+        let raw = redactor.clean(data, MAX_QUOTE_CHARS);
+        UpstreamError::BadChunk(format!("{error} in `{raw}`"))
     })?;
     if let Some(err) = wire.error {
-        let message = err
-            .get("message")
-            .and_then(|m| m.as_str())
-            .map(str::to_string)
-            .unwrap_or_else(|| err.to_string());
+        let message = match err.get("message").and_then(|m| m.as_str()) {
+            Some(m) => redactor.clean(m, MAX_MESSAGE_CHARS),
+            None => redactor.clean(&err.to_string(), MAX_MESSAGE_CHARS),
+        };
         return Err(UpstreamError::Broken(format!(
             "upstream error event: {message}"
         )));
@@ -405,9 +497,38 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
 
+    fn parse(data: &str) -> Result<Chunk<'_>, UpstreamError> {
+        parse_chunk(data, &Redactor::default())
+    }
+
+    #[test]
+    fn chunk_errors_quote_only_redacted_text() {
+        let key = "sk-upstream-secret-7f3a9c";
+        let r = Redactor::new([key]);
+        let e = parse_chunk(&format!("{{\"oops\": \"{key}\n\u{1b}\""), &r).expect_err("bad");
+        let m = e.to_string();
+        assert!(!m.contains("sk-up") && m.contains("[redacted]"), "{m}");
+        let e = parse_chunk(
+            &format!(r#"{{"error":{{"message":"Incorrect API key provided: {key}\nx"}}}}"#),
+            &r,
+        )
+        .expect_err("event");
+        let m = e.to_string();
+        assert!(!m.contains("sk-up") && !m.contains('\n'), "{m}");
+        let typed = parse_chunk(&format!(r#"{{"choices":"{key}\u001b"}}"#), &r).expect_err("type");
+        let m = typed.to_string();
+        assert!(!m.contains("sk-up") && !m.contains('\u{1b}'), "{m}");
+        let long = format!("{}{key}", "x".repeat(MAX_QUOTE_CHARS - 5));
+        let m = parse_chunk(&long, &r).expect_err("bad").to_string();
+        assert!(
+            !m.contains("sk-u"),
+            "a key cut by the bound is still gone: {m}"
+        );
+    }
+
     #[test]
     fn parses_openai_chunks() {
-        let c = parse_chunk(r#"{"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"#)
+        let c = parse(r#"{"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"#)
             .expect("chunk");
         assert_eq!(c.content.as_deref(), Some("Hel"));
         assert!(
@@ -416,18 +537,17 @@ mod tests {
         );
         assert_eq!(c.finish_reason, None);
 
-        let c = parse_chunk(r#"{"choices":[{"delta":{"content":"a\"b\nc"}}]}"#).expect("escaped");
+        let c = parse(r#"{"choices":[{"delta":{"content":"a\"b\nc"}}]}"#).expect("escaped");
         assert_eq!(c.content.as_deref(), Some("a\"b\nc"));
 
-        let c = parse_chunk(r#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#)
-            .expect("role");
+        let c =
+            parse(r#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#).expect("role");
         assert_eq!(c.content, None);
 
-        let c =
-            parse_chunk(r#"{"choices":[{"delta":{},"finish_reason":"length"}]}"#).expect("finish");
+        let c = parse(r#"{"choices":[{"delta":{},"finish_reason":"length"}]}"#).expect("finish");
         assert_eq!(c.finish_reason.as_deref(), Some("length"));
 
-        let c = parse_chunk(r#"{"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":40,"total_tokens":52}}"#)
+        let c = parse(r#"{"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":40,"total_tokens":52}}"#)
             .expect("usage");
         assert_eq!(
             c.usage,
@@ -437,12 +557,9 @@ mod tests {
             })
         );
 
+        assert!(matches!(parse("not json"), Err(UpstreamError::BadChunk(_))));
         assert!(matches!(
-            parse_chunk("not json"),
-            Err(UpstreamError::BadChunk(_))
-        ));
-        assert!(matches!(
-            parse_chunk(r#"{"error":{"message":"overloaded"}}"#),
+            parse(r#"{"error":{"message":"overloaded"}}"#),
             Err(UpstreamError::Broken(m)) if m.contains("overloaded")
         ));
     }
