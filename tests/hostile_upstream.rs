@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -176,9 +175,6 @@ async fn start_with(tweak: impl FnOnce(&mut muxgate::Config)) -> Harness {
     Harness::start_with(tweak).await
 }
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
 /// Every log line of this test binary from the first call on, as JSON. A process-wide
 /// subscriber: a thread-scoped one misses events whose callsites other tests' threads
 /// registered first.
@@ -194,16 +190,6 @@ fn captured_logs() -> &'static Captured {
             .init();
         captured
     })
-}
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// Every way an upstream can put text in front of the gateway: an HTTP error body, an error

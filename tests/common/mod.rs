@@ -377,3 +377,17 @@ pub fn request_with_origin(
     req.headers_mut().insert("origin", origin.parse().unwrap());
     req
 }
+
+/// A log writer that keeps every byte, for tests that read what the gateway logged.
+#[derive(Clone, Default)]
+pub struct Captured(pub Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
