@@ -108,6 +108,12 @@ export default class Mux {
     /** Frames per follower tab, posted together (one bus message per tab per task). */
     this.outbox = new Map()
     this.flushQueued = false
+    /** Batches posted per follower tab while leading: a `join` says how many it has read. */
+    this.posted = new Map()
+    /** The last leader's `posted`, from its resign: {from, posted: {tab: n}}. */
+    this.inherited = null
+    /** Batches read per leader tab (the last few leaders), reported in `join`. */
+    this.readFrom = new Map()
 
     // follower state
     this.leaderId = null
@@ -363,6 +369,12 @@ export default class Mux {
 
   /** A `frames` (or an older shim's `frame`) message from the leader. @param {any} m */
   deliverBatch (m) {
+    if (typeof m.n === 'number' && typeof m.from === 'string') {
+      this.readFrom.delete(m.from)
+      this.readFrom.set(m.from, m.n)
+      // the last few leaders are enough: a join is about the current and the last one
+      if (this.readFrom.size > 4) this.readFrom.delete(this.readFrom.keys().next().value)
+    }
     if (Array.isArray(m.frames)) {
       for (const frame of m.frames) if (frame && typeof frame.id === 'string') this.deliverLocal(frame)
     } else if (m.frame) {
@@ -538,7 +550,11 @@ export default class Mux {
     if (this.outbox.size === 0) return
     const outbox = this.outbox
     this.outbox = new Map()
-    for (const [tab, frames] of outbox) this.bus?.post({ t: BUS.frames, to: tab, frames }, { keep: true })
+    for (const [tab, frames] of outbox) {
+      const n = (this.posted.get(tab) ?? 0) + 1
+      this.posted.set(tab, n)
+      this.bus?.post({ t: BUS.frames, to: tab, n, frames }, { keep: true })
+    }
   }
 
   /**
@@ -601,7 +617,10 @@ export default class Mux {
     this.roster = new Roster(this.tabId, { maxMissed: this.opts.tabMaxMissed })
     this.startOwner()
     const resigned = !!previous.resign && previous.resign.from === previous.leader
+    this.posted = new Map()
+    this.inherited = null
     if (resigned) {
+      this.inherited = { from: previous.resign.from, posted: previous.resign.posted ?? {} }
       this.adopt(previous.resign.from, previous.resign.streams, { fromOwner: false })
     }
     // The last leader resigned: its table has every stream, so hello goes out at once (the
@@ -635,11 +654,19 @@ export default class Mux {
    * `resign`).
    * @param {string} from
    * @param {Array<{id: string, tab?: string, after: number, open: any, sent: boolean, cancelled?: boolean}>} list
-   * @param {{fromOwner: boolean}} how `fromOwner`: the owning tab itself says what it has seen
+   * @param {{fromOwner: boolean, read?: Record<string, number>}} how `fromOwner`: the owning
+   *   tab itself says what it has seen; `read`: how many frame batches it had read from which
+   *   leader when it said so
    */
-  adopt (from, list, { fromOwner }) {
+  adopt (from, list, { fromOwner, read }) {
     if (!Array.isArray(list)) return
     let renew = false
+    // A tab behind what was forwarded to it is usually just behind: the frames are on their
+    // way. Only once it has read every batch that was posted to it is it really missing some.
+    const readOf = leader => (read && typeof read[leader] === 'number' ? read[leader] : 0)
+    const caughtUp = fromOwner &&
+      (this.posted.get(from) ?? 0) <= readOf(this.tabId) &&
+      (!this.inherited || (this.inherited.posted[from] ?? 0) <= readOf(this.inherited.from))
     for (const s of list) {
       if (!s || typeof s.id !== 'string' || !s.open) continue
       const tab = s.tab ?? from
@@ -652,7 +679,7 @@ export default class Mux {
             type: FRAME.error, id: s.id, code: CLIENT_ERROR_CODE.tabGone,
             message: 'this tab stopped answering, so its stream was cancelled',
           })
-        } else if (s.after < route.lastSeq) {
+        } else if (s.after < route.lastSeq && caughtUp) {
           route.lastSeq = s.after
           // the tab missed frames we forwarded (it was frozen), or the last leader's table
           // was ahead of it: only a replay brings them back
@@ -738,7 +765,7 @@ export default class Mux {
     switch (m.t) {
       case BUS.join:
         if (this.roster.touch(from, { visible: m.visible })) this.tabs = this.roster.size
-        this.adopt(from, m.streams, { fromOwner: true })
+        this.adopt(from, m.streams, { fromOwner: true, read: m.read })
         if (this.collecting) {
           this.collecting.expected.delete(from)
           if (this.collecting.expected.size === 0) this.finishCollecting()
@@ -781,6 +808,7 @@ export default class Mux {
         // the last leader's table arrived after the lock did, or a deposed leader's (it was
         // stuck when we took over): streams we lack
         if (m.from === this.tabId) return
+        if (this.collecting && m.from === this.collecting.after) this.inherited = { from: m.from, posted: m.posted ?? {} }
         this.adopt(m.from, m.streams, { fromOwner: false })
         if (this.collecting && m.from === this.collecting.after) this.finishCollecting()
         return
@@ -804,7 +832,8 @@ export default class Mux {
     // Close first, so the gateway detaches the streams before the next leader resumes them.
     this.stopOwner()
     this.bus.forgetAll()
-    if (handoff) this.bus.post({ t: BUS.resign, epoch: this.epoch, streams, roster })
+    if (handoff) this.bus.post({ t: BUS.resign, epoch: this.epoch, streams, roster, posted: Object.fromEntries(this.posted) })
+    this.posted = new Map()
     this.roster = null
     this.knownRoster = roster
     this.leaderId = null
@@ -916,7 +945,7 @@ export default class Mux {
     const forgotten = Array.isArray(m.roster) && !m.roster.includes(this.tabId)
     if (changed || claim || forgotten || this.mustJoin) {
       this.mustJoin = false
-      this.toLeader({ t: BUS.join, visible: this.isVisible(), streams: this.ownStreamList() })
+      this.toLeader({ t: BUS.join, visible: this.isVisible(), streams: this.ownStreamList(), read: Object.fromEntries(this.readFrom) })
     }
     this.emitStatus()
   }
