@@ -115,12 +115,18 @@ test('the replay after a handover reaches each tab in a few batched messages', a
   } finally { closeAll(list); gw.stop() }
 })
 
-test('epochs follow the order of the lock, even for tabs that never heard of each other', () => {
-  const a = { n: Math.max(0 + 1, Date.now()), tab: 'zzzz' }
-  const b = { n: Math.max(0 + 1, Date.now() + 5), tab: 'aaaa' }
-  assert.equal(compareEpochs(b, a), 1, 'the later taker wins whatever its tab id')
-  assert.equal(compareEpochs({ n: 7, tab: 'b' }, { n: 7, tab: 'a' }), 1)
-  assert.equal(compareEpochs(null, a), -1)
+test('epochs follow the order of the lock, even between tabs that never heard of each other', async () => {
+  const gw = new FakeGateway()
+  const locks = new FakeLocks()
+  // two tabs on the same lock but different channels: B never hears A's claim
+  const [a] = tabs(1, { gw, locks, tabId: 'zzzz' })
+  const [b] = tabs(1, { gw, locks, tabId: 'aaaa' })
+  try {
+    const first = await until(() => a.mux.role === 'leader' && a.mux.epoch, { what: 'A leads' })
+    b.mux.election.steal()
+    await until(() => b.mux.role === 'leader', { what: 'B leads', stepMs: 1 })
+    assert.equal(compareEpochs(b.mux.epoch, first), 1, `B ${JSON.stringify(b.mux.epoch)} after A ${JSON.stringify(first)}`)
+  } finally { a.mux.close(); b.mux.close(); gw.stop() }
 })
 
 test('a leader whose lock is stolen stops at once: socket closed, one leader, streams exact', async () => {
