@@ -123,6 +123,8 @@ export default class Mux {
     this.silent = 0
     /** Counts every word heard from a leader, so a follower about to steal sees if one came. */
     this.heard = 0
+    /** When this tab last sent a `join`. */
+    this.joinedAt = 0
     this.followTimer = undefined
     this.stealTimer = undefined
     /** The roster the last leader announced: who a new leader waits for. */
@@ -747,6 +749,18 @@ export default class Mux {
     this.emitStatus()
   }
 
+  /**
+   * One heartbeat for many joins: after a takeover every tab joins at once, and a heartbeat
+   * per join would be N² deliveries (and more joins from tabs it does not list yet).
+   */
+  soonBroadcastStatus () {
+    if (this.statusTimer !== undefined) return
+    this.statusTimer = setTimeout(() => {
+      this.statusTimer = undefined
+      this.broadcastStatus()
+    }, this.opts.tabHeartbeatMs / 10)
+  }
+
   leaderPayload () {
     return {
       epoch: this.epoch,
@@ -770,10 +784,10 @@ export default class Mux {
           this.collecting.expected.delete(from)
           if (this.collecting.expected.size === 0) this.finishCollecting()
         }
-        this.broadcastStatus()
+        this.soonBroadcastStatus()
         return
       case BUS.open:
-        if (this.roster.touch(from)) this.broadcastStatus()
+        if (this.roster.touch(from)) this.soonBroadcastStatus()
         if (m.frame && typeof m.frame.id === 'string') this.ownerOpen(from, m.frame)
         return
       case BUS.cancel:
@@ -781,7 +795,7 @@ export default class Mux {
         return
       case BUS.bye:
         this.dropTab(from, 'bye')
-        this.broadcastStatus()
+        this.soonBroadcastStatus()
         return
       case BUS.ack:
         this.roster.ack(from, { visible: m.visible })
@@ -825,6 +839,8 @@ export default class Mux {
     if (this.role !== ROLE.leader) return
     clearInterval(this.hbTimer)
     this.hbTimer = undefined
+    clearTimeout(this.statusTimer)
+    this.statusTimer = undefined
     if (this.collecting) clearTimeout(this.collecting.timer)
     this.collecting = null
     const streams = this.router.snapshot(r => !(leaving && r.tab === this.tabId))
@@ -942,9 +958,12 @@ export default class Mux {
     if (m.tier !== undefined) this.tier = m.tier
     if (m.visible === false) this.leaderHiddenSince ??= Date.now()
     else if (m.visible === true) this.leaderHiddenSince = null
-    const forgotten = Array.isArray(m.roster) && !m.roster.includes(this.tabId)
+    // not listed: the leader dropped us, or our join is still on its way (then wait a beat)
+    const forgotten = Array.isArray(m.roster) && !m.roster.includes(this.tabId) &&
+      Date.now() - this.joinedAt > this.opts.tabHeartbeatMs
     if (changed || claim || forgotten || this.mustJoin) {
       this.mustJoin = false
+      this.joinedAt = Date.now()
       this.toLeader({ t: BUS.join, visible: this.isVisible(), streams: this.ownStreamList(), read: Object.fromEntries(this.readFrom) })
     }
     this.emitStatus()
