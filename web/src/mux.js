@@ -25,6 +25,15 @@ export function compareEpochs (a, b) {
   return a.tab === b.tab ? 0 : a.tab < b.tab ? -1 : 1
 }
 
+/**
+ * The epoch of a tab that takes the lock now, having heard epochs up to `heard`.
+ * @param {number} heard @param {string} tab @param {number} [now]
+ * @returns {Epoch}
+ */
+export function nextEpoch (heard, tab, now = Date.now()) {
+  return { n: Math.max(heard + 1, now), tab }
+}
+
 const UTF8 = typeof TextEncoder !== 'undefined' ? new TextEncoder() : null
 
 /**
@@ -611,7 +620,7 @@ export default class Mux {
     const previous = { leader: this.leaderId, roster: this.knownRoster, resign: this.lastResign }
     this.clearFollowerTimers()
     this.setRole(ROLE.leader)
-    this.epoch = { n: Math.max(this.maxEpochN + 1, Date.now()), tab: this.tabId }
+    this.epoch = nextEpoch(this.maxEpochN, this.tabId)
     this.maxEpochN = this.epoch.n
     this.leaderId = this.tabId
     this.leaderEpoch = this.epoch
@@ -622,6 +631,7 @@ export default class Mux {
     this.posted = new Map()
     this.inherited = null
     if (resigned) {
+      this.socket.seedToken(previous.resign.token)
       this.inherited = { from: previous.resign.from, posted: previous.resign.posted ?? {} }
       this.adopt(previous.resign.from, previous.resign.streams, { fromOwner: false })
     }
@@ -845,10 +855,13 @@ export default class Mux {
     this.collecting = null
     const streams = this.router.snapshot(r => !(leaving && r.tab === this.tabId))
     const roster = this.roster.list()
+    // the next leader connects with it instead of waiting for the token function (tabs of
+    // one origin share the user's token anyway)
+    const token = this.socket?.cachedToken ?? undefined
     // Close first, so the gateway detaches the streams before the next leader resumes them.
     this.stopOwner()
     this.bus.forgetAll()
-    if (handoff) this.bus.post({ t: BUS.resign, epoch: this.epoch, streams, roster, posted: Object.fromEntries(this.posted) })
+    if (handoff) this.bus.post({ t: BUS.resign, epoch: this.epoch, streams, roster, posted: Object.fromEntries(this.posted), token })
     this.posted = new Map()
     this.roster = null
     this.knownRoster = roster

@@ -356,6 +356,19 @@ export default class Socket {
     rec.pingTimer = undefined
   }
 
+  /**
+   * Takes a token function's token that another tab got (the last leader's), so the first
+   * hello need not wait for the function. Ignored unless it is a JWT far enough from expiry.
+   * @param {string|undefined} token
+   */
+  seedToken (token) {
+    if (typeof this.token !== 'function' || typeof token !== 'string' || this.cachedToken) return
+    const exp = jwtExpiry(token)
+    if (exp === null || exp * 1000 - Date.now() <= this.tokenRefreshSkewMs) return
+    this.cachedToken = token
+    this.cachedExpiry = exp
+  }
+
   /** The token for the next hello: the string given, or the function's, renewed near expiry. */
   async getToken () {
     if (typeof this.token !== 'function') return this.token

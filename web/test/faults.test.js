@@ -4,7 +4,7 @@
 // the token is renewed on the live socket (`refresh`).
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import Mux, { compareEpochs } from '../src/mux.js'
+import Mux, { compareEpochs, nextEpoch } from '../src/mux.js'
 import { FakeGateway, FakeLocks, collect, fakeAnswer, fakePage, fakeToken, until } from './fakes.js'
 
 const FAST = { tabHeartbeatMs: 40, tabMaxMissed: 3, leaderMaxSilent: 4, collectMs: 150, backoffBaseMs: 20, backoffMaxMs: 200, stealStaggerMs: 60 }
@@ -115,18 +115,17 @@ test('the replay after a handover reaches each tab in a few batched messages', a
   } finally { closeAll(list); gw.stop() }
 })
 
-test('epochs follow the order of the lock, even between tabs that never heard of each other', async () => {
-  const gw = new FakeGateway()
-  const locks = new FakeLocks()
-  // two tabs on the same lock but different channels: B never hears A's claim
-  const [a] = tabs(1, { gw, locks, tabId: 'zzzz' })
-  const [b] = tabs(1, { gw, locks, tabId: 'aaaa' })
-  try {
-    const first = await until(() => a.mux.role === 'leader' && a.mux.epoch, { what: 'A leads' })
-    b.mux.election.steal()
-    await until(() => b.mux.role === 'leader', { what: 'B leads', stepMs: 1 })
-    assert.equal(compareEpochs(b.mux.epoch, first), 1, `B ${JSON.stringify(b.mux.epoch)} after A ${JSON.stringify(first)}`)
-  } finally { a.mux.close(); b.mux.close(); gw.stop() }
+test('epochs follow the order of the lock, even between tabs that never heard of each other', () => {
+  const t = 1_800_000_000_000
+  // A takes the lock at t, B (a smaller tab id, never heard of A) steals it 3 ms later
+  const a = nextEpoch(0, 'zzzz', t)
+  const b = nextEpoch(0, 'aaaa', t + 3)
+  assert.equal(compareEpochs(b, a), 1, 'the later taker wins whatever its tab id')
+  // one that heard of a later epoch (a clock behind) still goes above it
+  const c = nextEpoch(b.n, 'mmmm', t)
+  assert.equal(compareEpochs(c, b), 1)
+  assert.equal(c.n, b.n + 1)
+  assert.equal(compareEpochs(nextEpoch(0, 'b', t), nextEpoch(0, 'a', t)), 1, 'a tie goes by tab id')
 })
 
 test('a leader whose lock is stolen stops at once: socket closed, one leader, streams exact', async () => {
