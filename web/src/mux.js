@@ -630,8 +630,9 @@ export default class Mux {
     const resigned = !!previous.resign && previous.resign.from === previous.leader
     this.posted = new Map()
     this.inherited = null
+    if (resigned) this.socket.seedToken(previous.resign.token)
+    else this.socket.prefetchToken()
     if (resigned) {
-      this.socket.seedToken(previous.resign.token)
       this.inherited = { from: previous.resign.from, posted: previous.resign.posted ?? {} }
       this.adopt(previous.resign.from, previous.resign.streams, { fromOwner: false })
     }
@@ -832,7 +833,10 @@ export default class Mux {
         // the last leader's table arrived after the lock did, or a deposed leader's (it was
         // stuck when we took over): streams we lack
         if (m.from === this.tabId) return
-        if (this.collecting && m.from === this.collecting.after) this.inherited = { from: m.from, posted: m.posted ?? {} }
+        if (this.collecting && m.from === this.collecting.after) {
+          this.inherited = { from: m.from, posted: m.posted ?? {} }
+          this.socket.seedToken(m.token)
+        }
         this.adopt(m.from, m.streams, { fromOwner: false })
         if (this.collecting && m.from === this.collecting.after) this.finishCollecting()
         return

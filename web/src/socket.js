@@ -80,6 +80,8 @@ export default class Socket {
     this.attempt = 0
     this.cachedToken = null
     this.cachedExpiry = null
+    /** The token function's call in flight, if any. */
+    this.pendingToken = null
     /** Limits from `welcome`. */
     this.limits = {}
     /** Unix seconds at which the live connection's token expires, if known. */
@@ -376,11 +378,24 @@ export default class Socket {
     if (this.cachedToken && this.cachedExpiry !== null && this.cachedExpiry * 1000 - now > this.tokenRefreshSkewMs) {
       return this.cachedToken
     }
-    const token = await this.token()
-    if (typeof token !== 'string' || token === '') throw new MuxError(ERROR_CODE.unauthorized, 'the token function returned no token')
-    this.cachedToken = token
-    this.cachedExpiry = jwtExpiry(token)
-    return token
+    // one call of the function at a time: a prefetch and the hello that follows share it
+    this.pendingToken ??= (async () => {
+      try {
+        const token = await this.token()
+        if (typeof token !== 'string' || token === '') throw new MuxError(ERROR_CODE.unauthorized, 'the token function returned no token')
+        this.cachedToken = token
+        this.cachedExpiry = jwtExpiry(token)
+        return token
+      } finally {
+        this.pendingToken = null
+      }
+    })()
+    return this.pendingToken
+  }
+
+  /** Starts getting the token now (a new leader does while it collects the tabs' streams). */
+  prefetchToken () {
+    this.getToken().catch(() => {}) // the hello's own call reports a failure
   }
 
   /** @param {string} state */
