@@ -311,3 +311,22 @@ test('refresh refused: reconnect with that token; its 4401 fetches a new one; te
     assert.ok(gw.connectionsTotal >= 2, 'a new connection carried the stream on')
   } finally { t.mux.close(); gw.stop() }
 })
+
+test('a join that lags behind frames still on their way does not cost a second hello', async () => {
+  const gw = new FakeGateway({ chunkMs: 2 })
+  // a slow bus: when the leader leaves, frames it posted are still on their way to the tabs,
+  // so their joins report less than its table
+  const list = tabs(4, { gw, BroadcastChannel: slowChannel(30) })
+  try {
+    await settled(list)
+    const leader = list.find(t => t.mux.role === 'leader')
+    const others = list.filter(t => t !== leader)
+    const streams = others.map(t => ask(t.mux, 400))
+    const reads = streams.map(collect)
+    await until(() => streams.every(s => s.lastSeq >= 20), { what: 'streams under way' })
+    leader.page.pagehide()
+    const results = await Promise.all(reads)
+    results.forEach((r, i) => assert.deepEqual(r, { text: fakeAnswer(streams[i].id, 400), error: null }))
+    assert.equal(gw.connectionsTotal, 2, 'the first hello resumed everything')
+  } finally { closeAll(list); gw.stop() }
+})
