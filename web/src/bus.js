@@ -70,14 +70,16 @@ export default class Bus {
 
   /**
    * @param {{t: string, to?: string} & Record<string, any>} msg `to`: one tab's inbox, else all
-   * @param {{keep?: boolean}} [how] keep the handle on `to`'s inbox open for the next message
+   * @param {{keep?: boolean, shared?: boolean}} [how] keep: keep the handle on `to`'s inbox
+   *   open for the next message; shared: send on the shared channel even with `to` (for a tab
+   *   of an older shim that reads no inbox)
    * @returns {boolean} false when the channel is closed
    */
-  post (msg, { keep = false } = {}) {
+  post (msg, { keep = false, shared = false } = {}) {
     if (!this.channel) return false
     const data = { ...msg, from: this.tabId }
     try {
-      if (!msg.to) {
+      if (!msg.to || shared) {
         this.channel.postMessage(data)
       } else if (keep) {
         this.outbox(msg.to).postMessage(data)
@@ -126,6 +128,7 @@ export default class Bus {
   close () {
     if (!this.channel) return
     for (const ch of [this.channel, this.inbox, ...this.outboxes.values()]) {
+      if (!ch) continue
       ch.onmessage = null
       ch.close()
     }

@@ -165,6 +165,14 @@ export const BUS = Object.freeze({
   resign: 'resign',
 })
 
+/**
+ * The bus protocol's version, in `claim`, `hb`, `pong` and `join` (absent: 1). Tabs of one
+ * origin may run different shim versions during a deploy: from 2 on a tab reads its inbox, so
+ * only tabs that said 2 are written to there; a version-1 tab still gets its messages on the
+ * shared channel (addressed with `to`), as before.
+ */
+export const BUS_VERSION = 2
+
 /** Defaults of `connect()` options, in milliseconds unless said otherwise. */
 export const DEFAULTS = Object.freeze({
   /** First reconnect delay; doubles per failed attempt. */

@@ -1,5 +1,5 @@
 import {
-  BUS, CLIENT_ERROR_CODE, CONNECTION, DEFAULTS, ERROR_CODE, FRAME, ROLE, WS_PATH,
+  BUS, BUS_VERSION, CLIENT_ERROR_CODE, CONNECTION, DEFAULTS, ERROR_CODE, FRAME, ROLE, WS_PATH,
 } from './constants.js'
 import Bus from './bus.js'
 import Election from './election.js'
@@ -352,7 +352,14 @@ export default class Mux {
 
   /** A follower's message for the leader: to its inbox when known, else to every tab. */
   toLeader (msg) {
-    return this.bus.post(this.leaderId ? { ...msg, to: this.leaderId } : msg)
+    if (!this.leaderId) return this.bus.post(msg)
+    return this.bus.post({ ...msg, to: this.leaderId }, { shared: !this.leaderReadsInbox })
+  }
+
+  /** The leader's message for one follower: to its inbox, or (older shim) the shared channel. */
+  toTab (tab, msg) {
+    if (this.inboxTabs?.has(tab)) return this.bus.post(msg, { keep: true })
+    return this.bus.post(msg, { shared: true })
   }
 
   /** @param {MuxError} error */
@@ -564,7 +571,8 @@ export default class Mux {
     for (const [tab, frames] of outbox) {
       const n = (this.posted.get(tab) ?? 0) + 1
       this.posted.set(tab, n)
-      this.bus?.post({ t: BUS.frames, to: tab, n, frames }, { keep: true })
+      if (this.inboxTabs?.has(tab)) this.bus?.post({ t: BUS.frames, to: tab, n, frames }, { keep: true })
+      else for (const frame of frames) this.bus?.post({ t: BUS.frame, to: tab, frame }, { shared: true })
     }
   }
 
@@ -630,6 +638,8 @@ export default class Mux {
     const resigned = !!previous.resign && previous.resign.from === previous.leader
     this.posted = new Map()
     this.inherited = null
+    /** Followers whose shim reads its inbox (their join said so, or the last leader's resign). */
+    this.inboxTabs = new Set(resigned && Array.isArray(previous.resign.inbox) ? previous.resign.inbox : [])
     if (resigned) this.socket.seedToken(previous.resign.token)
     else this.socket.prefetchToken()
     if (resigned) {
@@ -644,7 +654,7 @@ export default class Mux {
       ? new Set()
       : new Set(previous.roster.filter(t => t !== this.tabId && t !== previous.leader))
     this.collecting = { expected, timer: undefined, after: previous.leader }
-    this.bus.post({ t: BUS.claim, epoch: this.epoch, how })
+    this.bus.post({ t: BUS.claim, v: BUS_VERSION, epoch: this.epoch, how })
     if (expected.size === 0) {
       this.finishCollecting()
     } else {
@@ -774,6 +784,7 @@ export default class Mux {
 
   leaderPayload () {
     return {
+      v: BUS_VERSION,
       epoch: this.epoch,
       roster: this.roster.list(),
       tabs: this.roster.size,
@@ -789,6 +800,8 @@ export default class Mux {
     const from = m.from
     switch (m.t) {
       case BUS.join:
+        if (m.v >= 2) this.inboxTabs.add(from)
+        else this.inboxTabs.delete(from)
         if (this.roster.touch(from, { visible: m.visible })) this.tabs = this.roster.size
         this.adopt(from, m.streams, { fromOwner: true, read: m.read })
         if (this.collecting) {
@@ -813,7 +826,7 @@ export default class Mux {
         return
       case BUS.probe:
         this.roster.ack(from)
-        this.bus.post({ t: BUS.pong, to: from, ...this.leaderPayload() }, { keep: true })
+        this.toTab(from, { t: BUS.pong, to: from, ...this.leaderPayload() })
         return
       case BUS.claim:
       case BUS.hb:
@@ -836,6 +849,7 @@ export default class Mux {
         if (this.collecting && m.from === this.collecting.after) {
           this.inherited = { from: m.from, posted: m.posted ?? {} }
           this.socket.seedToken(m.token)
+          if (Array.isArray(m.inbox)) for (const tab of m.inbox) this.inboxTabs.add(tab)
         }
         this.adopt(m.from, m.streams, { fromOwner: false })
         if (this.collecting && m.from === this.collecting.after) this.finishCollecting()
@@ -865,7 +879,8 @@ export default class Mux {
     // Close first, so the gateway detaches the streams before the next leader resumes them.
     this.stopOwner()
     this.bus.forgetAll()
-    if (handoff) this.bus.post({ t: BUS.resign, epoch: this.epoch, streams, roster, posted: Object.fromEntries(this.posted), token })
+    const inbox = [...(this.inboxTabs ?? [])]
+    if (handoff) this.bus.post({ t: BUS.resign, epoch: this.epoch, streams, roster, posted: Object.fromEntries(this.posted), token, inbox })
     this.posted = new Map()
     this.roster = null
     this.knownRoster = roster
@@ -966,6 +981,7 @@ export default class Mux {
     const changed = compareEpochs(m.epoch, this.leaderEpoch) !== 0
     this.leaderEpoch = m.epoch
     this.leaderId = m.from
+    this.leaderReadsInbox = m.v >= 2
     this.silent = 0
     this.heard++
     if (Array.isArray(m.roster)) this.knownRoster = m.roster
@@ -981,7 +997,7 @@ export default class Mux {
     if (changed || claim || forgotten || this.mustJoin) {
       this.mustJoin = false
       this.joinedAt = Date.now()
-      this.toLeader({ t: BUS.join, visible: this.isVisible(), streams: this.ownStreamList(), read: Object.fromEntries(this.readFrom) })
+      this.toLeader({ t: BUS.join, v: BUS_VERSION, visible: this.isVisible(), streams: this.ownStreamList(), read: Object.fromEntries(this.readFrom) })
     }
     this.emitStatus()
   }

@@ -330,3 +330,28 @@ test('a join that lags behind frames still on their way does not cost a second h
     assert.equal(gw.connectionsTotal, 2, 'the first hello resumed everything')
   } finally { closeAll(list); gw.stop() }
 })
+
+test('a tab of an older shim (no inbox, bus version 1) still gets its frames during a deploy', async () => {
+  const gw = new FakeGateway({ chunkMs: 3 })
+  const list = tabs(3, { gw })
+  try {
+    await settled(list)
+    const old = list.find(t => t.mux.role === 'follower')
+    // make it behave as version 1: it reads no inbox and says no version in its join
+    old.mux.bus.inbox.close()
+    old.mux.bus.inbox = null
+    const post = old.mux.bus.post.bind(old.mux.bus)
+    old.mux.bus.post = (msg, how) => {
+      if (msg.t === 'join') { msg = { ...msg }; delete msg.v }
+      return post(msg, { ...how, shared: true })
+    }
+    old.mux.mustJoin = true
+    await until(() => {
+      const l = list.find(t => t.mux.role === 'leader')
+      return l && l.mux.inboxTabs && !l.mux.inboxTabs.has(old.mux.tabId) && l.mux.roster.has(old.mux.tabId)
+    }, { what: 'the leader to know it as version 1' })
+    const streams = list.map(t => ask(t.mux, 30))
+    const results = await Promise.all(streams.map(collect))
+    results.forEach((r, i) => assert.deepEqual(r, { text: fakeAnswer(streams[i].id, 30), error: null }))
+  } finally { closeAll(list); gw.stop() }
+})
