@@ -129,9 +129,11 @@ export async function startMock () {
 
 /**
  * The gateway on `port` (the same port again after a restart), relaying to `mockUrl`, in dev
- * mode with a fixed JWT secret (so tokens outlive a restart) and a short drain.
+ * mode with a fixed JWT secret (so tokens outlive a restart) and a short drain. `staticDir`
+ * (default web/) is what it serves at `/`: the measurement script points it at a copy of an
+ * older shim to compare.
  */
-export async function startGateway ({ port, mockUrl, drainMs = 2000 }) {
+export async function startGateway ({ port, mockUrl, drainMs = 2000, staticDir = WEB_DIR }) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'muxgate-e2e-'))
   const config = path.join(dir, 'muxgate.toml')
   fs.writeFileSync(config, `drain_timeout_ms = ${drainMs}\n`)
@@ -142,7 +144,7 @@ export async function startGateway ({ port, mockUrl, drainMs = 2000 }) {
     MUXGATE_ADMIN_TOKEN: ADMIN_TOKEN,
     MUXGATE_DEV: 'true',
     MUXGATE_JWT_SECRET: JWT_SECRET,
-    MUXGATE_STATIC_DIR: WEB_DIR,
+    MUXGATE_STATIC_DIR: staticDir,
   }, /muxgate: listening on (http:\/\/\S+)/)
   return {
     url: p.url,
@@ -161,13 +163,13 @@ export async function startGateway ({ port, mockUrl, drainMs = 2000 }) {
 }
 
 /** Mock + gateway; `restartGateway()` brings the gateway back on the same port. */
-export async function startStack () {
+export async function startStack ({ staticDir } = {}) {
   const mock = await startMock()
   const port = await freePort()
-  const stack = { mock, gateway: await startGateway({ port, mockUrl: mock.url }) }
+  const stack = { mock, gateway: await startGateway({ port, mockUrl: mock.url, staticDir }) }
   stack.restartGateway = async (signal = 'SIGTERM') => {
     await stack.gateway.stop(signal)
-    stack.gateway = await startGateway({ port, mockUrl: mock.url })
+    stack.gateway = await startGateway({ port, mockUrl: mock.url, staticDir })
     return stack.gateway
   }
   stack.stop = async () => {
@@ -275,13 +277,18 @@ export function startChat (page, key, prompt, model = 'deepseek-v3.2') {
     window.__runs = window.__runs || {}
     const now = () => performance.timeOrigin + performance.now()
     const stream = window.muxgateDemo.mux.chat({ model, messages: [{ role: 'user', content: prompt }] })
-    const run = { id: stream.id, text: '', deltas: 0, firstAt: null, lastAt: null, endAt: null, ended: false, error: null, result: null }
+    // maxGapMs: the longest wait between two text chunks (a handover shows up here)
+    const run = { id: stream.id, text: '', deltas: 0, firstAt: null, lastAt: null, endAt: null, ended: false, error: null, result: null, maxGapMs: 0, maxGapAt: null }
     window.__runs[key] = run
     ;(async () => {
       try {
         for await (const text of stream) {
           const t = now()
           if (run.firstAt === null) run.firstAt = t
+          if (run.lastAt !== null && t - run.lastAt > run.maxGapMs) {
+            run.maxGapMs = t - run.lastAt
+            run.maxGapAt = t
+          }
           run.lastAt = t
           run.text += text
           run.deltas++
@@ -394,6 +401,38 @@ export function maxConcurrent (runs) {
 export function streamsOverlapping (runs, others) {
   const live = runs.filter(r => r.firstAt !== null && r.lastAt !== null)
   return live.filter(r => live.filter(o => o !== r && o.firstAt < r.lastAt && r.firstAt < o.lastAt).length >= others).length
+}
+
+/**
+ * Kills `page`'s renderer through the DevTools protocol (`Page.crash`): no `pagehide`, no
+ * last message; its Web Lock is freed and its sockets drop, as when a tab's process dies.
+ */
+export async function crashPage (context, page) {
+  const cdp = await context.newCDPSession(page)
+  // the call never answers: the page it would answer from is gone
+  cdp.send('Page.crash').catch(() => {})
+  await waitFor(() => page.evaluate(() => false).then(() => false, () => true), { timeoutMs: 10_000, stepMs: 50, what: 'the renderer to die' })
+}
+
+/**
+ * An init script that counts the WebSockets a page opens (`window.__sockets`), for the
+ * fallback tests' socket bounds.
+ */
+export function countSockets () {
+  const Native = window.WebSocket
+  window.__sockets = 0
+  window.WebSocket = class extends Native {
+    constructor (...args) {
+      super(...args)
+      window.__sockets++
+    }
+  }
+}
+
+/** Sockets opened by all `pages` (with `countSockets` installed). */
+export async function socketsOpened (pages) {
+  const n = await Promise.all(pages.map(p => p.evaluate(() => window.__sockets ?? 0).catch(() => 0)))
+  return n.reduce((a, b) => a + b, 0)
 }
 
 /** Freezes `page` through the DevTools protocol; see the freeze test for why both calls. */

@@ -23,6 +23,8 @@ export const FRAME = Object.freeze({
   open: 'open',
   cancel: 'cancel',
   ping: 'ping',
+  /** a new token for the live connection (protocol extension `refresh`) */
+  refresh: 'refresh',
   // server → client
   welcome: 'welcome',
   queued: 'queued',
@@ -32,6 +34,8 @@ export const FRAME = Object.freeze({
   error: 'error',
   goaway: 'goaway',
   pong: 'pong',
+  /** answer to `refresh`: the connection now runs under the new token, until `exp` */
+  refreshed: 'refreshed',
 })
 
 /** Protocol error codes (`error.code`). */
@@ -56,17 +60,22 @@ export const ERROR_CODE = Object.freeze({
  * - `buffer_full`: too many streams waiting for a connection (see `sendBufferLimit`).
  * - `sequence_gap`: frames went missing and did not arrive in time; the text has a hole.
  * - `tab_gone`: the leader stopped hearing this tab and cancelled its streams.
+ * - `too_many_connections`: the gateway refused this tab's socket (close 4429: the user has
+ *   the tier's maximum of sockets open, e.g. tabs without BroadcastChannel). The shim does
+ *   not retry by itself; the next `chat()` tries once more.
  */
 export const CLIENT_ERROR_CODE = Object.freeze({
   closed: 'closed',
   bufferFull: 'buffer_full',
   sequenceGap: 'sequence_gap',
   tabGone: 'tab_gone',
+  tooManyConnections: 'too_many_connections',
 })
 
 /**
  * WebSocket close codes the gateway uses, and what the shim does about each.
- * Anything not listed reconnects with backoff.
+ * Anything not listed reconnects with backoff. The codes after which docs/protocol.md says
+ * not to reconnect as is are in `NO_RECONNECT`.
  */
 export const CLOSE_CODE = Object.freeze({
   /** Our own close, or the server's after ours. No reconnect. */
@@ -83,9 +92,17 @@ export const CLOSE_CODE = Object.freeze({
   slowConsumer: 4408,
   /** We stopped answering heartbeats: reconnect and resume. */
   heartbeatTimeout: 4409,
+  /** The user already has the tier's maximum of sockets: no retry until another closes. */
+  tooManyConnections: 4429,
   /** The shim closed the socket itself because its own heartbeat went unanswered. */
   clientHeartbeatTimeout: 4000,
 })
+
+/**
+ * Close codes that end reconnection: retrying unchanged would be refused again (4401 too,
+ * when the token is a fixed string; with a token function the shim fetches a new one).
+ */
+export const NO_RECONNECT = Object.freeze(new Set([CLOSE_CODE.policy, CLOSE_CODE.tooManyConnections]))
 
 /** This tab's part in the sharing of one socket. */
 export const ROLE = Object.freeze({
@@ -113,8 +130,11 @@ export const CONNECTION = Object.freeze({
 })
 
 /**
- * Messages between tabs on the BroadcastChannel. `from` is the sender's tab id, `to` (when
- * present) the only tab meant to read it.
+ * Messages between tabs (see bus.js). `from` is the sender's tab id; `to`, when present, the
+ * one tab meant to read it: such messages go to that tab's inbox, the others to every tab.
+ * A follower writes to the leader's inbox (`join`, `open`, `cancel`, `bye`, `ack`); the
+ * leader writes frames and `pong` to one follower's inbox, and `claim`, `hb`, `resign`,
+ * `conn_error` to every tab.
  */
 export const BUS = Object.freeze({
   /** leader → all: "I hold the lock now", with its epoch. Followers answer `join`. */
@@ -135,13 +155,23 @@ export const BUS = Object.freeze({
   cancel: 'cancel',
   /** follower → leader: my page is going away; cancel these streams. */
   bye: 'bye',
-  /** leader → one follower: a server frame of one of its streams. */
+  /** leader → one follower (its inbox): a server frame of one of its streams (older shims). */
   frame: 'frame',
+  /** leader → one follower (its inbox): server frames of its streams, in order, batched. */
+  frames: 'frames',
   /** leader → one follower or all: a connection-level error (`id: null`). */
   connError: 'conn_error',
   /** leader → all: "I am stepping down", with the stream table the next leader resumes. */
   resign: 'resign',
 })
+
+/**
+ * The bus protocol's version, in `claim`, `hb`, `pong` and `join` (absent: 1). Tabs of one
+ * origin may run different shim versions during a deploy: from 2 on a tab reads its inbox, so
+ * only tabs that said 2 are written to there; a version-1 tab still gets its messages on the
+ * shared channel (addressed with `to`), as before.
+ */
+export const BUS_VERSION = 2
 
 /** Defaults of `connect()` options, in milliseconds unless said otherwise. */
 export const DEFAULTS = Object.freeze({
@@ -157,8 +187,16 @@ export const DEFAULTS = Object.freeze({
   tabMaxMissed: 4,
   /** Heartbeat periods without word from the leader before a follower takes over. */
   leaderMaxSilent: 4,
-  /** How long a new leader waits for the other tabs' `join` before it connects. */
+  /**
+   * How long a new leader waits for the other tabs' `join` before it connects, when the last
+   * leader left no stream table (it crashed or hung). After a clean `resign` it connects at once.
+   */
   collectMs: 400,
+  /**
+   * Followers replace a silent leader one at a time: the n-th in the leader's roster waits
+   * n × this (plus jitter) and checks that nobody took over before it steals the lock.
+   */
+  stealStaggerMs: 500,
   /** A hidden leader is replaced by a visible follower after this long. */
   preferVisibleMs: 5000,
   /** Socket ping period until `welcome.heartbeat_ms` says otherwise. */

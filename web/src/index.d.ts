@@ -18,7 +18,7 @@ export type ErrorCode =
   | 'unauthorized' | 'bad_request' | 'duplicate_id' | 'not_found' | 'too_many_streams'
   | 'rate_limited' | 'overloaded' | 'budget_exceeded' | 'upstream_error' | 'upstream_timeout'
   | 'cancelled' | 'internal'
-  | 'closed' | 'buffer_full' | 'sequence_gap' | 'tab_gone'
+  | 'closed' | 'buffer_full' | 'sequence_gap' | 'tab_gone' | 'too_many_connections'
 
 export interface ChatMessage {
   role: 'system' | 'user' | 'assistant' | 'tool' | string
@@ -90,9 +90,14 @@ export interface ConnectOptions {
   tabHeartbeatMs?: number
   tabMaxMissed?: number
   leaderMaxSilent?: number
+  /** When the last leader left no stream table: wait this long for the tabs' joins (400). */
   collectMs?: number
+  /** A silent leader is replaced by the n-th follower after n × this (default 500). */
+  stealStaggerMs?: number
   preferVisibleMs?: number
   heartbeatMs?: number
+  /** A token function is called this long before its token expires, and the new token sent
+   * on the live socket (`refresh`) (default 30000). */
   tokenRefreshSkewMs?: number
   maxHeldFrames?: number
   gapTimeoutMs?: number

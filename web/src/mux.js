@@ -1,5 +1,5 @@
 import {
-  BUS, CLIENT_ERROR_CODE, CONNECTION, DEFAULTS, ERROR_CODE, FRAME, ROLE, WS_PATH,
+  BUS, BUS_VERSION, CLIENT_ERROR_CODE, CONNECTION, DEFAULTS, ERROR_CODE, FRAME, ROLE, WS_PATH,
 } from './constants.js'
 import Bus from './bus.js'
 import Election from './election.js'
@@ -11,8 +11,10 @@ import Socket from './socket.js'
 import ChatStream from './stream.js'
 
 /**
- * Leader epochs order leaders: a higher one replaced a lower one. `n` grows by one per
- * takeover; the tab id breaks the tie between two tabs that took over at the same moment.
+ * Leader epochs order leaders: a higher one replaced a lower one. `n` is the time the tab
+ * took the lock (ms since 1970), or one above the highest epoch it has heard if that is later,
+ * so two tabs that take the lock one after the other without hearing of each other still get
+ * epochs in the order of the lock (the tabs share one clock); the tab id breaks a tie.
  * @typedef {{n: number, tab: string}} Epoch
  */
 
@@ -21,6 +23,15 @@ export function compareEpochs (a, b) {
   if (!a || !b) return a ? 1 : b ? -1 : 0
   if (a.n !== b.n) return a.n < b.n ? -1 : 1
   return a.tab === b.tab ? 0 : a.tab < b.tab ? -1 : 1
+}
+
+/**
+ * The epoch of a tab that takes the lock now, having heard epochs up to `heard`.
+ * @param {number} heard @param {string} tab @param {number} [now]
+ * @returns {Epoch}
+ */
+export function nextEpoch (heard, tab, now = Date.now()) {
+  return { n: Math.max(heard + 1, now), tab }
 }
 
 const UTF8 = typeof TextEncoder !== 'undefined' ? new TextEncoder() : null
@@ -96,9 +107,22 @@ export default class Mux {
     this.socket = null
     this.epoch = null
     this.hbTimer = undefined
-    /** While a new leader waits for the other tabs' streams: {expected: Set, timer}. */
+    /** While a new leader waits for the other tabs' streams: {expected: Set, timer, after}. */
     this.collecting = null
     this.hello = 0
+    /** A hello is out and not welcomed yet. */
+    this.helloPending = false
+    /** A tab reported less than that hello resumes from: resume again once welcomed. */
+    this.renewOnWelcome = false
+    /** Frames per follower tab, posted together (one bus message per tab per task). */
+    this.outbox = new Map()
+    this.flushQueued = false
+    /** Batches posted per follower tab while leading: a `join` says how many it has read. */
+    this.posted = new Map()
+    /** The last leader's `posted`, from its resign: {from, posted: {tab: n}}. */
+    this.inherited = null
+    /** Batches read per leader tab (the last few leaders), reported in `join`. */
+    this.readFrom = new Map()
 
     // follower state
     this.leaderId = null
@@ -106,6 +130,10 @@ export default class Mux {
     this.leaderVisible = true
     this.leaderHiddenSince = null
     this.silent = 0
+    /** Counts every word heard from a leader, so a follower about to steal sees if one came. */
+    this.heard = 0
+    /** When this tab last sent a `join`. */
+    this.joinedAt = 0
     this.followTimer = undefined
     this.stealTimer = undefined
     /** The roster the last leader announced: who a new leader waits for. */
@@ -286,7 +314,7 @@ export default class Mux {
     on(doc, 'visibilitychange', () => {
       if (this.isVisible()) this.socket?.reconnectNow()
       if (this.role === ROLE.leader) this.broadcastStatus()
-      if (this.role === ROLE.follower && this.leaderId) this.bus.post({ t: BUS.ack, visible: this.isVisible() })
+      if (this.role === ROLE.follower && this.leaderId) this.toLeader({ t: BUS.ack, visible: this.isVisible() })
     })
     on(win, 'online', () => this.socket?.reconnectNow())
   }
@@ -309,7 +337,7 @@ export default class Mux {
       this.ownerOpen(this.tabId, stream.openFrame)
     } else if (this.role === ROLE.follower && this.leaderId) {
       stream.dispatched = true
-      this.bus.post({ t: BUS.open, frame: stream.openFrame })
+      this.toLeader({ t: BUS.open, frame: stream.openFrame })
     }
     // else: no leader yet; the stream goes out with our `join` once one claims
   }
@@ -319,7 +347,19 @@ export default class Mux {
     this.streams.delete(id)
     this.emitStatus()
     if (this.role === ROLE.leader || this.role === ROLE.solo) this.ownerCancel(id)
-    else if (this.role === ROLE.follower) this.bus.post({ t: BUS.cancel, id })
+    else if (this.role === ROLE.follower) this.toLeader({ t: BUS.cancel, id })
+  }
+
+  /** A follower's message for the leader: to its inbox when known, else to every tab. */
+  toLeader (msg) {
+    if (!this.leaderId) return this.bus.post(msg)
+    return this.bus.post({ ...msg, to: this.leaderId }, { shared: !this.leaderReadsInbox })
+  }
+
+  /** The leader's message for one follower: to its inbox, or (older shim) the shared channel. */
+  toTab (tab, msg) {
+    if (this.inboxTabs?.has(tab)) return this.bus.post(msg, { keep: true })
+    return this.bus.post(msg, { shared: true })
   }
 
   /** @param {MuxError} error */
@@ -331,7 +371,7 @@ export default class Mux {
     this.streams.clear()
     if (ids.length === 0) return
     if (this.router) for (const id of ids) this.ownerCancel(id)
-    else if (this.role === ROLE.follower) this.bus.post({ t: BUS.bye, ids })
+    else if (this.role === ROLE.follower) this.toLeader({ t: BUS.bye, ids })
   }
 
   /** A frame for one of this tab's streams. @param {any} frame */
@@ -342,6 +382,21 @@ export default class Mux {
     if (s.ended) {
       this.streams.delete(s.id)
       this.emitStatus()
+    }
+  }
+
+  /** A `frames` (or an older shim's `frame`) message from the leader. @param {any} m */
+  deliverBatch (m) {
+    if (typeof m.n === 'number' && typeof m.from === 'string') {
+      this.readFrom.delete(m.from)
+      this.readFrom.set(m.from, m.n)
+      // the last few leaders are enough: a join is about the current and the last one
+      if (this.readFrom.size > 4) this.readFrom.delete(this.readFrom.keys().next().value)
+    }
+    if (Array.isArray(m.frames)) {
+      for (const frame of m.frames) if (frame && typeof frame.id === 'string') this.deliverLocal(frame)
+    } else if (m.frame) {
+      this.deliverLocal(m.frame)
     }
   }
 
@@ -372,7 +427,11 @@ export default class Mux {
       backoffMaxMs: this.opts.backoffMaxMs,
       heartbeatMs: this.opts.heartbeatMs,
       tokenRefreshSkewMs: this.opts.tokenRefreshSkewMs,
-      resume: () => this.router.resumeList(++this.hello),
+      resume: () => {
+        this.helloPending = true
+        this.renewOnWelcome = false
+        return this.router.resumeList(++this.hello)
+      },
       onWelcome: frame => this.onWelcome(frame),
       onFrame: frame => this.onServerFrame(frame),
       onState: state => this.setConnection(state),
@@ -381,6 +440,7 @@ export default class Mux {
   }
 
   stopOwner () {
+    this.flushOutbox()
     this.socket?.disconnect()
     this.socket = null
     this.router = null
@@ -391,9 +451,16 @@ export default class Mux {
     const router = this.router
     if (router.has(open.id) || router.tombstone(open.id)) return
     if (this.fatal) {
-      // the socket gave up for good (a token it cannot renew): fail at once, don't queue
-      this.deliverTo(tab, { type: FRAME.error, id: open.id, code: this.fatal.code, message: this.fatal.message })
-      return
+      if (this.fatal.code === CLIENT_ERROR_CODE.tooManyConnections) {
+        // refused for the user's socket count: another tab may have closed since, try once
+        // more (a new refusal fails this stream too, at once)
+        this.fatal = null
+        this.socket.connect()
+      } else {
+        // the socket gave up for good (a token it cannot renew): fail at once, don't queue
+        this.deliverTo(tab, { type: FRAME.error, id: open.id, code: this.fatal.code, message: this.fatal.message })
+        return
+      }
     }
     if (!this.socket.ready && router.pendingCount() >= this.opts.sendBufferLimit) {
       this.deliverTo(tab, {
@@ -443,7 +510,11 @@ export default class Mux {
   onWelcome (frame) {
     this.user = frame.user ?? this.user
     this.tier = frame.tier ?? this.tier
-    const { lost, cancel, renew } = this.router.afterWelcome(this.hello, frame.resumed ?? [])
+    const settled = this.router.afterWelcome(this.hello, frame.resumed ?? [])
+    const { lost, cancel } = settled
+    const renew = settled.renew || this.renewOnWelcome
+    this.helloPending = false
+    this.renewOnWelcome = false
     for (const route of lost) {
       this.deliverTo(route.tab, {
         type: FRAME.error, id: route.id, code: ERROR_CODE.notFound,
@@ -471,10 +542,59 @@ export default class Mux {
     if (routed) this.deliverTo(routed.tab, routed.frame)
   }
 
-  /** @param {string} tab @param {any} frame */
+  /**
+   * Sends a frame to the tab that owns its stream: ours at once, a follower's into its batch,
+   * which goes to its inbox at the end of this task (with the frames of the socket messages
+   * that arrive before then: a replay after a handover reaches each tab in a few messages).
+   * @param {string} tab @param {any} frame
+   */
   deliverTo (tab, frame) {
-    if (tab === this.tabId) this.deliverLocal(frame)
-    else this.bus?.post({ t: BUS.frame, to: tab, frame })
+    if (tab === this.tabId) {
+      this.deliverLocal(frame)
+      return
+    }
+    if (!this.bus) return
+    const batch = this.outbox.get(tab)
+    if (batch) batch.push(frame)
+    else this.outbox.set(tab, [frame])
+    if (!this.flushQueued) {
+      this.flushQueued = true
+      this.nextTask(() => this.flushOutbox())
+    }
+  }
+
+  flushOutbox () {
+    this.flushQueued = false
+    if (this.outbox.size === 0) return
+    const outbox = this.outbox
+    this.outbox = new Map()
+    for (const [tab, frames] of outbox) {
+      const n = (this.posted.get(tab) ?? 0) + 1
+      this.posted.set(tab, n)
+      if (this.inboxTabs?.has(tab)) this.bus?.post({ t: BUS.frames, to: tab, n, frames }, { keep: true })
+      else for (const frame of frames) this.bus?.post({ t: BUS.frame, to: tab, frame }, { shared: true })
+    }
+  }
+
+  /**
+   * Runs `fn` in a task of its own, soon: a MessageChannel hop, which (unlike setTimeout) a
+   * browser does not clamp or throttle in a hidden tab, where the leader may well be.
+   */
+  nextTask (fn) {
+    if (!this.hop) {
+      const Channel = globalThis.MessageChannel
+      if (Channel) {
+        const ch = new Channel()
+        const queue = []
+        ch.port1.onmessage = () => queue.shift()?.()
+        ch.port1.unref?.() // node: the tests' fake tabs must not keep the process alive
+        this.hop = (f) => { queue.push(f); ch.port2.postMessage(0) }
+        this.hopPort = ch.port1
+      } else {
+        this.hop = (f) => setTimeout(f, 0)
+      }
+    }
+    this.hop(fn)
   }
 
   /** @param {MuxError} error the socket gave up (token refused) */
@@ -484,6 +604,7 @@ export default class Mux {
     if (this.role === ROLE.leader) this.bus.post({ t: BUS.connError, error: error.toJSON() })
     for (const route of [...this.router.streams.values()]) {
       this.router.remove(route.id, 'ended')
+      if (route.cancelled) continue
       this.deliverTo(route.tab, { type: FRAME.error, id: route.id, code: error.code, message: error.message })
     }
   }
@@ -507,21 +628,33 @@ export default class Mux {
     const previous = { leader: this.leaderId, roster: this.knownRoster, resign: this.lastResign }
     this.clearFollowerTimers()
     this.setRole(ROLE.leader)
-    this.epoch = { n: this.maxEpochN + 1, tab: this.tabId }
+    this.epoch = nextEpoch(this.maxEpochN, this.tabId)
     this.maxEpochN = this.epoch.n
     this.leaderId = this.tabId
     this.leaderEpoch = this.epoch
     this.lastResign = null
     this.roster = new Roster(this.tabId, { maxMissed: this.opts.tabMaxMissed })
     this.startOwner()
-    if (previous.resign && previous.resign.from === previous.leader) {
+    const resigned = !!previous.resign && previous.resign.from === previous.leader
+    this.posted = new Map()
+    this.inherited = null
+    /** Followers whose shim reads its inbox (their join said so, or the last leader's resign). */
+    this.inboxTabs = new Set(resigned && Array.isArray(previous.resign.inbox) ? previous.resign.inbox : [])
+    if (resigned) this.socket.seedToken(previous.resign.token)
+    else this.socket.prefetchToken()
+    if (resigned) {
+      this.inherited = { from: previous.resign.from, posted: previous.resign.posted ?? {} }
       this.adopt(previous.resign.from, previous.resign.streams, { fromOwner: false })
     }
-    // Wait for the tabs the last leader knew (not the last leader: it left, or it is stuck),
-    // so that hello can resume all their streams at once.
-    const expected = new Set(previous.roster.filter(t => t !== this.tabId && t !== previous.leader))
-    this.collecting = { expected, timer: undefined }
-    this.bus.post({ t: BUS.claim, epoch: this.epoch, how })
+    // The last leader resigned: its table has every stream, so hello goes out at once (the
+    // tabs' joins can only lower a resume point, which a second hello then fixes). Else it
+    // crashed or hung: wait for the tabs it knew (not for it), so that one hello resumes
+    // all their streams, and so that a tab deposed while waiting never opens a socket.
+    const expected = resigned
+      ? new Set()
+      : new Set(previous.roster.filter(t => t !== this.tabId && t !== previous.leader))
+    this.collecting = { expected, timer: undefined, after: previous.leader }
+    this.bus.post({ t: BUS.claim, v: BUS_VERSION, epoch: this.epoch, how })
     if (expected.size === 0) {
       this.finishCollecting()
     } else {
@@ -544,11 +677,19 @@ export default class Mux {
    * `resign`).
    * @param {string} from
    * @param {Array<{id: string, tab?: string, after: number, open: any, sent: boolean, cancelled?: boolean}>} list
-   * @param {{fromOwner: boolean}} how `fromOwner`: the owning tab itself says what it has seen
+   * @param {{fromOwner: boolean, read?: Record<string, number>}} how `fromOwner`: the owning
+   *   tab itself says what it has seen; `read`: how many frame batches it had read from which
+   *   leader when it said so
    */
-  adopt (from, list, { fromOwner }) {
+  adopt (from, list, { fromOwner, read }) {
     if (!Array.isArray(list)) return
     let renew = false
+    // A tab behind what was forwarded to it is usually just behind: the frames are on their
+    // way. Only once it has read every batch that was posted to it is it really missing some.
+    const readOf = leader => (read && typeof read[leader] === 'number' ? read[leader] : 0)
+    const caughtUp = fromOwner &&
+      (this.posted.get(from) ?? 0) <= readOf(this.tabId) &&
+      (!this.inherited || (this.inherited.posted[from] ?? 0) <= readOf(this.inherited.from))
     for (const s of list) {
       if (!s || typeof s.id !== 'string' || !s.open) continue
       const tab = s.tab ?? from
@@ -561,10 +702,14 @@ export default class Mux {
             type: FRAME.error, id: s.id, code: CLIENT_ERROR_CODE.tabGone,
             message: 'this tab stopped answering, so its stream was cancelled',
           })
-        } else if (s.after < route.lastSeq) {
+        } else if (s.after < route.lastSeq && caughtUp) {
           route.lastSeq = s.after
-          // the tab missed frames we forwarded (it was frozen): only a replay brings them back
-          if (fromOwner && route.sent && this.socket.ready) renew = true
+          // the tab missed frames we forwarded (it was frozen), or the last leader's table
+          // was ahead of it: only a replay brings them back
+          if (fromOwner && route.sent) {
+            if (this.socket.ready) renew = true
+            else if (this.helloPending && route.hello === this.hello) this.renewOnWelcome = true
+          }
         }
         continue
       }
@@ -600,6 +745,7 @@ export default class Mux {
   /** A follower left (`bye`) or stopped answering: cancel its streams upstream. */
   dropTab (tab, reason) {
     this.roster.leave(tab)
+    this.flushOutbox() // its last frames (and the tab_gone below) before the handle closes
     for (const route of this.router.routesOf(tab)) {
       this.ownerCancel(route.id)
       if (reason === 'vanished') {
@@ -611,6 +757,8 @@ export default class Mux {
         })
       }
     }
+    if (reason === 'vanished') this.flushOutbox()
+    this.bus.forget(tab)
     this.tabs = this.roster.size
     this.emitStatus()
   }
@@ -622,8 +770,21 @@ export default class Mux {
     this.emitStatus()
   }
 
+  /**
+   * One heartbeat for many joins: after a takeover every tab joins at once, and a heartbeat
+   * per join would be N² deliveries (and more joins from tabs it does not list yet).
+   */
+  soonBroadcastStatus () {
+    if (this.statusTimer !== undefined) return
+    this.statusTimer = setTimeout(() => {
+      this.statusTimer = undefined
+      this.broadcastStatus()
+    }, this.opts.tabHeartbeatMs / 10)
+  }
+
   leaderPayload () {
     return {
+      v: BUS_VERSION,
       epoch: this.epoch,
       roster: this.roster.list(),
       tabs: this.roster.size,
@@ -639,16 +800,18 @@ export default class Mux {
     const from = m.from
     switch (m.t) {
       case BUS.join:
+        if (m.v >= 2) this.inboxTabs.add(from)
+        else this.inboxTabs.delete(from)
         if (this.roster.touch(from, { visible: m.visible })) this.tabs = this.roster.size
-        this.adopt(from, m.streams, { fromOwner: true })
+        this.adopt(from, m.streams, { fromOwner: true, read: m.read })
         if (this.collecting) {
           this.collecting.expected.delete(from)
           if (this.collecting.expected.size === 0) this.finishCollecting()
         }
-        this.broadcastStatus()
+        this.soonBroadcastStatus()
         return
       case BUS.open:
-        if (this.roster.touch(from)) this.broadcastStatus()
+        if (this.roster.touch(from)) this.soonBroadcastStatus()
         if (m.frame && typeof m.frame.id === 'string') this.ownerOpen(from, m.frame)
         return
       case BUS.cancel:
@@ -656,14 +819,14 @@ export default class Mux {
         return
       case BUS.bye:
         this.dropTab(from, 'bye')
-        this.broadcastStatus()
+        this.soonBroadcastStatus()
         return
       case BUS.ack:
         this.roster.ack(from, { visible: m.visible })
         return
       case BUS.probe:
         this.roster.ack(from)
-        this.bus.post({ t: BUS.pong, to: from, ...this.leaderPayload() })
+        this.toTab(from, { t: BUS.pong, to: from, ...this.leaderPayload() })
         return
       case BUS.claim:
       case BUS.hb:
@@ -675,12 +838,21 @@ export default class Mux {
         }
         return
       case BUS.frame:
+      case BUS.frames:
         // sent by the leader before us, still in flight when we took over
-        if (m.frame) this.deliverLocal(m.frame)
+        this.deliverBatch(m)
         return
       case BUS.resign:
-        // a deposed leader's table (it was stuck when we took over): streams we lack
-        if (m.from !== this.tabId) this.adopt(m.from, m.streams, { fromOwner: false })
+        // the last leader's table arrived after the lock did, or a deposed leader's (it was
+        // stuck when we took over): streams we lack
+        if (m.from === this.tabId) return
+        if (this.collecting && m.from === this.collecting.after) {
+          this.inherited = { from: m.from, posted: m.posted ?? {} }
+          this.socket.seedToken(m.token)
+          if (Array.isArray(m.inbox)) for (const tab of m.inbox) this.inboxTabs.add(tab)
+        }
+        this.adopt(m.from, m.streams, { fromOwner: false })
+        if (this.collecting && m.from === this.collecting.after) this.finishCollecting()
         return
       default:
     }
@@ -695,13 +867,21 @@ export default class Mux {
     if (this.role !== ROLE.leader) return
     clearInterval(this.hbTimer)
     this.hbTimer = undefined
+    clearTimeout(this.statusTimer)
+    this.statusTimer = undefined
     if (this.collecting) clearTimeout(this.collecting.timer)
     this.collecting = null
     const streams = this.router.snapshot(r => !(leaving && r.tab === this.tabId))
     const roster = this.roster.list()
+    // the next leader connects with it instead of waiting for the token function (tabs of
+    // one origin share the user's token anyway)
+    const token = this.socket?.cachedToken ?? undefined
     // Close first, so the gateway detaches the streams before the next leader resumes them.
     this.stopOwner()
-    if (handoff) this.bus.post({ t: BUS.resign, epoch: this.epoch, streams, roster })
+    this.bus.forgetAll()
+    const inbox = [...(this.inboxTabs ?? [])]
+    if (handoff) this.bus.post({ t: BUS.resign, epoch: this.epoch, streams, roster, posted: Object.fromEntries(this.posted), token, inbox })
+    this.posted = new Map()
     this.roster = null
     this.knownRoster = roster
     this.leaderId = null
@@ -754,26 +934,42 @@ export default class Mux {
 
   /**
    * Takes the lock from a leader that is silent (frozen, hung) or hidden while we are seen.
-   * A random delay lets one follower win; the others hear its claim and stand down.
+   * One follower at a time: the n-th follower of the leader's roster (visible ones first)
+   * waits n × `stealStaggerMs`, then probes and waits half a step more, and steals only if
+   * no leader spoke meanwhile. The first to steal claims; the others hear the claim and
+   * stand down, so a stuck leader costs one steal, not one per tab.
    * @param {'silent'|'visible'} reason
    */
   takeOver (reason) {
     if (this.stealTimer !== undefined) return
-    const spread = this.opts.tabHeartbeatMs
-    const delay = Math.round(Math.random() * spread + (this.isVisible() ? 0 : spread))
+    const step = this.opts.stealStaggerMs
+    const order = this.knownRoster.filter(t => t !== this.leaderId)
+    let rank = order.indexOf(this.tabId)
+    if (rank < 0) rank = order.length
+    if (!this.isVisible()) rank += order.length + 1
+    const delay = Math.round(rank * step + Math.random() * step / 4)
     const epoch = this.leaderEpoch
+    const stillNeeded = () => {
+      if (this.role !== ROLE.follower || !this.running || this.frozen) return false
+      if (compareEpochs(this.leaderEpoch, epoch) !== 0) return false // someone took over
+      return reason === 'silent'
+        ? this.silent >= this.opts.leaderMaxSilent
+        : this.leaderHiddenSince !== null && this.isVisible()
+    }
     this.stealTimer = setTimeout(() => {
       this.stealTimer = undefined
-      if (this.role !== ROLE.follower || !this.running) return
-      const stillNeeded = reason === 'silent'
-        ? this.silent >= this.opts.leaderMaxSilent
-        : compareEpochs(this.leaderEpoch, epoch) === 0 && this.leaderHiddenSince !== null && this.isVisible()
-      if (!stillNeeded) return
-      if (reason === 'silent') {
-        // the silent leader will not resign: do not wait for it
-        this.knownRoster = this.knownRoster.filter(t => t !== this.leaderId)
-      }
-      this.election.steal()
+      if (!stillNeeded()) return
+      const heard = this.heard
+      if (reason === 'silent') this.bus.post({ t: BUS.probe })
+      this.stealTimer = setTimeout(() => {
+        this.stealTimer = undefined
+        if (!stillNeeded() || (reason === 'silent' && this.heard !== heard)) return
+        if (reason === 'silent') {
+          // the silent leader will not resign: do not wait for it
+          this.knownRoster = this.knownRoster.filter(t => t !== this.leaderId)
+        }
+        this.election.steal()
+      }, Math.round(step / 2))
     }, delay)
   }
 
@@ -785,7 +981,9 @@ export default class Mux {
     const changed = compareEpochs(m.epoch, this.leaderEpoch) !== 0
     this.leaderEpoch = m.epoch
     this.leaderId = m.from
+    this.leaderReadsInbox = m.v >= 2
     this.silent = 0
+    this.heard++
     if (Array.isArray(m.roster)) this.knownRoster = m.roster
     if (typeof m.tabs === 'number') this.tabs = m.tabs
     if (m.connection) this.connection = m.connection
@@ -793,10 +991,13 @@ export default class Mux {
     if (m.tier !== undefined) this.tier = m.tier
     if (m.visible === false) this.leaderHiddenSince ??= Date.now()
     else if (m.visible === true) this.leaderHiddenSince = null
-    const forgotten = Array.isArray(m.roster) && !m.roster.includes(this.tabId)
+    // not listed: the leader dropped us, or our join is still on its way (then wait a beat)
+    const forgotten = Array.isArray(m.roster) && !m.roster.includes(this.tabId) &&
+      Date.now() - this.joinedAt > this.opts.tabHeartbeatMs
     if (changed || claim || forgotten || this.mustJoin) {
       this.mustJoin = false
-      this.bus.post({ t: BUS.join, visible: this.isVisible(), streams: this.ownStreamList() })
+      this.joinedAt = Date.now()
+      this.toLeader({ t: BUS.join, v: BUS_VERSION, visible: this.isVisible(), streams: this.ownStreamList(), read: Object.fromEntries(this.readFrom) })
     }
     this.emitStatus()
   }
@@ -809,13 +1010,14 @@ export default class Mux {
         return
       case BUS.hb:
         this.noteLeader(m, false)
-        if (m.from === this.leaderId) this.bus.post({ t: BUS.ack, visible: this.isVisible() })
+        if (m.from === this.leaderId) this.toLeader({ t: BUS.ack, visible: this.isVisible() })
         return
       case BUS.pong:
         this.noteLeader(m, false)
         return
       case BUS.frame:
-        if (m.frame) this.deliverLocal(m.frame)
+      case BUS.frames:
+        this.deliverBatch(m)
         return
       case BUS.connError:
         this.emit('error', new MuxError(m.error?.code ?? ERROR_CODE.internal, m.error?.message))
@@ -839,6 +1041,11 @@ export default class Mux {
   onBus (m) {
     if (!this.running || this.frozen) return
     if (m.epoch && typeof m.epoch.n === 'number') this.maxEpochN = Math.max(this.maxEpochN, m.epoch.n)
+    if (m.t === BUS.frames || m.t === BUS.frame) {
+      // our streams' frames, whatever our role now (a leader's last ones may land after it left)
+      this.deliverBatch(m)
+      return
+    }
     if (this.role === ROLE.leader) {
       this.onLeaderBus(m)
     } else if (this.role === ROLE.follower) {

@@ -1,4 +1,6 @@
-import { CLIENT_NAME, CLOSE_CODE, CONNECTION, DEFAULTS, ERROR_CODE, FRAME, SUBPROTOCOL } from './constants.js'
+import {
+  CLIENT_ERROR_CODE, CLIENT_NAME, CLOSE_CODE, CONNECTION, DEFAULTS, ERROR_CODE, FRAME, NO_RECONNECT, SUBPROTOCOL,
+} from './constants.js'
 import MuxError from './errors.js'
 import Timer, { backoffDelay } from './timer.js'
 
@@ -25,7 +27,8 @@ export function jwtExpiry (token) {
  * @property {(frame: any) => void} onWelcome
  * @property {(frame: any) => void} onFrame  every other server frame (streams, connection errors)
  * @property {(state: string) => void} onState
- * @property {(error: MuxError) => void} onFatal  the socket gave up for good (token refused)
+ * @property {(error: MuxError) => void} onFatal  the socket gave up (token refused, or a close
+ *   code after which the gateway says not to reconnect: 4400, 4429); `connect()` tries again
  */
 
 /**
@@ -37,6 +40,11 @@ export function jwtExpiry (token) {
  * moved the streams over and the old one is closed. New streams wait for the new connection.
  * Nothing is buffered here: whoever owns the socket keeps its streams' state and sends when
  * `send()` says the socket is ready (see Router).
+ *
+ * With a token function, the token is renewed on the live connection: `tokenRefreshSkewMs`
+ * before it expires the function is called and its token sent in a `refresh` frame. A gateway
+ * that refuses it (`unauthorized`), or does not know `refresh` (`bad_request`), gets a new
+ * connection with the new token instead, which resumes the streams as on `goaway`.
  *
  * @example
  * const socket = new Socket('wss://gw.example/v1/ws', {
@@ -72,8 +80,13 @@ export default class Socket {
     this.attempt = 0
     this.cachedToken = null
     this.cachedExpiry = null
+    /** The token function's call in flight, if any. */
+    this.pendingToken = null
     /** Limits from `welcome`. */
     this.limits = {}
+    /** Unix seconds at which the live connection's token expires, if known. */
+    this.expiry = null
+    this.refreshTimer = undefined
     const backoff = { baseMs: opts.backoffBaseMs, maxMs: opts.backoffMaxMs }
     this.reconnectTimer = new Timer(() => this.open(), tries => backoffDelay(tries, backoff, this.random))
   }
@@ -95,6 +108,7 @@ export default class Socket {
     this.stopped = true
     this.attempt++
     this.reconnectTimer.cancel()
+    this.stopRefresh()
     for (const rec of [this.conn, this.old]) if (rec) this.drop(rec, code, reason)
     this.conn = null
     this.old = null
@@ -150,7 +164,7 @@ export default class Socket {
       this.hooks.onFatal(new MuxError(ERROR_CODE.badRequest, `cannot open ${this.url}: ${err.message}`))
       return
     }
-    const rec = { ws, welcomed: false, pingTimer: undefined, pendingPing: null }
+    const rec = { ws, token, welcomed: false, pingTimer: undefined, pendingPing: null, refreshing: null, lastError: null }
     this.conn = rec
     ws.onopen = () => {
       ws.send(JSON.stringify({ type: FRAME.hello, token, client: CLIENT_NAME, resume: this.hooks.resume() }))
@@ -176,6 +190,8 @@ export default class Socket {
         this.everWelcomed = true
         this.reconnectTimer.reset()
         this.limits = frame.limits ?? {}
+        this.expiry = typeof frame.exp === 'number' ? frame.exp : jwtExpiry(rec.token)
+        this.scheduleRefresh()
         if (typeof frame.heartbeat_ms === 'number' && frame.heartbeat_ms > 0) this.heartbeatMs = frame.heartbeat_ms
         this.startHeartbeat(rec)
         if (this.old) {
@@ -189,15 +205,72 @@ export default class Socket {
       case FRAME.pong:
         rec.pendingPing = null
         return
+      case FRAME.refreshed:
+        if (rec !== this.conn || !rec.refreshing) return
+        this.expiry = typeof frame.exp === 'number' ? frame.exp : jwtExpiry(rec.refreshing)
+        rec.token = rec.refreshing
+        rec.refreshing = null
+        this.scheduleRefresh()
+        return
       case FRAME.goaway:
         if (rec !== this.conn) return
         this.retire(rec)
         // "reconnect within reconnect_after_ms": spread the clients of one gateway over it
         this.reconnectTimer.scheduleTimeout(Math.round(this.random() * (frame.reconnect_after_ms ?? 0)))
         return
+      case FRAME.error:
+        if (frame.id === null || frame.id === undefined) {
+          rec.lastError = frame
+          if (rec.refreshing && (frame.code === ERROR_CODE.unauthorized || frame.code === ERROR_CODE.badRequest)) {
+            // the answer to our `refresh`: refused, or a gateway without `refresh`. The new
+            // token is cached; a new connection with it takes the streams over.
+            rec.refreshing = null
+            if (rec === this.conn) this.renew()
+            return
+          }
+        }
+        this.hooks.onFrame(frame)
+        return
       default:
         this.hooks.onFrame(frame)
     }
+  }
+
+  /** Arms the timer that renews the token before it expires (token functions only). */
+  scheduleRefresh () {
+    this.stopRefresh()
+    if (typeof this.token !== 'function' || this.expiry === null || this.stopped) return
+    // at least a second between attempts, so a function that keeps returning a token close
+    // to expiry does not spin
+    const delay = Math.max(1000, this.expiry * 1000 - Date.now() - this.tokenRefreshSkewMs)
+    this.refreshTimer = setTimeout(() => this.refresh(), delay)
+  }
+
+  stopRefresh () {
+    clearTimeout(this.refreshTimer)
+    this.refreshTimer = undefined
+  }
+
+  /** Sends a fresh token on the live connection (`refresh`). */
+  async refresh () {
+    const rec = this.conn
+    if (!rec || !this.ready || rec.refreshing) return
+    let token
+    try {
+      token = await this.getToken()
+    } catch {
+      if (rec === this.conn) this.scheduleRefresh()
+      return
+    }
+    if (rec !== this.conn || !this.ready) return
+    const exp = jwtExpiry(token)
+    if (token === rec.token || (exp !== null && this.expiry !== null && exp <= this.expiry)) {
+      // nothing newer yet: ask again later, before the gateway's grace runs out
+      this.scheduleRefresh()
+      return
+    }
+    rec.refreshing = token
+    this.send({ type: FRAME.refresh, token })
   }
 
   /** Moves `rec` aside as the draining connection; no new frames go to it. */
@@ -217,21 +290,38 @@ export default class Socket {
     }
     if (rec !== this.conn) return
     this.conn = null
+    this.stopRefresh()
     if (this.stopped) {
       this.setState(CONNECTION.closed)
+      return
+    }
+    const said = rec.lastError?.message
+    if (NO_RECONNECT.has(code)) {
+      const error = code === CLOSE_CODE.tooManyConnections
+        ? new MuxError(CLIENT_ERROR_CODE.tooManyConnections,
+          `the gateway refused another connection for this user: ${said || reason || 'too many connections'}; close another tab or window of this site and try again`)
+        : new MuxError(ERROR_CODE.badRequest, `the gateway closed the connection for bad frames (${code}): ${said || reason || 'policy violation'}`)
+      this.giveUp(error)
       return
     }
     if (code === CLOSE_CODE.unauthorized) {
       this.cachedToken = null
       if (typeof this.token !== 'function') {
-        this.stopped = true
-        this.setState(CONNECTION.closed)
-        this.hooks.onFatal(new MuxError(ERROR_CODE.unauthorized, reason || 'the gateway refused the token'))
+        this.giveUp(new MuxError(ERROR_CODE.unauthorized, said || reason || 'the gateway refused the token'))
         return
       }
     }
     this.setState(CONNECTION.reconnecting)
     this.reconnectTimer.scheduleTimeout()
+  }
+
+  /** Stops reconnecting and says why; `connect()` starts again. @param {MuxError} error */
+  giveUp (error) {
+    this.stopped = true
+    this.reconnectTimer.cancel()
+    this.stopRefresh()
+    this.setState(CONNECTION.closed)
+    this.hooks.onFatal(error)
   }
 
   /** Closes `rec` without hearing about it again. */
@@ -268,6 +358,19 @@ export default class Socket {
     rec.pingTimer = undefined
   }
 
+  /**
+   * Takes a token function's token that another tab got (the last leader's), so the first
+   * hello need not wait for the function. Ignored unless it is a JWT far enough from expiry.
+   * @param {string|undefined} token
+   */
+  seedToken (token) {
+    if (typeof this.token !== 'function' || typeof token !== 'string' || this.cachedToken) return
+    const exp = jwtExpiry(token)
+    if (exp === null || exp * 1000 - Date.now() <= this.tokenRefreshSkewMs) return
+    this.cachedToken = token
+    this.cachedExpiry = exp
+  }
+
   /** The token for the next hello: the string given, or the function's, renewed near expiry. */
   async getToken () {
     if (typeof this.token !== 'function') return this.token
@@ -275,11 +378,24 @@ export default class Socket {
     if (this.cachedToken && this.cachedExpiry !== null && this.cachedExpiry * 1000 - now > this.tokenRefreshSkewMs) {
       return this.cachedToken
     }
-    const token = await this.token()
-    if (typeof token !== 'string' || token === '') throw new MuxError(ERROR_CODE.unauthorized, 'the token function returned no token')
-    this.cachedToken = token
-    this.cachedExpiry = jwtExpiry(token)
-    return token
+    // one call of the function at a time: a prefetch and the hello that follows share it
+    this.pendingToken ??= (async () => {
+      try {
+        const token = await this.token()
+        if (typeof token !== 'string' || token === '') throw new MuxError(ERROR_CODE.unauthorized, 'the token function returned no token')
+        this.cachedToken = token
+        this.cachedExpiry = jwtExpiry(token)
+        return token
+      } finally {
+        this.pendingToken = null
+      }
+    })()
+    return this.pendingToken
+  }
+
+  /** Starts getting the token now (a new leader does while it collects the tabs' streams). */
+  prefetchToken () {
+    this.getToken().catch(() => {}) // the hello's own call reports a failure
   }
 
   /** @param {string} state */

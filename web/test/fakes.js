@@ -79,6 +79,29 @@ export function fakePage () {
   }
 }
 
+/**
+ * A token the fake gateway reads like a JWT (header.payload.signature, payload base64url
+ * JSON): `sub`, `tier`, `exp` (unix seconds). Its signature is `ok` or, for a forged one, `bad`.
+ */
+export function fakeToken ({ sub = 'u', tier = 'pro', exp, sig = 'ok' } = {}) {
+  const payload = Buffer.from(JSON.stringify({ sub, tier, exp })).toString('base64url')
+  return `h.${payload}.${sig}`
+}
+
+/** Claims of a `fakeToken`, or of a plain test token ('bad' is refused), or null. */
+function readToken (token) {
+  if (token === 'bad' || typeof token !== 'string') return null
+  const parts = token.split('.')
+  if (parts.length !== 3) return { sub: 'u', tier: 'pro', exp: null }
+  if (parts[2] !== 'ok') return null
+  try {
+    const claims = JSON.parse(Buffer.from(parts[1], 'base64url').toString())
+    return { sub: claims.sub, tier: claims.tier, exp: typeof claims.exp === 'number' ? claims.exp : null }
+  } catch {
+    return null
+  }
+}
+
 /** The text the fake gateway streams for `chunks` chunks of stream `id`. */
 export function fakeAnswer (id, chunks) {
   return Array.from({ length: chunks }, (_, k) => `${id}#${k} `).join('')
@@ -87,10 +110,24 @@ export function fakeAnswer (id, chunks) {
 /**
  * A fake gateway: streams outlive connections and are resumed by `hello.resume`, like the
  * real one. Prompts say how many chunks: `chunks=N` in the last message.
+ * - `maxConnections`: a hello over it gets `error` (id null) and close 4429, as the gateway's
+ *   per-user cap does.
+ * - `refresh` (docs/protocol.md extension): `knowsRefresh: false` answers it like an older
+ *   gateway (bad_request); tokens (see `fakeToken`) expire: an `open` after `exp` is refused,
+ *   and `tokenGraceMs` after `exp` the connection is closed with 4401.
  */
 export class FakeGateway {
-  constructor ({ chunkMs = 5 } = {}) {
+  constructor ({ chunkMs = 5, maxConnections = Infinity, knowsRefresh = true, tokenGraceMs = 60_000 } = {}) {
     this.chunkMs = chunkMs
+    this.maxConnections = maxConnections
+    this.knowsRefresh = knowsRefresh
+    this.tokenGraceMs = tokenGraceMs
+    /** Every hello, refused ones too. */
+    this.attempts = 0
+    this.refusedCap = 0
+    /** `refresh` frames received, and how many were accepted. */
+    this.refreshes = 0
+    this.refreshed = 0
     this.streams = new Map()
     this.sockets = new Set()
     this.connectionsTotal = 0
@@ -107,6 +144,22 @@ export class FakeGateway {
     return [...this.sockets].filter(s => s.readyState === 1).length
   }
 
+  /** Welcomed connections still open. */
+  get live () {
+    return [...this.sockets].filter(s => s.readyState === 1 && s.hello).length
+  }
+
+  /** Moves `ws`'s expiry to `exp`, arming the 4401 close at `exp` + grace. */
+  expireAt (ws, exp) {
+    ws.exp = exp
+    clearTimeout(ws.expiryTimer)
+    if (exp === null) return
+    ws.expiryTimer = setTimeout(() => {
+      this.frame(ws, { type: 'error', id: null, code: 'unauthorized', message: 'token expired' })
+      ws.serverClose(4401, 'token expired')
+    }, Math.max(0, exp * 1000 + this.tokenGraceMs - Date.now()))
+  }
+
   frame (ws, frame) {
     if (ws.readyState !== 1) return
     ws.deliver(frame)
@@ -115,11 +168,20 @@ export class FakeGateway {
   handle (ws, msg) {
     if (!ws.hello) {
       if (msg.type !== 'hello') return ws.serverClose(4401, 'hello first')
-      if (msg.token === 'bad') {
+      this.attempts++
+      const claims = readToken(msg.token)
+      if (!claims || (claims.exp !== null && claims.exp * 1000 <= Date.now())) {
         this.frame(ws, { type: 'error', id: null, code: 'unauthorized', message: 'bad token' })
         return ws.serverClose(4401, 'unauthorized')
       }
+      if (this.live >= this.maxConnections) {
+        this.refusedCap++
+        this.frame(ws, { type: 'error', id: null, code: 'too_many_streams', message: `at most ${this.maxConnections} simultaneous connections per user` })
+        return ws.serverClose(4429, 'too many connections')
+      }
       ws.hello = true
+      ws.claims = claims
+      this.expireAt(ws, claims.exp)
       this.connectionsTotal++
       const resumed = []
       const missing = []
@@ -128,7 +190,9 @@ export class FakeGateway {
         else missing.push(r.id)
       }
       this.resumes.push(msg.resume ?? [])
-      this.frame(ws, { type: 'welcome', session: `s${this.connectionsTotal}`, user: 'u', tier: 'pro', heartbeat_ms: 15000, limits: { max_streams: 32, max_frame_bytes: 1048576 }, resumed: resumed.map(r => r.id) })
+      const welcome = { type: 'welcome', session: `s${this.connectionsTotal}`, user: 'u', tier: 'pro', heartbeat_ms: 15000, limits: { max_streams: 32, max_frame_bytes: 1048576 }, resumed: resumed.map(r => r.id) }
+      if (claims.exp !== null) welcome.exp = claims.exp
+      this.frame(ws, welcome)
       for (const id of missing) this.frame(ws, { type: 'error', id, code: 'not_found', message: 'no such stream' })
       for (const r of resumed) {
         const s = this.streams.get(r.id)
@@ -139,6 +203,9 @@ export class FakeGateway {
     }
     switch (msg.type) {
       case 'open': {
+        if (ws.exp !== null && ws.exp * 1000 <= Date.now()) {
+          return this.frame(ws, { type: 'error', id: msg.id, code: 'unauthorized', message: 'token expired: send refresh' })
+        }
         const live = this.streams.get(msg.id)
         if (live && !live.finished) return this.frame(ws, { type: 'error', id: msg.id, code: 'duplicate_id', message: 'dup' })
         const content = msg.messages.at(-1).content
@@ -159,9 +226,20 @@ export class FakeGateway {
       }
       case 'ping':
         return this.frame(ws, { type: 'pong', ts: msg.ts })
+      case 'refresh': {
+        if (!this.knowsRefresh) break
+        this.refreshes++
+        const claims = readToken(msg.token)
+        const ok = claims && claims.sub === ws.claims.sub && claims.tier === ws.claims.tier &&
+          (claims.exp === null || claims.exp * 1000 > Date.now())
+        if (!ok) return this.frame(ws, { type: 'error', id: null, code: 'unauthorized', message: 'refresh refused: bad token, or another user or tier' })
+        this.refreshed++
+        this.expireAt(ws, claims.exp)
+        return this.frame(ws, { type: 'refreshed', exp: claims.exp })
+      }
       default:
-        return this.frame(ws, { type: 'error', id: null, code: 'bad_request', message: 'unknown type' })
     }
+    return this.frame(ws, { type: 'error', id: null, code: 'bad_request', message: 'unknown type' })
   }
 
   tick (s) {
@@ -184,6 +262,7 @@ export class FakeGateway {
   }
 
   detach (ws) {
+    clearTimeout(ws.expiryTimer)
     for (const s of this.streams.values()) if (s.ws === ws) s.ws = null
   }
 

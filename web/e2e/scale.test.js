@@ -1,0 +1,154 @@
+// Thirty tabs of one user in one Chromium, and the faults of issue 10: the leader closed, the
+// leader's renderer crashed, a follower's renderer crashed; and fallback mode (no
+// BroadcastChannel) with 20 tabs against the gateway's cap of 16 sockets per user. These
+// assert correctness (exact text, one leader, socket bounds, clear errors); the timing figures
+// are measured by e2e/measure.js.
+import { after, before, test } from 'node:test'
+import assert from 'node:assert/strict'
+import {
+  crashPage, expectedText, launchBrowser, leaderIndex, mockPrompt, openTabs, readRun, socketsOpened,
+  startChat, startStack, statuses, waitFor, waitRuns, waitShared,
+} from './harness.js'
+
+const TABS = 30
+const T = { timeout: 240_000 }
+let stack
+
+before(async () => { stack = await startStack() })
+after(async () => { await stack?.stop() })
+
+let userSeq = 0
+const newUser = tag => `e2e30-${tag}-${process.pid}-${++userSeq}`
+const demoUrl = (base, user) => `${base}/?user=${encodeURIComponent(user)}`
+
+async function startAll (pages, key, shape, skip = new Set()) {
+  const prompts = []
+  for (let i = 0; i < pages.length; i++) {
+    const prompt = mockPrompt(`${key} tab ${i}: tell me something`, shape)
+    prompts.push(prompt)
+    if (!skip.has(i)) await startChat(pages[i], key, prompt)
+  }
+  return prompts
+}
+
+function assertExact (runs, prompts, chunks, indexes) {
+  for (const i of indexes) {
+    const run = runs[i]
+    assert.equal(run.error, null, `tab ${i} (${run.id}) failed: ${JSON.stringify(run.error)}`)
+    assert.equal(run.text, expectedText(prompts[i], chunks), `tab ${i} (${run.id}) text`)
+    assert.equal(run.deltas, chunks, `tab ${i} got ${run.deltas} deltas`)
+  }
+}
+
+const underWay = (pages, key, n) => waitFor(async () => (await Promise.all(pages.map(p => readRun(p, key)))).every(r => r && r.deltas >= n), { what: `every "${key}" stream under way` })
+
+test('30 tabs: closing the leader mid-stream, the 29 others finish exact on ONE new socket', T, async () => {
+  const user = newUser('leader-closes')
+  const { context, close } = await launchBrowser()
+  try {
+    const pages = await openTabs(context, demoUrl(stack.gateway.url, user), TABS)
+    await waitShared(pages)
+    const li = await leaderIndex(pages)
+    const shape = { chunks: 60, delayMs: 80 }
+    const prompts = await startAll(pages, 'handover', shape)
+    await underWay(pages, 'handover', 5)
+    await pages[li].close({ runBeforeUnload: true })
+    const rest = pages.filter((_, i) => i !== li)
+    const runs = await waitRuns(rest, 'handover')
+    assertExact(runs, prompts.filter((_, i) => i !== li), shape.chunks, rest.keys())
+    await waitShared(rest, 'a new leader shared by the 29 remaining tabs')
+    const stats = await stack.gateway.admin(user)
+    assert.equal(stats.connections, 1, 'one socket open after the handover')
+    assert.equal(stats.connections_total, 2, 'the old leader\'s socket, then the new leader\'s: one hello resumed all')
+  } finally { await close() }
+})
+
+test('30 tabs: the leader\'s renderer crashes (Page.crash): one new leader, at most 3 sockets, text exact', T, async () => {
+  const user = newUser('leader-crashes')
+  const { context, close } = await launchBrowser()
+  try {
+    const pages = await openTabs(context, demoUrl(stack.gateway.url, user), TABS)
+    await waitShared(pages)
+    const li = await leaderIndex(pages)
+    const shape = { chunks: 80, delayMs: 80 }
+    const prompts = await startAll(pages, 'crash', shape, new Set([li]))
+    const rest = pages.filter((_, i) => i !== li)
+    await underWay(rest, 'crash', 5)
+    const before = (await stack.gateway.admin(user)).connections_total
+    await crashPage(context, pages[li])
+    const runs = await waitRuns(rest, 'crash')
+    assertExact(runs, prompts.filter((_, i) => i !== li), shape.chunks, rest.keys())
+    const s = await waitShared(rest, 'one leader shared by the 29 survivors')
+    assert.equal(s.filter(x => x.role === 'leader').length, 1)
+    const stats = await stack.gateway.admin(user)
+    const opened = stats.connections_total - before
+    assert.ok(opened >= 1 && opened <= 3, `the handover opened ${opened} sockets`)
+    assert.equal(stats.connections, 1)
+    // and it stays settled: no late steal
+    await new Promise(r => setTimeout(r, 3000))
+    const later = await statuses(rest)
+    assert.equal(later.filter(x => x.role === 'leader').length, 1)
+    assert.equal((await stack.gateway.admin(user)).connections_total, stats.connections_total, 'no socket after settling')
+  } finally { await close() }
+})
+
+test('30 tabs: a follower\'s renderer crashes: its upstream request is aborted, the others finish exact', T, async () => {
+  const user = newUser('follower-crashes')
+  const { context, close } = await launchBrowser()
+  try {
+    const pages = await openTabs(context, demoUrl(stack.gateway.url, user), TABS)
+    await waitShared(pages)
+    const li = await leaderIndex(pages)
+    const fi = (li + 7) % TABS
+    const shape = { chunks: 100, delayMs: 60 }
+    const prompts = await startAll(pages, 'fcrash', shape)
+    await underWay(pages, 'fcrash', 3)
+    const before = await stack.mock.stats()
+    await crashPage(context, pages[fi])
+    await waitFor(async () => (await stack.mock.stats()).aborted > before.aborted, { timeoutMs: 15_000, what: 'the leader to drop the crashed tab and abort its request' })
+    const rest = pages.filter((_, i) => i !== fi)
+    const runs = await waitRuns(rest, 'fcrash')
+    assertExact(runs, prompts.filter((_, i) => i !== fi), shape.chunks, rest.keys())
+    assert.equal((await stack.mock.stats()).aborted, before.aborted + 1, 'exactly the crashed tab\'s request was aborted')
+    await waitFor(async () => (await statuses(rest)).every(s => s.tabs === TABS - 1), { what: 'the roster to shrink to 29' })
+    assert.equal((await stack.gateway.admin(user)).connections_total, 1, 'the leader kept its socket')
+  } finally { await close() }
+})
+
+test('fallback, 20 tabs of one user over the cap of 16: 16 exact, 4 clear errors at once, no retry storm', T, async () => {
+  const user = newUser('fallback-cap')
+  const N = 20
+  const CAP = 16 // the gateway's default `max_connections` per user (src/limits.rs)
+  const { context, close } = await launchBrowser({
+    initScript: () => {
+      delete window.BroadcastChannel
+      const Native = window.WebSocket
+      window.__sockets = 0
+      window.WebSocket = class extends Native {
+        constructor (...args) { super(...args); window.__sockets++ }
+      }
+    },
+  })
+  try {
+    const pages = await openTabs(context, demoUrl(stack.gateway.url, user), N)
+    assert.deepEqual((await statuses(pages)).map(x => x.role), Array(N).fill('solo'))
+    const shape = { chunks: 30, delayMs: 60 }
+    const prompts = await startAll(pages, 'cap', shape)
+    const runs = await waitRuns(pages, 'cap', { timeoutMs: 30_000 })
+    const ok = [...runs.keys()].filter(i => !runs[i].error)
+    const refused = [...runs.keys()].filter(i => runs[i].error)
+    assert.equal(ok.length, CAP, `${ok.length} tabs streamed`)
+    assertExact(runs, prompts, shape.chunks, ok)
+    assert.equal(refused.length, N - CAP)
+    for (const i of refused) {
+      const run = runs[i]
+      assert.equal(run.error.code, 'too_many_connections', `tab ${i}: ${JSON.stringify(run.error)}`)
+      assert.match(run.error.message, /16 simultaneous connections/)
+      assert.equal(run.deltas, 0)
+    }
+    const opened = await socketsOpened(pages)
+    assert.ok(opened <= N + 4, `${opened} sockets opened by ${N} tabs`)
+    const stats = await stack.gateway.admin(user)
+    assert.ok(stats.connections <= CAP)
+  } finally { await close() }
+})
