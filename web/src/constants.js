@@ -82,8 +82,14 @@ export const CLOSE_CODE = Object.freeze({
   normal: 1000,
   /** The gateway is shutting down: reconnect (elsewhere) and resume. */
   goingAway: 1001,
+  /** The WebSocket framing was broken (RFC 6455). The shim's socket is the browser's: a bug, not a retry. */
+  protocolError: 1002,
   /** No status (network loss, refused handshake): reconnect with backoff. */
   abnormal: 1006,
+  /** A text frame was not valid UTF-8. */
+  invalidPayload: 1007,
+  /** A frame over the gateway's hard size limit (the shim checks `max_frame_bytes` first). */
+  messageTooBig: 1009,
   /** Too many bad frames. The shim sent garbage; reconnecting unchanged would repeat it. */
   policy: 4400,
   /** No hello in time, bad or expired token: fetch a new token (if we can) and reconnect. */
@@ -102,7 +108,13 @@ export const CLOSE_CODE = Object.freeze({
  * Close codes that end reconnection: retrying unchanged would be refused again (4401 too,
  * when the token is a fixed string; with a token function the shim fetches a new one).
  */
-export const NO_RECONNECT = Object.freeze(new Set([CLOSE_CODE.policy, CLOSE_CODE.tooManyConnections]))
+export const NO_RECONNECT = Object.freeze(new Set([
+  CLOSE_CODE.protocolError,
+  CLOSE_CODE.invalidPayload,
+  CLOSE_CODE.messageTooBig,
+  CLOSE_CODE.policy,
+  CLOSE_CODE.tooManyConnections,
+]))
 
 /** This tab's part in the sharing of one socket. */
 export const ROLE = Object.freeze({

@@ -28,7 +28,7 @@ export function jwtExpiry (token) {
  * @property {(frame: any) => void} onFrame  every other server frame (streams, connection errors)
  * @property {(state: string) => void} onState
  * @property {(error: MuxError) => void} onFatal  the socket gave up (token refused, or a close
- *   code after which the gateway says not to reconnect: 4400, 4429); `connect()` tries again
+ *   code after which the gateway says not to reconnect: 1002, 1007, 1009, 4400, 4429); `connect()` tries again
  */
 
 /**
