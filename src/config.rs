@@ -152,6 +152,11 @@ pub struct SessionConfig {
     pub write_timeout_ms: u64,
     /// Bad frames a connection may send per minute before it is closed with 4400. Default 20.
     pub max_bad_frames_per_minute: u32,
+    /// Bytes of finished streams' replay logs kept per user for a resume. Past it, the user's
+    /// oldest finished streams are forgotten before the resume window ends (a resume of one gets
+    /// `not_found`), so finished streams cannot pin more memory than this per user. Live
+    /// streams do not count: `max_streams` bounds them. Default 8388608 (8 MiB).
+    pub retained_bytes_per_user: usize,
 }
 
 impl Default for SessionConfig {
@@ -165,6 +170,7 @@ impl Default for SessionConfig {
             stream_buffer_bytes: 1 << 20,
             write_timeout_ms: 10_000,
             max_bad_frames_per_minute: 20,
+            retained_bytes_per_user: 8 << 20,
         }
     }
 }

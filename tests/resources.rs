@@ -1,0 +1,217 @@
+//! What a hostile or merely slow client can cost the gateway: frames lost to a slow socket,
+//! CPU spent counting tokens, memory pinned by refused opens, unauthenticated sockets and
+//! finished streams. Each test runs the real gateway on loopback against the mock upstream.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+/// The text the mock sends for `prompt` in `n` chunks padded to `pad` bytes each.
+fn padded(prompt: &str, n: usize, pad: usize) -> String {
+    muxgate::mock::word_chunks(prompt, n)
+        .iter()
+        .map(|c| {
+            let word = c.trim_end();
+            format!("{word}{} ", ".".repeat(pad - word.len() - 1))
+        })
+        .collect()
+}
+
+/// The next frame of stream `id`, skipping others.
+async fn next_of(c: &mut Client, id: &str) -> serde_json::Value {
+    loop {
+        let f = c.recv().await;
+        if f["id"] == id {
+            return f;
+        }
+    }
+}
+
+/// A client too slow for the write timeout is closed 4408; the frames the timed-out write held
+/// are still in the log, so the resume from the last frame it read continues with no gap:
+/// the whole text, no `not_found`.
+#[tokio::test]
+async fn a_slow_consumer_resumes_with_nothing_lost() {
+    let h = Harness::start_with(|c| {
+        c.session.stream_buffer_bytes = 64 * 1024;
+        c.session.write_timeout_ms = 300;
+        c.session.heartbeat_ms = 60_000;
+    })
+    .await;
+    let n = 20_000;
+    let prompt = format!("slow [[mock chunks={n} chunk_bytes=4096]]");
+    let mut c = h.connect("alice").await;
+    c.open("big", &prompt).await;
+    let mut r = StreamRecord::default();
+    while r.deltas == 0 {
+        r.take(next_of(&mut c, "big").await);
+    }
+    // Stop reading until the gateway gives up on this socket.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while h.gw.hub.user_stats("alice").unwrap().connections > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slow reader was never dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Read what reached the socket before the drop.
+    loop {
+        match c.next_event().await {
+            Event::Frame(f) if f["id"] == "big" => r.take(f),
+            Event::Frame(_) => {}
+            Event::Closed(code) => {
+                assert!(matches!(code, None | Some(4408)), "{code:?}");
+                break;
+            }
+        }
+    }
+    assert!(r.end.is_none(), "the drop came before the end");
+    let (mut c, welcome) = h
+        .connect_resume("alice", json!([{"id":"big","after":r.last_seq}]))
+        .await;
+    assert_eq!(welcome["resumed"], json!(["big"]));
+    while r.end.is_none() {
+        let f = next_of(&mut c, "big").await;
+        assert_ne!(f["type"], "error", "resume after {}: {f}", r.last_seq);
+        r.take(f);
+    }
+    assert_eq!(r.end_type(), "done");
+    assert_eq!(r.deltas, n as u64);
+    assert!(r.text == padded("slow", n, 4096), "the exact text");
+}
+
+/// A prompt whose `name` is `bytes` long: short `content`, so the old size check (over
+/// `content` only) counted it on an async worker. One repeated character is the tokenizer's
+/// worst case.
+fn big_name_open(id: &str, bytes: usize) -> serde_json::Value {
+    json!({"type":"open","id":id,"model":"deepseek-v3.2",
+        "messages":[{"role":"user","name":"a".repeat(bytes),"content":"hi [[mock chunks=2]]"}]})
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn scrape(h: &Harness) -> String {
+    reqwest::get(format!("http://{}/metrics", h.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Opens refused by a limit are refused before anything is spent on them: no tokenizer run,
+/// no `Stream` registered (so nothing lingers for the resume window), and the client gets
+/// the same `rate_limited` frame as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_opens_cost_no_tokenizer_and_no_stream() {
+    let h = Harness::start_with(|c| {
+        let free = c.tiers.get_mut("free").unwrap();
+        free.user_rpm = 1;
+    })
+    .await;
+    let mut c = h.connect_tier("bob", "free").await;
+    c.open("ok", "fine [[mock chunks=3]]").await;
+    let mut r = StreamRecord::default();
+    while r.end.is_none() {
+        r.take(next_of(&mut c, "ok").await);
+    }
+    assert_eq!(r.end_type(), "done");
+    let counted = metric(&scrape(&h).await, "muxgate_tokenizer_bytes_total");
+    assert!(counted > 0.0, "the admitted prompt was counted");
+    for i in 0..20 {
+        let id = format!("no{i}");
+        c.send(big_name_open(&id, 1_000_000)).await;
+        let f = next_of(&mut c, &id).await;
+        assert_eq!(f["type"], "error", "{f}");
+        assert_eq!(f["code"], "rate_limited", "{f}");
+        assert!(f["retry_after_ms"].as_u64().unwrap() > 0, "{f}");
+        assert!(
+            h.gw.hub.get(&"bob".into(), &id).is_none(),
+            "a refused open registers no stream"
+        );
+    }
+    let text = scrape(&h).await;
+    assert_eq!(
+        metric(&text, "muxgate_tokenizer_bytes_total"),
+        counted,
+        "refused opens were not tokenized"
+    );
+    assert_eq!(
+        metric(&text, r#"muxgate_refusals_total{reason="user_rpm"}"#),
+        20.0
+    );
+}
+
+/// A client sending prompts with a huge `name` does not stall a healthy stream on another
+/// socket: the tokenizer runs off the async workers, so the healthy connection keeps answering
+/// heartbeats and its stream arrives whole while the hostile prompts are counted. On the old
+/// code every worker sat in the tokenizer and the healthy client was dropped (4409).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_prompts_do_not_stall_a_healthy_stream() {
+    let h = Harness::start_with(|c| {
+        c.session.heartbeat_ms = 400;
+        c.tiers.get_mut("pro").unwrap().user_rpm = 10_000;
+    })
+    .await;
+    let mut healthy = h.connect("alice").await;
+    healthy
+        .open("calm", "calm [[mock chunks=150 delay_ms=20]]")
+        .await;
+    let mut r = StreamRecord::default();
+    while r.deltas == 0 {
+        r.take(next_of(&mut healthy, "calm").await);
+    }
+    // Reads (and so answers the gateway's pings) until told to stop; the stream may end
+    // before the hostile prompts are all counted.
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let reader = tokio::spawn(async move {
+        loop {
+            let event = tokio::select! {
+                event = healthy.next_event() => event,
+                _ = &mut stopped => return Ok(r),
+            };
+            match event {
+                Event::Frame(f) if f["id"] == "calm" => r.take(f),
+                Event::Frame(_) => {}
+                Event::Closed(code) => return Err(code),
+            }
+        }
+    });
+    // Two hostile sockets, so that on the old code both workers were busy tokenizing.
+    let mut hostile = Vec::new();
+    for user in ["mallory", "trudy"] {
+        hostile.push(h.connect(user).await);
+    }
+    let before = metric(&scrape(&h).await, "muxgate_tokenizer_bytes_total");
+    for round in 0..2 {
+        for (k, c) in hostile.iter_mut().enumerate() {
+            c.send(big_name_open(&format!("h{round}-{k}"), 1_000_000))
+                .await;
+        }
+    }
+    // Wait until all four hostile prompts were counted.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while metric(&scrape(&h).await, "muxgate_tokenizer_bytes_total") < before + 4_000_000.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "hostile prompts never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.send(()).unwrap();
+    let r = reader
+        .await
+        .unwrap()
+        .unwrap_or_else(|code| panic!("the healthy client was dropped ({code:?})"));
+    assert_eq!(r.end_type(), "done");
+    assert_eq!(r.text, expected("calm", 150));
+}
