@@ -138,6 +138,11 @@ pub struct SessionConfig {
     /// Largest client frame accepted; a larger one gets `bad_request` and the connection lives.
     /// Default 1048576 (1 MiB).
     pub max_frame_bytes: usize,
+    /// Largest `hello` frame, and so the most an unauthenticated socket can make the gateway
+    /// read and buffer: past it the socket is not read further and gets 4401. Room for a token
+    /// and a `resume` list of some 600 streams. Default 65536 (64 KiB); at most
+    /// `max_frame_bytes`.
+    pub max_hello_bytes: usize,
     /// Live streams per user, over all their connections. Default 32.
     pub max_streams: usize,
     /// How long a dropped connection's streams keep running, waiting for a `hello` with
@@ -165,6 +170,7 @@ impl Default for SessionConfig {
             hello_timeout_ms: 5_000,
             heartbeat_ms: 15_000,
             max_frame_bytes: 1 << 20,
+            max_hello_bytes: 64 << 10,
             max_streams: 32,
             resume_window_ms: 30_000,
             stream_buffer_bytes: 1 << 20,
@@ -435,6 +441,11 @@ impl Config {
             return invalid(
                 "session.max_streams must be > 0, max_frame_bytes and stream_buffer_bytes >= 1024"
                     .into(),
+            );
+        }
+        if s.max_hello_bytes < 1024 || s.max_hello_bytes > s.max_frame_bytes {
+            return invalid(
+                "session.max_hello_bytes must be >= 1024 and <= session.max_frame_bytes".into(),
             );
         }
         if s.heartbeat_ms == 0 || s.hello_timeout_ms == 0 || s.write_timeout_ms == 0 {

@@ -21,6 +21,7 @@
 //! - [`billing`]: token counts, stream cost, daily budgets per user and tier.
 //! - [`upstream`]: providers, pooled HTTP clients, SSE chunk parsing, backoff policy.
 //! - [`server`]: the router, shared state and graceful shutdown.
+//! - [`preauth`]: the read budget of a WebSocket that has not said `hello` yet.
 //! - [`mock`]: the OpenAI-compatible mock upstream (tests, benchmarks, offline demo).
 
 pub mod auth;
@@ -31,6 +32,7 @@ pub mod hub;
 pub mod limits;
 pub mod metrics;
 pub mod mock;
+pub mod preauth;
 pub mod protocol;
 pub mod relay;
 pub mod scheduler;

@@ -6,13 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +25,7 @@ use crate::hub::Hub;
 use crate::limits::RateLimiter;
 use crate::metrics::{self, Metrics};
 use crate::mock;
+use crate::preauth::{PreAuth, PreAuthListener};
 use crate::protocol::SUBPROTOCOL;
 use crate::session;
 use crate::upstream::Upstreams;
@@ -156,12 +156,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let draining = gw.draining.clone();
-    // Frames are small and latency-bound: without TCP_NODELAY, Nagle's algorithm holds a
-    // stream's first token until the client's delayed ACK (~40 ms).
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app(gw.clone()))
+    // Every connection carries a read budget its session arms until `hello` (see `preauth`).
+    let listener = PreAuthListener::new(listener);
+    let service = app(gw.clone()).into_make_service_with_connect_info::<PreAuth>();
+    axum::serve(listener, service)
         .with_graceful_shutdown(async move {
             shutdown.await;
             draining.cancel();
@@ -190,6 +188,7 @@ pub async fn serve(
 async fn ws_upgrade(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
+    preauth: Option<Extension<ConnectInfo<PreAuth>>>,
     ws: WebSocketUpgrade,
 ) -> Response {
     if !origin_allowed(&gw.config.allowed_origins, &headers) {
@@ -213,7 +212,10 @@ async fn ws_upgrade(
         .read_buffer_size(4 * 1024)
         .max_message_size(hard_limit)
         .max_frame_size(hard_limit)
-        .on_upgrade(move |socket| sessions.track_future(session::run(gw, socket)))
+        .on_upgrade(move |socket| {
+            let gate = preauth.map(|Extension(ConnectInfo(PreAuth(gate)))| gate);
+            sessions.track_future(session::run(gw, socket, gate))
+        })
 }
 
 /// A browser's `Origin` must be the gateway's own or on the allow-list; a client that sends

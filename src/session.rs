@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Claims;
 use crate::metrics::Metrics;
+use crate::preauth::{Gate, FRAME_HEADER_BYTES};
 use crate::protocol::{
     self, close, ClientFrame, ErrorCode, OpenRequest, ResumeRequest, WelcomeLimits,
 };
@@ -34,11 +35,20 @@ enum Control {
     Close(u16, &'static str),
 }
 
-/// Runs one connection to its end.
-pub async fn run(gw: Arc<Gateway>, socket: WebSocket) {
+/// Runs one connection to its end. `gate` is the connection's pre-`hello` read budget (none
+/// when the gateway is served without [`crate::preauth::PreAuthListener`]).
+pub async fn run(gw: Arc<Gateway>, socket: WebSocket, gate: Option<Arc<Gate>>) {
     let _open = gw.metrics.connection_opened();
+    let max_hello = gw.config.session.max_hello_bytes;
+    if let Some(gate) = &gate {
+        gate.arm(max_hello as u64 + FRAME_HEADER_BYTES);
+    }
     let (sink, mut source) = socket.split();
-    let (claims, resume) = match handshake(&gw, &mut source).await {
+    let hello = handshake(&gw, &mut source, gate.as_deref()).await;
+    if let (Ok(_), Some(gate)) = (&hello, &gate) {
+        gate.lift();
+    }
+    let (claims, resume) = match hello {
         Ok(hello) => hello,
         Err(Some(message)) => {
             let frame = protocol::error(None, ErrorCode::Unauthorized, &message, None);
@@ -192,7 +202,10 @@ async fn serve(gw: Arc<Gateway>, sink: Sink, mut source: Source, session: Authen
 async fn handshake(
     gw: &Gateway,
     source: &mut Source,
+    gate: Option<&Gate>,
 ) -> Result<(Claims, Vec<ResumeRequest>), Option<String>> {
+    let max_hello = gw.config.session.max_hello_bytes;
+    let too_large = || format!("the `hello` frame is over max_hello_bytes ({max_hello})");
     let timeout = Duration::from_millis(gw.config.session.hello_timeout_ms);
     let first = tokio::time::timeout(timeout, async {
         loop {
@@ -209,9 +222,15 @@ async fn handshake(
         }
     })
     .await
-    .map_err(|_| Some(format!("no `hello` within {} ms", timeout.as_millis())))??;
-    if first.len() > gw.config.session.max_frame_bytes {
-        return Err(Some("the `hello` frame is over the size limit".into()));
+    .map_err(|_| {
+        // Out of read budget: the `hello` was too large, not late.
+        Some(match gate {
+            Some(gate) if gate.exhausted() => too_large(),
+            _ => format!("no `hello` within {} ms", timeout.as_millis()),
+        })
+    })??;
+    if first.len() > max_hello {
+        return Err(Some(too_large()));
     }
     match protocol::parse_client_frame(&first) {
         Ok(ClientFrame::Hello { token, resume, .. }) => {

@@ -215,3 +215,57 @@ async fn hostile_prompts_do_not_stall_a_healthy_stream() {
     assert_eq!(r.end_type(), "done");
     assert_eq!(r.text, expected("calm", 150));
 }
+
+/// Before `hello`, a socket can make the gateway read no more than `max_hello_bytes`: a 30 MB
+/// first frame (under the WebSocket layer's own limit of 8 × `max_frame_bytes`) is not read,
+/// so the client's send never completes, and the socket gets `unauthorized` and 4401 when the
+/// hello timeout runs out. On the old code the gateway read and buffered the whole frame first.
+#[tokio::test]
+async fn an_unauthenticated_socket_cannot_make_the_gateway_buffer_a_big_frame() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let h = Harness::start_with(|c| {
+        c.session.max_frame_bytes = 4 << 20;
+        c.session.hello_timeout_ms = 1_000;
+    })
+    .await;
+    let (mut tx, mut rx) = h.connect_raw().await.ws.split();
+    let sender = tokio::spawn(async move {
+        let frame = "x".repeat(30_000_000);
+        tx.send(Message::Text(frame.into())).await
+    });
+    let mut error = None;
+    let code = loop {
+        match tokio::time::timeout(FRAME_WAIT, rx.next()).await.unwrap() {
+            Some(Ok(Message::Text(t))) => {
+                error = Some(serde_json::from_str::<serde_json::Value>(&t).unwrap())
+            }
+            Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => break None,
+        }
+    };
+    assert_eq!(code, Some(4401));
+    let error = error.expect("an error frame before the close");
+    assert_eq!(error["code"], "unauthorized");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_hello_bytes (65536)"),
+        "{error}"
+    );
+    assert!(
+        !sender.is_finished(),
+        "the gateway stopped reading: the 30 MB frame could not be sent"
+    );
+    sender.abort();
+    // A proper hello on a new socket is unaffected, and so are large frames after it.
+    let mut c = h.connect("alice").await;
+    c.send_text(&format!(
+        r#"{{"type":"ping","ts":"{}"}}"#,
+        "p".repeat(2 << 20)
+    ))
+    .await;
+    assert_eq!(c.recv().await["type"], "pong");
+}
