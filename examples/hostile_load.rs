@@ -9,14 +9,20 @@
 //! Starts BINARY (a `muxgate` build) on a loopback port against the mock upstream, run
 //! in-process on another loopback port, with the default tiers. Scenarios (default: all):
 //! - `refused N`: one free-tier socket sends N small opens after its 60 requests a minute are
-//!   used up; every one is refused `rate_limited`. Default N = 100000.
-//! - `bigname N`: N opens with a 1 MB `name`, all refused by the rate limit. Default N = 10.
+//!   used up; every one is refused (`rate_limited`, or on old builds also
+//!   `too_many_streams`, as refused streams counted as live until their task ran). Default
+//!   N = 100000.
+//! - `bigname N`: N opens with a 1 MB `name` after the rate limit is used up. Default N = 10.
+//! - `preauth N`: N sockets each send, instead of `hello`, one frame of 8 MiB - 1 KiB (under
+//!   the WebSocket layer's 8 × `max_frame_bytes`); RSS is read 3 s in, before the 5 s hello
+//!   timeout. Default N = 20.
 //! - `retained N`: one pro user runs N streams one after another, each with ~1 MiB of frames,
 //!   and leaves them finished within the resume window. Default N = 100.
 //!
 //! Loopback only; every scenario is bounded in count and in time (120 s).
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
+use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -121,45 +127,65 @@ async fn start(binary: &str) -> Gateway {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let tiers = ["free", "pro", "enterprise"].map(String::from).to_vec();
-    Gateway {
+    let gw = Gateway {
         child,
         addr,
         auth: Authenticator::new(SECRET.as_bytes(), 30, tiers),
+    };
+    // The tokenizers are built in the background at start: measure from after that, once the
+    // RSS has held still for a second.
+    let mut last = gw.usage().0;
+    let mut still = 0;
+    while still < 5 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let rss = gw.usage().0;
+        still = if rss == last { still + 1 } else { 0 };
+        last = rss;
     }
+    gw
 }
 
 /// Opens `n` streams of `open(i)` on `ws` and reads until each has ended; returns how many
-/// ended refused with `rate_limited`.
-async fn open_all(ws: &mut Ws, n: usize, open: impl Fn(usize) -> Value) -> usize {
-    let (mut sent, mut ended, mut refused) = (0, 0, 0);
+/// ended with each outcome (`done` or the error code).
+async fn open_all(
+    ws: &mut Ws,
+    n: usize,
+    window: usize,
+    open: impl Fn(usize) -> Value,
+) -> BTreeMap<String, usize> {
+    let (mut sent, mut ended) = (0, 0);
+    let mut outcomes = BTreeMap::new();
     // A window of opens in flight: the gateway's control queue is bounded, so a client that
     // never reads would only stall itself.
     while ended < n {
-        while sent < n && sent - ended < 64 {
+        while sent < n && sent - ended < window {
             send(ws, open(sent)).await;
             sent += 1;
         }
         let f = recv(ws).await;
-        match f["type"].as_str() {
-            Some("done") => ended += 1,
-            Some("error") if f["id"].is_string() => {
-                ended += 1;
-                if f["code"] == "rate_limited" {
-                    refused += 1;
-                }
-            }
-            _ => {}
-        }
+        let outcome = match f["type"].as_str() {
+            Some("done") => "done".to_string(),
+            Some("error") if f["id"].is_string() => f["code"].as_str().unwrap().to_string(),
+            _ => continue,
+        };
+        ended += 1;
+        *outcomes.entry(outcome).or_insert(0) += 1;
     }
-    refused
+    outcomes
 }
 
+/// Opens small streams until one is refused: the user's requests per minute are used up.
 async fn use_up_rate_limit(ws: &mut Ws) {
-    open_all(ws, 60, |i| {
-        json!({"type":"open","id":format!("warm{i}"),"model":"m",
-            "messages":[{"role":"user","content":"hi [[mock chunks=1]]"}]})
-    })
-    .await;
+    for i in 0.. {
+        let outcomes = open_all(ws, 1, 1, |_| {
+            json!({"type":"open","id":format!("warm{i}"),"model":"m",
+                "messages":[{"role":"user","content":"hi [[mock chunks=1]]"}]})
+        })
+        .await;
+        if outcomes.contains_key("rate_limited") {
+            return;
+        }
+    }
 }
 
 async fn refused(binary: &str, n: usize) {
@@ -168,14 +194,14 @@ async fn refused(binary: &str, n: usize) {
     use_up_rate_limit(&mut ws).await;
     let (rss0, cpu0) = gw.usage();
     let t = Instant::now();
-    let refused = open_all(&mut ws, n, |i| {
+    let outcomes = open_all(&mut ws, n, 64, |i| {
         json!({"type":"open","id":format!("r{i}"),"model":"m",
             "messages":[{"role":"user","content":"hi"}]})
     })
     .await;
     let (rss1, cpu1) = gw.usage();
     println!(
-        "refused: {refused}/{n} opens refused in {:.1} s; RSS {} -> {} KiB (+{:.1} MiB); CPU {:.2} s",
+        "refused: {n} opens ({outcomes:?}) in {:.1} s; RSS {} -> {} KiB (+{:.1} MiB); CPU {:.2} s",
         t.elapsed().as_secs_f64(),
         rss0,
         rss1,
@@ -191,14 +217,14 @@ async fn bigname(binary: &str, n: usize) {
     let name = "a".repeat(1_000_000);
     let (rss0, cpu0) = gw.usage();
     let t = Instant::now();
-    let refused = open_all(&mut ws, n, |i| {
+    let outcomes = open_all(&mut ws, n, 64, |i| {
         json!({"type":"open","id":format!("b{i}"),"model":"m",
             "messages":[{"role":"user","name":name,"content":"hi"}]})
     })
     .await;
     let (rss1, cpu1) = gw.usage();
     println!(
-        "bigname: {refused}/{n} refused opens with a 1 MB name in {:.1} s; CPU {:.2} s ({:.3} CPU-s each); RSS {} -> {} KiB",
+        "bigname: {n} opens with a 1 MB name ({outcomes:?}) in {:.1} s; CPU {:.2} s ({:.3} CPU-s each); RSS {} -> {} KiB",
         t.elapsed().as_secs_f64(),
         cpu1 - cpu0,
         (cpu1 - cpu0) / n as f64,
@@ -213,10 +239,10 @@ async fn retained(binary: &str, n: usize) {
     let (rss0, cpu0) = gw.usage();
     let t = Instant::now();
     // 256 chunks of 4 KiB: each stream's log holds about 1 MiB when it finishes.
-    let refused = open_all(&mut ws, n, |i| {
+    // Fewer in flight than the tier's live streams, so none is refused.
+    let outcomes = open_all(&mut ws, n, 16, |i| {
         json!({"type":"open","id":format!("big{i}"),"model":"m",
-            "messages":[{"role":"user","content":format!("answer {i} [[mock chunks=256 chunk_bytes=4096]]")}],
-            "params":{"max_tokens":10}})
+            "messages":[{"role":"user","content":format!("answer {i} [[mock chunks=256 chunk_bytes=4096]]")}]})
     })
     .await;
     assert!(
@@ -225,8 +251,66 @@ async fn retained(binary: &str, n: usize) {
     );
     let (rss1, cpu1) = gw.usage();
     println!(
-        "retained: {n} finished streams of ~1 MiB ({refused} refused) in {:.1} s; RSS {} -> {} KiB (+{:.1} MiB); CPU {:.2} s",
+        "retained: {n} streams of ~1 MiB ({outcomes:?}) in {:.1} s; RSS {} -> {} KiB (+{:.1} MiB); CPU {:.2} s",
         t.elapsed().as_secs_f64(),
+        rss0,
+        rss1,
+        (rss1 as f64 - rss0 as f64) / 1024.0,
+        cpu1 - cpu0
+    );
+}
+
+async fn preauth(binary: &str, n: usize) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let gw = start(binary).await;
+    let (rss0, cpu0) = gw.usage();
+    let len: u64 = (8 << 20) - 1024;
+    let mut senders = Vec::new();
+    for _ in 0..n {
+        let tcp = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+        let mut tcp = BufReader::new(tcp);
+        let request = format!(
+            "GET /v1/ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            gw.addr
+        );
+        tcp.get_mut().write_all(request.as_bytes()).await.unwrap();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            tcp.read_line(&mut line).await.unwrap();
+            if line == "\r\n" {
+                break;
+            }
+        }
+        senders.push(tokio::spawn(async move {
+            // A masked text frame with an all-zero mask, so the payload goes out as is: the
+            // client spends nothing on masking.
+            let mut header = vec![0x81, 0x80 | 127];
+            header.extend_from_slice(&len.to_be_bytes());
+            header.extend_from_slice(&[0, 0, 0, 0]);
+            let tcp = tcp.get_mut();
+            let _ = tcp.write_all(&header).await;
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut sent = 0;
+            while sent < len {
+                let n = chunk.len().min((len - sent) as usize);
+                if tcp.write_all(&chunk[..n]).await.is_err() {
+                    break;
+                }
+                sent += n as u64;
+            }
+            // Hold the socket open until the scenario ends.
+            std::future::pending::<()>().await;
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (rss1, cpu1) = gw.usage();
+    for s in senders {
+        s.abort();
+    }
+    println!(
+        "preauth: {n} unauthenticated sockets sending an 8 MiB frame; RSS {} -> {} KiB (+{:.1} MiB); CPU {:.2} s",
         rss0,
         rss1,
         (rss1 as f64 - rss0 as f64) / 1024.0,
@@ -238,7 +322,7 @@ async fn retained(binary: &str, n: usize) {
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(binary) = args.first() else {
-        eprintln!("usage: hostile_load BINARY [refused N] [bigname N] [retained N]");
+        eprintln!("usage: hostile_load BINARY [refused N] [bigname N] [preauth N] [retained N]");
         std::process::exit(2);
     };
     let mut rest: Vec<(String, Option<usize>)> = Vec::new();
@@ -253,7 +337,7 @@ async fn main() {
         }
     }
     if rest.is_empty() {
-        rest = ["refused", "bigname", "retained"]
+        rest = ["refused", "bigname", "preauth", "retained"]
             .map(|s| (s.to_string(), None))
             .to_vec();
     }
@@ -262,6 +346,7 @@ async fn main() {
             match scenario.as_str() {
                 "refused" => refused(binary, n.unwrap_or(100_000).min(1_000_000)).await,
                 "bigname" => bigname(binary, n.unwrap_or(10).min(100)).await,
+                "preauth" => preauth(binary, n.unwrap_or(20).min(100)).await,
                 "retained" => retained(binary, n.unwrap_or(100).min(500)).await,
                 other => panic!("unknown scenario {other}"),
             }

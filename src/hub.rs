@@ -208,11 +208,13 @@ impl Hub {
         if evicted.iter().any(|old| Arc::ptr_eq(old, stream)) {
             return;
         }
+        // Weak: a stream evicted for the budget before its window ends must be freed then,
+        // not when this timer fires.
         let hub = Arc::downgrade(self);
-        let stream = stream.clone();
+        let stream = Arc::downgrade(stream);
         tokio::spawn(async move {
             tokio::time::sleep(linger).await;
-            if let Some(hub) = hub.upgrade() {
+            if let Some((hub, stream)) = hub.upgrade().zip(stream.upgrade()) {
                 hub.forget(&stream);
             }
         });
@@ -364,6 +366,7 @@ mod tests {
         let size = frame.len();
         let budget = size * 3;
         let mut streams = Vec::new();
+        let mut weak = Vec::new();
         for i in 0..10 {
             let id = format!("s{i}");
             let s = Stream::new(id.clone(), alice.clone(), "m".into(), 1 << 20);
@@ -375,6 +378,7 @@ mod tests {
             );
             hub.finished(&s, Duration::from_secs(30), budget);
             assert!(hub.retained_bytes("alice") <= budget, "within the budget");
+            weak.push(Arc::downgrade(&s));
             streams.push(id);
         }
         let kept: Vec<&String> = streams

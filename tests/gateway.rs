@@ -741,8 +741,8 @@ async fn a_reader_too_slow_for_the_write_timeout_is_closed_4408_and_can_resume()
             }
         }
     }
-    // The stream waited for a resume: it continues with no gap, or, if the frames the dead
-    // socket swallowed were already trimmed from the log, says so. Never a silent gap.
+    // The stream waited for a resume: the frames the timed-out write held were never counted
+    // as written, so it continues with no gap.
     let (mut c, welcome) = h
         .connect_resume("alice", json!([{"id":"big","after":r.last_seq}]))
         .await;
@@ -752,17 +752,7 @@ async fn a_reader_too_slow_for_the_write_timeout_is_closed_4408_and_can_resume()
         if f["id"] != "big" {
             continue;
         }
-        if f["type"] == "error" {
-            assert_eq!(f["code"], "not_found", "{f}");
-            assert!(
-                f["message"]
-                    .as_str()
-                    .unwrap()
-                    .contains("no longer be replayed"),
-                "{f}"
-            );
-            break;
-        }
+        assert_ne!(f["type"], "error", "{f}");
         r.take(f);
         if r.end.is_some() {
             assert_eq!(r.deltas, 20_000);

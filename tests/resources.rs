@@ -8,7 +8,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
 
 /// The text the mock sends for `prompt` in `n` chunks padded to `pad` bytes each.
 fn padded(prompt: &str, n: usize, pad: usize) -> String {
@@ -186,16 +188,21 @@ async fn hostile_prompts_do_not_stall_a_healthy_stream() {
             }
         }
     });
-    // Two hostile sockets, so that on the old code both workers were busy tokenizing.
+    // Two hostile sockets, so that on the old code both workers were busy tokenizing. They
+    // read (and so answer pings) in the background: only their prompts are hostile.
     let mut hostile = Vec::new();
     for user in ["mallory", "trudy"] {
-        hostile.push(h.connect(user).await);
+        let (tx, mut rx) = h.connect(user).await.ws.split();
+        tokio::spawn(async move { while rx.next().await.is_some() {} });
+        hostile.push(tx);
     }
     let before = metric(&scrape(&h).await, "muxgate_tokenizer_bytes_total");
     for round in 0..2 {
-        for (k, c) in hostile.iter_mut().enumerate() {
-            c.send(big_name_open(&format!("h{round}-{k}"), 1_000_000))
-                .await;
+        for (k, tx) in hostile.iter_mut().enumerate() {
+            let open = big_name_open(&format!("h{round}-{k}"), 1_000_000);
+            tx.send(Message::Text(open.to_string().into()))
+                .await
+                .unwrap();
         }
     }
     // Wait until all four hostile prompts were counted.
@@ -222,8 +229,6 @@ async fn hostile_prompts_do_not_stall_a_healthy_stream() {
 /// hello timeout runs out. On the old code the gateway read and buffered the whole frame first.
 #[tokio::test]
 async fn an_unauthenticated_socket_cannot_make_the_gateway_buffer_a_big_frame() {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
     let h = Harness::start_with(|c| {
         c.session.max_frame_bytes = 4 << 20;
         c.session.hello_timeout_ms = 1_000;
@@ -268,4 +273,91 @@ async fn an_unauthenticated_socket_cannot_make_the_gateway_buffer_a_big_frame() 
     ))
     .await;
     assert_eq!(c.recv().await["type"], "pong");
+}
+
+/// `welcome.resumed` lists only the streams that were attached and will replay: a stream
+/// whose frames after `after` were already dropped is left out and gets `not_found` (on the
+/// old code it was listed, then refused).
+#[tokio::test]
+async fn welcome_does_not_list_a_stream_it_cannot_replay() {
+    let h = Harness::start_with(|c| c.session.stream_buffer_bytes = 16 * 1024).await;
+    let mut c = h.connect("alice").await;
+    c.open("long", "long [[mock chunks=100 chunk_bytes=1024]]")
+        .await;
+    let mut r = StreamRecord::default();
+    while r.end.is_none() {
+        r.take(next_of(&mut c, "long").await);
+    }
+    assert_eq!(r.end_type(), "done");
+    c.close().await;
+    // The first frames were written and trimmed long ago: no replay from 0.
+    let (mut c, welcome) = h
+        .connect_resume("alice", json!([{"id":"long","after":0}]))
+        .await;
+    assert_eq!(welcome["resumed"], json!([]), "{welcome}");
+    let f = next_of(&mut c, "long").await;
+    assert_eq!(f["code"], "not_found", "{f}");
+    assert!(
+        f["message"]
+            .as_str()
+            .unwrap()
+            .contains("no longer be replayed"),
+        "{f}"
+    );
+}
+
+/// Finished streams kept for a resume count against `retained_bytes_per_user`: past it the
+/// oldest are forgotten early, the newest stay resumable.
+#[tokio::test]
+async fn finished_streams_pin_no_more_than_the_user_budget() {
+    let budget = 24 * 1024;
+    let h = Harness::start_with(|c| c.session.retained_bytes_per_user = budget).await;
+    let mut c = h.connect("alice").await;
+    for i in 0..6 {
+        let id = format!("s{i}");
+        c.open(
+            &id,
+            &format!("answer {i} [[mock chunks=10 chunk_bytes=1024]]"),
+        )
+        .await;
+        let mut r = StreamRecord::default();
+        while r.end.is_none() {
+            r.take(next_of(&mut c, &id).await);
+        }
+        assert_eq!(r.end_type(), "done");
+    }
+    // Each log holds ~10.5 KiB: two fit in 24 KiB.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while h.gw.hub.user_stats("alice").unwrap().live_streams > 0 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(h.gw.hub.retained_bytes("alice") <= budget);
+    c.close().await;
+    let resume = json!([{"id":"s0","after":0},{"id":"s5","after":0}]);
+    let (mut c, welcome) = h.connect_resume("alice", resume).await;
+    assert_eq!(welcome["resumed"], json!(["s5"]), "{welcome}");
+    let f = next_of(&mut c, "s0").await;
+    assert_eq!(f["code"], "not_found", "{f}");
+}
+
+/// Users who leave leave nothing behind in the hub: its map of users only holds users with a
+/// connection or a stream.
+#[tokio::test]
+async fn users_who_leave_are_pruned_from_the_hub() {
+    let h = Harness::start().await;
+    for i in 0..30 {
+        let c = h.connect(&format!("visitor{i}")).await;
+        c.close().await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while h.gw.hub.tracked_users() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} users still tracked",
+            h.gw.hub.tracked_users()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(h.admin("/admin/users").await["users"], json!([]));
 }
