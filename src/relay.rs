@@ -96,8 +96,22 @@ pub fn refuse_early(
     req: &OpenRequest,
 ) -> Option<axum::extract::ws::Utf8Bytes> {
     let id = Some(req.id.as_str());
+    // Counted as a stream that ended refused, as it was when refusals happened in its task.
+    let ended = |code: ErrorCode| {
+        gw.metrics.stream_finished(&StreamOutcome {
+            model: &req.model,
+            provider: "none",
+            tier: tier_name,
+            status: code.as_str(),
+            duration: Duration::ZERO,
+            time_to_first_token: None,
+            upstream_time_to_first_byte: None,
+            queue_wait: Duration::ZERO,
+        });
+    };
     if let Err(over) = gw.budgets.check(user, tier_name) {
         gw.metrics.refused("budget");
+        ended(ErrorCode::BudgetExceeded);
         let retry_after = Some(over.retry_after.as_millis() as u64);
         return Some(protocol::error(
             id,
@@ -118,6 +132,7 @@ pub fn refuse_early(
         return None;
     }
     gw.metrics.refused(limited.kind.as_str());
+    ended(ErrorCode::RateLimited);
     Some(protocol::error(
         id,
         ErrorCode::RateLimited,

@@ -54,7 +54,7 @@ async fn a_slow_consumer_resumes_with_nothing_lost() {
     }
     // Stop reading until the gateway gives up on this socket.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while h.gw.hub.user_stats("alice").unwrap().connections > 0 {
+    while h.gw.hub.user_stats("alice").map_or(0, |s| s.connections) > 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the slow reader was never dropped"
@@ -156,11 +156,13 @@ async fn refused_opens_cost_no_tokenizer_and_no_stream() {
 /// A client sending prompts with a huge `name` does not stall a healthy stream on another
 /// socket: the tokenizer runs off the async workers, so the healthy connection keeps answering
 /// heartbeats and its stream arrives whole while the hostile prompts are counted. On the old
-/// code every worker sat in the tokenizer and the healthy client was dropped (4409).
+/// code the prompts were counted on the async workers themselves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_prompts_do_not_stall_a_healthy_stream() {
     let h = Harness::start_with(|c| {
-        c.session.heartbeat_ms = 400;
+        // Silence for two heartbeats drops a client: 4 s, well above this machine's noise and
+        // well below what counting a 1 MB prompt takes on an async worker in a debug build.
+        c.session.heartbeat_ms = 2_000;
         c.tiers.get_mut("pro").unwrap().user_rpm = 10_000;
     })
     .await;
@@ -214,7 +216,8 @@ async fn hostile_prompts_do_not_stall_a_healthy_stream() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop.send(()).unwrap();
+    // The reader may already have ended, with the close code.
+    let _ = stop.send(());
     let r = reader
         .await
         .unwrap()
