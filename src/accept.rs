@@ -11,7 +11,9 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ConnectInfo;
 use axum::Router;
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -22,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ServerConfig;
+use crate::preauth::{Gate, PreAuth, PreAuthIo};
 
 /// How long connections cut at the deadline get to go.
 const ABORT_GRACE: Duration = Duration::from_millis(500);
@@ -95,9 +98,13 @@ pub async fn serve_until(
         // Frames are small and latency-bound: without TCP_NODELAY, Nagle's algorithm holds a
         // stream's first token until the client's delayed ACK (~40 ms).
         let _ = tcp.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let (io, gate) = PreAuthIo::new(tcp);
+        let service = WithGate {
+            app: TowerToHyperService::new(app.clone()),
+            gate,
+        };
         let conn = http
-            .serve_connection(TokioIo::new(tcp), service)
+            .serve_connection(TokioIo::new(io), service)
             .with_upgrades();
         let graceful = conns.graceful.clone();
         let abort = conns.abort.clone();
@@ -117,6 +124,30 @@ pub async fn serve_until(
         });
     }
     conns
+}
+
+/// The app, with the connection's pre-`hello` read budget in every request's extensions: the
+/// WebSocket upgrade hands it to the session (see `preauth`).
+#[derive(Clone)]
+struct WithGate {
+    app: TowerToHyperService<Router>,
+    gate: Arc<Gate>,
+}
+
+impl hyper::service::Service<hyper::Request<Incoming>> for WithGate {
+    type Response = <TowerToHyperService<Router> as hyper::service::Service<
+        hyper::Request<Incoming>,
+    >>::Response;
+    type Error =
+        <TowerToHyperService<Router> as hyper::service::Service<hyper::Request<Incoming>>>::Error;
+    type Future =
+        <TowerToHyperService<Router> as hyper::service::Service<hyper::Request<Incoming>>>::Future;
+
+    fn call(&self, mut req: hyper::Request<Incoming>) -> Self::Future {
+        req.extensions_mut()
+            .insert(ConnectInfo(PreAuth(self.gate.clone())));
+        self.app.call(req)
+    }
 }
 
 /// Accept errors are either about one connection (the client gave up) or about the process

@@ -75,6 +75,53 @@ fn load<E: fmt::Display>(name: &str, build: fn() -> Result<CoreBPE, E>) -> Optio
     }
 }
 
+/// Tokenizer calls running at once, process-wide: at most half the CPUs (at least one), so
+/// counting hostile prompts can never take every core from the streams being relayed.
+static COUNTING: LazyLock<tokio::sync::Semaphore> = LazyLock::new(|| {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    tokio::sync::Semaphore::new((cpus / 2).max(1))
+});
+
+/// Runs `count` (a tokenizer call) over what `input` copies out, on a blocking thread, once
+/// one of the process's few counting permits is free; `None` if the blocking task failed.
+/// Never tokenize on an async worker thread: a megabyte of adversarial text costs ~0.6 CPU-s
+/// and would stall every connection that worker serves. `input` runs only once the permit is
+/// held, so the permits bound both the CPU and the memory (the copies of the text) counting
+/// takes at once; callers wait in line, first come first served. Returns what `count` returned
+/// and the time it ran.
+pub async fn count_off_runtime<A, T>(
+    input: impl FnOnce() -> A,
+    count: impl FnOnce(A) -> T + Send + 'static,
+) -> Option<(T, Duration)>
+where
+    A: Send + 'static,
+    T: Send + 'static,
+{
+    let _permit = COUNTING.acquire().await.ok()?;
+    let input = input();
+    tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let out = count(input);
+        (out, started.elapsed())
+    })
+    .await
+    .ok()
+}
+
+/// Bytes of every string in `messages`: what [`count_prompt_tokens`] runs the tokenizer over,
+/// near enough (it also counts the JSON of unusual structures).
+pub fn prompt_text_bytes(messages: &[Value]) -> usize {
+    fn walk(v: &Value) -> usize {
+        match v {
+            Value::String(s) => s.len(),
+            Value::Array(items) => items.iter().map(walk).sum(),
+            Value::Object(fields) => fields.values().map(walk).sum(),
+            _ => 0,
+        }
+    }
+    messages.iter().map(walk).sum()
+}
+
 /// Builds both encoders now rather than on the first stream that needs one. Takes a few hundred
 /// milliseconds of CPU: call it from `tokio::task::spawn_blocking` at startup.
 pub fn warm_up() {
@@ -114,8 +161,8 @@ fn encoder(encoding: Encoding) -> Option<&'static CoreBPE> {
 /// are counted as the plain text they are, as the API does for message content.
 ///
 /// Cost, measured in release builds: 25–45 ms per MiB of prose, up to 0.6 s per MiB of
-/// adversarial text (a long run of one character). Run texts over about 64 KiB on
-/// `tokio::task::spawn_blocking` so a large prompt does not stall a runtime worker. Count a
+/// adversarial text (a long run of one character). Call it through [`count_off_runtime`], never
+/// on an async worker thread. Count a
 /// completion once at the end, not chunk by chunk: that would also miscount the tokens that
 /// span chunk boundaries.
 pub fn count_tokens(model: &str, text: &str) -> u64 {

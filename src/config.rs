@@ -183,6 +183,11 @@ pub struct SessionConfig {
     /// Largest client frame accepted; a larger one gets `bad_request` and the connection lives.
     /// Default 1048576 (1 MiB).
     pub max_frame_bytes: usize,
+    /// Largest `hello` frame, and so the most an unauthenticated socket can make the gateway
+    /// read and buffer: past it the socket is not read further and gets 4401. Room for a token
+    /// and a `resume` list of some 600 streams. Default 65536 (64 KiB); at most
+    /// `max_frame_bytes`.
+    pub max_hello_bytes: usize,
     /// Live streams per user, over all their connections. Default 32.
     pub max_streams: usize,
     /// How long a dropped connection's streams keep running, waiting for a `hello` with
@@ -203,6 +208,11 @@ pub struct SessionConfig {
     /// A connection whose token is past its `exp` by this much without a valid `refresh` is
     /// closed with 4401; its streams stay resumable. Default 60000 ms.
     pub token_grace_ms: u64,
+    /// Bytes of finished streams' replay logs kept per user for a resume. Past it, the user's
+    /// oldest finished streams are forgotten before the resume window ends (a resume of one gets
+    /// `not_found`), so finished streams cannot pin more memory than this per user. Live
+    /// streams do not count: `max_streams` bounds them. Default 8388608 (8 MiB).
+    pub retained_bytes_per_user: usize,
 }
 
 impl Default for SessionConfig {
@@ -211,6 +221,7 @@ impl Default for SessionConfig {
             hello_timeout_ms: 5_000,
             heartbeat_ms: 15_000,
             max_frame_bytes: 1 << 20,
+            max_hello_bytes: 64 << 10,
             max_streams: 32,
             resume_window_ms: 30_000,
             stream_buffer_bytes: 1 << 20,
@@ -218,6 +229,7 @@ impl Default for SessionConfig {
             max_bad_frames_per_minute: 20,
             token_leeway_ms: 5_000,
             token_grace_ms: 60_000,
+            retained_bytes_per_user: 8 << 20,
         }
     }
 }
@@ -481,6 +493,11 @@ impl Config {
             return invalid(
                 "session.max_streams must be > 0, max_frame_bytes and stream_buffer_bytes >= 1024"
                     .into(),
+            );
+        }
+        if s.max_hello_bytes < 1024 || s.max_hello_bytes > s.max_frame_bytes {
+            return invalid(
+                "session.max_hello_bytes must be >= 1024 and <= session.max_frame_bytes".into(),
             );
         }
         if s.heartbeat_ms == 0 || s.hello_timeout_ms == 0 || s.write_timeout_ms == 0 {

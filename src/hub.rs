@@ -3,8 +3,12 @@
 //! A stream outlives its connection (for resume), so streams are registered here under
 //! `(user, id)` rather than owned by a connection. Finished streams stay for the resume
 //! window too: the connection that carried the last frames may have died before the client
-//! read them.
+//! read them. Their logs count against a per-user byte budget
+//! (`session.retained_bytes_per_user`): past it, the user's oldest finished streams are
+//! forgotten early, so finished streams cannot pin memory beyond it. A user with no connection,
+//! no live stream and no lingering stream is forgotten too.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,10 +41,41 @@ pub struct Refusal {
     pub message: String,
 }
 
+/// One user's entry: counters, and the finished streams still kept for a resume.
+#[derive(Default)]
+struct UserEntry {
+    stats: UserStats,
+    /// Finished streams not yet forgotten, oldest first, with the bytes of their logs.
+    retained: VecDeque<(Arc<Stream>, usize)>,
+    /// Sum of the bytes in `retained`.
+    retained_bytes: usize,
+}
+
+impl UserEntry {
+    /// Nothing of the user is left: the entry can go.
+    fn is_idle(&self) -> bool {
+        self.stats.connections == 0 && self.stats.live_streams == 0 && self.retained.is_empty()
+    }
+
+    /// Stops counting `stream` (after it was forgotten).
+    fn release(&mut self, stream: &Arc<Stream>) {
+        if let Some(i) = self
+            .retained
+            .iter()
+            .position(|(s, _)| Arc::ptr_eq(s, stream))
+        {
+            if let Some((_, bytes)) = self.retained.remove(i) {
+                self.retained_bytes -= bytes;
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Hub {
     streams: DashMap<StreamKey, Arc<Stream>>,
-    users: DashMap<Arc<str>, UserStats>,
+    /// Users with a connection, a live stream or a finished one kept for a resume; no others.
+    users: DashMap<Arc<str>, UserEntry>,
     /// Open connections by number, with their user and the token that asks them to `goaway`.
     conns: DashMap<u64, (Arc<str>, CancellationToken)>,
 }
@@ -58,7 +93,8 @@ impl Hub {
             Some(e) => e.key().clone(),
             None => Arc::from(user),
         };
-        let mut stats = self.users.entry(key.clone()).or_default();
+        let mut entry = self.users.entry(key.clone()).or_default();
+        let stats = &mut entry.stats;
         if stats.connections >= max_connections as u64 {
             return Err(Refusal {
                 code: ErrorCode::TooManyStreams,
@@ -96,20 +132,28 @@ impl Hub {
 
     /// Returns the user's number of open connections left.
     pub fn disconnect(&self, user: &Arc<str>) -> u64 {
-        match self.users.get_mut(user) {
-            Some(mut stats) => {
-                stats.connections = stats.connections.saturating_sub(1);
-                stats.connections
+        let left = match self.users.get_mut(user) {
+            Some(mut entry) => {
+                entry.stats.connections = entry.stats.connections.saturating_sub(1);
+                entry.stats.connections
             }
             None => 0,
-        }
+        };
+        self.prune(user);
+        left
+    }
+
+    /// Forgets `user` if nothing of theirs is left.
+    fn prune(&self, user: &str) {
+        self.users.remove_if(user, |_, entry| entry.is_idle());
     }
 
     /// Registers a new live stream, refusing a duplicate live id or one stream too many.
     /// A finished stream lingering under the same id is replaced.
     pub fn open(&self, stream: &Arc<Stream>, max_streams: usize) -> Result<(), Refusal> {
         let key = (stream.user.clone(), stream.id.clone());
-        let mut stats = self.users.entry(stream.user.clone()).or_default();
+        let mut entry = self.users.entry(stream.user.clone()).or_default();
+        let stats = &mut entry.stats;
         match self.streams.entry(key) {
             Entry::Occupied(e) if !e.get().is_finished() => Err(Refusal {
                 code: ErrorCode::DuplicateId,
@@ -136,31 +180,75 @@ impl Hub {
     }
 
     /// Marks a stream's end: it stops counting as live, and is forgotten after `linger`
-    /// unless an open with the same id has replaced it by then.
-    pub fn finished(self: &Arc<Self>, stream: &Arc<Stream>, linger: Duration) {
-        if let Some(mut stats) = self.users.get_mut(&stream.user) {
-            stats.live_streams = stats.live_streams.saturating_sub(1);
+    /// unless an open with the same id has replaced it by then. Its log counts against the
+    /// user's `retain_bytes` until then; past that budget the user's oldest finished streams
+    /// are forgotten now (a resume of one gets `not_found`; a connection still writing it is
+    /// not affected).
+    pub fn finished(self: &Arc<Self>, stream: &Arc<Stream>, linger: Duration, retain_bytes: usize) {
+        let mut evicted = Vec::new();
+        if let Some(mut entry) = self.users.get_mut(&stream.user) {
+            entry.stats.live_streams = entry.stats.live_streams.saturating_sub(1);
+            let bytes = stream.buffered_bytes();
+            entry.retained.push_back((stream.clone(), bytes));
+            entry.retained_bytes += bytes;
+            while entry.retained_bytes > retain_bytes {
+                let Some((old, bytes)) = entry.retained.pop_front() else {
+                    break;
+                };
+                entry.retained_bytes -= bytes;
+                evicted.push(old);
+            }
         }
+        for old in &evicted {
+            self.unregister(old);
+        }
+        if !evicted.is_empty() {
+            self.prune(&stream.user);
+        }
+        if evicted.iter().any(|old| Arc::ptr_eq(old, stream)) {
+            return;
+        }
+        // Weak: a stream evicted for the budget before its window ends must be freed then,
+        // not when this timer fires.
         let hub = Arc::downgrade(self);
-        let stream = stream.clone();
+        let stream = Arc::downgrade(stream);
         tokio::spawn(async move {
             tokio::time::sleep(linger).await;
-            if let Some(hub) = hub.upgrade() {
+            if let Some((hub, stream)) = hub.upgrade().zip(stream.upgrade()) {
                 hub.forget(&stream);
             }
         });
     }
 
-    /// Removes `stream` from the registry if it is still the one registered under its id.
+    /// Removes `stream` from the registry if it is still the one registered under its id, and
+    /// stops counting its log.
     pub fn forget(&self, stream: &Arc<Stream>) {
+        self.unregister(stream);
+        if let Some(mut entry) = self.users.get_mut(&stream.user) {
+            entry.release(stream);
+        }
+        self.prune(&stream.user);
+    }
+
+    fn unregister(&self, stream: &Arc<Stream>) {
         self.streams
             .remove_if(&(stream.user.clone(), stream.id.clone()), |_, s| {
                 Arc::ptr_eq(s, stream)
             });
     }
 
+    /// Users the hub holds an entry for (for tests and the admin view).
+    pub fn tracked_users(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Bytes of finished streams' logs kept for `user` (for tests and the admin view).
+    pub fn retained_bytes(&self, user: &str) -> usize {
+        self.users.get(user).map_or(0, |e| e.retained_bytes)
+    }
+
     pub fn user_stats(&self, user: &str) -> Option<UserStats> {
-        self.users.get(user).map(|s| s.clone())
+        self.users.get(user).map(|e| e.stats.clone())
     }
 
     /// Every user's counters (for the admin view).
@@ -168,7 +256,7 @@ impl Hub {
         let mut all: Vec<_> = self
             .users
             .iter()
-            .map(|u| (u.key().clone(), u.value().clone()))
+            .map(|u| (u.key().clone(), u.value().stats.clone()))
             .collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
@@ -197,9 +285,9 @@ impl Hub {
 
     /// Totals over all users: (connections open, live streams).
     pub fn totals(&self) -> (u64, u64) {
-        self.users
-            .iter()
-            .fold((0, 0), |(c, s), u| (c + u.connections, s + u.live_streams))
+        self.users.iter().fold((0, 0), |(c, s), u| {
+            (c + u.stats.connections, s + u.stats.live_streams)
+        })
     }
 }
 
@@ -236,5 +324,72 @@ mod tests {
             .expect("bob's a");
         assert_eq!(hub.user_stats("alice").expect("stats").live_streams, 2);
         assert_eq!(hub.user_stats("alice").expect("stats").connections_total, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn users_who_leave_are_forgotten() {
+        let hub = Arc::new(Hub::new());
+        for i in 0..100 {
+            let (user, _) = hub.connect(&format!("u{i}"), 4).expect("connect");
+            hub.disconnect(&user);
+        }
+        assert_eq!(
+            hub.tracked_users(),
+            0,
+            "no entry outlives its last connection"
+        );
+        // A user with a lingering finished stream is kept until it is forgotten.
+        let (alice, _) = hub.connect("alice", 4).expect("connect");
+        let s = Stream::new("a".into(), alice.clone(), "m".into(), 1024);
+        hub.open(&s, 4).expect("open");
+        s.finish(
+            1,
+            crate::protocol::done("a", 1, "stop", None, None, None, false),
+        );
+        hub.finished(&s, Duration::from_secs(30), 1 << 20);
+        hub.disconnect(&alice);
+        assert_eq!(hub.tracked_users(), 1);
+        assert!(
+            hub.get(&alice, "a").is_some(),
+            "resumable within the window"
+        );
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        assert!(hub.get(&alice, "a").is_none());
+        assert_eq!(hub.tracked_users(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn finished_logs_count_against_the_user_budget() {
+        let hub = Arc::new(Hub::new());
+        let (alice, _) = hub.connect("alice", 4).expect("connect");
+        let frame = crate::protocol::delta("s", 1, &"x".repeat(1000));
+        let size = frame.len();
+        let budget = size * 3;
+        let mut streams = Vec::new();
+        let mut weak = Vec::new();
+        for i in 0..10 {
+            let id = format!("s{i}");
+            let s = Stream::new(id.clone(), alice.clone(), "m".into(), 1 << 20);
+            hub.open(&s, 100).expect("open");
+            assert!(s.push(1, frame.clone()).await);
+            s.finish(
+                2,
+                crate::protocol::error(Some(&id), ErrorCode::Cancelled, "c", None),
+            );
+            hub.finished(&s, Duration::from_secs(30), budget);
+            assert!(hub.retained_bytes("alice") <= budget, "within the budget");
+            weak.push(Arc::downgrade(&s));
+            streams.push(id);
+        }
+        let kept: Vec<&String> = streams
+            .iter()
+            .filter(|id| hub.get(&alice, id).is_some())
+            .collect();
+        assert_eq!(
+            kept,
+            vec!["s8", "s9"],
+            "the newest are kept, the oldest go first"
+        );
+        assert_eq!(hub.user_stats("alice").expect("stats").live_streams, 0);
     }
 }

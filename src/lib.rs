@@ -24,6 +24,7 @@
 //! - [`redact`]: the one path upstream text takes to a frame or a log (keys, controls).
 //! - [`server`]: the router, shared state and graceful shutdown.
 //! - [`accept`]: the accept loop: header-read timeout, connection caps, shutdown by a deadline.
+//! - [`preauth`]: the read budget of a WebSocket that has not said `hello` yet.
 //! - [`mock`]: the OpenAI-compatible mock upstream (tests, benchmarks, offline demo).
 
 pub mod accept;
@@ -35,6 +36,7 @@ pub mod hub;
 pub mod limits;
 pub mod metrics;
 pub mod mock;
+pub mod preauth;
 pub mod protocol;
 pub mod redact;
 pub mod relay;

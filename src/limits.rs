@@ -227,9 +227,16 @@ pub struct RateLimiter {
     tier_buckets: BTreeMap<String, TierBuckets>,
     global_rpm: Mutex<Bucket>,
     global_tpm: Mutex<Bucket>,
-    /// Per-user request buckets, created on first use.
+    /// Per-user request buckets, created on first use. A full bucket acts exactly like a new
+    /// one, so full buckets are dropped (at most once per [`PRUNE_EVERY`]): the map holds only
+    /// users who made a request in the last minute or so.
     users: DashMap<Arc<str>, Arc<Mutex<Bucket>>>,
+    /// When `users` was last pruned.
+    pruned_at: Mutex<Instant>,
 }
+
+/// How often the per-user buckets are swept for full ones.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Tokens taken for one stream, to be reconciled when it ends.
 #[derive(Debug, Clone, PartialEq)]
@@ -258,6 +265,7 @@ impl RateLimiter {
             tiers,
             tier_buckets,
             users: DashMap::new(),
+            pruned_at: Mutex::new(now),
         }
     }
 
@@ -294,6 +302,27 @@ impl RateLimiter {
         tier: &str,
         tokens: u64,
     ) -> Result<Reservation, Limited> {
+        self.prune_users();
+        self.assess(user, tier, tokens, true)?;
+        Ok(Reservation {
+            tier: tier.to_string(),
+            tokens,
+        })
+    }
+
+    /// Whether [`RateLimiter::try_acquire`] would admit the request now, charging nothing: the
+    /// cheap check made before a request costs anything (a `Stream`, counting its prompt).
+    pub fn check(&self, user: &Arc<str>, tier: &str, tokens: u64) -> Result<(), Limited> {
+        self.assess(user, tier, tokens, false)
+    }
+
+    fn assess(
+        &self,
+        user: &Arc<str>,
+        tier: &str,
+        tokens: u64,
+        charge: bool,
+    ) -> Result<(), Limited> {
         let Some((tier_config, tier_buckets)) =
             self.tiers.get(tier).zip(self.tier_buckets.get(tier))
         else {
@@ -337,13 +366,37 @@ impl RateLimiter {
         if let Some(limited) = worst {
             return Err(limited);
         }
-        for (_, bucket, n) in guards.iter_mut() {
-            bucket.take(*n);
+        if charge {
+            for (_, bucket, n) in guards.iter_mut() {
+                bucket.take(*n);
+            }
         }
-        Ok(Reservation {
-            tier: tier.to_string(),
-            tokens,
-        })
+        Ok(())
+    }
+
+    /// Drops the buckets of users whose bucket has refilled, at most once per [`PRUNE_EVERY`].
+    fn prune_users(&self) {
+        let now = Instant::now();
+        {
+            let mut pruned_at = self.pruned_at.lock();
+            if now.saturating_duration_since(*pruned_at) < PRUNE_EVERY {
+                return;
+            }
+            *pruned_at = now;
+        }
+        self.users.retain(|_, bucket| {
+            // A bucket another request holds right now may be about to be charged: keep it.
+            if Arc::strong_count(bucket) > 1 {
+                return true;
+            }
+            let mut b = bucket.lock();
+            b.available(now) < b.capacity
+        });
+    }
+
+    /// Users with a request bucket (for tests and the admin view).
+    pub fn tracked_users(&self) -> usize {
+        self.users.len()
     }
 
     /// Settles a reservation against the tokens really used: the difference goes back to (or
@@ -457,6 +510,35 @@ mod tests {
             .expect_err("global");
         assert_eq!(refused.kind, LimitKind::GlobalRpm);
         assert_eq!(refused.retry_after, Some(Duration::from_secs(30)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn check_charges_nothing_and_idle_users_are_pruned() {
+        let l = limiter(2, 1000, 1_000_000);
+        let alice: Arc<str> = "alice".into();
+        for _ in 0..5 {
+            l.check(&alice, "free", 10).expect("a check takes nothing");
+        }
+        l.try_acquire(&alice, "free", 10).expect("1");
+        l.try_acquire(&alice, "free", 10).expect("2");
+        assert_eq!(
+            l.check(&alice, "free", 10).expect_err("over").kind,
+            LimitKind::UserRpm
+        );
+        for i in 0..100 {
+            l.try_acquire(&format!("user{i}").into(), "free", 1)
+                .expect("others");
+        }
+        assert_eq!(l.tracked_users(), 101);
+        // A minute later every bucket has refilled: the next request sweeps them all but its
+        // own.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        l.try_acquire(&"late".into(), "free", 1).expect("late");
+        assert_eq!(l.tracked_users(), 1, "only the user just seen is kept");
+        // A pruned user starts again from a full bucket, as if never seen.
+        l.try_acquire(&alice, "free", 10).expect("alice again");
+        l.try_acquire(&alice, "free", 10).expect("alice again");
+        assert!(l.try_acquire(&alice, "free", 10).is_err());
     }
 
     #[tokio::test(start_paused = true)]

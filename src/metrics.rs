@@ -176,6 +176,8 @@ pub struct Metrics {
     breaker_state: Family<ProviderLabels, Gauge>,
     ws_sent_frames: Counter,
     ws_sent_bytes: Counter,
+    tokenizer_bytes: Counter,
+    tokenizer_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     /// Model names that have a label of their own (see the module docs on cardinality).
     models: DashSet<String>,
     /// `models.len()` without walking the set's shards; may run ahead by a racing insert.
@@ -209,6 +211,8 @@ impl Metrics {
             breaker_state: Family::default(),
             ws_sent_frames: Counter::default(),
             ws_sent_bytes: Counter::default(),
+            tokenizer_bytes: Counter::default(),
+            tokenizer_seconds: Counter::default(),
             models: DashSet::new(),
             model_count: AtomicUsize::new(0),
             registry: Registry::default(),
@@ -293,6 +297,16 @@ impl Metrics {
             "ws_sent_bytes",
             "WebSocket payload bytes written to clients",
             m.ws_sent_bytes.clone(),
+        );
+        registry.register(
+            "tokenizer_bytes",
+            "Bytes of text run through the tokenizer: prompts of admitted streams, and completions the upstream sent no usage for",
+            m.tokenizer_bytes.clone(),
+        );
+        registry.register(
+            "tokenizer_seconds",
+            "Time spent in the tokenizer, on its bounded pool of blocking threads",
+            m.tokenizer_seconds.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -455,6 +469,14 @@ impl Metrics {
         self.ws_sent_bytes.inc_by(bytes);
     }
 
+    /// The tokenizer counted `bytes` of text in `took` (`muxgate_tokenizer_bytes_total`,
+    /// `muxgate_tokenizer_seconds_total`): what counting tokens costs, and proof that refused
+    /// streams cost none of it.
+    pub fn tokenized(&self, bytes: usize, took: Duration) {
+        self.tokenizer_bytes.inc_by(bytes as u64);
+        self.tokenizer_seconds.inc_by(took.as_secs_f64());
+    }
+
     /// The text exposition of every metric, for `GET /metrics` with [`CONTENT_TYPE`].
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
@@ -586,6 +608,7 @@ mod tests {
         m.spend("gpt-4.1", "pro", 0.000344);
         m.set_breaker_state("openai", BreakerState::HalfOpen);
         m.frames_sent(5, 1234);
+        m.tokenized(10, Duration::from_millis(1));
         (conn, live)
     }
 
@@ -869,7 +892,7 @@ mod tests {
                 families.insert(name.to_string(), kind.to_string());
             }
         }
-        assert_eq!(families.len(), 16, "{families:#?}");
+        assert_eq!(families.len(), 18, "{families:#?}");
         for (name, kind) in &families {
             assert!(name.starts_with("muxgate_"), "{name}");
             match kind.as_str() {

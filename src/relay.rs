@@ -91,6 +91,73 @@ pub fn validate_open(req: &OpenRequest, allowed_params: &[String]) -> Result<(),
     Ok(())
 }
 
+/// The refusal frame for an `open` that a budget or a rate limit refuses right now, decided
+/// without charging anything or counting the prompt; `None` when it may go on (a tier that
+/// waits for its limits waits in the stream's task). Checked before the stream is registered,
+/// so a refused open costs no `Stream`, no timer and no tokenizer time. The stream's task
+/// checks again before it charges: this is only the cheap first look.
+pub fn refuse_early(
+    gw: &Gateway,
+    user: &Arc<str>,
+    tier_name: &str,
+    req: &OpenRequest,
+) -> Option<axum::extract::ws::Utf8Bytes> {
+    let id = Some(req.id.as_str());
+    // Counted as a stream that ended refused, as it was when refusals happened in its task.
+    let ended = |code: ErrorCode| {
+        gw.metrics.stream_finished(&StreamOutcome {
+            model: &req.model,
+            provider: "none",
+            tier: tier_name,
+            status: code.as_str(),
+            duration: Duration::ZERO,
+            time_to_first_token: None,
+            upstream_time_to_first_byte: None,
+            queue_wait: Duration::ZERO,
+        });
+    };
+    if let Err(over) = gw.budgets.check(user, tier_name) {
+        gw.metrics.refused("budget");
+        ended(ErrorCode::BudgetExceeded);
+        let retry_after = Some(over.retry_after.as_millis() as u64);
+        return Some(protocol::error(
+            id,
+            ErrorCode::BudgetExceeded,
+            &over.to_string(),
+            retry_after,
+        ));
+    }
+    let tier = gw.limits.tier(tier_name)?;
+    let limited = gw
+        .limits
+        .check(user, tier_name, completion_reservation(gw, req))
+        .err()?;
+    let may_wait = limited.retry_after.is_some_and(|d| {
+        tier.on_limit == OnLimit::Wait && d <= Duration::from_millis(tier.max_wait_ms)
+    });
+    if may_wait {
+        return None;
+    }
+    gw.metrics.refused(limited.kind.as_str());
+    ended(ErrorCode::RateLimited);
+    Some(protocol::error(
+        id,
+        ErrorCode::RateLimited,
+        &limited.message(),
+        limited.retry_after.map(|d| d.as_millis() as u64),
+    ))
+}
+
+/// Completion tokens to reserve: the larger of `max_tokens` and `max_completion_tokens` when
+/// the client set either, else the configured default.
+fn completion_reservation(gw: &Gateway, req: &OpenRequest) -> u64 {
+    let max_tokens = ["max_tokens", "max_completion_tokens"]
+        .iter()
+        .filter_map(|k| req.params.get(*k).and_then(Value::as_u64))
+        .max();
+    gw.limits.completion_reservation(max_tokens)
+}
+
 /// Runs one stream to its end: budget, rate limits, a queue slot, the upstream call with
 /// retries and fallbacks. Never returns before the terminal frame is in the log. Bills and
 /// records what the stream used, whatever way it ended.
@@ -101,8 +168,7 @@ pub async fn run(job: Job) -> Outcome {
     let mut t = Timings::new(Duration::from_millis(
         gw.config.upstream.max_stream_duration_ms,
     ));
-    let prompt_tokens = prompt_tokens(&job.req).await;
-    let (ended, reservation) = drive(&job, prompt_tokens, &mut t).await;
+    let (ended, reservation, prompt_tokens) = drive(&job, &mut t).await;
     let key = ended.seq() + 1;
     let model = match &ended {
         Ended::Done { model, .. } => model.clone(),
@@ -115,12 +181,25 @@ pub async fn run(job: Job) -> Outcome {
         Ended::Done { usage, .. } => *usage,
         _ => None,
     };
-    let usage = reported.or_else(|| {
-        t.accepted.then(|| Usage {
-            prompt_tokens,
-            completion_tokens: billing::count_tokens(&model, &stream.completion_text()),
-        })
-    });
+    let usage = match (reported, t.accepted) {
+        (Some(usage), _) => Some(usage),
+        (None, true) => {
+            let counted = billing::count_off_runtime(
+                || (model.clone(), stream.completion_text()),
+                |(model, text)| (billing::count_tokens(&model, &text), text.len()),
+            )
+            .await;
+            let completion_tokens = counted.map_or(0, |((tokens, bytes), took)| {
+                gw.metrics.tokenized(bytes, took);
+                tokens
+            });
+            Some(Usage {
+                prompt_tokens,
+                completion_tokens,
+            })
+        }
+        (None, false) => None,
+    };
     let estimated = reported.is_none();
     let cost = usage.and_then(|u| {
         let price = gw.config.pricing.get(&model)?;
@@ -220,29 +299,21 @@ pub async fn run(job: Job) -> Outcome {
     outcome
 }
 
-/// Counts the prompt's tokens; a large prompt is counted off the async threads (the
-/// tokenizer costs tens of milliseconds per MiB).
-async fn prompt_tokens(req: &OpenRequest) -> u64 {
-    let size: usize = req.messages.iter().map(message_text_len).sum();
-    if size < 64 * 1024 {
-        return billing::count_prompt_tokens(&req.model, &req.messages);
-    }
-    let (model, messages) = (req.model.clone(), req.messages.clone());
-    tokio::task::spawn_blocking(move || billing::count_prompt_tokens(&model, &messages))
-        .await
-        .unwrap_or(0)
-}
-
-fn message_text_len(m: &Value) -> usize {
-    match m.get("content") {
-        Some(Value::String(s)) => s.len(),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .map(str::len)
-            .sum(),
-        _ => 0,
-    }
+/// Counts the prompt's tokens, off the async threads (see [`billing::count_off_runtime`]): the
+/// tokenizer costs up to 0.6 CPU-s per MiB of hostile text, in any string field.
+async fn prompt_tokens(gw: &Gateway, req: &OpenRequest) -> u64 {
+    let counted = billing::count_off_runtime(
+        || (req.model.clone(), req.messages.clone()),
+        |(model, messages)| {
+            let tokens = billing::count_prompt_tokens(&model, &messages);
+            (tokens, billing::prompt_text_bytes(&messages))
+        },
+    )
+    .await;
+    counted.map_or(0, |((tokens, bytes), took)| {
+        gw.metrics.tokenized(bytes, took);
+        tokens
+    })
 }
 
 /// When things happened to one stream, for the latency metrics.
@@ -342,12 +413,12 @@ impl Ended {
     }
 }
 
-async fn drive(job: &Job, prompt_tokens: u64, t: &mut Timings) -> (Ended, Option<Reservation>) {
+async fn drive(job: &Job, t: &mut Timings) -> (Ended, Option<Reservation>, u64) {
     let gw = &job.gw;
     let stream = &job.stream;
     let Some(tier) = gw.limits.tier(&job.tier) else {
         let message = format!("unknown tier `{}`", job.tier);
-        return (Ended::failed(ErrorCode::Internal, message, None), None);
+        return (Ended::failed(ErrorCode::Internal, message, None), None, 0);
     };
     if let Err(over) = gw.budgets.check(&stream.user, &job.tier) {
         gw.metrics.refused("budget");
@@ -356,21 +427,28 @@ async fn drive(job: &Job, prompt_tokens: u64, t: &mut Timings) -> (Ended, Option
             over.to_string(),
             Some(over.retry_after),
         );
-        return (ended, None);
+        return (ended, None, 0);
     }
-    // Both may be set (the newer name and the older); the upstream may honour either, so
-    // the reservation covers the larger.
-    let max_tokens = ["max_tokens", "max_completion_tokens"]
-        .iter()
-        .filter_map(|k| job.req.params.get(*k).and_then(Value::as_u64))
-        .max();
-    let reserve = prompt_tokens + gw.limits.completion_reservation(max_tokens);
+    let completion = completion_reservation(gw, &job.req);
+    // The request limits first, charging nothing: a stream refused (or still waiting) for
+    // them has its prompt counted by no one.
     let admitting = Instant::now();
-    let admitted = admit(job, tier, reserve).await;
+    let deadline = admitting + Duration::from_millis(tier.max_wait_ms);
+    let checked = admit(job, tier, completion, false, deadline).await;
+    t.waited += admitting.elapsed();
+    if let Err(ended) = checked {
+        return (ended, None, 0);
+    }
+    let prompt_tokens = prompt_tokens(gw, &job.req).await;
+    let admitting = Instant::now();
+    let admitted = admit(job, tier, prompt_tokens + completion, true, deadline).await;
     t.waited += admitting.elapsed();
     let reservation = match admitted {
-        Ok(r) => r,
-        Err(ended) => return (ended, None),
+        Ok(r) => r.unwrap_or_else(|| Reservation {
+            tier: job.tier.to_string(),
+            tokens: 0,
+        }),
+        Err(ended) => return (ended, None, prompt_tokens),
     };
 
     let primary = job.req.model.as_str();
@@ -397,7 +475,13 @@ async fn drive(job: &Job, prompt_tokens: u64, t: &mut Timings) -> (Ended, Option
         t.waited += queueing.elapsed();
         let _slot = match slot {
             Ok(slot) => slot,
-            Err(NoSlot::Cancelled) => return (Ended::Cancelled { seq: 0 }, Some(reservation)),
+            Err(NoSlot::Cancelled) => {
+                return (
+                    Ended::Cancelled { seq: 0 },
+                    Some(reservation),
+                    prompt_tokens,
+                )
+            }
             Err(why) => {
                 gw.metrics.refused(match why {
                     NoSlot::QueueFull => "queue_full",
@@ -427,7 +511,7 @@ async fn drive(job: &Job, prompt_tokens: u64, t: &mut Timings) -> (Ended, Option
             Ok(body) => body,
             Err(e) => {
                 let ended = Ended::failed(ErrorCode::BadRequest, e.to_string(), None);
-                return (ended, Some(reservation));
+                return (ended, Some(reservation), prompt_tokens);
             }
         };
         t.upstream_started.get_or_insert_with(Instant::now);
@@ -436,7 +520,7 @@ async fn drive(job: &Job, prompt_tokens: u64, t: &mut Timings) -> (Ended, Option
                 tracing::info!(model, code = %failure.code, "falling back to the next model");
                 last = Some(failure);
             }
-            ended => return (ended, Some(reservation)),
+            ended => return (ended, Some(reservation), prompt_tokens),
         }
     }
     let failure = last.unwrap_or_else(|| Failure {
@@ -445,18 +529,31 @@ async fn drive(job: &Job, prompt_tokens: u64, t: &mut Timings) -> (Ended, Option
         retry_after: None,
         may_fall_back: false,
     });
-    (Ended::Failed { seq: 0, failure }, Some(reservation))
+    (
+        Ended::Failed { seq: 0, failure },
+        Some(reservation),
+        prompt_tokens,
+    )
 }
 
-/// Takes the stream's share of every rate limit, waiting where the tier's policy allows.
-async fn admit(job: &Job, tier: &TierConfig, tokens: u64) -> Result<Reservation, Ended> {
-    let deadline = Instant::now() + Duration::from_millis(tier.max_wait_ms);
+/// Takes the stream's share of every rate limit (`charge`), or only checks it would pass,
+/// waiting until `deadline` where the tier's policy allows. `Ok(None)` when only checking.
+async fn admit(
+    job: &Job,
+    tier: &TierConfig,
+    tokens: u64,
+    charge: bool,
+    deadline: Instant,
+) -> Result<Option<Reservation>, Ended> {
+    let limits = &job.gw.limits;
+    let user = &job.stream.user;
     loop {
-        let limited = match job
-            .gw
-            .limits
-            .try_acquire(&job.stream.user, &job.tier, tokens)
-        {
+        let result = if charge {
+            limits.try_acquire(user, &job.tier, tokens).map(Some)
+        } else {
+            limits.check(user, &job.tier, tokens).map(|()| None)
+        };
+        let limited = match result {
             Ok(reservation) => return Ok(reservation),
             Err(limited) => limited,
         };

@@ -287,7 +287,7 @@ mod tests {
         let inbox = Inbox::new();
         let _ = s.attach(&inbox, 0);
         let mut out = Vec::new();
-        assert_eq!(s.pull(inbox.conn, &mut out), Pulled::Open);
+        assert_eq!(s.pull(inbox.conn, &mut out).0, Pulled::Open);
         out.iter()
             .filter_map(|f| serde_json::from_str::<serde_json::Value>(f.as_str()).ok())
             .filter(|v| v["type"] == "queued")

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -27,6 +27,7 @@ use crate::hub::Hub;
 use crate::limits::RateLimiter;
 use crate::metrics::{self, Metrics};
 use crate::mock;
+use crate::preauth::PreAuth;
 use crate::protocol::SUBPROTOCOL;
 use crate::session;
 use crate::upstream::Upstreams;
@@ -254,6 +255,7 @@ pub async fn serve(
 async fn ws_upgrade(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
+    preauth: Option<Extension<ConnectInfo<PreAuth>>>,
     ws: WebSocketUpgrade,
 ) -> Response {
     if !origin_allowed(&gw.config, &headers) {
@@ -277,7 +279,10 @@ async fn ws_upgrade(
         .read_buffer_size(4 * 1024)
         .max_message_size(hard_limit)
         .max_frame_size(hard_limit)
-        .on_upgrade(move |socket| sessions.track_future(session::run(gw, socket)))
+        .on_upgrade(move |socket| {
+            let gate = preauth.map(|Extension(ConnectInfo(PreAuth(gate)))| gate);
+            sessions.track_future(session::run(gw, socket, gate))
+        })
 }
 
 /// A browser's `Origin` must be one of the gateway's own (`server.public_origins`) or on the

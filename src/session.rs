@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{unix_now_ms, AuthError, Claims};
 use crate::metrics::Metrics;
+use crate::preauth::{Gate, FRAME_HEADER_BYTES};
 use crate::protocol::{
     self, close, ClientFrame, ErrorCode, LogSafe, OpenRequest, ResumeRequest, WelcomeLimits,
 };
@@ -39,11 +40,20 @@ enum Control {
     Close(u16, &'static str),
 }
 
-/// Runs one connection to its end.
-pub async fn run(gw: Arc<Gateway>, socket: WebSocket) {
+/// Runs one connection to its end. `gate` is the connection's pre-`hello` read budget (none
+/// when the gateway is served without the accept loop's [`crate::preauth::PreAuthIo`]).
+pub async fn run(gw: Arc<Gateway>, socket: WebSocket, gate: Option<Arc<Gate>>) {
     let _open = gw.metrics.connection_opened();
+    let max_hello = gw.config.session.max_hello_bytes;
+    if let Some(gate) = &gate {
+        gate.arm(max_hello as u64 + FRAME_HEADER_BYTES);
+    }
     let (sink, mut source) = socket.split();
-    let (claims, resume) = match handshake(&gw, &mut source).await {
+    let hello = handshake(&gw, &mut source, gate.as_deref()).await;
+    if let (Ok(_), Some(gate)) = (&hello, &gate) {
+        gate.lift();
+    }
+    let (claims, resume) = match hello {
         Ok(hello) => hello,
         Err(Refusal::Unauthorized(message)) => {
             let frame = protocol::error(None, ErrorCode::Unauthorized, &message, None);
@@ -169,10 +179,29 @@ async fn serve(gw: Arc<Gateway>, sink: Sink, mut source: Source, session: Authen
     let session_id = format!("{:016x}", rand::random::<u64>());
     tracing::info!(session = %session_id, "connected");
 
-    // Welcome goes into the control queue before any resumed stream is attached, and the
-    // writer always empties that queue first: the client sees `welcome` before replayed frames.
+    // Resumed streams are attached first, so `welcome.resumed` lists exactly the streams that
+    // will replay. Their frames wait in the inbox: the writer starts only after `welcome` is in
+    // the control queue, and always empties that queue first, so `welcome` comes first.
     let (found, missing) = lookup_resumes(&gw, &user, &resume, max_streams);
-    let resumed: Vec<String> = found.iter().map(|(s, _)| s.id.clone()).collect();
+    let mut resumed: Vec<String> = Vec::with_capacity(found.len());
+    let mut refused = Vec::new();
+    for (stream, after) in found {
+        match stream.attach(&inbox, after) {
+            Ok(()) => resumed.push(stream.id.clone()),
+            Err(gap) => {
+                let message = format!(
+                    "stream `{}` can no longer be replayed after seq {after}: the oldest kept is {}",
+                    stream.id, gap.oldest_available
+                );
+                refused.push(protocol::error(
+                    Some(&stream.id),
+                    ErrorCode::NotFound,
+                    &message,
+                    None,
+                ));
+            }
+        }
+    }
     let s = &gw.config.session;
     let limits = WelcomeLimits {
         max_streams,
@@ -197,23 +226,7 @@ async fn serve(gw: Arc<Gateway>, sink: Sink, mut source: Source, session: Authen
         Duration::from_millis(s.heartbeat_ms),
         Duration::from_millis(s.write_timeout_ms),
     ));
-    for (stream, after) in found {
-        if let Err(gap) = stream.attach(&inbox, after) {
-            let message = format!(
-                "stream `{}` can no longer be replayed after seq {after}: the oldest kept is {}",
-                stream.id, gap.oldest_available
-            );
-            let _ = control
-                .send(Control::Frame(protocol::error(
-                    Some(&stream.id),
-                    ErrorCode::NotFound,
-                    &message,
-                    None,
-                )))
-                .await;
-        }
-    }
-    for frame in missing {
+    for frame in refused.into_iter().chain(missing) {
         let _ = control.send(Control::Frame(frame)).await;
     }
 
@@ -275,8 +288,11 @@ enum Refusal {
 async fn handshake(
     gw: &Gateway,
     source: &mut Source,
+    gate: Option<&Gate>,
 ) -> Result<(Claims, Vec<ResumeRequest>), Refusal> {
     let unauthorized = |m: &str| Refusal::Unauthorized(m.to_string());
+    let max_hello = gw.config.session.max_hello_bytes;
+    let too_large = || format!("the `hello` frame is over max_hello_bytes ({max_hello})");
     let timeout = Duration::from_millis(gw.config.session.hello_timeout_ms);
     let first = tokio::time::timeout(timeout, async {
         loop {
@@ -299,10 +315,14 @@ async fn handshake(
     })
     .await
     .map_err(|_| {
-        Refusal::Unauthorized(format!("no `hello` within {} ms", timeout.as_millis()))
+        // Out of read budget: the `hello` was too large, not late.
+        Refusal::Unauthorized(match gate {
+            Some(gate) if gate.exhausted() => too_large(),
+            _ => format!("no `hello` within {} ms", timeout.as_millis()),
+        })
     })??;
-    if first.len() > gw.config.session.max_frame_bytes {
-        return Err(unauthorized("the `hello` frame is over the size limit"));
+    if first.len() > max_hello {
+        return Err(Refusal::Unauthorized(too_large()));
     }
     match protocol::parse_client_frame(&first) {
         Ok(ClientFrame::Hello { token, resume, .. }) => {
@@ -645,6 +665,11 @@ impl Connection {
             );
             return self.send(frame).await;
         };
+        // Refusals that cost nothing to decide come before anything is allocated for the
+        // stream, and before its prompt is counted.
+        if let Some(frame) = relay::refuse_early(gw, &self.user, &self.tier, &req) {
+            return self.send(frame).await;
+        }
         let stream = Stream::new(
             req.id.clone(),
             self.user.clone(),
@@ -661,6 +686,7 @@ impl Connection {
         let _ = stream.attach(&self.inbox, 0);
         let hub = gw.hub.clone();
         let linger = Duration::from_millis(gw.config.session.resume_window_ms);
+        let retain = gw.config.session.retained_bytes_per_user;
         let span =
             tracing::info_span!("stream", stream = %stream.id, model = %LogSafe(&stream.model));
         let job = Job {
@@ -673,7 +699,7 @@ impl Connection {
             async move {
                 let outcome = relay::run(job).await;
                 tracing::info!(?outcome, "stream ended");
-                hub.finished(&stream, linger);
+                hub.finished(&stream, linger, retain);
             },
             span,
         ));
@@ -739,6 +765,9 @@ async fn write_loop(
 ) -> WriteEnd {
     let mut ready = Vec::new();
     let mut frames = Vec::new();
+    // The streams whose frames are in `frames`, and the key they were pulled through: reported
+    // written only once the socket write completes, so a write that times out loses nothing.
+    let mut pulled = Vec::new();
     let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     let end = loop {
         let result = tokio::select! {
@@ -749,16 +778,19 @@ async fn write_loop(
                     write(&mut sink, &mut frames, write_timeout, &metrics).await
                 }
                 Some(Control::Close(code, reason)) => {
-                    pull_ready(&inbox, &mut ready, &mut frames);
-                    let _ = write(&mut sink, &mut frames, write_timeout, &metrics).await;
+                    pull_ready(&inbox, &mut ready, &mut frames, &mut pulled);
+                    let written = write(&mut sink, &mut frames, write_timeout, &metrics).await;
+                    report_written(&inbox, &mut pulled, written.is_ok());
                     let _ = tokio::time::timeout(write_timeout, sink.send(close_message(code, reason))).await;
                     break WriteEnd::Done;
                 }
                 None => break WriteEnd::Done,
             },
             _ = inbox.notify.notified() => {
-                pull_ready(&inbox, &mut ready, &mut frames);
-                write(&mut sink, &mut frames, write_timeout, &metrics).await
+                pull_ready(&inbox, &mut ready, &mut frames, &mut pulled);
+                let written = write(&mut sink, &mut frames, write_timeout, &metrics).await;
+                report_written(&inbox, &mut pulled, written.is_ok());
+                written
             }
             _ = ping.tick() => {
                 match tokio::time::timeout(write_timeout, sink.send(Message::Ping(Default::default()))).await {
@@ -787,11 +819,21 @@ async fn write_loop(
     end
 }
 
-/// Copies the frames of every ready stream into `frames`; forgets streams that ended.
-fn pull_ready(inbox: &Inbox, ready: &mut Vec<Arc<Stream>>, frames: &mut Vec<Utf8Bytes>) {
+/// Copies the frames of every ready stream into `frames`, noting in `pulled` how far each was
+/// pulled; forgets streams that ended.
+fn pull_ready(
+    inbox: &Inbox,
+    ready: &mut Vec<Arc<Stream>>,
+    frames: &mut Vec<Utf8Bytes>,
+    pulled: &mut Vec<(Arc<Stream>, u64)>,
+) {
     inbox.take_ready(ready);
     for stream in ready.drain(..) {
-        if stream.pull(inbox.conn, frames) == Pulled::Finished {
+        let (state, through) = stream.pull(inbox.conn, frames);
+        if state == Pulled::NotMine {
+            continue;
+        }
+        if state == Pulled::Finished {
             let mut attached = inbox.attached.lock();
             if attached
                 .get(&stream.id)
@@ -799,6 +841,17 @@ fn pull_ready(inbox: &Inbox, ready: &mut Vec<Arc<Stream>>, frames: &mut Vec<Utf8
             {
                 attached.remove(&stream.id);
             }
+        }
+        pulled.push((stream, through));
+    }
+}
+
+/// After a write: when it completed, tells each stream its pulled frames are written (which
+/// lets its log trim them); when it failed, they stay unwritten for the resume.
+fn report_written(inbox: &Inbox, pulled: &mut Vec<(Arc<Stream>, u64)>, completed: bool) {
+    for (stream, through) in pulled.drain(..) {
+        if completed {
+            stream.written(inbox.conn, through);
         }
     }
 }

@@ -484,7 +484,9 @@ async fn unresumed_streams_are_aborted_after_the_window() {
         s.aborted == 1 && s.in_flight == 0
     })
     .await;
-    assert_eq!(h.gw.hub.user_stats("alice").unwrap().live_streams, 0);
+    // Once the stream's window is over too, the user has nothing left and is forgotten.
+    let live = h.gw.hub.user_stats("alice").map_or(0, |s| s.live_streams);
+    assert_eq!(live, 0);
 }
 
 #[tokio::test]
@@ -585,7 +587,9 @@ async fn a_client_that_stops_answering_pings_is_dropped() {
     let c = h.connect("alice").await;
     // Not reading means not answering pings.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(h.gw.hub.user_stats("alice").unwrap().connections, 0);
+    // A user with nothing left (no connection, no stream) is forgotten by the hub.
+    let connections = h.gw.hub.user_stats("alice").map_or(0, |s| s.connections);
+    assert_eq!(connections, 0);
     drop(c);
 }
 
@@ -712,7 +716,7 @@ async fn a_reader_too_slow_for_the_write_timeout_is_closed_4408_and_can_resume()
     c.recv_until("delta", Some("big")).await;
     // Stop reading until the gateway gives up on this socket.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while h.gw.hub.user_stats("alice").unwrap().connections > 0 {
+    while h.gw.hub.user_stats("alice").map_or(0, |s| s.connections) > 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the slow reader was never dropped"
@@ -735,8 +739,8 @@ async fn a_reader_too_slow_for_the_write_timeout_is_closed_4408_and_can_resume()
             }
         }
     }
-    // The stream waited for a resume: it continues with no gap, or, if the frames the dead
-    // socket swallowed were already trimmed from the log, says so. Never a silent gap.
+    // The stream waited for a resume: the frames the timed-out write held were never counted
+    // as written, so it continues with no gap.
     let (mut c, welcome) = h
         .connect_resume("alice", json!([{"id":"big","after":r.last_seq}]))
         .await;
@@ -746,17 +750,7 @@ async fn a_reader_too_slow_for_the_write_timeout_is_closed_4408_and_can_resume()
         if f["id"] != "big" {
             continue;
         }
-        if f["type"] == "error" {
-            assert_eq!(f["code"], "not_found", "{f}");
-            assert!(
-                f["message"]
-                    .as_str()
-                    .unwrap()
-                    .contains("no longer be replayed"),
-                "{f}"
-            );
-            break;
-        }
+        assert_ne!(f["type"], "error", "{f}");
         r.take(f);
         if r.end.is_some() {
             assert_eq!(r.deltas, 20_000);
