@@ -166,15 +166,6 @@ async fn answer(conn: &mut Conn, text: &str) {
     conn.write(b"data: [DONE]\n\n").await;
 }
 
-/// The harness's gateway, once the tokenizers are loaded: the first stream of a process would
-/// otherwise load them, taking seconds of a debug build's time out of what a test measures.
-async fn start_with(tweak: impl FnOnce(&mut muxgate::Config)) -> Harness {
-    tokio::task::spawn_blocking(muxgate::billing::warm_up)
-        .await
-        .unwrap();
-    Harness::start_with(tweak).await
-}
-
 /// Every log line of this test binary from the first call on, as JSON. A process-wide
 /// subscriber: a thread-scoped one misses events whose callsites other tests' threads
 /// registered first.
@@ -235,7 +226,7 @@ async fn upstream_text_is_redacted_on_every_route() {
         })
     }))
     .await;
-    let h = start_with(|c| c.providers = vec![hostile.provider(&["*"])]).await;
+    let h = Harness::start_with(|c| c.providers = vec![hostile.provider(&["*"])]).await;
     let mut c = h.connect("alice").await;
     let routes = ["status", "event", "chunk", "content_type"];
     for id in routes {
@@ -317,7 +308,7 @@ async fn a_line_that_never_ends_is_cut_and_the_stream_beside_it_runs() {
         })
     }))
     .await;
-    let h = start_with(|c| {
+    let h = Harness::start_with(|c| {
         let mock = c.providers.remove(0);
         c.providers = vec![hostile.provider(&["hostile"]), mock];
         c.session.heartbeat_ms = 1_500;
@@ -374,7 +365,7 @@ async fn a_stream_ends_at_its_maximum_duration() {
         })
     }))
     .await;
-    let h = start_with(|c| {
+    let h = Harness::start_with(|c| {
         c.providers = vec![hostile.provider(&["*"])];
         c.upstream.max_stream_duration_ms = 2_000;
     })
@@ -408,7 +399,7 @@ async fn upstream_user_is_a_keyed_hash_of_the_subject() {
         Box::pin(async move { answer(&mut conn, "ok").await })
     }))
     .await;
-    let h = start_with(|c| c.providers = vec![hostile.provider(&["*"])]).await;
+    let h = Harness::start_with(|c| c.providers = vec![hostile.provider(&["*"])]).await;
     let mut alice = h.connect("alice").await;
     let mut bob = h.connect("bob").await;
     for (who, id) in [("alice", "a1"), ("alice", "a2"), ("bob", "b1")] {
@@ -455,7 +446,7 @@ async fn upstream_user_is_a_keyed_hash_of_the_subject() {
 /// tokens-per-minute.
 #[tokio::test]
 async fn reservation_takes_the_larger_of_both_max_token_params() {
-    let h = start_with(|_| {}).await;
+    let h = Harness::start_with(|_| {}).await;
     let mut c = h.connect_tier("carol", "free").await;
     let open = |id: &str, max_tokens: u64, max_completion_tokens: u64| {
         json!({"type":"open","id":id,"model":"deepseek-v3.2",
@@ -487,7 +478,7 @@ async fn queue_positions_behind_the_head_are_refreshed_not_walked_per_change() {
     use muxgate::scheduler::{ANNOUNCE_EVERY, ANNOUNCE_HEAD};
     const WAITERS: usize = 150;
     const CANCELLED: usize = 100;
-    let h = start_with(|c| {
+    let h = Harness::start_with(|c| {
         c.providers[0].max_concurrent = 1;
         c.session.max_streams = 500;
         let pro = c.tiers.get_mut("pro").unwrap();

@@ -39,6 +39,11 @@ impl Harness {
     /// Starts the mock upstream (requiring [`API_KEY`]) and a gateway relaying to it, after
     /// `tweak` has adjusted the config.
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Harness {
+        // The tokenizers load once per process; a debug build takes seconds for it, which the
+        // first stream of a test would otherwise wait out (past FRAME_WAIT on a loaded machine).
+        tokio::task::spawn_blocking(muxgate::billing::warm_up)
+            .await
+            .unwrap();
         let mock_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mock = mock::spawn(mock_listener, Some(API_KEY.to_string()))
             .await
