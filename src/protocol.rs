@@ -37,6 +37,22 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, for the check that the four places naming them agree.
+    pub const ALL: [ErrorCode; 12] = [
+        ErrorCode::Unauthorized,
+        ErrorCode::BadRequest,
+        ErrorCode::DuplicateId,
+        ErrorCode::NotFound,
+        ErrorCode::TooManyStreams,
+        ErrorCode::RateLimited,
+        ErrorCode::Overloaded,
+        ErrorCode::BudgetExceeded,
+        ErrorCode::UpstreamError,
+        ErrorCode::UpstreamTimeout,
+        ErrorCode::Cancelled,
+        ErrorCode::Internal,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::Unauthorized => "unauthorized",
@@ -88,6 +104,20 @@ pub mod close {
     /// The user already has the tier's maximum of simultaneous connections. Reconnect only
     /// after closing another.
     pub const TOO_MANY_CONNECTIONS: u16 = 4429;
+
+    /// Every code the gateway closes with, for the check that the places naming them agree.
+    pub const ALL: [u16; 10] = [
+        NORMAL,
+        GOING_AWAY,
+        PROTOCOL_ERROR,
+        INVALID_DATA,
+        TOO_BIG,
+        POLICY,
+        UNAUTHORIZED,
+        SLOW_CONSUMER,
+        HEARTBEAT_TIMEOUT,
+        TOO_MANY_CONNECTIONS,
+    ];
 }
 
 /// Whether `id` is a valid logical stream id: 1–64 chars of `[A-Za-z0-9._:-]`.
@@ -489,6 +519,114 @@ fn push_json_string(out: &mut String, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
+
+    /// The error and close codes are written in four places: here, `docs/protocol.md`,
+    /// `web/src/constants.js` and `web/src/index.d.ts`. This fails when any of them disagree.
+    #[test]
+    fn codes_agree_with_the_docs_and_the_shim() {
+        let doc = include_str!("../docs/protocol.md");
+        let js = include_str!("../web/src/constants.js");
+        let dts = include_str!("../web/src/index.d.ts");
+        let ours: BTreeSet<String> = ErrorCode::ALL.iter().map(|c| c.as_str().into()).collect();
+        for code in ErrorCode::ALL {
+            let json = serde_json::to_value(code).expect("serializes");
+            assert_eq!(json, Value::from(code.as_str()), "serde and as_str agree");
+        }
+
+        // The contract's list: every backticked word of its "Error codes" section.
+        let section = between(doc, "## Error codes", "\n## ");
+        let in_doc: BTreeSet<String> = quoted(&outside_parentheses(section), '`')
+            .into_iter()
+            .collect();
+        assert_eq!(in_doc, ours, "docs/protocol.md's error codes");
+
+        let in_js: BTreeSet<String> = quoted(object(js, "ERROR_CODE"), '\'').into_iter().collect();
+        assert_eq!(in_js, ours, "web/src/constants.js ERROR_CODE");
+
+        // The shim's type names the protocol's codes, then its own (CLIENT_ERROR_CODE).
+        let client: BTreeSet<String> = quoted(object(js, "CLIENT_ERROR_CODE"), '\'')
+            .into_iter()
+            .collect();
+        assert!(
+            ours.is_disjoint(&client),
+            "a shim code shadows a protocol code"
+        );
+        let ty = between(dts, "export type ErrorCode =", "\n\n");
+        let in_dts: BTreeSet<String> = quoted(ty, '\'').into_iter().collect();
+        let expected: BTreeSet<String> = ours.union(&client).cloned().collect();
+        assert_eq!(in_dts, expected, "web/src/index.d.ts ErrorCode");
+
+        // Close codes: the docs' table, and the shim's table (which adds two of its own: 1006,
+        // no status from the browser, and 4000, its own heartbeat timeout).
+        let ours: BTreeSet<u16> = close::ALL.into_iter().collect();
+        let table = between(doc, "## Close codes", "\n\n");
+        let in_doc: BTreeSet<u16> = table
+            .lines()
+            .filter_map(|l| l.strip_prefix("| ")?.split(' ').next()?.parse().ok())
+            .collect();
+        assert_eq!(in_doc, ours, "docs/protocol.md's close codes");
+        let in_js: BTreeSet<u16> = object(js, "CLOSE_CODE")
+            .lines()
+            .filter_map(|l| {
+                l.trim()
+                    .trim_end_matches(',')
+                    .rsplit(": ")
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        let client_only: BTreeSet<u16> = [1006, 4000].into_iter().collect();
+        assert_eq!(
+            in_js
+                .difference(&client_only)
+                .copied()
+                .collect::<BTreeSet<_>>(),
+            ours,
+            "web/src/constants.js CLOSE_CODE"
+        );
+    }
+
+    /// The text of `s` after `start`, up to the next `end`.
+    fn between<'a>(s: &'a str, start: &str, end: &str) -> &'a str {
+        let from = s.find(start).unwrap_or_else(|| panic!("no `{start}`")) + start.len();
+        let rest = &s[from..];
+        &rest[..rest.find(end).unwrap_or(rest.len())]
+    }
+
+    /// The body of `export const NAME = Object.freeze({ ... })` in constants.js.
+    fn object<'a>(js: &'a str, name: &str) -> &'a str {
+        between(
+            js,
+            &format!("export const {name} = Object.freeze({{"),
+            "\n})",
+        )
+    }
+
+    /// `s` without its parenthesized asides (they name fields, not codes).
+    fn outside_parentheses(s: &str) -> String {
+        let mut depth = 0usize;
+        s.chars()
+            .filter(|&c| {
+                match c {
+                    '(' => depth += 1,
+                    ')' => depth = depth.saturating_sub(1),
+                    _ => return depth == 0,
+                }
+                false
+            })
+            .collect()
+    }
+
+    /// Every string between a pair of `quote`s.
+    fn quoted(s: &str, quote: char) -> Vec<String> {
+        s.split(quote)
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    }
 
     #[test]
     fn stream_ids() {
