@@ -419,6 +419,18 @@ impl Inbox {
 mod tests {
     use super::*;
 
+    /// The `seq` of each frame.
+    fn seqs(frames: &[Utf8Bytes]) -> Vec<u64> {
+        frames
+            .iter()
+            .map(|f| {
+                serde_json::from_str::<serde_json::Value>(f.as_str()).expect("json")["seq"]
+                    .as_u64()
+                    .expect("seq")
+            })
+            .collect()
+    }
+
     fn frames(out: &[Utf8Bytes]) -> Vec<String> {
         out.iter().map(|f| f.as_str().to_string()).collect()
     }
@@ -463,15 +475,7 @@ mod tests {
         out.clear();
         assert_eq!(s.pull(first.conn, &mut out).0, Pulled::NotMine);
         s.pull(second.conn, &mut out);
-        let seqs: Vec<u64> = out
-            .iter()
-            .map(|f| {
-                serde_json::from_str::<serde_json::Value>(f.as_str()).expect("json")["seq"]
-                    .as_u64()
-                    .expect("seq")
-            })
-            .collect();
-        assert_eq!(seqs, vec![4, 5]);
+        assert_eq!(seqs(&out), vec![4, 5]);
         assert_eq!(
             s.detach(first.conn),
             None,
@@ -601,12 +605,7 @@ mod tests {
                         let mut out = Vec::new();
                         let (_, t) = s.pull(inbox.conn, &mut out);
                         through = t;
-                        in_flight.extend(out.iter().map(|f| {
-                            serde_json::from_str::<serde_json::Value>(f.as_str()).expect("json")
-                                ["seq"]
-                                .as_u64()
-                                .expect("seq")
-                        }));
+                        in_flight.extend(seqs(&out));
                     }
                     6..=7 => {
                         // The write completes.
@@ -641,14 +640,7 @@ mod tests {
             }
             let mut out = Vec::new();
             s.pull(last.conn, &mut out);
-            let replay: Vec<u64> = out
-                .iter()
-                .map(|f| {
-                    serde_json::from_str::<serde_json::Value>(f.as_str()).expect("json")["seq"]
-                        .as_u64()
-                        .expect("seq")
-                })
-                .collect();
+            let replay = seqs(&out);
             let want: Vec<u64> = (seen + 1..next).collect();
             assert_eq!(replay, want, "seed {seed}: the rest, in order, once");
         }

@@ -166,23 +166,6 @@ async fn answer(conn: &mut Conn, text: &str) {
     conn.write(b"data: [DONE]\n\n").await;
 }
 
-/// Every log line of this test binary from the first call on, as JSON. A process-wide
-/// subscriber: a thread-scoped one misses events whose callsites other tests' threads
-/// registered first.
-fn captured_logs() -> &'static Captured {
-    static LOGS: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
-    LOGS.get_or_init(|| {
-        let captured = Captured::default();
-        let writer = captured.clone();
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter("debug")
-            .with_writer(move || writer.clone())
-            .init();
-        captured
-    })
-}
-
 /// Every way an upstream can put text in front of the gateway: an HTTP error body, an error
 /// event in the stream, a chunk that is not JSON, a bad content type. Each one quotes the key
 /// the hostile upstream was sent, another `sk-` key, a bearer token and control characters.

@@ -9,13 +9,7 @@ use serde_json::json;
 
 #[tokio::test]
 async fn logs_have_spans_and_no_secrets() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter("debug")
-        .with_writer(move || writer.clone())
-        .init();
+    let captured = captured_logs();
 
     let h = Harness::start_with(|c| c.retry.max_attempts = 2).await;
     let token = h.token("alice", "pro");

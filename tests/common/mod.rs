@@ -396,3 +396,20 @@ impl std::io::Write for Captured {
         Ok(())
     }
 }
+
+/// Every log line of this test binary from the first call on, as JSON. A process-wide
+/// subscriber: a thread-scoped one misses events whose callsites other tests' threads
+/// registered first.
+pub fn captured_logs() -> &'static Captured {
+    static LOGS: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter("debug")
+            .with_writer(move || writer.clone())
+            .init();
+        captured
+    })
+}
