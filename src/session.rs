@@ -13,13 +13,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{unix_now_ms, AuthError, Claims};
+use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::preauth::{Gate, FRAME_HEADER_BYTES};
 use crate::protocol::{
     self, close, ClientFrame, ErrorCode, LogSafe, OpenRequest, ResumeRequest, WelcomeLimits,
 };
 use crate::relay::{self, Job};
-use crate::server::Gateway;
 use crate::stream::{CancelReason, Inbox, Pulled, Stream};
 
 /// Control frames (welcome, pong, connection errors, goaway) waiting for the writer. Bounded:
