@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::protocol::ErrorCode;
 use crate::stream::Stream;
 
@@ -80,6 +81,38 @@ pub struct Hub {
     conns: DashMap<u64, (Arc<str>, CancellationToken)>,
 }
 
+/// A connection's place in the [`Hub`]: counted in its user's connections (and in the
+/// multi-socket metric) and reachable by an operator's `goaway` while it lives. Dropping it
+/// undoes both, so no path out of a connection can forget one half.
+pub struct Registration {
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    user: Arc<str>,
+    conn: u64,
+    goaway: CancellationToken,
+}
+
+impl Registration {
+    /// The user id, interned: every connection and stream of a user shares it.
+    pub fn user(&self) -> &Arc<str> {
+        &self.user
+    }
+
+    /// Cancelled when an operator asks this user's connections to move (`goaway`).
+    pub fn goaway(&self) -> &CancellationToken {
+        &self.goaway
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.hub.conns.remove(&self.conn);
+        let open = self.hub.disconnect(&self.user);
+        self.metrics
+            .user_connections_changed(open as usize + 1, open as usize);
+    }
+}
+
 impl Hub {
     pub fn new() -> Self {
         Hub::default()
@@ -88,7 +121,7 @@ impl Hub {
     /// Counts a new connection of `user`, unless they already have `max_connections`.
     /// Interns the user id so every connection and stream of a user shares one allocation.
     /// Returns the user and their number of open connections, this one included.
-    pub fn connect(&self, user: &str, max_connections: usize) -> Result<(Arc<str>, u64), Refusal> {
+    fn connect(&self, user: &str, max_connections: usize) -> Result<(Arc<str>, u64), Refusal> {
         let key: Arc<str> = match self.users.get(user) {
             Some(e) => e.key().clone(),
             None => Arc::from(user),
@@ -106,16 +139,26 @@ impl Hub {
         Ok((key, stats.connections))
     }
 
-    /// Registers an open connection; the token is cancelled when an operator asks its user's
-    /// connections to move (`goaway`).
-    pub fn register_conn(&self, conn: u64, user: &Arc<str>) -> CancellationToken {
-        let token = CancellationToken::new();
-        self.conns.insert(conn, (user.clone(), token.clone()));
-        token
-    }
-
-    pub fn unregister_conn(&self, conn: u64) {
-        self.conns.remove(&conn);
+    /// Counts connection `conn` of `user` (unless they already have `max_connections`) and
+    /// makes it reachable by an operator's `goaway`, until the returned guard is dropped.
+    pub fn register(
+        self: &Arc<Self>,
+        user: &str,
+        conn: u64,
+        max_connections: usize,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Registration, Refusal> {
+        let (user, open) = self.connect(user, max_connections)?;
+        metrics.user_connections_changed(open as usize - 1, open as usize);
+        let goaway = CancellationToken::new();
+        self.conns.insert(conn, (user.clone(), goaway.clone()));
+        Ok(Registration {
+            hub: self.clone(),
+            metrics: metrics.clone(),
+            user,
+            conn,
+            goaway,
+        })
     }
 
     /// Sends `goaway` on every connection of `user`; returns how many.
@@ -131,7 +174,7 @@ impl Hub {
     }
 
     /// Returns the user's number of open connections left.
-    pub fn disconnect(&self, user: &Arc<str>) -> u64 {
+    fn disconnect(&self, user: &Arc<str>) -> u64 {
         let left = match self.users.get_mut(user) {
             Some(mut entry) => {
                 entry.stats.connections = entry.stats.connections.saturating_sub(1);
@@ -294,6 +337,32 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn registration_is_undone_on_drop() {
+        let hub = Arc::new(Hub::new());
+        let metrics = Arc::new(Metrics::new());
+        let first = hub.register("alice", 1, 2, &metrics).expect("first");
+        let second = hub.register("alice", 2, 2, &metrics).expect("second");
+        assert!(Arc::ptr_eq(first.user(), second.user()), "one interned id");
+        assert!(hub.register("alice", 3, 2, &metrics).is_err());
+        assert_eq!(hub.user_stats("alice").expect("stats").connections, 2);
+        let multi = |n: u8| format!("muxgate_users_multi_socket {n}\n");
+        assert!(metrics.encode().contains(&multi(1)));
+        drop(second);
+        assert_eq!(hub.user_stats("alice").expect("stats").connections, 1);
+        assert!(metrics.encode().contains(&multi(0)));
+        // A dropped connection is no longer told to move.
+        assert_eq!(hub.goaway_user("alice"), 1);
+        assert!(first.goaway().is_cancelled());
+        drop(first);
+        assert_eq!(hub.goaway_user("alice"), 0);
+        assert_eq!(
+            hub.tracked_users(),
+            0,
+            "a user with nothing left is forgotten"
+        );
+    }
 
     #[test]
     fn duplicate_and_limit() {

@@ -10,6 +10,7 @@
 //! - [`protocol`]: wire frames, error codes, close codes, stream id rules (`docs/protocol.md`).
 //! - [`config`]: strict TOML config with environment overrides and documented defaults.
 //! - [`auth`]: HS256 JWT tokens (`sub`, `tier`, `exp`).
+//! - [`gateway`]: the state one process shares, below the router, sessions and streams.
 //! - [`session`]: one WebSocket connection: handshake, reader, writer, heartbeats.
 //! - [`stream`]: one logical stream's replay log and its hand-off to a connection.
 //! - [`hub`]: the registry of streams and connections by user, for limits and resume.
@@ -22,7 +23,7 @@
 //! - [`upstream`]: providers, pooled HTTP clients, SSE chunk parsing, backoff policy.
 //! - [`sse`]: the server-sent events parser: linear time, bounded event size.
 //! - [`redact`]: the one path upstream text takes to a frame or a log (keys, controls).
-//! - [`server`]: the router, shared state and graceful shutdown.
+//! - [`server`]: the router, its handlers and graceful shutdown.
 //! - [`accept`]: the accept loop: header-read timeout, connection caps, shutdown by a deadline.
 //! - [`preauth`]: the read budget of a WebSocket that has not said `hello` yet.
 //! - [`mock`]: the OpenAI-compatible mock upstream (tests, benchmarks, offline demo).
@@ -32,6 +33,7 @@ pub mod auth;
 pub mod billing;
 pub mod breaker;
 pub mod config;
+pub mod gateway;
 pub mod hub;
 pub mod limits;
 pub mod metrics;
@@ -48,4 +50,5 @@ pub mod stream;
 pub mod upstream;
 
 pub use config::Config;
-pub use server::{app, serve, Gateway, StartError};
+pub use gateway::{Gateway, StartError};
+pub use server::{app, serve};

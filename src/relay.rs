@@ -12,11 +12,11 @@ use tokio::time::Instant;
 
 use crate::billing;
 use crate::breaker::Health;
+use crate::gateway::Gateway;
 use crate::limits::{OnLimit, Reservation, TierConfig};
 use crate::metrics::{self, StreamOutcome};
 use crate::protocol::{self, ErrorCode, OpenRequest, Usage};
 use crate::scheduler::NoSlot;
-use crate::server::Gateway;
 use crate::stream::{CancelReason, Stream};
 use crate::upstream::{self, Provider, UpstreamError};
 

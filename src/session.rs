@@ -2,6 +2,7 @@
 //! writer (stream frames, control frames, pings) that share nothing but an [`Inbox`] and one
 //! bounded control queue.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,13 +14,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{unix_now_ms, AuthError, Claims};
+use crate::gateway::Gateway;
+use crate::hub::Registration;
 use crate::metrics::Metrics;
 use crate::preauth::{Gate, FRAME_HEADER_BYTES};
 use crate::protocol::{
     self, close, ClientFrame, ErrorCode, LogSafe, OpenRequest, ResumeRequest, WelcomeLimits,
 };
 use crate::relay::{self, Job};
-use crate::server::Gateway;
 use crate::stream::{CancelReason, Inbox, Pulled, Stream};
 
 /// Control frames (welcome, pong, connection errors, goaway) waiting for the writer. Bounded:
@@ -74,29 +76,31 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, gate: Option<Arc<Gate>>) {
     let Some(tier) = gw.limits.tier(&claims.tier).cloned() else {
         return;
     };
-    let user = match gw.hub.connect(&claims.sub, tier.max_connections) {
-        Ok((user, open)) => {
-            gw.metrics
-                .user_connections_changed(open as usize - 1, open as usize);
-            user
-        }
-        Err(refusal) => {
-            gw.metrics.refused("too_many_connections");
-            let frame = protocol::error(None, refusal.code, &refusal.message, None);
-            return refuse(
-                sink,
-                source,
-                Some(frame),
-                close::TOO_MANY_CONNECTIONS,
-                "too many connections",
-            )
-            .await;
-        }
-    };
+    let inbox = Inbox::new();
+    let registration =
+        match gw
+            .hub
+            .register(&claims.sub, inbox.conn, tier.max_connections, &gw.metrics)
+        {
+            Ok(registration) => registration,
+            Err(refusal) => {
+                gw.metrics.refused("too_many_connections");
+                let frame = protocol::error(None, refusal.code, &refusal.message, None);
+                return refuse(
+                    sink,
+                    source,
+                    Some(frame),
+                    close::TOO_MANY_CONNECTIONS,
+                    "too many connections",
+                )
+                .await;
+            }
+        };
     let max_streams = tier.max_streams.unwrap_or(gw.config.session.max_streams);
-    let span = tracing::info_span!("conn", user = %LogSafe(&user), tier = %LogSafe(&claims.tier));
+    let span = tracing::info_span!("conn", user = %LogSafe(registration.user()), tier = %LogSafe(&claims.tier));
     let session = Authenticated {
-        user,
+        registration,
+        inbox,
         tier: Arc::from(claims.tier.as_str()),
         max_streams,
         resume,
@@ -156,7 +160,9 @@ fn close_for_read_error(error: axum::Error) -> Option<(u16, &'static str)> {
 
 /// Who is on a connection, once `hello` has been accepted.
 struct Authenticated {
-    user: Arc<str>,
+    /// The connection's place in the hub, held until its streams are detached.
+    registration: Registration,
+    inbox: Arc<Inbox>,
     tier: Arc<str>,
     max_streams: usize,
     resume: Vec<ResumeRequest>,
@@ -167,13 +173,14 @@ struct Authenticated {
 /// An accepted connection, from `welcome` to the detach of its streams.
 async fn serve(gw: Arc<Gateway>, sink: Sink, mut source: Source, session: Authenticated) {
     let Authenticated {
-        user,
+        registration,
+        inbox,
         tier,
         max_streams,
         resume,
         exp,
     } = session;
-    let inbox = Inbox::new();
+    let user = registration.user().clone();
     let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let conn_end = CancellationToken::new();
     let session_id = format!("{:016x}", rand::random::<u64>());
@@ -245,7 +252,8 @@ async fn serve(gw: Arc<Gateway>, sink: Sink, mut source: Source, session: Authen
         closed_by_us: false,
         source_broken: false,
     };
-    conn.read_loop(&mut source, &conn_end).await;
+    conn.read_loop(&mut source, &conn_end, registration.goaway())
+        .await;
     let closed_by_us = conn.closed_by_us;
     conn_end.cancel();
     let write_end = tokio::time::timeout(Duration::from_secs(5), writer).await;
@@ -264,9 +272,7 @@ async fn serve(gw: Arc<Gateway>, sink: Sink, mut source: Source, session: Authen
             });
         }
     }
-    let open = gw.hub.disconnect(&user);
-    gw.metrics
-        .user_connections_changed(open as usize + 1, open as usize);
+    drop(registration);
     tracing::info!("disconnected");
     // Last, so neither the user's connection count nor the streams wait for it.
     if closed_by_us {
@@ -399,20 +405,18 @@ struct Connection {
     source_broken: bool,
 }
 
-/// Whether the read loop goes on.
-enum Next {
-    Continue,
-    Stop,
-}
-
 impl Connection {
-    async fn read_loop(&mut self, source: &mut Source, conn_end: &CancellationToken) {
+    async fn read_loop(
+        &mut self,
+        source: &mut Source,
+        conn_end: &CancellationToken,
+        goaway: &CancellationToken,
+    ) {
         let heartbeat = Duration::from_millis(self.gw.config.session.heartbeat_ms);
         let mut check = tokio::time::interval(heartbeat);
         let mut moved_check = tokio::time::interval(Duration::from_millis(100));
         let mut last_seen = Instant::now();
         let gw = self.gw.clone();
-        let goaway = gw.hub.register_conn(self.inbox.conn, &self.user);
         let window = Duration::from_millis(gw.config.session.resume_window_ms);
         let mut armed_exp = self.exp;
         let expiry = tokio::time::sleep_until(self.grace_deadline());
@@ -434,14 +438,14 @@ impl Connection {
                             tracing::info!(code, reason, "closing: bad WebSocket input");
                             self.close(code, reason).await;
                         }
-                        Next::Stop
+                        ControlFlow::Break(())
                     }
-                    None => Next::Stop,
+                    None => ControlFlow::Break(()),
                 },
                 () = &mut expiry => {
                     if unix_now_ms() < self.close_at_ms() {
                         expiry.as_mut().reset(self.grace_deadline());
-                        Next::Continue
+                        ControlFlow::Continue(())
                     } else {
                         self.expired().await
                     }
@@ -450,9 +454,9 @@ impl Connection {
                     if last_seen.elapsed() > heartbeat * 2 {
                         tracing::info!("heartbeat timeout");
                         self.close(close::HEARTBEAT_TIMEOUT, "heartbeat timeout").await;
-                        Next::Stop
+                        ControlFlow::Break(())
                     } else {
-                        Next::Continue
+                        ControlFlow::Continue(())
                     }
                 }
                 _ = gw.draining.cancelled(), if !self.draining => {
@@ -469,25 +473,24 @@ impl Connection {
                     let moved = carried.iter().all(|s| !s.is_attached_to(self.inbox.conn));
                     if moved || self.moved_at.is_some_and(|t| t.elapsed() > window) {
                         self.close(close::GOING_AWAY, "moved").await;
-                        Next::Stop
+                        ControlFlow::Break(())
                     } else {
-                        Next::Continue
+                        ControlFlow::Continue(())
                     }
                 }
                 _ = gw.closing.cancelled() => {
                     self.close(close::GOING_AWAY, "shutdown").await;
-                    Next::Stop
+                    ControlFlow::Break(())
                 }
-                _ = conn_end.cancelled() => Next::Stop,
+                _ = conn_end.cancelled() => ControlFlow::Break(()),
             };
-            if let Next::Stop = next {
-                gw.hub.unregister_conn(self.inbox.conn);
+            if next.is_break() {
                 return;
             }
         }
     }
 
-    async fn on_message(&mut self, msg: Message) -> Next {
+    async fn on_message(&mut self, msg: Message) -> ControlFlow<()> {
         match msg {
             Message::Text(text) => {
                 if text.len() > self.gw.config.session.max_frame_bytes {
@@ -511,8 +514,8 @@ impl Connection {
                 )
                 .await
             }
-            Message::Close(_) => Next::Stop,
-            Message::Ping(_) | Message::Pong(_) => Next::Continue,
+            Message::Close(_) => ControlFlow::Break(()),
+            Message::Ping(_) | Message::Pong(_) => ControlFlow::Continue(()),
         }
     }
 
@@ -527,7 +530,7 @@ impl Connection {
     }
 
     /// No valid `refresh` within the grace: tell the client why, close 4401.
-    async fn expired(&mut self) -> Next {
+    async fn expired(&mut self) -> ControlFlow<()> {
         tracing::info!("closing: token expired and not refreshed");
         let message = format!(
             "token expired: no valid `refresh` within {} ms of its `exp`",
@@ -542,7 +545,7 @@ impl Connection {
             ))
             .await;
         self.close(close::UNAUTHORIZED, "token expired").await;
-        Next::Stop
+        ControlFlow::Break(())
     }
 
     /// When the connection closes unless a `refresh` comes (Unix ms).
@@ -563,7 +566,7 @@ impl Connection {
 
     /// A new token for the same user and tier moves the connection's expiry; anything else is
     /// refused and the connection goes on under its current token.
-    async fn refresh(&mut self, token: &str) -> Next {
+    async fn refresh(&mut self, token: &str) -> ControlFlow<()> {
         let refusal = match self.gw.auth.verify(token) {
             Ok(claims) if *claims.sub != *self.user => {
                 "refresh refused: the new token is for another user (`sub`)".to_string()
@@ -584,7 +587,7 @@ impl Connection {
             .await
     }
 
-    async fn on_frame(&mut self, frame: ClientFrame) -> Next {
+    async fn on_frame(&mut self, frame: ClientFrame) -> ControlFlow<()> {
         match frame {
             ClientFrame::Ping { ts } => self.send(protocol::pong(&ts)).await,
             ClientFrame::Refresh { token } => self.refresh(&token).await,
@@ -605,7 +608,7 @@ impl Connection {
                 {
                     Some(stream) => {
                         stream.cancel(CancelReason::Client);
-                        Next::Continue
+                        ControlFlow::Continue(())
                     }
                     None => {
                         let id = protocol::valid_stream_id(&id).then_some(id.as_str());
@@ -623,7 +626,7 @@ impl Connection {
         }
     }
 
-    async fn open(&mut self, req: OpenRequest) -> Next {
+    async fn open(&mut self, req: OpenRequest) -> ControlFlow<()> {
         if !protocol::valid_stream_id(&req.id) {
             return self
                 .bad_frame(
@@ -703,13 +706,13 @@ impl Connection {
             },
             span,
         ));
-        Next::Continue
+        ControlFlow::Continue(())
     }
 
-    async fn send(&self, frame: Utf8Bytes) -> Next {
+    async fn send(&self, frame: Utf8Bytes) -> ControlFlow<()> {
         match self.control.send(Control::Frame(frame)).await {
-            Ok(()) => Next::Continue,
-            Err(_) => Next::Stop,
+            Ok(()) => ControlFlow::Continue(()),
+            Err(_) => ControlFlow::Break(()),
         }
     }
 
@@ -719,21 +722,26 @@ impl Connection {
     }
 
     /// Answers a bad frame, and closes the connection once they come too often.
-    async fn bad_frame(&mut self, id: Option<&str>, code: ErrorCode, message: &str) -> Next {
+    async fn bad_frame(
+        &mut self,
+        id: Option<&str>,
+        code: ErrorCode,
+        message: &str,
+    ) -> ControlFlow<()> {
         if self.bad_window.elapsed() > Duration::from_secs(60) {
             self.bad_window = Instant::now();
             self.bad_frames = 0;
         }
         self.bad_frames += 1;
-        if let Next::Stop = self.send(protocol::error(id, code, message, None)).await {
-            return Next::Stop;
+        if let ControlFlow::Break(()) = self.send(protocol::error(id, code, message, None)).await {
+            return ControlFlow::Break(());
         }
         if self.bad_frames > self.gw.config.session.max_bad_frames_per_minute {
             tracing::warn!("closing: too many bad frames");
             self.close(close::POLICY, "too many bad frames").await;
-            return Next::Stop;
+            return ControlFlow::Break(());
         }
-        Next::Continue
+        ControlFlow::Continue(())
     }
 }
 
