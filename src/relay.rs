@@ -185,7 +185,7 @@ pub async fn run(job: Job) -> Outcome {
         (Some(usage), _) => Some(usage),
         (None, true) => {
             let counted = billing::count_off_runtime(
-                || (model.clone(), stream.completion_text()),
+                || (model.clone(), std::mem::take(&mut t.generated)),
                 |(model, text)| (billing::count_tokens(&model, &text), text.len()),
             )
             .await;
@@ -333,6 +333,10 @@ struct Timings {
     provider: Option<String>,
     /// An upstream answered 200 and began streaming: from then on the prompt is billable.
     accepted: bool,
+    /// Every delta's text, gathered as it goes out: what a stream with no upstream `usage` is
+    /// billed for. Not the replay log, which drops frames already written once it passes
+    /// `session.stream_buffer_bytes`.
+    generated: String,
     /// `opened` plus `upstream.max_stream_duration_ms`: no upstream call runs past it.
     ends_by: Instant,
     max_duration: Duration,
@@ -351,6 +355,7 @@ impl Timings {
             first_delta: None,
             provider: None,
             accepted: false,
+            generated: String::new(),
         }
     }
 }
@@ -737,6 +742,7 @@ async fn relay_once(
                 t.first_chunk = received;
             }
             *seq += 1;
+            t.generated.push_str(&text);
             if !stream
                 .push(*seq, protocol::delta(&stream.id, *seq, &text))
                 .await
