@@ -174,42 +174,24 @@ pub async fn run(job: Job) -> Outcome {
         Ended::Done { model, .. } => model.clone(),
         _ => job.req.model.clone(),
     };
-    // Tokens: the upstream's count when it sent one; else counted with the model's tokenizer
-    // over what was generated, for streams cancelled or cut mid-way too. A stream no upstream
-    // accepted (refused, or answered only with errors) used nothing.
     let reported = match &ended {
         Ended::Done { usage, .. } => *usage,
         _ => None,
     };
-    let usage = match (reported, t.accepted) {
-        (Some(usage), _) => Some(usage),
-        (None, true) => {
-            let counted = billing::count_off_runtime(
-                || (model.clone(), stream.completion_text()),
-                |(model, text)| (billing::count_tokens(&model, &text), text.len()),
-            )
-            .await;
-            let completion_tokens = counted.map_or(0, |((tokens, bytes), took)| {
-                gw.metrics.tokenized(bytes, took);
-                tokens
-            });
-            Some(Usage {
-                prompt_tokens,
-                completion_tokens,
-            })
-        }
-        (None, false) => None,
-    };
-    let estimated = reported.is_none();
-    let cost = usage.and_then(|u| {
-        let price = gw.config.pricing.get(&model)?;
-        Some(billing::cost_usd(
-            u.prompt_tokens,
-            u.completion_tokens,
-            price.input,
-            price.output,
-        ))
-    });
+    let bill = billing::Settlement {
+        model: &model,
+        tier: &job.tier,
+        user: &stream.user,
+        price: gw.config.pricing.get(&model).map(|p| (p.input, p.output)),
+        reservation,
+        prompt_tokens,
+        reported,
+        accepted: t.accepted,
+        generated: std::mem::take(&mut t.generated),
+    }
+    .settle(&gw.limits, &gw.budgets, &gw.metrics)
+    .await;
+    let usage = bill.usage;
     let outcome = match ended {
         Ended::Done {
             seq, finish_reason, ..
@@ -222,9 +204,9 @@ pub async fn run(job: Job) -> Outcome {
                     seq + 1,
                     &finish_reason,
                     usage,
-                    cost,
+                    bill.cost_usd,
                     served_by,
-                    estimated,
+                    bill.estimated,
                 ),
             );
             Outcome::Done {
@@ -261,25 +243,6 @@ pub async fn run(job: Job) -> Outcome {
             Outcome::Cancelled(reason)
         }
     };
-    if let Some(reservation) = reservation {
-        gw.limits.reconcile(
-            &reservation,
-            usage.map_or(0, |u| u.prompt_tokens + u.completion_tokens),
-        );
-    }
-    if let Some(u) = usage {
-        gw.metrics.tokens(
-            &model,
-            &job.tier,
-            u.prompt_tokens,
-            u.completion_tokens,
-            estimated,
-        );
-    }
-    if let Some(cost) = cost {
-        gw.metrics.spend(&model, &job.tier, cost);
-        gw.budgets.record(&stream.user, &job.tier, cost);
-    }
     let status = match &outcome {
         Outcome::Done { .. } => metrics::STATUS_DONE,
         Outcome::Failed(code) => code.as_str(),
@@ -333,6 +296,10 @@ struct Timings {
     provider: Option<String>,
     /// An upstream answered 200 and began streaming: from then on the prompt is billable.
     accepted: bool,
+    /// Every delta's text, gathered as it goes out: what a stream with no upstream `usage` is
+    /// billed for. Not the replay log, which drops frames already written once it passes
+    /// `session.stream_buffer_bytes`.
+    generated: String,
     /// `opened` plus `upstream.max_stream_duration_ms`: no upstream call runs past it.
     ends_by: Instant,
     max_duration: Duration,
@@ -351,6 +318,7 @@ impl Timings {
             first_delta: None,
             provider: None,
             accepted: false,
+            generated: String::new(),
         }
     }
 }
@@ -737,6 +705,7 @@ async fn relay_once(
                 t.first_chunk = received;
             }
             *seq += 1;
+            t.generated.push_str(&text);
             if !stream
                 .push(*seq, protocol::delta(&stream.id, *seq, &text))
                 .await

@@ -320,28 +320,6 @@ impl Stream {
         self.state.lock().finished
     }
 
-    /// The text of the `delta` frames still in the log, for counting the tokens of a stream
-    /// that ended without the upstream's usage. Only called once, when a stream ends.
-    pub fn completion_text(&self) -> String {
-        #[derive(serde::Deserialize)]
-        struct Delta<'a> {
-            #[serde(rename = "type")]
-            kind: &'a str,
-            #[serde(default)]
-            text: String,
-        }
-        let st = self.state.lock();
-        let mut text = String::new();
-        for entry in &st.log {
-            if let Ok(d) = serde_json::from_str::<Delta<'_>>(entry.frame.as_str()) {
-                if d.kind == "delta" {
-                    text.push_str(&d.text);
-                }
-            }
-        }
-        text
-    }
-
     /// Bytes held in the replay log (for the admin view and tests).
     pub fn buffered_bytes(&self) -> usize {
         self.state.lock().bytes

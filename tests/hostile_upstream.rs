@@ -536,3 +536,61 @@ async fn queue_positions_behind_the_head_are_refreshed_not_walked_per_change() {
     }
     c.close().await;
 }
+
+/// An answer longer than the replay log with no upstream `usage` is billed for all of it: the
+/// gateway counts what went out, not what the log still holds after trimming.
+#[tokio::test]
+async fn an_answer_past_the_replay_log_without_usage_is_billed_in_full() {
+    // 1.5 MiB of words in 4 KiB chunks, a finish and `[DONE]`, and no `usage` chunk.
+    const CHUNKS: usize = 384;
+    let chunk_text = |k: usize| {
+        let mut s = String::with_capacity(4096);
+        let mut w = 0;
+        while s.len() < 4000 {
+            s.push_str(&format!("word{k}x{w} "));
+            w += 1;
+        }
+        s
+    };
+    let hostile = Hostile::spawn(Arc::new(move |_req: Request, mut conn: Conn| {
+        Box::pin(async move {
+            conn.sse_head("text/event-stream").await;
+            for k in 0..CHUNKS {
+                if !conn.write(&event(&content(&chunk_text(k)))).await {
+                    return;
+                }
+            }
+            conn.write(&event(
+                &json!({"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}),
+            ))
+            .await;
+            conn.write(b"data: [DONE]\n\n").await;
+        })
+    }))
+    .await;
+    let h = Harness::start_with(|c| {
+        c.providers = vec![hostile.provider(&["*"])];
+        // The default, 1 MiB, stated: the answer must outgrow it.
+        c.session.stream_buffer_bytes = 1 << 20;
+    })
+    .await;
+    let mut c = h.connect("alice").await;
+    c.send(json!({"type":"open","id":"big","model":"m",
+        "messages":[{"role":"user","content":"talk"}]}))
+        .await;
+    let r = c.collect(&["big".to_string()]).await;
+    let record = &r["big"];
+    assert_eq!(record.end_type(), "done", "{:?}", record.end);
+    assert!(
+        record.text.len() > (1 << 20) + (1 << 18),
+        "{}",
+        record.text.len()
+    );
+    let end = record.end.clone().unwrap();
+    assert_eq!(end["usage_estimated"], true, "{end}");
+    assert_eq!(
+        end["usage"]["completion_tokens"].as_u64().unwrap(),
+        muxgate::billing::count_tokens("m", &record.text),
+        "billed for every token the client received"
+    );
+}
