@@ -2,6 +2,7 @@
 // launches Debian's Chromium through playwright-core, and drives the demo page's shim in many
 // tabs of ONE browser context. It builds nothing: the binary comes from $MUXGATE_BIN
 // (default ../target/debug/muxgate relative to web/).
+import assert from 'node:assert/strict'
 import { spawn } from 'node:child_process'
 import fs from 'node:fs'
 import net from 'node:net'
@@ -460,5 +461,37 @@ export async function freezePage (context, page) {
       await cdp.send('Page.setWebLifecycleState', { state: 'active' }).catch(() => {})
       await cdp.detach().catch(() => {})
     },
+  }
+}
+
+let userSeq = 0
+
+/**
+ * Names a fresh user per scenario (the gateway's per-user state, sockets and streams, must not
+ * carry over between scenarios): `userNamer('e2e')('closed')` → `e2e-closed-<pid>-<n>`.
+ */
+export const userNamer = prefix => tag => `${prefix}-${tag}-${process.pid}-${++userSeq}`
+
+/** The demo page, signed in as `user`. */
+export const demoUrl = (base, user) => `${base}/?user=${encodeURIComponent(user)}`
+
+/** Starts one stream per tab (except those in `skip`), each with its own prompt; returns the prompts. */
+export async function startAll (pages, key, shape, skip = new Set()) {
+  const prompts = []
+  for (let i = 0; i < pages.length; i++) {
+    const prompt = mockPrompt(`${key} tab ${i}: tell me something`, shape)
+    prompts.push(prompt)
+    if (!skip.has(i)) await startChat(pages[i], key, prompt)
+  }
+  return prompts
+}
+
+/** Every tab in `indexes` ended without error with exactly the text and deltas its prompt asked for. */
+export function assertExact (runs, prompts, chunks, indexes) {
+  for (const i of indexes) {
+    const run = runs[i]
+    assert.equal(run.error, null, `tab ${i} (${run.id}) failed: ${JSON.stringify(run.error)}`)
+    assert.equal(run.text, expectedText(prompts[i], chunks), `tab ${i} (${run.id}) text`)
+    assert.equal(run.deltas, chunks, `tab ${i} got ${run.deltas} deltas`)
   }
 }

@@ -8,8 +8,8 @@
 import fs from 'node:fs'
 import path from 'node:path'
 import {
-  crashPage, expectedText, launchBrowser, leaderIndex, mockPrompt, openTabs, readRun, sleep,
-  startChat, startStack, statuses, waitFor, waitShared,
+  crashPage, demoUrl, expectedText, launchBrowser, leaderIndex, openTabs, readRun, sleep, startAll,
+  startStack, userNamer, waitFor, waitShared,
 } from './harness.js'
 
 const args = process.argv.slice(2)
@@ -22,20 +22,8 @@ const repeat = Number(opt('repeat', '3'))
 const staticDir = opt('static', undefined) && path.resolve(opt('static'))
 if (staticDir && !fs.existsSync(path.join(staticDir, 'src', 'mux.js'))) throw new Error(`no shim in ${staticDir}/src`)
 
-let userSeq = 0
-const newUser = tag => `measure-${tag}-${process.pid}-${++userSeq}`
-const demoUrl = (base, user) => `${base}/?user=${encodeURIComponent(user)}`
+const newUser = userNamer('measure')
 const median = xs => { const s = [...xs].sort((a, b) => a - b); return s.length ? (s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2) : NaN }
-
-async function startAll (pages, key, shape, skip = new Set()) {
-  const prompts = []
-  for (let i = 0; i < pages.length; i++) {
-    const prompt = mockPrompt(`${key} tab ${i}: tell me something`, shape)
-    prompts.push(prompt)
-    if (!skip.has(i)) await startChat(pages[i], key, prompt)
-  }
-  return prompts
-}
 
 /** Waits (bounded) for every page's run `key` to end; returns the runs as they are then. */
 async function runsWithin (pages, key, timeoutMs) {

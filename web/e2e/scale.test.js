@@ -6,8 +6,8 @@
 import { after, before, test } from 'node:test'
 import assert from 'node:assert/strict'
 import {
-  crashPage, expectedText, launchBrowser, leaderIndex, mockPrompt, openTabs, readRun, socketsOpened,
-  startChat, startStack, statuses, waitFor, waitRuns, waitShared,
+  assertExact, crashPage, demoUrl, launchBrowser, leaderIndex, openTabs, readRun, socketsOpened,
+  startAll, startStack, statuses, userNamer, waitFor, waitRuns, waitShared,
 } from './harness.js'
 
 const TABS = 30
@@ -17,28 +17,7 @@ let stack
 before(async () => { stack = await startStack() })
 after(async () => { await stack?.stop() })
 
-let userSeq = 0
-const newUser = tag => `e2e30-${tag}-${process.pid}-${++userSeq}`
-const demoUrl = (base, user) => `${base}/?user=${encodeURIComponent(user)}`
-
-async function startAll (pages, key, shape, skip = new Set()) {
-  const prompts = []
-  for (let i = 0; i < pages.length; i++) {
-    const prompt = mockPrompt(`${key} tab ${i}: tell me something`, shape)
-    prompts.push(prompt)
-    if (!skip.has(i)) await startChat(pages[i], key, prompt)
-  }
-  return prompts
-}
-
-function assertExact (runs, prompts, chunks, indexes) {
-  for (const i of indexes) {
-    const run = runs[i]
-    assert.equal(run.error, null, `tab ${i} (${run.id}) failed: ${JSON.stringify(run.error)}`)
-    assert.equal(run.text, expectedText(prompts[i], chunks), `tab ${i} (${run.id}) text`)
-    assert.equal(run.deltas, chunks, `tab ${i} got ${run.deltas} deltas`)
-  }
-}
+const newUser = userNamer('e2e30')
 
 const underWay = (pages, key, n) => waitFor(async () => (await Promise.all(pages.map(p => readRun(p, key)))).every(r => r && r.deltas >= n), { what: `every "${key}" stream under way` })
 

@@ -3,9 +3,9 @@
 import { after, before, test } from 'node:test'
 import assert from 'node:assert/strict'
 import {
-  expectedText, freezePage, launchBrowser, leaderIndex, maxConcurrent, mockPrompt, openTabs,
-  readRun, sleep, startChat, startProxy, startStack, statuses, streamsOverlapping, waitFor,
-  waitRuns, waitShared,
+  assertExact, demoUrl, expectedText, freezePage, launchBrowser, leaderIndex, maxConcurrent,
+  mockPrompt, openTabs, readRun, sleep, startAll, startProxy, startStack, statuses,
+  streamsOverlapping, userNamer, waitFor, waitRuns, waitShared,
 } from './harness.js'
 
 const TABS = 12
@@ -15,29 +15,7 @@ let stack
 before(async () => { stack = await startStack() })
 after(async () => { await stack?.stop() })
 
-let userSeq = 0
-const newUser = tag => `e2e-${tag}-${process.pid}-${++userSeq}`
-const demoUrl = (base, user) => `${base}/?user=${encodeURIComponent(user)}`
-
-/** Starts one stream per tab, each with its own prompt; returns the prompts. */
-async function startAll (pages, key, shape, skip = new Set()) {
-  const prompts = []
-  for (let i = 0; i < pages.length; i++) {
-    const prompt = mockPrompt(`${key} tab ${i}: tell me something`, shape)
-    prompts.push(prompt)
-    if (!skip.has(i)) await startChat(pages[i], key, prompt)
-  }
-  return prompts
-}
-
-function assertExact (runs, prompts, chunks, indexes) {
-  for (const i of indexes) {
-    const run = runs[i]
-    assert.equal(run.error, null, `tab ${i} (${run.id}) failed: ${JSON.stringify(run.error)}`)
-    assert.equal(run.text, expectedText(prompts[i], chunks), `tab ${i} (${run.id}) text`)
-    assert.equal(run.deltas, chunks, `tab ${i} got ${run.deltas} deltas`)
-  }
-}
+const newUser = userNamer('e2e')
 
 test('1. twelve tabs stream at once over ONE WebSocket, each with its exact text', T, async () => {
   const user = newUser('twelve')

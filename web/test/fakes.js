@@ -1,6 +1,7 @@
 // In-memory stand-ins for the browser APIs the shim uses (Web Locks, WebSocket, window,
 // document), and a small fake gateway that speaks protocol v1. They let the cross-tab logic
 // run in node; the real gateway and Chromium are exercised by ../e2e.
+import Mux from '../src/mux.js'
 
 /** A LockManager with the semantics the shim relies on: FIFO queue, ifAvailable, steal, signal. */
 export class FakeLocks {
@@ -353,4 +354,37 @@ export async function collect (stream) {
   } catch (error) {
     return { text, error }
   }
+}
+
+/** Timings that make the cross-tab mechanisms run in milliseconds. */
+export const FAST = { tabHeartbeatMs: 40, tabMaxMissed: 3, leaderMaxSilent: 4, collectMs: 150, backoffBaseMs: 20, backoffMaxMs: 200 }
+let channelSeq = 0
+
+/**
+ * `n` fake tabs of one origin (their own BroadcastChannel name, node's BroadcastChannel, one
+ * fake Web Locks manager), each a `Mux` talking to `gw`; `shared: false` is fallback mode.
+ */
+export function fakeTabs (n, { gw, locks = new FakeLocks(), shared = true, token = 'tok', ...opts } = {}) {
+  const name = `tabs-${process.pid}-${++channelSeq}`
+  return Array.from({ length: n }, () => {
+    const page = fakePage()
+    const mux = new Mux({
+      url: 'ws://gw.test/v1/ws', token, name, WebSocket: gw.WebSocket,
+      BroadcastChannel: shared ? BroadcastChannel : undefined, locks: shared ? locks : undefined,
+      window: page.window, document: page.document, ...FAST, ...opts,
+    })
+    return { mux, page }
+  })
+}
+
+/** Opens a stream whose fake answer has `chunks` chunks. */
+export const ask = (mux, chunks) => mux.chat({ model: 'm', messages: [{ role: 'user', content: `go chunks=${chunks}` }] })
+export const roles = list => list.map(t => t.mux.role)
+export const closeAll = list => list.forEach(t => t.mux.close())
+
+/** Waits for one leader, every other tab a follower, all joined and the socket open. */
+export async function settled (list) {
+  await until(() => roles(list).filter(r => r === 'leader').length === 1 &&
+    roles(list).filter(r => r === 'follower').length === list.length - 1 &&
+    list.every(t => t.mux.tabs === list.length) && list.every(t => t.mux.connection === 'open'), { what: 'one leader, all joined' })
 }

@@ -4,35 +4,13 @@
 // the token is renewed on the live socket (`refresh`).
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import Mux, { compareEpochs, nextEpoch } from '../src/mux.js'
-import { FakeGateway, FakeLocks, collect, fakeAnswer, fakePage, fakeToken, until } from './fakes.js'
+import { compareEpochs, nextEpoch } from '../src/mux.js'
+import {
+  ask, closeAll, collect, FakeGateway, FakeLocks, fakeAnswer, fakeTabs, fakeToken, roles, settled, until,
+} from './fakes.js'
 
-const FAST = { tabHeartbeatMs: 40, tabMaxMissed: 3, leaderMaxSilent: 4, collectMs: 150, backoffBaseMs: 20, backoffMaxMs: 200, stealStaggerMs: 60 }
-let channelSeq = 0
-
-function tabs (n, { gw, locks = new FakeLocks(), shared = true, token = 'tok', ...opts } = {}) {
-  const name = `faulttest-${process.pid}-${++channelSeq}`
-  return Array.from({ length: n }, () => {
-    const page = fakePage()
-    const mux = new Mux({
-      url: 'ws://gw.test/v1/ws', token, name, WebSocket: gw.WebSocket,
-      BroadcastChannel: shared ? BroadcastChannel : undefined, locks: shared ? locks : undefined,
-      window: page.window, document: page.document, ...FAST, ...opts,
-    })
-    return { mux, page }
-  })
-}
-
-const ask = (mux, chunks) => mux.chat({ model: 'm', messages: [{ role: 'user', content: `go chunks=${chunks}` }] })
-const roles = list => list.map(t => t.mux.role)
-const closeAll = list => list.forEach(t => t.mux.close())
+const tabs = (n, opts = {}) => fakeTabs(n, { stealStaggerMs: 60, ...opts })
 const sleep = ms => new Promise(r => setTimeout(r, ms))
-
-async function settled (list) {
-  await until(() => roles(list).filter(r => r === 'leader').length === 1 &&
-    roles(list).filter(r => r === 'follower').length === list.length - 1 &&
-    list.every(t => t.mux.tabs === list.length) && list.every(t => t.mux.connection === 'open'), { what: 'one leader, all joined' })
-}
 
 /** Wraps a tab's bus so it records what reaches the tab (after the bus's own filtering). */
 function spy (t) {

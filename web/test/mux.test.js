@@ -2,34 +2,11 @@
 // BroadcastChannel and a fake Web Locks manager, and talk to an in-memory fake gateway.
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import Mux from '../src/mux.js'
-import { FakeGateway, FakeLocks, collect, fakeAnswer, fakePage, until } from './fakes.js'
+import {
+  ask, closeAll, collect, FakeGateway, fakeAnswer, fakeTabs, roles, settled, until,
+} from './fakes.js'
 
-const FAST = { tabHeartbeatMs: 40, tabMaxMissed: 3, leaderMaxSilent: 4, collectMs: 150, backoffBaseMs: 20, backoffMaxMs: 200 }
-let channelSeq = 0
-
-function tabs (n, { gw, locks = new FakeLocks(), shared = true, token = 'tok', ...opts } = {}) {
-  const name = `muxtest-${process.pid}-${++channelSeq}`
-  return Array.from({ length: n }, () => {
-    const page = fakePage()
-    const mux = new Mux({
-      url: 'ws://gw.test/v1/ws', token, name, WebSocket: gw.WebSocket,
-      BroadcastChannel: shared ? BroadcastChannel : undefined, locks: shared ? locks : undefined,
-      window: page.window, document: page.document, ...FAST, ...opts,
-    })
-    return { mux, page }
-  })
-}
-
-const ask = (mux, chunks) => mux.chat({ model: 'm', messages: [{ role: 'user', content: `go chunks=${chunks}` }] })
-const roles = list => list.map(t => t.mux.role)
-const closeAll = list => list.forEach(t => t.mux.close())
-
-async function settled (list) {
-  await until(() => roles(list).filter(r => r === 'leader').length === 1 &&
-    roles(list).filter(r => r === 'follower').length === list.length - 1 &&
-    list.every(t => t.mux.tabs === list.length) && list.every(t => t.mux.connection === 'open'), { what: 'one leader, all joined' })
-}
+const tabs = fakeTabs
 
 test('many tabs, one socket: every stream exact, one connection', async () => {
   const gw = new FakeGateway({ chunkMs: 3 })
