@@ -8,10 +8,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
-fn ids(prefix: &str, n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("{prefix}:{i}")).collect()
-}
-
 #[tokio::test]
 async fn fifty_concurrent_streams_on_one_socket_get_exact_text() {
     let h = Harness::start_with(|c| c.session.max_streams = 64).await;

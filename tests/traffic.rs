@@ -175,7 +175,7 @@ async fn user_rpm_is_exact_and_its_retry_after_is_honest() {
     })
     .await;
     let mut c = h.connect_tier("fiona", "free").await;
-    let ids: Vec<String> = (0..120).map(|i| format!("r{i}")).collect();
+    let ids = ids("r", 120);
     for id in &ids {
         c.open(id, "[[mock chunks=1]]").await;
     }
@@ -219,7 +219,7 @@ async fn a_waiting_tier_waits_instead_of_refusing() {
     })
     .await;
     let mut c = h.connect_tier("paul", "pro").await;
-    let ids: Vec<String> = (0..122).map(|i| format!("w{i}")).collect();
+    let ids = ids("w", 122);
     for id in &ids {
         c.open(id, "[[mock chunks=1]]").await;
     }

@@ -413,3 +413,8 @@ pub fn captured_logs() -> &'static Captured {
         captured
     })
 }
+
+/// `n` stream ids `prefix:0` … `prefix:{n-1}`.
+pub fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}:{i}")).collect()
+}
