@@ -19,7 +19,7 @@
 //! - [`scheduler`]: per-provider upstream slots and the priority queue with aging.
 //! - [`breaker`]: per-provider circuit breaker.
 //! - [`metrics`]: Prometheus metrics (`docs/metrics.md`).
-//! - [`billing`]: token counts, stream cost, daily budgets per user and tier.
+//! - [`billing`]: token counts, stream cost, daily budgets, and the settlement of a stream's end.
 //! - [`upstream`]: providers, pooled HTTP clients, SSE chunk parsing, backoff policy.
 //! - [`sse`]: the server-sent events parser: linear time, bounded event size.
 //! - [`redact`]: the one path upstream text takes to a frame or a log (keys, controls).
