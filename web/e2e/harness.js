@@ -495,3 +495,19 @@ export function assertExact (runs, prompts, chunks, indexes) {
     assert.equal(run.deltas, chunks, `tab ${i} got ${run.deltas} deltas`)
   }
 }
+
+/** Waits (bounded) until every page's run `key` has shown at least `n` deltas. */
+export const underWay = (pages, key, n) => waitFor(async () => (await Promise.all(pages.map(p => readRun(p, key)))).every(r => r && r.deltas >= n), { what: `every "${key}" stream under way` })
+
+/**
+ * An init script for fallback mode: no BroadcastChannel (so every tab is `solo`), and a count of
+ * the WebSockets each page opened in `window.__sockets`.
+ */
+export function fallbackCountingSockets () {
+  delete window.BroadcastChannel
+  const Native = window.WebSocket
+  window.__sockets = 0
+  window.WebSocket = class extends Native {
+    constructor (...args) { super(...args); window.__sockets++ }
+  }
+}

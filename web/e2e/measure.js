@@ -8,8 +8,8 @@
 import fs from 'node:fs'
 import path from 'node:path'
 import {
-  crashPage, demoUrl, expectedText, launchBrowser, leaderIndex, openTabs, readRun, sleep, startAll,
-  startStack, userNamer, waitFor, waitShared,
+  crashPage, demoUrl, expectedText, fallbackCountingSockets, launchBrowser, leaderIndex, openTabs,
+  readRun, sleep, startAll, startStack, underWay, userNamer, waitShared,
 } from './harness.js'
 
 const args = process.argv.slice(2)
@@ -79,7 +79,7 @@ async function closed (stack) {
     const li = await leaderIndex(pages)
     const shape = { chunks: 60, delayMs: 80 }
     const prompts = await startAll(pages, 'closed', shape)
-    await waitFor(async () => (await Promise.all(pages.map(p => readRun(p, 'closed')))).every(r => r && r.deltas >= 8), { what: 'under way' })
+    await underWay(pages, 'closed', 8)
     const t0 = Date.now()
     await pages[li].close({ runBeforeUnload: true })
     const rest = pages.filter((_, i) => i !== li)
@@ -109,7 +109,7 @@ async function crashed (stack) {
     const shape = { chunks: 80, delayMs: 80 }
     const prompts = await startAll(pages, 'crashed', shape, new Set([li]))
     const rest = pages.filter((_, i) => i !== li)
-    await waitFor(async () => (await Promise.all(rest.map(p => readRun(p, 'crashed')))).every(r => r && r.deltas >= 5), { what: 'under way' })
+    await underWay(rest, 'crashed', 5)
     await recordRoles(rest)
     const before = (await stack.gateway.admin(user)).connections_total
     const t0 = Date.now()
@@ -133,16 +133,7 @@ async function crashed (stack) {
 async function fallback (stack) {
   const N = 20
   const user = newUser('fallback')
-  const { context, close } = await launchBrowser({
-    initScript: () => {
-      delete window.BroadcastChannel
-      const Native = window.WebSocket
-      window.__sockets = 0
-      window.WebSocket = class extends Native {
-        constructor (...a) { super(...a); window.__sockets++ }
-      }
-    },
-  })
+  const { context, close } = await launchBrowser({ initScript: fallbackCountingSockets })
   try {
     const pages = await openTabs(context, demoUrl(stack.gateway.url, user), N)
     const shape = { chunks: 30, delayMs: 60 }

@@ -6,8 +6,9 @@
 import { after, before, test } from 'node:test'
 import assert from 'node:assert/strict'
 import {
-  assertExact, crashPage, demoUrl, launchBrowser, leaderIndex, openTabs, readRun, socketsOpened,
-  startAll, startStack, statuses, userNamer, waitFor, waitRuns, waitShared,
+  assertExact, crashPage, demoUrl, fallbackCountingSockets, launchBrowser, leaderIndex, openTabs,
+  socketsOpened, startAll, startStack, statuses, underWay, userNamer, waitFor, waitRuns,
+  waitShared,
 } from './harness.js'
 
 const TABS = 30
@@ -18,8 +19,6 @@ before(async () => { stack = await startStack() })
 after(async () => { await stack?.stop() })
 
 const newUser = userNamer('e2e30')
-
-const underWay = (pages, key, n) => waitFor(async () => (await Promise.all(pages.map(p => readRun(p, key)))).every(r => r && r.deltas >= n), { what: `every "${key}" stream under way` })
 
 test('30 tabs: closing the leader mid-stream, the 29 others finish exact on ONE new socket', T, async () => {
   const user = newUser('leader-closes')
@@ -98,16 +97,7 @@ test('fallback, 20 tabs of one user over the cap of 16: 16 exact, 4 clear errors
   const user = newUser('fallback-cap')
   const N = 20
   const CAP = 16 // the gateway's default `max_connections` per user (src/limits.rs)
-  const { context, close } = await launchBrowser({
-    initScript: () => {
-      delete window.BroadcastChannel
-      const Native = window.WebSocket
-      window.__sockets = 0
-      window.WebSocket = class extends Native {
-        constructor (...args) { super(...args); window.__sockets++ }
-      }
-    },
-  })
+  const { context, close } = await launchBrowser({ initScript: fallbackCountingSockets })
   try {
     const pages = await openTabs(context, demoUrl(stack.gateway.url, user), N)
     assert.deepEqual((await statuses(pages)).map(x => x.role), Array(N).fill('solo'))

@@ -4,8 +4,8 @@ import { after, before, test } from 'node:test'
 import assert from 'node:assert/strict'
 import {
   assertExact, demoUrl, expectedText, freezePage, launchBrowser, leaderIndex, maxConcurrent,
-  mockPrompt, openTabs, readRun, sleep, startAll, startProxy, startStack, statuses,
-  streamsOverlapping, userNamer, waitFor, waitRuns, waitShared,
+  mockPrompt, openTabs, sleep, startAll, startProxy, startStack, statuses, streamsOverlapping,
+  underWay, userNamer, waitFor, waitRuns, waitShared,
 } from './harness.js'
 
 const TABS = 12
@@ -50,7 +50,7 @@ test('3. closing the leader tab mid-stream: the others finish exact, a new leade
     const li = await leaderIndex(pages)
     const shape = { chunks: 60, delayMs: 80 }
     const prompts = await startAll(pages, 'handover', shape)
-    await waitFor(async () => (await Promise.all(pages.map(p => readRun(p, 'handover')))).every(r => r && r.deltas >= 5), { what: 'every stream under way' })
+    await underWay(pages, 'handover', 5)
     await pages[li].close({ runBeforeUnload: true })
     const rest = pages.filter((_, i) => i !== li)
     const runs = await waitRuns(rest, 'handover')
@@ -74,7 +74,7 @@ test('4. closing a follower tab mid-stream aborts its upstream request', T, asyn
     const fi = (li + 5) % TABS
     const shape = { chunks: 50, delayMs: 80 }
     const prompts = await startAll(pages, 'bye', shape)
-    await waitFor(async () => (await Promise.all(pages.map(p => readRun(p, 'bye')))).every(r => r && r.deltas >= 3), { what: 'every stream under way' })
+    await underWay(pages, 'bye', 3)
     const before = await stack.mock.stats()
     await pages[fi].close({ runBeforeUnload: true })
     await waitFor(async () => (await stack.mock.stats()).aborted > before.aborted, { timeoutMs: 10_000, what: 'the mock to see an aborted request' })
@@ -97,7 +97,7 @@ test('4b. a follower that stops answering is dropped by heartbeat and its upstre
     const fi = (li + 3) % TABS
     const shape = { chunks: 120, delayMs: 60 }
     const prompts = await startAll(pages, 'hang', shape)
-    await waitFor(async () => (await Promise.all(pages.map(p => readRun(p, 'hang')))).every(r => r && r.deltas >= 3), { what: 'every stream under way' })
+    await underWay(pages, 'hang', 3)
     const before = await stack.mock.stats()
     // no pagehide, no bye: the tab just stops (as a hung or crashed renderer would)
     const hang = await freezePage(context, pages[fi])
@@ -127,7 +127,7 @@ test('5a. the leader\'s socket is cut mid-stream: tabs reconnect and resume with
     await waitShared(pages)
     const shape = { chunks: 60, delayMs: 80 }
     const prompts = await startAll(pages, 'cut', shape)
-    await waitFor(async () => (await Promise.all(pages.map(p => readRun(p, 'cut')))).every(r => r && r.deltas >= 5), { what: 'every stream under way' })
+    await underWay(pages, 'cut', 5)
     assert.equal((await stack.gateway.admin(user)).connections_total, 1)
     proxy.cut()
     const runs = await waitRuns(pages, 'cut')
@@ -147,7 +147,7 @@ test('5b. the gateway restarts mid-stream: those streams end with a clear error,
     // far longer than the gateway's drain (2 s): the restart must cut them off
     const shape = { chunks: 400, delayMs: 50 }
     await startAll(pages, 'doomed', shape)
-    await waitFor(async () => (await Promise.all(pages.map(p => readRun(p, 'doomed')))).every(r => r && r.deltas >= 3), { what: 'every stream under way' })
+    await underWay(pages, 'doomed', 3)
     const restart = stack.restartGateway('SIGTERM')
     const runs = await waitRuns(pages, 'doomed', { timeoutMs: 45_000 })
     t.diagnostic(`errors seen: ${[...new Set(runs.map(r => r.error && `${r.error.code}: ${r.error.message}`))].join(' | ')}`)
@@ -196,7 +196,7 @@ test('7. a frozen leader is replaced and the other tabs\' streams finish', T, as
     const shape = { chunks: 80, delayMs: 80 }
     const prompts = await startAll(pages, 'frozen', shape, new Set([li]))
     const rest = pages.filter((_, i) => i !== li)
-    await waitFor(async () => (await Promise.all(rest.map(p => readRun(p, 'frozen')))).every(r => r && r.deltas >= 3), { what: 'every stream under way' })
+    await underWay(rest, 'frozen', 3)
     const freeze = await freezePage(context, pages[li])
     t.diagnostic(freeze.frozenByLifecycle
       ? 'leader frozen by Page.setWebLifecycleState'
