@@ -38,6 +38,18 @@ export const FRAME = Object.freeze({
   refreshed: 'refreshed',
 })
 
+/**
+ * `type`s of the parts `ChatStream.parts()` yields. One `delta` frame gives its parts in this
+ * order: reasoning, refusal, text, then its tool-call fragments.
+ */
+export const PART = Object.freeze({
+  reasoning: 'reasoning',
+  refusal: 'refusal',
+  text: 'text',
+  /** one fragment of a tool call: `index`, `id`/`name` on the call's first fragment, `arguments` piece */
+  toolCall: 'tool_call',
+})
+
 /** Protocol error codes (`error.code`). */
 export const ERROR_CODE = Object.freeze({
   unauthorized: 'unauthorized',

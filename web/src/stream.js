@@ -1,18 +1,28 @@
-import { CLIENT_ERROR_CODE, DEFAULTS, ERROR_CODE, FRAME } from './constants.js'
+import { CLIENT_ERROR_CODE, DEFAULTS, ERROR_CODE, FRAME, PART } from './constants.js'
 import MuxError from './errors.js'
 
 /**
- * One answer being streamed into this tab: an async iterable of text deltas.
+ * One answer being streamed into this tab: an async iterable of text deltas, or with
+ * `parts()` of everything the answer carries (reasoning, refusal, text, tool-call fragments).
  *
  * The tab that owns a stream is the one place that knows which `seq` it has shown, so the
  * dedupe lives here: after a reconnect or a change of leader the gateway replays from the
  * last `seq` this tab reported, and any frame at or below it is dropped. Frames that arrive
- * ahead of a gap wait (bounded) until the gap is filled.
+ * ahead of a gap wait (bounded) until the gap is filled. The whole answer (tool calls merged
+ * from their fragments, reasoning, refusal) is assembled here too, from each frame once, so a
+ * replay after a handover is never merged twice.
  *
  * @example
  * const s = mux.chat({ model: 'deepseek-v3.2', messages })
  * for await (const text of s) out.textContent += text   // `break` cancels the stream
  * const { usage, finish_reason, cost_usd } = await s.result
+ *
+ * @example
+ * for await (const part of mux.chat({ model, messages, params: { tools } }).parts()) {
+ *   if (part.type === 'reasoning') thinking.append(part.text)
+ *   else if (part.type === 'text') out.append(part.text)
+ * }
+ * const { toolCalls, reasoning, refusal, usage } = await s.result
  */
 export default class ChatStream {
   /**
@@ -43,12 +53,19 @@ export default class ChatStream {
     this.gapTimer = undefined
     /** @type {Map<number, object>} frames with seq > lastSeq + 1, by seq */
     this.held = new Map()
-    /** @type {string[]} text not yet read by the consumer */
+    /** @type {object[]} parts not yet read by the consumer (the text iterator skips the others) */
     this.queue = []
-    /** @type {Array<(r: IteratorResult<string>) => void>} */
+    /** @type {Array<{parts: boolean, resolve: (r: IteratorResult<any>) => void, reject: (e: Error) => void}>} */
     this.waiters = []
-    /** @type {Array<(e: Error) => void>} */
-    this.failers = []
+    /** The whole answer so far, for `result`. */
+    this.text = ''
+    this.reasoning = ''
+    /** @type {string|null} */
+    this.refusal = null
+    /** @type {Map<number, {id?: string, type?: string, function: {name: string, arguments: string}}>} by `index` */
+    this.toolCalls = new Map()
+    /** @type {{content?: object[], refusal?: object[]}|null} the deltas' `logprobs`, concatenated */
+    this.logprobs = null
     /** @type {MuxError|null} error to throw to the iterator (not set for a cancel) */
     this.failure = null
     this.result = new Promise((resolve, reject) => {
@@ -126,16 +143,104 @@ export default class ChatStream {
       this.changed()
     }
     if (frame.type === FRAME.delta) {
-      if (frame.text) this.emit(frame.text)
+      this.applyDelta(frame)
     } else if (frame.type === FRAME.done) {
       this.finish()
-      this.resolveResult({
+      const result = {
         usage: frame.usage ?? null,
         finish_reason: frame.finish_reason ?? null,
         cost_usd: frame.cost_usd ?? null,
-      })
+        text: this.text,
+        reasoning: this.reasoning,
+        refusal: this.refusal,
+        toolCalls: this.assembledToolCalls(),
+      }
+      if (frame.completion_id != null) result.completion_id = frame.completion_id
+      if (frame.system_fingerprint != null) result.system_fingerprint = frame.system_fingerprint
+      if (frame.usage_estimated != null) result.usage_estimated = frame.usage_estimated
+      if (frame.model != null) result.model = frame.model
+      if (this.logprobs) result.logprobs = this.logprobs
+      this.resolveResult(result)
     } else if (frame.type === FRAME.error) {
       this.fail(MuxError.fromFrame({ ...frame, id: this.id }))
+    }
+  }
+
+  /**
+   * One `delta` in sequence: its parts in the documented order (reasoning, refusal, text, tool
+   * calls), each added to the answer and queued for the reader.
+   * @param {any} frame
+   */
+  applyDelta (frame) {
+    const logprobs = frame.logprobs && typeof frame.logprobs === 'object' ? frame.logprobs : null
+    if (logprobs) this.addLogprobs(logprobs)
+    // The delta's logprobs go on the part they score: its text, else its refusal.
+    const text = typeof frame.text === 'string' ? frame.text : ''
+    const scored = text ? PART.text : PART.refusal
+    if (typeof frame.reasoning === 'string' && frame.reasoning) {
+      this.reasoning += frame.reasoning
+      this.emit({ type: PART.reasoning, text: frame.reasoning })
+    }
+    if (typeof frame.refusal === 'string' && frame.refusal) {
+      this.refusal = (this.refusal ?? '') + frame.refusal
+      this.emit(withLogprobs({ type: PART.refusal, text: frame.refusal }, scored === PART.refusal && logprobs))
+    }
+    if (text) {
+      this.text += text
+      this.emit(withLogprobs({ type: PART.text, text }, logprobs))
+    }
+    if (Array.isArray(frame.tool_calls)) {
+      for (const fragment of frame.tool_calls) {
+        if (fragment && typeof fragment === 'object') this.emit(this.mergeToolCall(fragment))
+      }
+    }
+  }
+
+  /**
+   * Adds one tool-call fragment to the call at its `index`, as OpenAI's own SDK does: `id`,
+   * `type` and `name` are set by the fragment that carries them, `arguments` pieces append.
+   * An upstream that omits `index` (some OpenAI-compatible ones send each call whole) gets
+   * one call per new `id`; a fragment with neither continues the last call.
+   * @param {any} fragment
+   * @returns {{type: 'tool_call', index: number, id?: string, name?: string, arguments: string}}
+   */
+  mergeToolCall (fragment) {
+    const fn = fragment.function && typeof fragment.function === 'object' ? fragment.function : {}
+    let index = fragment.index
+    if (!Number.isInteger(index)) {
+      const known = [...this.toolCalls].find(([, c]) => fragment.id != null && c.id === fragment.id)
+      if (known) index = known[0]
+      else if (fragment.id == null && this.toolCalls.size > 0) index = Math.max(...this.toolCalls.keys())
+      else index = this.toolCalls.size === 0 ? 0 : Math.max(...this.toolCalls.keys()) + 1
+    }
+    let call = this.toolCalls.get(index)
+    if (!call) {
+      call = { function: { name: '', arguments: '' } }
+      this.toolCalls.set(index, call)
+    }
+    const part = { type: PART.toolCall, index }
+    if (typeof fragment.id === 'string') part.id = call.id = fragment.id
+    if (typeof fragment.type === 'string') call.type = fragment.type
+    if (typeof fn.name === 'string' && fn.name) part.name = call.function.name = fn.name
+    part.arguments = typeof fn.arguments === 'string' ? fn.arguments : ''
+    call.function.arguments += part.arguments
+    return part
+  }
+
+  /** The tool calls so far, in `index` order, in the shape of a chat-completions message. */
+  assembledToolCalls () {
+    return [...this.toolCalls].sort((a, b) => a[0] - b[0]).map(([, c]) => ({
+      id: c.id ?? '',
+      type: c.type ?? 'function',
+      function: { name: c.function.name, arguments: c.function.arguments },
+    }))
+  }
+
+  /** @param {{content?: unknown, refusal?: unknown}} logprobs */
+  addLogprobs (logprobs) {
+    this.logprobs ??= {}
+    for (const key of ['content', 'refusal']) {
+      if (Array.isArray(logprobs[key])) (this.logprobs[key] ??= []).push(...logprobs[key])
     }
   }
 
@@ -163,15 +268,18 @@ export default class ChatStream {
     this.onCancel?.(this.id)
   }
 
-  /** @param {string} text */
-  emit (text) {
-    const waiter = this.waiters.shift()
-    if (waiter) {
-      this.failers.shift()
-      waiter({ value: text, done: false })
-    } else {
-      this.queue.push(text)
+  /** @param {{type: string, text?: string}} part */
+  emit (part) {
+    const waiter = this.waiters[0]
+    if (!waiter) {
+      this.queue.push(part)
+      return
     }
+    // A text reader waiting: a part without text is read (and skipped) by it, as it would
+    // be from the queue.
+    if (!waiter.parts && part.type !== PART.text) return
+    this.waiters.shift()
+    waiter.resolve({ value: waiter.parts ? part : part.text, done: false })
   }
 
   finish () {
@@ -187,12 +295,11 @@ export default class ChatStream {
   wakeAll () {
     if (!this.ended || this.waiters.length === 0) return
     const waiters = this.waiters.splice(0)
-    const failers = this.failers.splice(0)
     const failure = this.failure
     this.failure = null
-    waiters.forEach((resolve, i) => {
-      if (failure && i === 0) failers[i](failure)
-      else resolve({ value: undefined, done: true })
+    waiters.forEach((w, i) => {
+      if (failure && i === 0) w.reject(failure)
+      else w.resolve({ value: undefined, done: true })
     })
   }
 
@@ -200,29 +307,65 @@ export default class ChatStream {
     this.onChange?.(this)
   }
 
-  /** @returns {AsyncIterator<string>} */
-  [Symbol.asyncIterator] () {
-    return {
-      next: () => {
-        if (this.queue.length > 0) return Promise.resolve({ value: this.queue.shift(), done: false })
-        if (this.ended) {
-          const failure = this.failure
-          if (failure) {
-            this.failure = null
-            return Promise.reject(failure)
-          }
-          return Promise.resolve({ value: undefined, done: true })
-        }
-        return new Promise((resolve, reject) => {
-          this.waiters.push(resolve)
-          this.failers.push(reject)
-        })
-      },
+  /**
+   * The next value for a reader: a part (`parts`), or the next text.
+   * @param {boolean} parts
+   * @returns {Promise<IteratorResult<any>>}
+   */
+  take (parts) {
+    while (this.queue.length > 0) {
+      const part = this.queue.shift()
+      if (parts) return Promise.resolve({ value: part, done: false })
+      if (part.type === PART.text) return Promise.resolve({ value: part.text, done: false })
+    }
+    if (this.ended) {
+      const failure = this.failure
+      if (failure) {
+        this.failure = null
+        return Promise.reject(failure)
+      }
+      return Promise.resolve({ value: undefined, done: true })
+    }
+    return new Promise((resolve, reject) => this.waiters.push({ parts, resolve, reject }))
+  }
+
+  /** @param {boolean} parts @returns {AsyncIterableIterator<any>} */
+  reader (parts) {
+    const it = {
+      next: () => this.take(parts),
       // `break` out of `for await`: the reader wants no more, so stop paying for it.
       return: () => {
         this.cancel()
         return Promise.resolve({ value: undefined, done: true })
       },
+      [Symbol.asyncIterator]: () => it,
     }
+    return it
   }
+
+  /**
+   * Everything the answer streams, part by part: `{type: 'reasoning'|'refusal'|'text', text}`
+   * and `{type: 'tool_call', index, id?, name?, arguments}` (one per fragment; `id` and
+   * `name` on a call's first fragment). Reading it consumes the stream, like the text
+   * iterator: use one or the other. `break` cancels the stream.
+   * @returns {AsyncIterableIterator<object>}
+   */
+  parts () {
+    return this.reader(true)
+  }
+
+  /** Text only: parts without text yield nothing. @returns {AsyncIterator<string>} */
+  [Symbol.asyncIterator] () {
+    return this.reader(false)
+  }
+}
+
+/**
+ * @template {object} P
+ * @param {P} part @param {object|null|false} logprobs
+ * @returns {P}
+ */
+function withLogprobs (part, logprobs) {
+  if (logprobs) part.logprobs = logprobs
+  return part
 }
