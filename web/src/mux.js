@@ -1020,7 +1020,7 @@ export default class Mux {
         this.deliverBatch(m)
         return
       case BUS.connError:
-        this.emit('error', new MuxError(m.error?.code ?? ERROR_CODE.internal, m.error?.message))
+        this.emit('error', MuxError.fromFrame(m.error ?? {}))
         return
       case BUS.resign:
         this.lastResign = m

@@ -109,8 +109,51 @@ export function fakeAnswer (id, chunks) {
 }
 
 /**
+ * The answer the fake gateway streams for stream `id` when its prompt says `reasoning=R`
+ * and/or `tools=T`: R reasoning deltas, then T tool calls whose fragments interleave (the
+ * first of each carries id, type and name; each call's arguments JSON is cut into 4-char
+ * pieces, some inside an escape). `frames` are the deltas without `seq`; `reasoning` and
+ * `toolCalls` what a reader assembles from them.
+ */
+export function fakeToolAnswer (id, { reasoning = 0, tools = 0 } = {}) {
+  const frames = []
+  let thought = ''
+  for (let k = 0; k < reasoning; k++) {
+    const piece = `${id} thinks ${k}. `
+    thought += piece
+    frames.push({ type: 'delta', id, text: '', reasoning: piece })
+  }
+  const toolCalls = Array.from({ length: tools }, (_, i) => ({
+    id: `call_${i}`, type: 'function',
+    function: { name: `tool_${i}`, arguments: JSON.stringify({ stream: id, i, quote: 'say "hi"\n\u00e9' }) },
+  }))
+  toolCalls.forEach((c, index) => frames.push({ type: 'delta', id, text: '', tool_calls: [{ index, id: c.id, type: c.type, function: { name: c.function.name, arguments: '' } }] }))
+  const pieces = toolCalls.map(c => c.function.arguments.match(/[\s\S]{1,4}/g))
+  for (let k = 0; pieces.some(p => k < p.length); k++) {
+    pieces.forEach((p, index) => {
+      if (k < p.length) frames.push({ type: 'delta', id, text: '', tool_calls: [{ index, function: { arguments: p[k] } }] })
+    })
+  }
+  return { frames, reasoning: thought, toolCalls }
+}
+
+/** The usage the fake gateway reports with a tool-call answer (every detail field). */
+export const FAKE_TOOL_USAGE = Object.freeze({
+  prompt_tokens: 30, completion_tokens: 25, total_tokens: 55,
+  prompt_tokens_details: { cached_tokens: 10 }, completion_tokens_details: { reasoning_tokens: 5 },
+})
+
+/** The error body of a `fail=STATUS` prompt, as the gateway relays an upstream's. */
+export const fakeUpstreamError = (id, status) => ({
+  type: 'error', id, code: 'upstream_error', message: 'maximum context length exceeded', status,
+  upstream: { type: 'invalid_request_error', code: 'context_length_exceeded', param: 'messages' },
+})
+
+/**
  * A fake gateway: streams outlive connections and are resumed by `hello.resume`, like the
- * real one. Prompts say how many chunks: `chunks=N` in the last message.
+ * real one. Prompts say how many chunks: `chunks=N` in the last message; `reasoning=R` and
+ * `tools=T` stream `fakeToolAnswer` instead; `fail=STATUS` ends the stream with
+ * `fakeUpstreamError` instead of `done`.
  * - `maxConnections`: a hello over it gets `error` (id null) and close 4429, as the gateway's
  *   per-user cap does.
  * - `refresh` (docs/protocol.md extension): `knowsRefresh: false` answers it like an older
@@ -211,7 +254,11 @@ export class FakeGateway {
         if (live && !live.finished) return this.frame(ws, { type: 'error', id: msg.id, code: 'duplicate_id', message: 'dup' })
         const content = msg.messages.at(-1).content
         const chunks = Number(/chunks=(\d+)/.exec(content)?.[1] ?? 5)
-        const s = { id: msg.id, ws, log: [], seq: 0, chunks, finished: false, timer: null }
+        const reasoning = Number(/reasoning=(\d+)/.exec(content)?.[1] ?? 0)
+        const tools = Number(/tools=(\d+)/.exec(content)?.[1] ?? 0)
+        const fail = Number(/fail=(\d+)/.exec(content)?.[1] ?? 0)
+        const script = reasoning || tools ? fakeToolAnswer(msg.id, { reasoning, tools }).frames : null
+        const s = { id: msg.id, ws, log: [], seq: 0, chunks, script, tools, fail, finished: false, timer: null }
         this.streams.set(msg.id, s)
         this.opened++
         this.frame(ws, { type: 'start', id: msg.id, model: msg.model })
@@ -245,11 +292,18 @@ export class FakeGateway {
 
   tick (s) {
     const k = s.seq
-    if (k < s.chunks) {
-      const f = { type: 'delta', id: s.id, seq: ++s.seq, text: `${s.id}#${k} ` }
+    if (k < (s.script ? s.script.length : s.chunks)) {
+      const f = s.script ? { ...s.script[k], seq: ++s.seq } : { type: 'delta', id: s.id, seq: ++s.seq, text: `${s.id}#${k} ` }
       s.log.push(f)
       if (s.ws && s.ws.readyState === 1) this.frame(s.ws, f)
       return
+    }
+    if (s.fail) return this.finish(s, fakeUpstreamError(s.id, s.fail))
+    if (s.script) {
+      return this.finish(s, {
+        type: 'done', id: s.id, finish_reason: s.tools ? 'tool_calls' : 'stop', usage: FAKE_TOOL_USAGE,
+        cost_usd: 0.002, completion_id: `chatcmpl-${s.id}`, system_fingerprint: 'fp_fake',
+      })
     }
     this.finish(s, { type: 'done', id: s.id, finish_reason: 'stop', usage: { prompt_tokens: 3, completion_tokens: s.chunks }, cost_usd: 0.001 })
   }

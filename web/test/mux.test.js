@@ -3,7 +3,8 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import {
-  ask, closeAll, collect, FakeGateway, fakeAnswer, fakeTabs, roles, settled, until,
+  ask, closeAll, collect, FAKE_TOOL_USAGE, FakeGateway, fakeAnswer, fakeTabs, fakeToolAnswer,
+  fakeUpstreamError, roles, settled, until,
 } from './fakes.js'
 
 const tabs = fakeTabs
@@ -307,5 +308,88 @@ test('a visible follower takes over from a leader hidden for preferVisibleMs', a
     await until(() => follower.mux.role === 'leader', { what: 'the visible tab to lead' })
     assert.deepEqual(await reading, { text: fakeAnswer(s.id, 80), error: null })
     await until(() => leader.mux.role === 'follower', { what: 'the hidden tab to follow' })
+  } finally { closeAll(list); gw.stop() }
+})
+
+/** Reads a stream's parts; resolves {parts, error}. */
+async function collectParts (stream) {
+  const parts = []
+  try {
+    for await (const p of stream.parts()) parts.push(p)
+    return { parts, error: null }
+  } catch (error) {
+    return { parts, error }
+  }
+}
+
+test('followers get reasoning and tool calls through the leader, merged once across a leader handover', async () => {
+  const gw = new FakeGateway({ chunkMs: 4 })
+  const list = tabs(3, { gw })
+  try {
+    await settled(list)
+    const leader = list.find(t => t.mux.role === 'leader')
+    const followers = list.filter(t => t !== leader)
+    const shape = { reasoning: 12, tools: 3 }
+    const streams = followers.map(t => t.mux.chat({ model: 'm', messages: [{ role: 'user', content: 'weather? reasoning=12 tools=3' }] }))
+    const reads = streams.map(collectParts)
+    const expected = streams.map(s => fakeToolAnswer(s.id, shape))
+    // the leader leaves while the followers are inside the tool calls' fragments
+    await until(() => streams.every(s => s.lastSeq >= shape.reasoning + shape.tools + 2), { what: 'tool calls under way' })
+    leader.page.pagehide()
+    const results = await Promise.all(reads)
+    for (const [i, s] of streams.entries()) {
+      const { parts, error } = results[i]
+      assert.equal(error, null)
+      const want = expected[i]
+      // every fragment exactly once, in order: nothing replayed by the new leader was merged twice
+      const fromFrames = want.frames.flatMap(f => f.reasoning ? [{ type: 'reasoning', text: f.reasoning }] : f.tool_calls.map(c => ({
+        type: 'tool_call', index: c.index, ...(c.id ? { id: c.id, name: c.function.name } : {}), arguments: c.function.arguments,
+      })))
+      assert.deepEqual(parts, fromFrames)
+      const result = await s.result
+      assert.deepEqual(result.toolCalls, want.toolCalls)
+      assert.deepEqual(result.toolCalls.map(c => JSON.parse(c.function.arguments).stream), [s.id, s.id, s.id])
+      assert.equal(result.reasoning, want.reasoning)
+      assert.equal(result.text, '')
+      assert.equal(result.finish_reason, 'tool_calls')
+      assert.deepEqual(result.usage, FAKE_TOOL_USAGE)
+      assert.equal(result.completion_id, `chatcmpl-${s.id}`)
+      assert.equal(result.system_fingerprint, 'fp_fake')
+    }
+    assert.equal(gw.connectionsTotal, 2, 'the new leader resumed them on one new connection')
+  } finally { closeAll(list); gw.stop() }
+})
+
+test("an upstream's error reaches a follower with its status and the upstream's code", async () => {
+  const gw = new FakeGateway({ chunkMs: 3 })
+  const list = tabs(2, { gw })
+  try {
+    await settled(list)
+    const follower = list.find(t => t.mux.role === 'follower')
+    const s = follower.mux.chat({ model: 'm', messages: [{ role: 'user', content: 'too long chunks=2 fail=400' }] })
+    const { text, error } = await collect(s)
+    assert.equal(text, fakeAnswer(s.id, 2))
+    const want = fakeUpstreamError(s.id, 400)
+    assert.equal(error.code, 'upstream_error')
+    assert.equal(error.status, 400)
+    assert.deepEqual(error.upstream, want.upstream)
+    assert.equal(error.id, s.id)
+    await assert.rejects(s.result, { code: 'upstream_error', status: 400, upstream: want.upstream })
+  } finally { closeAll(list); gw.stop() }
+})
+
+test('a connection error reaches every tab with all its fields', async () => {
+  const gw = new FakeGateway()
+  const list = tabs(2, { gw })
+  try {
+    await settled(list)
+    const seen = list.map(() => [])
+    list.forEach((t, i) => t.mux.on('error', e => seen[i].push(e)))
+    const ws = [...gw.sockets].find(w => w.hello)
+    gw.frame(ws, { type: 'error', id: null, code: 'rate_limited', message: 'too many frames', retry_after_ms: 750 })
+    await until(() => seen.every(s => s.length === 1), { what: 'the error in both tabs' })
+    const [leaderSaw, followerSaw] = list[0].mux.role === 'leader' ? seen : [seen[1], seen[0]]
+    assert.equal(followerSaw[0].retryAfterMs, 750)
+    assert.deepEqual(followerSaw[0].toJSON(), leaderSaw[0].toJSON())
   } finally { closeAll(list); gw.stop() }
 })
