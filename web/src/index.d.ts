@@ -6,6 +6,11 @@
 // const answer = mux.chat({ model: 'deepseek-v3.2', messages: [{ role: 'user', content: 'hi' }] })
 // for await (const text of answer) out.append(text)
 // const { usage, finish_reason, cost_usd } = await answer.result
+//
+// // everything the model streams, tool calls and reasoning included:
+// const call = mux.chat({ model, messages, params: { tools } })
+// for await (const part of call.parts()) if (part.type === 'reasoning') thinking.append(part.text)
+// const { toolCalls, reasoning, refusal } = await call.result
 
 /** This tab's part in sharing the socket. */
 export type Role = 'electing' | 'leader' | 'follower' | 'solo' | 'closed'
@@ -35,19 +40,92 @@ export interface ChatRequest {
   signal?: AbortSignal
 }
 
+/** The upstream's usage, every field it sent (only the three counts when `usage_estimated`). */
 export interface Usage {
   prompt_tokens: number
   completion_tokens: number
+  /** Always present from a gateway that speaks issue 12's fields (computed when the upstream omits it). */
+  total_tokens?: number
+  prompt_tokens_details?: {
+    /** Prompt tokens served from the provider's cache (priced at the model's `cached_input`). */
+    cached_tokens?: number
+    [key: string]: unknown
+  }
+  completion_tokens_details?: {
+    /** Completion tokens spent on reasoning (counted in `completion_tokens`). */
+    reasoning_tokens?: number
+    [key: string]: unknown
+  }
   [key: string]: unknown
 }
 
-export interface ChatResult {
-  usage: Usage | null
-  finish_reason: string | null
-  cost_usd: number | null
+/** A tool call of the answer, its fragments merged by `index`: the shape of a chat-completions message's `tool_calls`. */
+export interface ToolCall {
+  id: string
+  /** `'function'` unless the upstream said otherwise. */
+  type: 'function' | string
+  function: {
+    name: string
+    /** The arguments JSON text exactly as the model wrote it (parse it yourself: it may be invalid). */
+    arguments: string
+  }
 }
 
-/** One streamed answer: iterate it for text deltas. `break` cancels it. */
+/** Token log-probabilities as the upstream sent them (`params.logprobs: true`). */
+export interface Logprobs {
+  content?: Array<Record<string, unknown>>
+  refusal?: Array<Record<string, unknown>>
+  [key: string]: unknown
+}
+
+/**
+ * One piece of a streamed answer, from `ChatStream.parts()`. A `delta` gives its parts in the
+ * order reasoning, refusal, text, tool calls.
+ */
+export type ChatPart =
+  | { type: 'text', text: string, /** this delta's log-probabilities, when asked for */ logprobs?: Logprobs }
+  | { type: 'reasoning', text: string }
+  | { type: 'refusal', text: string, logprobs?: Logprobs }
+  | {
+    type: 'tool_call'
+    /** Which call this fragment belongs to. */
+    index: number
+    /** On the call's first fragment. */
+    id?: string
+    /** On the call's first fragment. */
+    name?: string
+    /** This fragment's piece of the arguments JSON (often cut mid-token; join them, or read `result.toolCalls`). */
+    arguments: string
+  }
+
+export interface ChatResult {
+  usage: Usage | null
+  finish_reason: 'stop' | 'length' | 'tool_calls' | 'content_filter' | string | null
+  cost_usd: number | null
+  /** The whole answer's text. */
+  text: string
+  /** The whole reasoning ('' when the model streamed none). */
+  reasoning: string
+  /** The whole refusal, or null when the model did not refuse. */
+  refusal: string | null
+  /** The answer's tool calls in `index` order ([] when none). */
+  toolCalls: ToolCall[]
+  /** The upstream's completion id (`chatcmpl-…`), when it sent one. */
+  completion_id?: string
+  system_fingerprint?: string
+  /** True when the upstream sent no usage and the gateway counted the tokens. */
+  usage_estimated?: boolean
+  /** The model that answered, when a configured fallback served instead of the one asked for. */
+  model?: string
+  /** Every delta's log-probabilities, concatenated, when asked for. */
+  logprobs?: Logprobs
+}
+
+/**
+ * One streamed answer: iterate it for text deltas (parts without text yield nothing), or
+ * `parts()` for everything. Use one of the two: reading either consumes the stream.
+ * `break` cancels it.
+ */
 export interface ChatStream extends AsyncIterable<string> {
   /** `<tab id>:<n>`, the logical stream id on the wire. */
   readonly id: string
@@ -58,6 +136,8 @@ export interface ChatStream extends AsyncIterable<string> {
   readonly ended: boolean
   /** Resolves when the answer is complete; rejects with a MuxError (code `cancelled` after `cancel()`). */
   readonly result: Promise<ChatResult>
+  /** Every part of the answer as it streams: reasoning, refusal, text and tool-call fragments. */
+  parts(): AsyncIterableIterator<ChatPart>
   /** Stops the answer; the gateway aborts the upstream request. The loop ends without throwing. */
   cancel(): void
 }
@@ -111,13 +191,33 @@ export interface ConnectOptions {
   tabId?: string
 }
 
+/** What an upstream's error body said; each field only when it said it. */
+export interface UpstreamError {
+  /** e.g. `invalid_request_error` */
+  type?: string
+  /** e.g. `context_length_exceeded` (a numeric code as its decimal string) */
+  code?: string
+  /** e.g. `messages` */
+  param?: string
+}
+
 export class MuxError extends Error {
-  constructor(code: ErrorCode | string, message?: string, details?: { id?: string | null, retryAfterMs?: number })
+  constructor(code: ErrorCode | string, message?: string,
+    details?: { id?: string | null, retryAfterMs?: number, status?: number, upstream?: UpstreamError })
+  /** Builds the error an `error` frame (or `toJSON()`'s output) describes. */
+  static fromFrame(frame: { code?: string, message?: string, id?: string | null, retry_after_ms?: number,
+    status?: number, upstream?: UpstreamError }): MuxError
+  /** The muxgate code (`upstream_error`, …); what the upstream said is in `upstream`. */
   readonly code: ErrorCode | string
   /** The stream this error is about, or null for the connection. */
   readonly id: string | null
   /** With `rate_limited`: when to try again. */
   readonly retryAfterMs?: number
+  /** The upstream's HTTP status, when an upstream response caused the error. */
+  readonly status?: number
+  readonly upstream?: UpstreamError
+  /** The error in the `error` frame's shape, for `postMessage`; `fromFrame` reads it back. */
+  toJSON(): { code: string, message: string, id: string | null, retry_after_ms?: number, status?: number, upstream?: UpstreamError }
 }
 
 export class Mux {
