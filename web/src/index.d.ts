@@ -27,7 +27,12 @@ export type ErrorCode =
 
 export interface ChatMessage {
   role: 'system' | 'user' | 'assistant' | 'tool' | string
-  content: string | Array<Record<string, unknown>>
+  /** null in an assistant message that only calls tools. */
+  content: string | Array<Record<string, unknown>> | null
+  /** An assistant message's calls, as `result.toolCalls` gives them. */
+  tool_calls?: ToolCall[]
+  /** A `tool` message: the call it answers. */
+  tool_call_id?: string
   [key: string]: unknown
 }
 

@@ -57,15 +57,13 @@ export default class ChatStream {
     this.queue = []
     /** @type {Array<{parts: boolean, resolve: (r: IteratorResult<any>) => void, reject: (e: Error) => void}>} */
     this.waiters = []
-    /** The whole answer so far, for `result`. */
-    this.text = ''
-    this.reasoning = ''
-    /** @type {string|null} */
-    this.refusal = null
-    /** @type {Map<number, {id?: string, type?: string, function: {name: string, arguments: string}}>} by `index` */
-    this.toolCalls = new Map()
-    /** @type {{content?: object[], refusal?: object[]}|null} the deltas' `logprobs`, concatenated */
-    this.logprobs = null
+    /**
+     * The whole answer so far, for `result`: tool calls by `index`, the deltas' `logprobs`
+     * concatenated.
+     * @type {{text: string, reasoning: string, refusal: string|null, logprobs: {content?: object[], refusal?: object[]}|null,
+     *   toolCalls: Map<number, {id?: string, type?: string, function: {name: string, arguments: string}}>}}
+     */
+    this.answer = { text: '', reasoning: '', refusal: null, toolCalls: new Map(), logprobs: null }
     /** @type {MuxError|null} error to throw to the iterator (not set for a cancel) */
     this.failure = null
     this.result = new Promise((resolve, reject) => {
@@ -150,16 +148,16 @@ export default class ChatStream {
         usage: frame.usage ?? null,
         finish_reason: frame.finish_reason ?? null,
         cost_usd: frame.cost_usd ?? null,
-        text: this.text,
-        reasoning: this.reasoning,
-        refusal: this.refusal,
+        text: this.answer.text,
+        reasoning: this.answer.reasoning,
+        refusal: this.answer.refusal,
         toolCalls: this.assembledToolCalls(),
       }
       if (frame.completion_id != null) result.completion_id = frame.completion_id
       if (frame.system_fingerprint != null) result.system_fingerprint = frame.system_fingerprint
       if (frame.usage_estimated != null) result.usage_estimated = frame.usage_estimated
       if (frame.model != null) result.model = frame.model
-      if (this.logprobs) result.logprobs = this.logprobs
+      if (this.answer.logprobs) result.logprobs = this.answer.logprobs
       this.resolveResult(result)
     } else if (frame.type === FRAME.error) {
       this.fail(MuxError.fromFrame({ ...frame, id: this.id }))
@@ -174,19 +172,18 @@ export default class ChatStream {
   applyDelta (frame) {
     const logprobs = frame.logprobs && typeof frame.logprobs === 'object' ? frame.logprobs : null
     if (logprobs) this.addLogprobs(logprobs)
-    // The delta's logprobs go on the part they score: its text, else its refusal.
     const text = typeof frame.text === 'string' ? frame.text : ''
-    const scored = text ? PART.text : PART.refusal
     if (typeof frame.reasoning === 'string' && frame.reasoning) {
-      this.reasoning += frame.reasoning
+      this.answer.reasoning += frame.reasoning
       this.emit({ type: PART.reasoning, text: frame.reasoning })
     }
     if (typeof frame.refusal === 'string' && frame.refusal) {
-      this.refusal = (this.refusal ?? '') + frame.refusal
-      this.emit(withLogprobs({ type: PART.refusal, text: frame.refusal }, scored === PART.refusal && logprobs))
+      this.answer.refusal = (this.answer.refusal ?? '') + frame.refusal
+      // the delta's logprobs go on the part they score: its text, else its refusal
+      this.emit(withLogprobs({ type: PART.refusal, text: frame.refusal }, !text && logprobs))
     }
     if (text) {
-      this.text += text
+      this.answer.text += text
       this.emit(withLogprobs({ type: PART.text, text }, logprobs))
     }
     if (Array.isArray(frame.tool_calls)) {
@@ -206,17 +203,19 @@ export default class ChatStream {
    */
   mergeToolCall (fragment) {
     const fn = fragment.function && typeof fragment.function === 'object' ? fragment.function : {}
+    const calls = this.answer.toolCalls
     let index = fragment.index
     if (!Number.isInteger(index)) {
-      const known = [...this.toolCalls].find(([, c]) => fragment.id != null && c.id === fragment.id)
+      const last = calls.size === 0 ? -1 : Math.max(...calls.keys())
+      const known = fragment.id == null ? undefined : [...calls].find(([, c]) => c.id === fragment.id)
       if (known) index = known[0]
-      else if (fragment.id == null && this.toolCalls.size > 0) index = Math.max(...this.toolCalls.keys())
-      else index = this.toolCalls.size === 0 ? 0 : Math.max(...this.toolCalls.keys()) + 1
+      else if (fragment.id == null && last >= 0) index = last
+      else index = last + 1
     }
-    let call = this.toolCalls.get(index)
+    let call = calls.get(index)
     if (!call) {
       call = { function: { name: '', arguments: '' } }
-      this.toolCalls.set(index, call)
+      calls.set(index, call)
     }
     const part = { type: PART.toolCall, index }
     if (typeof fragment.id === 'string') part.id = call.id = fragment.id
@@ -229,7 +228,7 @@ export default class ChatStream {
 
   /** The tool calls so far, in `index` order, in the shape of a chat-completions message. */
   assembledToolCalls () {
-    return [...this.toolCalls].sort((a, b) => a[0] - b[0]).map(([, c]) => ({
+    return [...this.answer.toolCalls].sort((a, b) => a[0] - b[0]).map(([, c]) => ({
       id: c.id ?? '',
       type: c.type ?? 'function',
       function: { name: c.function.name, arguments: c.function.arguments },
@@ -238,9 +237,9 @@ export default class ChatStream {
 
   /** @param {{content?: unknown, refusal?: unknown}} logprobs */
   addLogprobs (logprobs) {
-    this.logprobs ??= {}
+    this.answer.logprobs ??= {}
     for (const key of ['content', 'refusal']) {
-      if (Array.isArray(logprobs[key])) (this.logprobs[key] ??= []).push(...logprobs[key])
+      if (Array.isArray(logprobs[key])) (this.answer.logprobs[key] ??= []).push(...logprobs[key])
     }
   }
 

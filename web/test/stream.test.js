@@ -297,6 +297,13 @@ test('logprobs ride on the part they score and are concatenated in the result', 
   const { parts } = await collectParts(s)
   assert.deepEqual(parts, [{ type: 'text', text: 'Hi', logprobs: lp('Hi') }, { type: 'text', text: ' there', logprobs: lp(' there') }])
   assert.deepEqual((await s.result).logprobs, { content: [...lp('Hi').content, ...lp(' there').content] })
+
+  const refused = new ChatStream('t:2', {})
+  const rl = { refusal: lp('No').content }
+  refused.push({ type: 'delta', id: 't:2', seq: 1, text: '', refusal: 'No', logprobs: rl })
+  refused.push({ type: 'done', id: 't:2', seq: 2, finish_reason: 'stop' })
+  assert.deepEqual((await collectParts(refused)).parts, [{ type: 'refusal', text: 'No', logprobs: rl }])
+  assert.deepEqual((await refused.result).logprobs, rl)
 })
 
 test('fragments replayed after a resume, or held behind a gap, are merged once', async () => {
