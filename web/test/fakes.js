@@ -410,6 +410,17 @@ export async function collect (stream) {
   }
 }
 
+/** Reads a stream's parts (`stream.parts()`); resolves {parts, error}. */
+export async function collectParts (stream) {
+  const parts = []
+  try {
+    for await (const p of stream.parts()) parts.push(p)
+    return { parts, error: null }
+  } catch (error) {
+    return { parts, error }
+  }
+}
+
 /** Timings that make the cross-tab mechanisms run in milliseconds. */
 export const FAST = { tabHeartbeatMs: 40, tabMaxMissed: 3, leaderMaxSilent: 4, collectMs: 150, backoffBaseMs: 20, backoffMaxMs: 200 }
 let channelSeq = 0

@@ -3,8 +3,8 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import {
-  ask, closeAll, collect, FAKE_TOOL_USAGE, FakeGateway, fakeAnswer, fakeTabs, fakeToolAnswer,
-  fakeUpstreamError, roles, settled, until,
+  ask, closeAll, collect, collectParts, FAKE_TOOL_USAGE, FakeGateway, fakeAnswer, fakeTabs,
+  fakeToolAnswer, fakeUpstreamError, roles, settled, until,
 } from './fakes.js'
 
 const tabs = fakeTabs
@@ -310,17 +310,6 @@ test('a visible follower takes over from a leader hidden for preferVisibleMs', a
     await until(() => leader.mux.role === 'follower', { what: 'the hidden tab to follow' })
   } finally { closeAll(list); gw.stop() }
 })
-
-/** Reads a stream's parts; resolves {parts, error}. */
-async function collectParts (stream) {
-  const parts = []
-  try {
-    for await (const p of stream.parts()) parts.push(p)
-    return { parts, error: null }
-  } catch (error) {
-    return { parts, error }
-  }
-}
 
 test('followers get reasoning and tool calls through the leader, merged once across a leader handover', async () => {
   const gw = new FakeGateway({ chunkMs: 4 })

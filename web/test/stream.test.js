@@ -1,7 +1,7 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import ChatStream from '../src/stream.js'
-import { collect } from './fakes.js'
+import { collect, collectParts } from './fakes.js'
 
 const delta = (seq, text) => ({ type: 'delta', id: 't:1', seq, text })
 const done = (seq) => ({ type: 'done', id: 't:1', seq, finish_reason: 'stop', usage: { prompt_tokens: 1, completion_tokens: seq - 1 }, cost_usd: 0.5 })
@@ -131,17 +131,6 @@ test('a gap filled in time clears the gap timer', async () => {
 
 // Issue 12: the whole answer, not only its text.
 const toolDelta = (seq, fragments) => ({ type: 'delta', id: 't:1', seq, text: '', tool_calls: fragments })
-
-/** Reads a stream's parts; resolves {parts, error}. */
-async function collectParts (stream) {
-  const parts = []
-  try {
-    for await (const p of stream.parts()) parts.push(p)
-    return { parts, error: null }
-  } catch (error) {
-    return { parts, error }
-  }
-}
 
 test('two parallel tool calls, interleaved, arguments split mid-escape, merge by index', async () => {
   const s = new ChatStream('t:1', {})
