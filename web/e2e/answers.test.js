@@ -7,7 +7,9 @@ import { after, before, test } from 'node:test'
 import assert from 'node:assert/strict'
 import fs from 'node:fs'
 import path from 'node:path'
-import { launchBrowser, openTabs, waitFor, waitShared, WEB_DIR } from './harness.js'
+import {
+  demoUrl, launchBrowser, openTabs, startAnswer, startStack, userNamer, waitAnswers, waitFor, waitShared, WEB_DIR,
+} from './harness.js'
 
 // Nothing listens here: every request of this origin is answered by the routes below.
 const ORIGIN = 'http://127.0.0.1:38121'
@@ -215,25 +217,13 @@ test('three tabs on one socket: each receives its reasoning and tool calls, part
   try {
     await waitShared(pages)
     const tools = [{ type: 'function', function: { name: 'lookup', parameters: { type: 'object', properties: {} } } }]
-    await Promise.all(pages.map((page, i) => page.evaluate(({ i, tools }) => {
-      const stream = window.muxgateDemo.mux.chat({
+    for (const [i, page] of pages.entries()) {
+      await startAnswer(page, 'tools', {
         model: 'deepseek-v3.2', params: { tools },
         messages: [{ role: 'user', content: `tab ${i} [[mock reasoning=6 tools=2]]` }],
       })
-      window.__answer = { id: stream.id, parts: [], result: null, error: null, ended: false }
-      ;(async () => {
-        try {
-          for await (const part of stream.parts()) window.__answer.parts.push(part)
-          window.__answer.result = await stream.result
-        } catch (err) {
-          window.__answer.error = { code: err.code, message: err.message }
-        } finally { window.__answer.ended = true }
-      })()
-    }, { i, tools })))
-    const answers = await waitFor(async () => {
-      const all = await Promise.all(pages.map(p => p.evaluate(() => window.__answer)))
-      return all.every(a => a.ended) && all
-    }, { what: 'every tab to get its whole answer' })
+    }
+    const answers = await waitAnswers(pages, 'tools')
     assert.equal(gw.connections - before, 1, 'one socket for the three tabs')
     for (const a of answers) {
       assert.equal(a.error, null)
@@ -254,4 +244,59 @@ test('three tabs on one socket: each receives its reasoning and tool calls, part
       assert.equal(a.result.completion_id, `chatcmpl-${n}`)
     }
   } finally { for (const p of pages) await p.close() }
+})
+
+test('real gateway and mock upstream: four tabs on one socket each get reasoning and two tool calls', { timeout: 120_000 }, async (t) => {
+  const stack = await startStack()
+  const { context, close } = await launchBrowser()
+  try {
+    // the mock's tools= and reasoning= directives come with the gateway side of issue 12
+    const probe = await fetch(`${stack.mock.url}/v1/chat/completions`, {
+      method: 'POST', headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'm', messages: [{ role: 'user', content: 'probe [[mock tools=1 reasoning=1]]' }] }),
+    })
+    if (!probe.ok) return t.skip(`this mock upstream refuses tools=/reasoning= (${probe.status}): build the gateway with issue 12`)
+    const user = userNamer('answers')('tools')
+    const pages = await openTabs(context, demoUrl(stack.gateway.url, user), 4)
+    await waitShared(pages)
+    const tools = ['get_weather', 'get_time'].map(name => ({
+      type: 'function',
+      function: { name, parameters: { type: 'object', properties: { city: { type: 'string' } }, required: ['city'] } },
+    }))
+    for (const [i, page] of pages.entries()) {
+      await startAnswer(page, 'tools', {
+        model: 'deepseek-v3.2', params: { tools },
+        messages: [{ role: 'user', content: `Weather in Paris and Tokyo, tab ${i} [[mock reasoning=5 tools=2 delay_ms=30]]` }],
+      })
+    }
+    const answers = await waitAnswers(pages, 'tools')
+    for (const a of answers) {
+      assert.equal(a.error, null, `${a.id}: ${JSON.stringify(a.error)}`)
+      const types = a.parts.map(p => p.type)
+      assert.deepEqual(types.slice(0, 5), Array(5).fill('reasoning'), `${a.id}: the reasoning first`)
+      assert.ok(types.slice(5).every(x => x === 'tool_call') && types.length > 5 + 2, `${a.id}: then only tool-call fragments: ${types}`)
+      const { result } = a
+      assert.equal(result.finish_reason, 'tool_calls')
+      assert.equal(result.text, '')
+      assert.equal(result.reasoning, a.parts.filter(p => p.type === 'reasoning').map(p => p.text).join(''))
+      assert.ok(result.reasoning.length > 0)
+      assert.deepEqual(result.toolCalls.map(c => c.function.name), ['get_weather', 'get_time'])
+      result.toolCalls.forEach((call, i) => {
+        assert.match(call.id, new RegExp(`^call_.+_${i}$`))
+        assert.equal(call.type, 'function')
+        const fragments = a.parts.filter(p => p.type === 'tool_call' && p.index === i)
+        assert.equal(fragments[0].id, call.id, 'the first fragment carries the id')
+        assert.ok(fragments.slice(1).every(f => f.id === undefined && f.name === undefined), 'and only the first')
+        assert.ok(fragments.filter(f => f.arguments !== '').length >= 2, 'arguments split over several chunks')
+        assert.equal(typeof JSON.parse(call.function.arguments), 'object')
+      })
+      assert.equal(result.usage.total_tokens, result.usage.prompt_tokens + result.usage.completion_tokens)
+      assert.equal(result.usage.completion_tokens_details?.reasoning_tokens, 5)
+    }
+    const stats = await stack.gateway.admin(user)
+    assert.equal(stats.connections_total, 1, 'one socket for the four tabs')
+  } finally {
+    await close()
+    await stack.stop()
+  }
 })

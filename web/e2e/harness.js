@@ -306,6 +306,37 @@ export function startChat (page, key, prompt, model = 'deepseek-v3.2') {
   }, { key, prompt, model })
 }
 
+/**
+ * Starts one stream in `page` read with `parts()` (the whole answer: reasoning, tool calls...);
+ * `window.__answers[key]` keeps its id, every part, the result or the error.
+ * @param {object} request what `mux.chat` takes
+ */
+export function startAnswer (page, key, request) {
+  return page.evaluate(({ key, request }) => {
+    window.__answers = window.__answers || {}
+    const stream = window.muxgateDemo.mux.chat(request)
+    const answer = { id: stream.id, parts: [], result: null, error: null, ended: false }
+    window.__answers[key] = answer
+    ;(async () => {
+      try {
+        for await (const part of stream.parts()) answer.parts.push(part)
+        answer.result = await stream.result
+      } catch (err) {
+        answer.error = { code: err.code, message: err.message, status: err.status, upstream: err.upstream }
+      } finally { answer.ended = true }
+    })()
+    return stream.id
+  }, { key, request })
+}
+
+/** Waits for `startAnswer`'s stream `key` to end in every page; returns the answers. */
+export async function waitAnswers (pages, key, { timeoutMs = 60_000 } = {}) {
+  return waitFor(async () => {
+    const all = await Promise.all(pages.map(p => p.evaluate(k => (window.__answers || {})[k] ?? null, key)))
+    return all.every(a => a && a.ended) && all
+  }, { timeoutMs, what: `every tab's answer "${key}" to end` })
+}
+
 /** The run `key` of `page`. */
 export function readRun (page, key) {
   return page.evaluate(k => (window.__runs || {})[k] ?? null, key)
