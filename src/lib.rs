@@ -26,7 +26,8 @@
 //! - [`server`]: the router, its handlers and graceful shutdown.
 //! - [`accept`]: the accept loop: header-read timeout, connection caps, shutdown by a deadline.
 //! - [`preauth`]: the read budget of a WebSocket that has not said `hello` yet.
-//! - [`mock`]: the OpenAI-compatible mock upstream (tests, benchmarks, offline demo).
+//! - [`mock`]: the OpenAI-compatible mock upstream (tests, benchmarks, offline demo): its
+//!   directives, content, per-request plan, response bodies and server, one file each.
 
 pub mod accept;
 pub mod auth;
