@@ -11,7 +11,8 @@
 //! - [`config`]: strict TOML config with environment overrides and documented defaults.
 //! - [`auth`]: HS256 JWT tokens (`sub`, `tier`, `exp`).
 //! - [`gateway`]: the state one process shares, below the router, sessions and streams.
-//! - [`session`]: one WebSocket connection: handshake, reader, writer, heartbeats.
+//! - [`session`]: one WebSocket connection: handshake, reader, writer, heartbeats, written over
+//!   any sink and source of messages so its rules are unit-tested through channels.
 //! - [`stream`]: one logical stream's replay log and its hand-off to a connection.
 //! - [`hub`]: the registry of streams and connections by user, for limits and resume.
 //! - [`relay`]: a stream's task: limits, queue, upstream call, retries, fallbacks, frames.
@@ -26,7 +27,8 @@
 //! - [`server`]: the router, its handlers and graceful shutdown.
 //! - [`accept`]: the accept loop: header-read timeout, connection caps, shutdown by a deadline.
 //! - [`preauth`]: the read budget of a WebSocket that has not said `hello` yet.
-//! - [`mock`]: the OpenAI-compatible mock upstream (tests, benchmarks, offline demo).
+//! - [`mock`]: the OpenAI-compatible mock upstream (tests, benchmarks, offline demo): its
+//!   directives, content, per-request plan, response bodies and server, one file each.
 
 pub mod accept;
 pub mod auth;

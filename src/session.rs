@@ -1,13 +1,16 @@
 //! One WebSocket connection: the `hello` handshake, then a reader (client frames) and a
 //! writer (stream frames, control frames, pings) that share nothing but an [`Inbox`] and one
 //! bounded control queue.
+//!
+//! The connection is written over any sink and source of messages (as axum's
+//! `testing-websockets` example does): [`run`] splits the real socket, and the unit tests
+//! below drive the same code through channels, with no socket and with paused time.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -33,8 +36,16 @@ const CONTROL_QUEUE: usize = 64;
 /// kernel send a reset, and a reset can destroy the close frame before the client reads it.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
-type Sink = SplitSink<WebSocket, Message>;
-type Source = SplitStream<WebSocket>;
+/// What the connection writes to: the sending half of its WebSocket (or a channel in tests).
+trait MessageSink: futures_util::Sink<Message> + Unpin + Send + 'static {}
+impl<T: futures_util::Sink<Message> + Unpin + Send + 'static> MessageSink for T {}
+
+/// What the connection reads from: the receiving half of its WebSocket (or a channel in tests).
+trait MessageSource: futures_util::Stream<Item = Result<Message, axum::Error>> + Unpin + Send {}
+impl<T: futures_util::Stream<Item = Result<Message, axum::Error>> + Unpin + Send> MessageSource
+    for T
+{
+}
 
 enum Control {
     Frame(Utf8Bytes),
@@ -45,12 +56,22 @@ enum Control {
 /// Runs one connection to its end. `gate` is the connection's pre-`hello` read budget (none
 /// when the gateway is served without the accept loop's [`crate::preauth::PreAuthIo`]).
 pub async fn run(gw: Arc<Gateway>, socket: WebSocket, gate: Option<Arc<Gate>>) {
+    let (sink, source) = socket.split();
+    run_on(gw, sink, source, gate).await;
+}
+
+/// [`run`] over a socket already split into its two halves.
+async fn run_on(
+    gw: Arc<Gateway>,
+    sink: impl MessageSink,
+    mut source: impl MessageSource,
+    gate: Option<Arc<Gate>>,
+) {
     let _open = gw.metrics.connection_opened();
     let max_hello = gw.config.session.max_hello_bytes;
     if let Some(gate) = &gate {
         gate.arm(max_hello as u64 + FRAME_HEADER_BYTES);
     }
-    let (sink, mut source) = socket.split();
     let hello = handshake(&gw, &mut source, gate.as_deref()).await;
     if let (Ok(_), Some(gate)) = (&hello, &gate) {
         gate.lift();
@@ -112,8 +133,8 @@ pub async fn run(gw: Arc<Gateway>, socket: WebSocket, gate: Option<Arc<Gate>>) {
 /// Sends a last `error` frame (if any) and closes with `code`, then lingers so the close frame
 /// reaches the client.
 async fn refuse(
-    mut sink: Sink,
-    mut source: Source,
+    mut sink: impl MessageSink,
+    mut source: impl MessageSource,
     frame: Option<Utf8Bytes>,
     code: u16,
     reason: &'static str,
@@ -136,7 +157,7 @@ async fn refuse(
 /// the end of the socket, or [`CLOSE_LINGER`]. A source that already failed (a frame over the
 /// hard limit) cannot be read: then the socket is only held open, unread, for that time, which
 /// still lets a client that reads see the close frame before the reset.
-async fn linger(source: &mut Source, readable: bool) {
+async fn linger(source: &mut impl MessageSource, readable: bool) {
     let _ = tokio::time::timeout(CLOSE_LINGER, async {
         if readable {
             while let Some(Ok(_)) = source.next().await {}
@@ -171,7 +192,12 @@ struct Authenticated {
 }
 
 /// An accepted connection, from `welcome` to the detach of its streams.
-async fn serve(gw: Arc<Gateway>, sink: Sink, mut source: Source, session: Authenticated) {
+async fn serve(
+    gw: Arc<Gateway>,
+    sink: impl MessageSink,
+    mut source: impl MessageSource,
+    session: Authenticated,
+) {
     let Authenticated {
         registration,
         inbox,
@@ -293,7 +319,7 @@ enum Refusal {
 /// Waits for `hello` and checks its token.
 async fn handshake(
     gw: &Gateway,
-    source: &mut Source,
+    source: &mut impl MessageSource,
     gate: Option<&Gate>,
 ) -> Result<(Claims, Vec<ResumeRequest>), Refusal> {
     let unauthorized = |m: &str| Refusal::Unauthorized(m.to_string());
@@ -408,7 +434,7 @@ struct Connection {
 impl Connection {
     async fn read_loop(
         &mut self,
-        source: &mut Source,
+        source: &mut impl MessageSource,
         conn_end: &CancellationToken,
         goaway: &CancellationToken,
     ) {
@@ -764,7 +790,7 @@ enum WriteEnd {
 /// Writes control frames, stream frames and pings until the connection ends.
 async fn write_loop(
     metrics: Arc<Metrics>,
-    mut sink: Sink,
+    mut sink: impl MessageSink,
     inbox: Arc<Inbox>,
     mut control: mpsc::Receiver<Control>,
     conn_end: CancellationToken,
@@ -866,7 +892,7 @@ fn report_written(inbox: &Inbox, pulled: &mut Vec<(Arc<Stream>, u64)>, completed
 
 /// Writes and flushes `frames` (emptying it) within `timeout`.
 async fn write(
-    sink: &mut Sink,
+    sink: &mut impl MessageSink,
     frames: &mut Vec<Utf8Bytes>,
     timeout: Duration,
     metrics: &Metrics,
@@ -891,5 +917,465 @@ async fn write(
         }
         Ok(Err(_)) => Err(WriteEnd::Done),
         Err(_) => Err(WriteEnd::SlowConsumer),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    //! The connection's rules, driven through channels instead of a socket, with paused time
+    //! (tokio auto-advances the clock whenever every task waits, so timeouts cost nothing).
+
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use serde_json::{json, Value};
+    use tokio_util::sync::PollSender;
+
+    use super::*;
+    use crate::config::{Config, SessionConfig};
+
+    /// A gateway whose session settings `tweak` adjusted. Its upstream is never called: these
+    /// tests open no stream.
+    async fn gateway(tweak: impl FnOnce(&mut SessionConfig)) -> Arc<Gateway> {
+        let env = |name: &str| match name {
+            "MUXGATE_JWT_SECRET" => Some("session-unit-test-secret-0123".to_string()),
+            "MUXGATE_UPSTREAM_BASE_URL" => Some("http://127.0.0.1:9/v1".to_string()),
+            _ => None,
+        };
+        let mut config = Config::load_with_env(None, &env).unwrap();
+        tweak(&mut config.session);
+        Gateway::start(config).await.unwrap()
+    }
+
+    /// The client's end of a connection whose socket is a pair of channels.
+    struct Peer {
+        /// What the gateway's reader reads.
+        to_gateway: mpsc::Sender<Result<Message, axum::Error>>,
+        /// What the gateway's writer wrote; closed once the connection dropped its sink.
+        from_gateway: mpsc::Receiver<Message>,
+    }
+
+    fn connect(gw: &Arc<Gateway>) -> Peer {
+        let (to_gateway, mut from_peer) = mpsc::channel(64);
+        let (to_peer, from_gateway) = mpsc::channel(64);
+        let source = futures_util::stream::poll_fn(move |cx| from_peer.poll_recv(cx));
+        tokio::spawn(run_on(gw.clone(), PollSender::new(to_peer), source, None));
+        Peer {
+            to_gateway,
+            from_gateway,
+        }
+    }
+
+    impl Peer {
+        async fn send(&self, message: Message) {
+            self.to_gateway.send(Ok(message)).await.unwrap();
+        }
+
+        async fn send_frame(&self, frame: Value) {
+            self.send(Message::Text(frame.to_string().into())).await;
+        }
+
+        /// The next message other than a WebSocket ping; `None` once the connection is gone.
+        async fn recv(&mut self) -> Option<Message> {
+            loop {
+                match self.from_gateway.recv().await? {
+                    Message::Ping(_) => continue,
+                    message => return Some(message),
+                }
+            }
+        }
+
+        async fn frame(&mut self) -> Value {
+            match self.recv().await {
+                Some(Message::Text(text)) => serde_json::from_str(&text).unwrap(),
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+
+        /// Expects the close frame; its code.
+        async fn close_code(&mut self) -> u16 {
+            match self.recv().await {
+                Some(Message::Close(Some(frame))) => frame.code,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+
+        /// Says `hello` as a `pro` user; the `welcome`.
+        async fn hello(&mut self, gw: &Gateway) -> Value {
+            let token = gw
+                .auth
+                .issue("u1", "pro", Duration::from_secs(3600))
+                .unwrap();
+            self.send_frame(json!({"type": "hello", "token": token}))
+                .await;
+            let welcome = self.frame().await;
+            assert_eq!(welcome["type"], "welcome", "{welcome}");
+            welcome
+        }
+
+        /// Expects an `error` frame with `code`.
+        async fn error(&mut self, code: &str) {
+            let e = self.frame().await;
+            assert_eq!(
+                (e["type"].as_str(), e["code"].as_str()),
+                (Some("error"), Some(code)),
+                "{e}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_hello_within_the_timeout_is_refused_with_4401() {
+        let gw = gateway(|s| s.hello_timeout_ms = 5_000).await;
+        let mut peer = connect(&gw);
+        let started = Instant::now();
+        // WebSocket pings are not a `hello`, and do not restart its clock.
+        peer.send(Message::Ping(Default::default())).await;
+        let e = peer.frame().await;
+        assert_eq!(e["code"], "unauthorized", "{e}");
+        assert_eq!(e["message"], "no `hello` within 5000 ms");
+        assert!(started.elapsed() >= Duration::from_millis(5_000));
+        assert_eq!(peer.close_code().await, close::UNAUTHORIZED);
+        assert!(peer.recv().await.is_none(), "nothing after the close");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_binary_first_frame_is_refused_at_once() {
+        let gw = gateway(|_| {}).await;
+        let mut peer = connect(&gw);
+        let started = Instant::now();
+        peer.send(Message::Binary(Default::default())).await;
+        peer.error("unauthorized").await;
+        assert_eq!(peer.close_code().await, close::UNAUTHORIZED);
+        assert!(started.elapsed() < Duration::from_millis(gw.config.session.hello_timeout_ms));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bad_frames_past_the_minute_budget_close_with_4400() {
+        let gw = gateway(|s| {
+            s.max_bad_frames_per_minute = 3;
+            // No heartbeat timeout within the test's two minutes.
+            s.heartbeat_ms = 3_600_000;
+        })
+        .await;
+        let mut peer = connect(&gw);
+        peer.hello(&gw).await;
+        let bad = || Message::Text("{not json".into());
+        for _ in 0..3 {
+            peer.send(bad()).await;
+            peer.error("bad_request").await;
+        }
+        // A new minute, a new budget.
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        peer.send(Message::Binary(Default::default())).await;
+        peer.error("bad_request").await;
+        peer.send_frame(json!({"type": "hello", "token": "again"}))
+            .await;
+        peer.error("bad_request").await;
+        peer.send(bad()).await;
+        peer.error("bad_request").await;
+        peer.send_frame(json!({"type": "ping", "ts": "still here"}))
+            .await;
+        let pong = peer.frame().await;
+        assert_eq!(
+            (pong["type"].as_str(), pong["ts"].as_str()),
+            (Some("pong"), Some("still here"))
+        );
+        // The fourth of this minute: answered, then the connection closes.
+        peer.send(bad()).await;
+        peer.error("bad_request").await;
+        assert_eq!(peer.close_code().await, close::POLICY);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn input_the_websocket_layer_refused_closes_with_its_code() {
+        let gw = gateway(|_| {}).await;
+        for (error, code) in [
+            (
+                tungstenite::Error::Utf8("invalid".into()),
+                close::INVALID_DATA,
+            ),
+            (
+                tungstenite::Error::Capacity(tungstenite::error::CapacityError::MessageTooLong {
+                    size: 1 << 30,
+                    max_size: 1 << 20,
+                }),
+                close::TOO_BIG,
+            ),
+        ] {
+            let mut peer = connect(&gw);
+            peer.hello(&gw).await;
+            peer.to_gateway
+                .send(Err(axum::Error::new(error)))
+                .await
+                .unwrap();
+            assert_eq!(peer.close_code().await, code);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_dropped_after_two_heartbeats() {
+        let gw = gateway(|s| s.heartbeat_ms = 1_000).await;
+        let mut peer = connect(&gw);
+        peer.hello(&gw).await;
+        let welcomed = Instant::now();
+        let mut pings = 0;
+        let code = loop {
+            match peer.from_gateway.recv().await {
+                Some(Message::Ping(_)) => pings += 1,
+                Some(Message::Close(Some(frame))) => break frame.code,
+                other => panic!("expected pings then a close, got {other:?}"),
+            }
+        };
+        assert_eq!(code, close::HEARTBEAT_TIMEOUT);
+        let after = welcomed.elapsed();
+        assert!(
+            (Duration::from_millis(2_000)..Duration::from_millis(4_000)).contains(&after),
+            "{after:?}"
+        );
+        assert!(pings >= 2, "the gateway pinged before giving up: {pings}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_answers_pings_stays_connected() {
+        let gw = gateway(|s| s.heartbeat_ms = 1_000).await;
+        let mut peer = connect(&gw);
+        peer.hello(&gw).await;
+        let until = Instant::now() + Duration::from_secs(10);
+        let mut pings = 0;
+        loop {
+            tokio::select! {
+                message = peer.from_gateway.recv() => match message {
+                    Some(Message::Ping(payload)) => {
+                        pings += 1;
+                        peer.send(Message::Pong(payload)).await;
+                    }
+                    other => panic!("expected only pings, got {other:?}"),
+                },
+                () = tokio::time::sleep_until(until) => break,
+            }
+        }
+        assert!(pings >= 9, "{pings}");
+        peer.send_frame(json!({"type": "ping", "ts": "t"})).await;
+        assert_eq!(peer.frame().await["type"], "pong");
+    }
+
+    /// What the writer did to its sink, in order.
+    #[derive(Debug, Clone, PartialEq)]
+    enum Written {
+        Text(String),
+        Ping,
+        Close(u16),
+        Flush,
+    }
+
+    /// A sink that accepts everything at once and records each message and each flush.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<parking_lot::Mutex<Vec<Written>>>);
+
+    impl Recorder {
+        fn take(&self) -> Vec<Written> {
+            std::mem::take(&mut *self.0.lock())
+        }
+    }
+
+    impl futures_util::Sink<Message> for Recorder {
+        type Error = std::convert::Infallible;
+
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn start_send(self: Pin<&mut Self>, message: Message) -> Result<(), Self::Error> {
+            let written = match message {
+                Message::Text(text) => Written::Text(text.to_string()),
+                Message::Ping(_) => Written::Ping,
+                Message::Close(frame) => Written::Close(frame.map_or(0, |f| f.code)),
+                other => panic!("the writer sent {other:?}"),
+            };
+            self.0.lock().push(written);
+            Ok(())
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            self.0.lock().push(Written::Flush);
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A writer over `sink` with no heartbeat in the test's time; its control queue and the
+    /// signal that ends it.
+    fn writer(
+        sink: impl MessageSink,
+        inbox: &Arc<Inbox>,
+        write_timeout: Duration,
+    ) -> (
+        mpsc::Sender<Control>,
+        CancellationToken,
+        tokio::task::JoinHandle<WriteEnd>,
+    ) {
+        let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let conn_end = CancellationToken::new();
+        let task = tokio::spawn(write_loop(
+            Arc::new(Metrics::new()),
+            sink,
+            inbox.clone(),
+            control_rx,
+            conn_end.clone(),
+            Duration::from_secs(3_600),
+            write_timeout,
+        ));
+        (control, conn_end, task)
+    }
+
+    /// A stream attached to `inbox` whose log holds exactly `frames` deltas of this size, and
+    /// has received them; one more push waits until a completed write makes room.
+    async fn full_stream(id: &str, inbox: &Arc<Inbox>, frames: u64) -> Arc<Stream> {
+        let cap = protocol::delta(id, 1, "word ").len() * frames as usize;
+        let stream = Stream::new(id.into(), "u1".into(), "m".into(), cap);
+        stream.attach(inbox, 0).unwrap();
+        for seq in 1..=frames {
+            assert!(stream.push(seq, protocol::delta(id, seq, "word ")).await);
+        }
+        stream
+    }
+
+    /// Lets every task run until all of them wait (the paused clock advances only then).
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ready_streams_go_out_in_one_batch_then_count_as_written() {
+        let inbox = Inbox::new();
+        let a = full_stream("a", &inbox, 2).await;
+        let b = full_stream("b", &inbox, 2).await;
+        let recorder = Recorder::default();
+        let (control, conn_end, task) = writer(recorder.clone(), &inbox, Duration::from_secs(10));
+        control
+            .send(Control::Frame(protocol::pong(&json!("t"))))
+            .await
+            .unwrap();
+        settle().await;
+        let written = recorder.take();
+        assert_eq!(
+            written.first(),
+            Some(&Written::Text(protocol::pong(&json!("t")).to_string()))
+        );
+        let batch = &written[2..];
+        assert_eq!(written[1], Written::Flush, "{written:?}");
+        // Both streams' frames in one write: fed in order per stream, flushed once.
+        assert_eq!(batch.len(), 5, "{batch:?}");
+        assert_eq!(batch[4], Written::Flush);
+        for stream in ["a", "b"] {
+            let seqs: Vec<u64> = batch
+                .iter()
+                .filter_map(|w| match w {
+                    Written::Text(t) => serde_json::from_str::<Value>(t).ok(),
+                    _ => None,
+                })
+                .filter(|f| f["id"] == stream)
+                .map(|f| f["seq"].as_u64().unwrap())
+                .collect();
+            assert_eq!(seqs, vec![1, 2], "stream {stream}: {batch:?}");
+        }
+        // The write completed, so the frames count as written: a full log has room again.
+        let more = tokio::spawn(async move { a.push(3, protocol::delta("a", 3, "word ")).await });
+        settle().await;
+        assert!(
+            more.is_finished(),
+            "a completed write makes room in the log"
+        );
+        assert!(more.await.unwrap());
+        assert!(b.push(3, protocol::delta("b", 3, "word ")).await);
+        conn_end.cancel();
+        assert!(matches!(task.await.unwrap(), WriteEnd::Done));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_past_the_timeout_closes_with_4408_and_loses_nothing() {
+        let inbox = Inbox::new();
+        let stream = full_stream("s", &inbox, 3).await;
+        // A client that reads nothing: room for one message, then every write waits.
+        let (to_peer, mut from_gateway) = mpsc::channel(1);
+        let write_timeout = Duration::from_secs(10);
+        let started = Instant::now();
+        let (_control, conn_end, task) = writer(PollSender::new(to_peer), &inbox, write_timeout);
+        let producer = {
+            let stream = stream.clone();
+            tokio::spawn(async move { stream.push(4, protocol::delta("s", 4, "word ")).await })
+        };
+        tokio::time::sleep(write_timeout - Duration::from_millis(1)).await;
+        assert!(!task.is_finished(), "the write still has time");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        // The client reads again while the gateway waits to say why it closes.
+        let first = from_gateway.recv().await.unwrap();
+        assert!(
+            matches!(&first, Message::Text(t) if t.contains("\"seq\":1")),
+            "{first:?}"
+        );
+        match from_gateway.recv().await {
+            Some(Message::Close(Some(frame))) => assert_eq!(frame.code, close::SLOW_CONSUMER),
+            other => panic!("expected close 4408, got {other:?}"),
+        }
+        assert!(matches!(task.await.unwrap(), WriteEnd::SlowConsumer));
+        assert!(started.elapsed() >= write_timeout);
+        assert!(
+            conn_end.is_cancelled(),
+            "a write past the timeout ends the connection"
+        );
+        // Nothing of the timed-out write counts as written: the log keeps every frame for the
+        // resume, and stays full.
+        settle().await;
+        assert!(
+            !producer.is_finished(),
+            "no frame of a failed write was let go"
+        );
+        assert!(stream.detach(inbox.conn).is_some());
+        let resumed = Inbox::new();
+        stream.attach(&resumed, 0).unwrap();
+        let mut frames = Vec::new();
+        stream.pull(resumed.conn, &mut frames);
+        assert_eq!(frames.len(), 3, "every frame replays on the new connection");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn control_frames_first_and_a_close_after_the_pending_stream_frames() {
+        let inbox = Inbox::new();
+        let _stream = full_stream("s", &inbox, 1).await;
+        let recorder = Recorder::default();
+        let (control, conn_end, task) = writer(recorder.clone(), &inbox, Duration::from_secs(10));
+        for ts in ["1", "2"] {
+            control
+                .send(Control::Frame(protocol::pong(&json!(ts))))
+                .await
+                .unwrap();
+        }
+        control
+            .send(Control::Close(close::GOING_AWAY, "shutdown"))
+            .await
+            .unwrap();
+        assert!(matches!(task.await.unwrap(), WriteEnd::Done));
+        let kinds: Vec<String> = recorder
+            .take()
+            .into_iter()
+            .filter_map(|w| match w {
+                Written::Text(t) => Some(
+                    serde_json::from_str::<Value>(&t).unwrap()["type"]
+                        .as_str()
+                        .unwrap()
+                        .to_string(),
+                ),
+                Written::Close(code) => Some(code.to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(kinds, ["pong", "pong", "delta", "1001"]);
+        assert!(conn_end.is_cancelled());
     }
 }

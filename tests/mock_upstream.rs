@@ -1,23 +1,14 @@
 //! Black-box tests of the mock upstream over real loopback HTTP.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{expected, http_client, spawn_mock, wait_for_stats};
 use muxgate::mock::{self, word_chunks, MockHandle, MockStatsSnapshot};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-
-async fn start(api_key: Option<&str>) -> MockHandle {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    mock::spawn(listener, api_key.map(str::to_owned))
-        .await
-        .unwrap()
-}
-
-fn client() -> reqwest::Client {
-    // A proxy from the environment must not intercept loopback traffic.
-    reqwest::Client::builder().no_proxy().build().unwrap()
-}
 
 fn chat_body(prompt: &str, stream: bool) -> Value {
     json!({
@@ -28,7 +19,7 @@ fn chat_body(prompt: &str, stream: bool) -> Value {
 }
 
 async fn post(handle: &MockHandle, body: &Value) -> reqwest::Response {
-    client()
+    http_client()
         .post(format!("{}/chat/completions", handle.base_url()))
         .json(body)
         .send()
@@ -86,24 +77,9 @@ impl SseReader {
     }
 }
 
-async fn wait_for(handle: &MockHandle, what: &str, ok: impl Fn(&MockStatsSnapshot) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let stats = handle.stats();
-        if ok(&stats) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {stats:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test]
 async fn word_mode_stream_matches_word_chunks() {
-    let mock = start(None).await;
+    let mock = spawn_mock(None).await;
     let prompt = "Tell me a story about ferrets";
     let resp = post(
         &mock,
@@ -142,7 +118,7 @@ async fn word_mode_stream_matches_word_chunks() {
     assert_eq!(finish["finish_reason"], "stop");
     assert_eq!(finish["delta"], json!({}));
 
-    wait_for(&mock, "stream end", |s| {
+    wait_for_stats(&mock, "stream end", |s| {
         s.in_flight == 0 && s.completed == 1
     })
     .await;
@@ -156,7 +132,7 @@ async fn word_mode_stream_matches_word_chunks() {
 
 #[tokio::test]
 async fn usage_chunk_only_with_include_usage() {
-    let mock = start(None).await;
+    let mock = spawn_mock(None).await;
     let mut body = json!({
         "model": "m",
         "stream": true,
@@ -187,8 +163,8 @@ async fn usage_chunk_only_with_include_usage() {
 
 #[tokio::test]
 async fn header_directives_override_the_message_block() {
-    let mock = start(None).await;
-    let resp = client()
+    let mock = spawn_mock(None).await;
+    let resp = http_client()
         .post(format!("{}/chat/completions", mock.base_url()))
         .header("x-mock", "chunks=3 finish=content_filter")
         .json(&chat_body("hello [[mock chunks=9]]", true))
@@ -204,7 +180,7 @@ async fn header_directives_override_the_message_block() {
 
 #[tokio::test]
 async fn array_content_parts_are_joined() {
-    let mock = start(None).await;
+    let mock = spawn_mock(None).await;
     let body = json!({
         "model": "m",
         "stream": true,
@@ -220,7 +196,7 @@ async fn array_content_parts_are_joined() {
 
 #[tokio::test]
 async fn fail_429_twice_then_success() {
-    let mock = start(None).await;
+    let mock = spawn_mock(None).await;
     let body = chat_body(
         "retry me [[mock chunks=2 fail=429 fail_times=2 retry_after_ms=1500]]",
         true,
@@ -244,7 +220,7 @@ async fn fail_429_twice_then_success() {
 
 #[tokio::test]
 async fn fail_defaults_and_shared_key() {
-    let mock = start(None).await;
+    let mock = spawn_mock(None).await;
     // Default retry_after_ms is 100: Retry-After rounds up to 1 second.
     let resp = post(
         &mock,
@@ -273,7 +249,7 @@ async fn fail_defaults_and_shared_key() {
 
 #[tokio::test]
 async fn cut_breaks_the_stream_after_k_chunks() {
-    let mock = start(None).await;
+    let mock = spawn_mock(None).await;
     let resp = post(
         &mock,
         &chat_body("cut me [[mock chunks=10 cut=3 delay_ms=5]]", true),
@@ -295,7 +271,7 @@ async fn cut_breaks_the_stream_after_k_chunks() {
     assert!(!events
         .iter()
         .any(|e| e == "[DONE]" || e.contains("\"finish_reason\":\"")));
-    wait_for(&mock, "cut stream to close", |s| s.in_flight == 0).await;
+    wait_for_stats(&mock, "cut stream to close", |s| s.in_flight == 0).await;
     let stats = mock.stats();
     assert_eq!((stats.cut, stats.aborted, stats.completed), (1, 0, 0));
     assert_eq!(stats.chunks_sent, 3);
@@ -303,7 +279,7 @@ async fn cut_breaks_the_stream_after_k_chunks() {
 
 #[tokio::test]
 async fn cut_beyond_the_answer_drops_finish_and_done() {
-    let mock = start(None).await;
+    let mock = spawn_mock(None).await;
     let resp = post(&mock, &chat_body("short [[mock chunks=2 cut=50]]", true)).await;
     let mut reader = SseReader::new(resp);
     let mut contents = Vec::new();
@@ -319,12 +295,12 @@ async fn cut_beyond_the_answer_drops_finish_and_done() {
     };
     assert!(broke);
     assert_eq!(contents, word_chunks("short", 2));
-    wait_for(&mock, "cut", |s| s.cut == 1 && s.in_flight == 0).await;
+    wait_for_stats(&mock, "cut", |s| s.cut == 1 && s.in_flight == 0).await;
 }
 
 #[tokio::test]
 async fn dropping_the_response_counts_aborted() {
-    let mock = start(None).await;
+    let mock = spawn_mock(None).await;
     let resp = post(
         &mock,
         &chat_body("slow [[mock chunks=100000 delay_ms=5]]", true),
@@ -340,7 +316,7 @@ async fn dropping_the_response_counts_aborted() {
     }
     assert_eq!(mock.stats().in_flight, 1);
     drop(reader);
-    wait_for(&mock, "abort to be noticed", |s| s.in_flight == 0).await;
+    wait_for_stats(&mock, "abort to be noticed", |s| s.in_flight == 0).await;
     let stats = mock.stats();
     assert_eq!((stats.aborted, stats.cut, stats.completed), (1, 0, 0));
     assert!(stats.chunks_sent < 100_000);
@@ -348,7 +324,7 @@ async fn dropping_the_response_counts_aborted() {
 
 #[tokio::test]
 async fn slow_reader_back_pressures_the_mock() {
-    let mock = start(None).await;
+    let mock = spawn_mock(None).await;
     let n = 200_000;
     let resp = post(
         &mock,
@@ -367,12 +343,12 @@ async fn slow_reader_back_pressures_the_mock() {
         "the mock kept producing while nobody read"
     );
     drop(resp);
-    wait_for(&mock, "abort", |s| s.in_flight == 0 && s.aborted == 1).await;
+    wait_for_stats(&mock, "abort", |s| s.in_flight == 0 && s.aborted == 1).await;
 }
 
 #[tokio::test]
 async fn chunk_bytes_pads_each_chunk() {
-    let mock = start(None).await;
+    let mock = spawn_mock(None).await;
     let resp = post(
         &mock,
         &chat_body("pad [[mock chunks=3 chunk_bytes=32]]", true),
@@ -390,18 +366,18 @@ async fn chunk_bytes_pads_each_chunk() {
 
 #[tokio::test]
 async fn api_key_is_enforced() {
-    let mock = start(Some("sk-test")).await;
+    let mock = spawn_mock(Some("sk-test")).await;
     let url = format!("{}/chat/completions", mock.base_url());
     let body = chat_body("hi [[mock chunks=1]]", false);
 
-    let resp = client().post(&url).json(&body).send().await.unwrap();
+    let resp = http_client().post(&url).json(&body).send().await.unwrap();
     assert_eq!(resp.status(), 401);
     let err: Value = resp.json().await.unwrap();
     assert_eq!(err["error"]["code"], "invalid_api_key");
     assert_eq!(err["error"]["type"], "invalid_request_error");
     assert_eq!(mock.stats().last_authorization, None);
 
-    let resp = client()
+    let resp = http_client()
         .post(&url)
         .bearer_auth("wrong")
         .json(&body)
@@ -414,7 +390,7 @@ async fn api_key_is_enforced() {
         Some("Bearer wrong")
     );
 
-    let resp = client()
+    let resp = http_client()
         .post(&url)
         .bearer_auth("sk-test")
         .json(&body)
@@ -430,7 +406,7 @@ async fn api_key_is_enforced() {
 
 #[tokio::test]
 async fn bad_requests_get_400() {
-    let mock = start(None).await;
+    let mock = spawn_mock(None).await;
     let url = format!("{}/chat/completions", mock.base_url());
     let cases = [
         (chat_body("x [[mock chunks=abc]]", true), None, "chunks"),
@@ -446,7 +422,7 @@ async fn bad_requests_get_400() {
         ),
     ];
     for (body, header, needle) in cases {
-        let mut req = client().post(&url).json(&body);
+        let mut req = http_client().post(&url).json(&body);
         if let Some(h) = header {
             req = req.header("x-mock", h);
         }
@@ -460,7 +436,7 @@ async fn bad_requests_get_400() {
         );
         assert_eq!(err["error"]["type"], "invalid_request_error");
     }
-    let resp = client()
+    let resp = http_client()
         .post(&url)
         .header("content-type", "application/json")
         .body("{not json")
@@ -475,7 +451,7 @@ async fn bad_requests_get_400() {
 
 #[tokio::test]
 async fn max_tokens_truncates_with_length() {
-    let mock = start(None).await;
+    let mock = spawn_mock(None).await;
     let mut body = chat_body("long [[mock chunks=10]]", true);
     body["max_tokens"] = json!(4);
     let events = sse_events(&post(&mock, &body).await.text().await.unwrap());
@@ -488,16 +464,13 @@ async fn max_tokens_truncates_with_length() {
     body["max_completion_tokens"] = json!(2);
     let v: Value = post(&mock, &body).await.json().await.unwrap();
     assert_eq!(v["choices"][0]["finish_reason"], "length");
-    assert_eq!(
-        v["choices"][0]["message"]["content"],
-        word_chunks("long", 2).concat()
-    );
+    assert_eq!(v["choices"][0]["message"]["content"], expected("long", 2));
     assert_eq!(v["usage"]["completion_tokens"], 2);
 }
 
 #[tokio::test]
 async fn non_stream_returns_one_completion() {
-    let mock = start(None).await;
+    let mock = spawn_mock(None).await;
     let resp = post(
         &mock,
         &chat_body("whole answer please [[mock chunks=5]]", false),
@@ -516,7 +489,7 @@ async fn non_stream_returns_one_completion() {
     assert_eq!(choice["message"]["role"], "assistant");
     assert_eq!(
         choice["message"]["content"],
-        word_chunks("whole answer please", 5).concat()
+        expected("whole answer please", 5)
     );
     assert_eq!(choice["finish_reason"], "stop");
     assert_eq!(
@@ -532,7 +505,7 @@ async fn non_stream_returns_one_completion() {
 
 #[tokio::test]
 async fn non_stream_cut_breaks_the_body() {
-    let mock = start(None).await;
+    let mock = spawn_mock(None).await;
     let resp = post(&mock, &chat_body("x [[mock chunks=5 cut=2]]", false)).await;
     assert_eq!(resp.status(), 200);
     assert!(resp.bytes().await.is_err());
@@ -541,7 +514,7 @@ async fn non_stream_cut_breaks_the_body() {
 
 #[tokio::test]
 async fn prose_mode_is_a_deterministic_demo_answer() {
-    let mock = start(None).await;
+    let mock = spawn_mock(None).await;
     let body = chat_body("What is muxgate? [[mock delay_ms=0]]", true);
     let first = sse_events(&post(&mock, &body).await.text().await.unwrap());
     let second = sse_events(&post(&mock, &body).await.text().await.unwrap());
@@ -571,7 +544,7 @@ async fn prose_mode_is_a_deterministic_demo_answer() {
 
 #[tokio::test]
 async fn stall_delays_the_first_chunk() {
-    let mock = start(None).await;
+    let mock = spawn_mock(None).await;
     let started = Instant::now();
     let resp = post(
         &mock,
@@ -593,12 +566,12 @@ async fn stall_delays_the_first_chunk() {
 
 #[tokio::test]
 async fn reset_zeroes_counters_and_failure_keys() {
-    let mock = start(None).await;
+    let mock = spawn_mock(None).await;
     let body = chat_body("flaky [[mock chunks=1 fail=500]]", false);
     assert_eq!(post(&mock, &body).await.status(), 500);
     assert_eq!(post(&mock, &body).await.status(), 200);
 
-    let stats: MockStatsSnapshot = client()
+    let stats: MockStatsSnapshot = http_client()
         .get(format!("http://{}/mock/stats", mock.addr))
         .send()
         .await
@@ -612,7 +585,7 @@ async fn reset_zeroes_counters_and_failure_keys() {
         (2, 1, 1)
     );
 
-    let resp = client()
+    let resp = http_client()
         .post(format!("http://{}/mock/reset", mock.addr))
         .send()
         .await
@@ -630,8 +603,8 @@ async fn reset_zeroes_counters_and_failure_keys() {
 
 #[tokio::test]
 async fn healthz_cors_and_unknown_routes() {
-    let mock = start(Some("k")).await;
-    let resp = client()
+    let mock = spawn_mock(Some("k")).await;
+    let resp = http_client()
         .get(format!("http://{}/healthz", mock.addr))
         .send()
         .await
@@ -639,7 +612,7 @@ async fn healthz_cors_and_unknown_routes() {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.unwrap(), "ok");
 
-    let resp = client()
+    let resp = http_client()
         .request(
             reqwest::Method::OPTIONS,
             format!("{}/chat/completions", mock.base_url()),
@@ -656,7 +629,7 @@ async fn healthz_cors_and_unknown_routes() {
     assert!(resp.status().is_success());
     assert_eq!(resp.headers()["access-control-allow-origin"], "*");
 
-    let resp = client()
+    let resp = http_client()
         .get(format!("http://{}/nope", mock.addr))
         .send()
         .await
@@ -667,8 +640,8 @@ async fn healthz_cors_and_unknown_routes() {
 
 #[tokio::test]
 async fn many_concurrent_streams_complete() {
-    let mock = start(None).await;
-    let client = client();
+    let mock = spawn_mock(None).await;
+    let client = http_client();
     let url = format!("{}/chat/completions", mock.base_url());
     let tasks: Vec<_> = (0..200)
         .map(|i| {
@@ -690,7 +663,7 @@ async fn many_concurrent_streams_complete() {
     for task in tasks {
         task.await.unwrap().unwrap();
     }
-    wait_for(&mock, "all streams to close", |s| s.in_flight == 0).await;
+    wait_for_stats(&mock, "all streams to close", |s| s.in_flight == 0).await;
     let stats = mock.stats();
     assert_eq!(
         (stats.completed, stats.aborted, stats.chunks_sent),
@@ -707,7 +680,7 @@ async fn run_serves_until_shutdown() {
     let server = tokio::spawn(mock::run(listener, state.clone(), async {
         let _ = rx.await;
     }));
-    let resp = client()
+    let resp = http_client()
         .get(format!("http://{addr}/healthz"))
         .send()
         .await

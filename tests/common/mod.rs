@@ -44,10 +44,7 @@ impl Harness {
         tokio::task::spawn_blocking(muxgate::billing::warm_up)
             .await
             .unwrap();
-        let mock_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mock = mock::spawn(mock_listener, Some(API_KEY.to_string()))
-            .await
-            .unwrap();
+        let mock = spawn_mock(Some(API_KEY)).await;
         let env = |name: &str| match name {
             "MUXGATE_JWT_SECRET" => Some(SECRET.to_string()),
             "MUXGATE_LISTEN" => Some("127.0.0.1:0".to_string()),
@@ -132,7 +129,7 @@ impl Harness {
     }
 
     async fn admin_call(&self, method: reqwest::Method, path: &str) -> Value {
-        reqwest::Client::new()
+        http_client()
             .request(method, format!("http://{}{path}", self.addr))
             .bearer_auth("admin-test-token")
             .send()
@@ -321,15 +318,37 @@ pub fn expected(prompt: &str, n: usize) -> String {
     mock::word_chunks(prompt, n).concat()
 }
 
-/// Polls the mock's stats until `pred` holds, or fails after 10 s.
+/// A mock upstream alone on a loopback port; with `Some(key)` it requires that API key.
+pub async fn spawn_mock(api_key: Option<&str>) -> mock::MockHandle {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    mock::spawn(listener, api_key.map(str::to_owned))
+        .await
+        .unwrap()
+}
+
+/// An HTTP client for loopback: a proxy from the environment must not intercept its requests.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+/// Polls the harness's mock stats until `pred` holds, or fails after 10 s.
 pub async fn wait_for_mock(
     h: &Harness,
     what: &str,
     pred: impl Fn(&mock::MockStatsSnapshot) -> bool,
 ) {
+    wait_for_stats(&h.mock, what, pred).await;
+}
+
+/// Polls `mock`'s stats until `pred` holds, or fails after 10 s.
+pub async fn wait_for_stats(
+    mock: &mock::MockHandle,
+    what: &str,
+    pred: impl Fn(&mock::MockStatsSnapshot) -> bool,
+) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let s = h.mock.stats();
+        let s = mock.stats();
         if pred(&s) {
             return;
         }
