@@ -8,7 +8,7 @@ import OpenAI from 'openai'
 import OpenAI6 from 'openai6'
 import { createOpenAI } from '@ai-sdk/openai'
 import { createOpenAICompatible } from '@ai-sdk/openai-compatible'
-import { generateText, jsonSchema, stepCountIs, streamText, tool } from 'ai'
+import { DirectChatTransport, ToolLoopAgent, generateText, jsonSchema, stepCountIs, streamText, tool } from 'ai'
 import ChatStream from '../src/stream.js'
 import { createFetch } from '../src/fetch.js'
 import { until } from './fakes.js'
@@ -358,4 +358,17 @@ test('AI SDK: streamText and generateText via @ai-sdk/openai .chat() and openai-
     assert.deepEqual(seen, ['Paris', 'Tokyo'])
     assert.match(answer, /^The tool said /)
   }
+})
+
+test('the README\'s useChat recipe: a DirectChatTransport whose agent\'s model uses mux.fetch streams UI message chunks', async () => {
+  const model = createOpenAICompatible({ name: 'muxgate', baseURL: 'http://127.0.0.1:9/v1', fetch: createFetch(scriptedMux()), includeUsage: true })('m')
+  const transport = new DirectChatTransport({ agent: new ToolLoopAgent({ model, instructions: 'Be brief.' }) })
+  const stream = await transport.sendMessages({
+    chatId: 'c1', messageId: undefined, trigger: 'submit-message', abortSignal: undefined,
+    messages: [{ id: 'u1', role: 'user', parts: [{ type: 'text', text: 'hi' }] }],
+  })
+  const chunks = []
+  for await (const chunk of stream) chunks.push(chunk)
+  assert.equal(chunks.filter(c => c.type === 'text-delta').map(c => c.delta).join(''), 'Hello')
+  assert.deepEqual(chunks.at(-1), { type: 'finish', finishReason: 'stop' })
 })
