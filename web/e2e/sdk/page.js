@@ -36,6 +36,15 @@ const aiModel = (provider, model) => provider === 'compatible'
   : createOpenAI({ baseURL, apiKey: 'muxgate', fetch: mux.fetch }).chat(model)
 const now = () => performance.timeOrigin + performance.now()
 
+/** One text delta of `run`, with the times the harness's helpers read. */
+function record (run, text) {
+  const t = now()
+  if (run.firstAt === null) run.firstAt = t
+  run.lastAt = t
+  run.text += text
+  run.deltas++
+}
+
 // The bundle renames one of two same-named classes, so errors are named by their class.
 const ERROR_CLASSES = ['BadRequestError', 'AuthenticationError', 'NotFoundError', 'RateLimitError',
   'InternalServerError', 'APIConnectionError', 'APIUserAbortError', 'APIError']
@@ -84,11 +93,7 @@ const kinds = {
       if (choice?.finish_reason) run.finishReason = choice.finish_reason
       const text = choice?.delta?.content
       if (text) {
-        const t = now()
-        if (run.firstAt === null) run.firstAt = t
-        run.lastAt = t
-        run.text += text
-        run.deltas++
+        record(run, text)
         if (run.deltas === abortAfter) ac.abort()
       }
     }
@@ -107,13 +112,7 @@ const kinds = {
   async aiStream (run, { provider, model, prompt }) {
     let failure = null
     const result = streamText({ model: aiModel(provider, model), prompt, maxRetries: 0, onError: ({ error }) => { failure = error } })
-    for await (const text of result.textStream) {
-      const t = now()
-      if (run.firstAt === null) run.firstAt = t
-      run.lastAt = t
-      run.text += text
-      run.deltas++
-    }
+    for await (const text of result.textStream) record(run, text)
     if (failure) throw failure
     run.finishReason = await result.finishReason
     const usage = await result.usage
