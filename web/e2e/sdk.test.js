@@ -161,6 +161,17 @@ test('a follower aborts mid-stream: its loop ends quietly and the upstream reque
   await waitFor(async () => (await stack.gateway.admin(user)).live_streams === 0, { what: 'the stream to end in the gateway' })
 })
 
+test('the upstream cut mid-stream: openai 7 and 6 throw the error event from the loop, after the text that came', { timeout: 60_000 }, async () => {
+  for (const version of [7, 6]) {
+    const prompt = `cut me ${version} [[mock chunks=10 delay_ms=10 cut=4]]`
+    const run = await runOnce(pages[6], `cut${version}`, 'openai', { version, model: MODEL, prompt, maxRetries: 0 })
+    assert.equal(run.error?.name, 'APIError', JSON.stringify(run.error))
+    assert.equal(run.error.code, 'upstream_error')
+    assert.equal(run.error.status, null, 'an error event, not an HTTP status')
+    assert.equal(run.text, expectedText(prompt, 4))
+  }
+})
+
 test('a user at user_rpm = 2: the third call is a RateLimitError with retry-after-ms', { timeout: 60_000 }, async () => {
   // another user in the same browser: its own `name`, so its own socket and token
   const limited = userFor('rpm')
