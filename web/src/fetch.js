@@ -23,7 +23,8 @@ import { ChunkEncoder, completion, errorResponse, unixSeconds } from './openai.j
  *
  * @param {{chat: (request: object) => import('./stream.js').default}} mux
  * @param {{fallback?: typeof fetch}} [options] `fallback` serves every request that is not
- *   `POST …/chat/completions` (e.g. `globalThis.fetch` for `GET /v1/models` over HTTP)
+ *   `POST …/chat/completions` (e.g. `globalThis.fetch` for `GET /v1/models` over HTTP); it is
+ *   called with one argument, the `Request` built from the caller's input and init
  * @returns {typeof fetch}
  */
 export function createFetch (mux, { fallback } = {}) {

@@ -255,7 +255,8 @@ export class Mux {
 export interface CreateFetchOptions {
   /**
    * Serves every request that is not `POST …/chat/completions` (e.g. `globalThis.fetch` for
-   * `GET /v1/models`); without it they get a 404 in OpenAI's error shape.
+   * `GET /v1/models`), called with one `Request` built from the caller's input and init;
+   * without it they get a 404 in OpenAI's error shape.
    */
   fallback?: typeof fetch
 }

@@ -9,39 +9,13 @@ import OpenAI6 from 'openai6'
 import { createOpenAI } from '@ai-sdk/openai'
 import { createOpenAICompatible } from '@ai-sdk/openai-compatible'
 import { DirectChatTransport, ToolLoopAgent, generateText, jsonSchema, stepCountIs, streamText, tool } from 'ai'
-import ChatStream from '../src/stream.js'
 import { createFetch } from '../src/fetch.js'
-import { until } from './fakes.js'
+import { scriptedMux, until } from './fakes.js'
 
 const URL_ = 'http://127.0.0.1:9/v1/chat/completions'
 const USAGE = { prompt_tokens: 5, completion_tokens: 3, total_tokens: 8 }
 const ask = (extra = {}) => ({ model: 'm', messages: [{ role: 'user', content: 'hi' }], ...extra })
 const post = (body, init = {}) => ({ method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body), ...init })
-
-/**
- * A mux whose streams answer with `script(request, n)`'s frames (without id), one per timer
- * tick; `streams` keeps every stream and its request.
- */
-function scriptedMux (script = textAnswer('Hel', 'lo')) {
-  const mux = {
-    streams: [],
-    chat (request) {
-      const n = mux.streams.length + 1
-      const stream = new ChatStream(`t:${n}`, request)
-      mux.streams.push({ request, stream })
-      const frames = script(request, n)
-      ;(async () => {
-        for (const frame of frames) {
-          await new Promise(resolve => setTimeout(resolve, 1))
-          if (frame.pause) await frame.pause
-          else stream.push({ ...frame, id: stream.id })
-        }
-      })()
-      return stream
-    },
-  }
-  return mux
-}
 
 /** `start`, one delta per text, `done` with USAGE. */
 function textAnswer (...texts) {
@@ -70,7 +44,7 @@ const gate = () => {
 }
 
 test('every input form fetch accepts: string, URL, Request; headers as Headers, object or pairs; body as string, bytes, Blob or stream', async () => {
-  const mux = scriptedMux()
+  const mux = scriptedMux(textAnswer('Hel', 'lo'))
   const fetch = createFetch(mux)
   const body = JSON.stringify(ask({ temperature: 0.5 }))
   const forms = [
@@ -97,14 +71,14 @@ test('every input form fetch accepts: string, URL, Request; headers as Headers, 
 })
 
 test('model, messages, stream and stream_options are the framing; every other key goes upstream as params', async () => {
-  const mux = scriptedMux()
+  const mux = scriptedMux(textAnswer('Hel', 'lo'))
   const res = await createFetch(mux)(URL_, post(ask({ stream: true, stream_options: { include_usage: true }, tools: [], user: 'x', n: 1 })))
   await res.text()
   assert.deepEqual(mux.streams[0].request.params, { tools: [], user: 'x', n: 1 })
 })
 
 test('a bad body is a 400 in OpenAI\'s error shape; nothing is opened', async () => {
-  const mux = scriptedMux()
+  const mux = scriptedMux(textAnswer('Hel', 'lo'))
   const fetch = createFetch(mux)
   for (const [body, says] of [['{', /not JSON/], ['[]', /JSON object/], [JSON.stringify({ messages: [] }), /model/],
     [JSON.stringify({ model: 'm', messages: [] }), /messages/], [JSON.stringify(ask({ stream: 'yes' })), /stream/]]) {
@@ -119,7 +93,7 @@ test('a bad body is a 400 in OpenAI\'s error shape; nothing is opened', async ()
 })
 
 test('anything but POST …/chat/completions: the fallback, or a 404 that names what to use instead', async () => {
-  const mux = scriptedMux()
+  const mux = scriptedMux(textAnswer('Hel', 'lo'))
   const models = await createFetch(mux)('http://127.0.0.1:9/v1/models')
   assert.equal(models.status, 404)
   assert.match((await models.json()).error.message, /GET \/v1\/models: mux.fetch serves POST …\/chat\/completions only/)
@@ -361,7 +335,7 @@ test('AI SDK: streamText and generateText via @ai-sdk/openai .chat() and openai-
 })
 
 test('the README\'s useChat recipe: a DirectChatTransport whose agent\'s model uses mux.fetch streams UI message chunks', async () => {
-  const model = createOpenAICompatible({ name: 'muxgate', baseURL: 'http://127.0.0.1:9/v1', fetch: createFetch(scriptedMux()), includeUsage: true })('m')
+  const model = createOpenAICompatible({ name: 'muxgate', baseURL: 'http://127.0.0.1:9/v1', fetch: createFetch(scriptedMux(textAnswer('Hel', 'lo'))), includeUsage: true })('m')
   const transport = new DirectChatTransport({ agent: new ToolLoopAgent({ model, instructions: 'Be brief.' }) })
   const stream = await transport.sendMessages({
     chatId: 'c1', messageId: undefined, trigger: 'submit-message', abortSignal: undefined,
