@@ -10,7 +10,7 @@ import { createOpenAI } from '@ai-sdk/openai'
 import { createOpenAICompatible } from '@ai-sdk/openai-compatible'
 import { DirectChatTransport, ToolLoopAgent, generateText, jsonSchema, stepCountIs, streamText, tool } from 'ai'
 import { createFetch } from '../src/fetch.js'
-import { scriptedMux, until } from './fakes.js'
+import { closeAll, FakeGateway, fakeAnswer, fakeTabs, scriptedMux, settled, until } from './fakes.js'
 
 const URL_ = 'http://127.0.0.1:9/v1/chat/completions'
 const USAGE = { prompt_tokens: 5, completion_tokens: 3, total_tokens: 8 }
@@ -345,4 +345,24 @@ test('the README\'s useChat recipe: a DirectChatTransport whose agent\'s model u
   for await (const chunk of stream) chunks.push(chunk)
   assert.equal(chunks.filter(c => c.type === 'text-delta').map(c => c.delta).join(''), 'Hello')
   assert.deepEqual(chunks.at(-1), { type: 'finish', finishReason: 'stop' })
+})
+
+test('mux.fetch on a real Mux: bound and the same function each time; a follower tab\'s SDK call goes through the leader', async () => {
+  const gw = new FakeGateway({ chunkMs: 3 })
+  const list = fakeTabs(2, { gw })
+  try {
+    await settled(list)
+    const follower = list.find(t => t.mux.role === 'follower').mux
+    const { fetch } = follower
+    assert.equal(fetch, follower.fetch)
+    assert.notEqual(follower.createFetch(), fetch)
+    const client = new OpenAI({ baseURL: 'http://127.0.0.1:9/v1', apiKey: 'muxgate', fetch })
+    const { data, request_id: requestId } = await client.chat.completions.create({
+      model: 'm', messages: [{ role: 'user', content: 'go chunks=5' }], stream: true,
+    }).withResponse()
+    let text = ''
+    for await (const chunk of data) text += chunk.choices[0]?.delta?.content ?? ''
+    assert.equal(text, fakeAnswer(requestId, 5))
+    assert.ok(requestId.startsWith(`${follower.tabId}:`))
+  } finally { closeAll(list) }
 })
