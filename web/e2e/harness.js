@@ -132,12 +132,12 @@ export async function startMock () {
  * The gateway on `port` (the same port again after a restart), relaying to `mockUrl`, in dev
  * mode with a fixed JWT secret (so tokens outlive a restart) and a short drain. `staticDir`
  * (default web/) is what it serves at `/`: the measurement script points it at a copy of an
- * older shim to compare.
+ * older shim to compare. `config` is TOML added to the gateway's config file (tiers, limits).
  */
-export async function startGateway ({ port, mockUrl, drainMs = 2000, staticDir = WEB_DIR }) {
+export async function startGateway ({ port, mockUrl, drainMs = 2000, staticDir = WEB_DIR, config: extra = '' }) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'muxgate-e2e-'))
   const config = path.join(dir, 'muxgate.toml')
-  fs.writeFileSync(config, `drain_timeout_ms = ${drainMs}\n`)
+  fs.writeFileSync(config, `drain_timeout_ms = ${drainMs}\n${extra}`)
   const p = await startProcess(['serve'], {
     MUXGATE_CONFIG: config,
     MUXGATE_LISTEN: `127.0.0.1:${port}`,
@@ -164,13 +164,13 @@ export async function startGateway ({ port, mockUrl, drainMs = 2000, staticDir =
 }
 
 /** Mock + gateway; `restartGateway()` brings the gateway back on the same port. */
-export async function startStack ({ staticDir } = {}) {
+export async function startStack ({ staticDir, config } = {}) {
   const mock = await startMock()
   const port = await freePort()
-  const stack = { mock, gateway: await startGateway({ port, mockUrl: mock.url, staticDir }) }
+  const stack = { mock, gateway: await startGateway({ port, mockUrl: mock.url, staticDir, config }) }
   stack.restartGateway = async (signal = 'SIGTERM') => {
     await stack.gateway.stop(signal)
-    stack.gateway = await startGateway({ port, mockUrl: mock.url, staticDir })
+    stack.gateway = await startGateway({ port, mockUrl: mock.url, staticDir, config })
     return stack.gateway
   }
   stack.stop = async () => {

@@ -239,7 +239,30 @@ export class Mux {
   status(): Status
   /** Ends this tab's streams (code `closed`) and hands the socket to another tab if it led. */
   close(): void
+  /**
+   * A `fetch` for OpenAI-compatible SDKs, bound: `POST …/chat/completions` (streaming or not)
+   * becomes a stream on this tab's shared socket, answered in OpenAI's format
+   * (docs/openai-compat.md); every other request gets a 404 in OpenAI's error shape.
+   * @example
+   * const client = new OpenAI({ baseURL: location.origin + '/v1', apiKey: 'muxgate',
+   *                             dangerouslyAllowBrowser: true, fetch: mux.fetch })
+   */
+  readonly fetch: typeof fetch
+  /** A `fetch` like `mux.fetch`, with options. */
+  createFetch(options?: CreateFetchOptions): typeof fetch
 }
+
+export interface CreateFetchOptions {
+  /**
+   * Serves every request that is not `POST …/chat/completions` (e.g. `globalThis.fetch` for
+   * `GET /v1/models`), called with one `Request` built from the caller's input and init;
+   * without it they get a 404 in OpenAI's error shape.
+   */
+  fallback?: typeof fetch
+}
+
+/** The HTTP answer to each error code (docs/openai-compat.md, "Errors as HTTP"). */
+export const HTTP_ERROR: Readonly<Record<string, { status: number, type: string, retry: boolean }>>
 
 /** Joins (or starts) the shared connection of this origin's tabs. */
 export function connect(options: ConnectOptions): Mux

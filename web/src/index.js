@@ -12,6 +12,8 @@
  * - `bus.js`:       the BroadcastChannel between tabs.
  * - `election.js`:  leadership with Web Locks (queue, steal, resign).
  * - `socket.js`:    the WebSocket: hello, heartbeat, reconnect, goaway.
+ * - `openai.js`:    the OpenAI chat-completions encoding of a stream (docs/openai-compat.md).
+ * - `fetch.js`:     `mux.fetch`, a fetch for the OpenAI SDKs that streams over the shared socket.
  * - `mux.js`:       Mux, one tab's handle, tying the rest together.
  *
  * @example
@@ -26,6 +28,7 @@ import Mux from './mux.js'
 export { default as Mux } from './mux.js'
 export { default as MuxError } from './errors.js'
 export { default as ChatStream } from './stream.js'
+export { HTTP_ERROR } from './openai.js'
 export {
   BUS, CLIENT_ERROR_CODE, CLOSE_CODE, CONNECTION, DEFAULTS, ERROR_CODE, FRAME, ROLE, SUBPROTOCOL,
 } from './constants.js'

@@ -4,6 +4,7 @@ import {
 import Bus from './bus.js'
 import Election from './election.js'
 import MuxError from './errors.js'
+import { createFetch } from './fetch.js'
 import { makeTabId, streamId } from './ids.js'
 import Roster from './roster.js'
 import Router from './router.js'
@@ -181,6 +182,25 @@ export default class Mux {
     }
     this.dispatch(stream)
     return stream
+  }
+
+  /**
+   * A `fetch` for OpenAI-compatible SDKs: `POST …/chat/completions` streams over this tab's
+   * shared socket (see fetch.js). Bound: pass it as is, `new OpenAI({ fetch: mux.fetch })`.
+   * @returns {typeof fetch}
+   */
+  get fetch () {
+    this.defaultFetch ??= createFetch(this)
+    return this.defaultFetch
+  }
+
+  /**
+   * A `fetch` like `mux.fetch`, with options (`fallback`: the fetch for every other request).
+   * @param {{fallback?: typeof fetch}} [options]
+   * @returns {typeof fetch}
+   */
+  createFetch (options) {
+    return createFetch(this, options)
   }
 
   /**

@@ -2,6 +2,7 @@
 // document), and a small fake gateway that speaks protocol v1. They let the cross-tab logic
 // run in node; the real gateway and Chromium are exercised by ../e2e.
 import Mux from '../src/mux.js'
+import ChatStream from '../src/stream.js'
 
 /** A LockManager with the semantics the shim relies on: FIFO queue, ifAvailable, steal, signal. */
 export class FakeLocks {
@@ -452,4 +453,31 @@ export async function settled (list) {
   await until(() => roles(list).filter(r => r === 'leader').length === 1 &&
     roles(list).filter(r => r === 'follower').length === list.length - 1 &&
     list.every(t => t.mux.tabs === list.length) && list.every(t => t.mux.connection === 'open'), { what: 'one leader, all joined' })
+}
+
+/**
+ * A mux whose streams answer with `script(request, n)`'s frames (without id), one per timer
+ * tick (a `{pause: promise}` entry waits for the promise); `streams` keeps every stream and its
+ * request. What mux.fetch needs of a Mux, for its tests and for comparing its bytes with the
+ * gateway's own endpoint for the same frames.
+ */
+export function scriptedMux (script) {
+  const mux = {
+    streams: [],
+    chat (request) {
+      const n = mux.streams.length + 1
+      const stream = new ChatStream(`t:${n}`, request)
+      mux.streams.push({ request, stream })
+      const frames = script(request, n)
+      ;(async () => {
+        for (const frame of frames) {
+          await new Promise(resolve => setTimeout(resolve, 1))
+          if (frame.pause) await frame.pause
+          else stream.push({ ...frame, id: stream.id })
+        }
+      })()
+      return stream
+    },
+  }
+  return mux
 }
