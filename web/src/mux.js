@@ -7,7 +7,7 @@ import MuxError from './errors.js'
 import { makeTabId, streamId } from './ids.js'
 import Roster from './roster.js'
 import Router from './router.js'
-import Socket from './socket.js'
+import Socket, { closeWarm, openWarm } from './socket.js'
 import ChatStream from './stream.js'
 
 /**
@@ -142,6 +142,9 @@ export default class Mux {
     this.lastResign = null
     /** Highest epoch seen, so a new leader's epoch is above every earlier one. */
     this.maxEpochN = 0
+    /** The WebSocket this tab opened when the leader resigned, expecting to lead next. */
+    this.warm = null
+    this.warmTimer = undefined
 
     this.installLifecycle()
     this.start()
@@ -259,6 +262,7 @@ export default class Mux {
   suspend (final) {
     if (!this.running) return
     this.running = !final
+    this.dropWarm()
     this.clearFollowerTimers()
     if (this.role === ROLE.leader) this.stepDown({ handoff: true, rejoin: false, leaving: final })
     if (this.role === ROLE.solo) this.stopOwner()
@@ -413,6 +417,26 @@ export default class Mux {
 
   // ---------------------------------------------------------------- socket owner (leader, solo)
 
+  /** Opens the WebSocket a next leader will say hello on (see DEFAULTS.warmSocketMs). */
+  warmUp () {
+    if (this.warm || this.socket || !this.env.WebSocket) return
+    this.warm = openWarm(this.env.WebSocket, this.url)
+    if (this.warm) this.warmTimer = setTimeout(() => this.dropWarm(), this.opts.warmSocketMs)
+  }
+
+  /** The warm WebSocket, for the Socket to use; it is no longer this tab's to close. */
+  takeWarm () {
+    clearTimeout(this.warmTimer)
+    this.warmTimer = undefined
+    const ws = this.warm
+    this.warm = null
+    return ws
+  }
+
+  dropWarm () {
+    closeWarm(this.takeWarm())
+  }
+
   startOwner () {
     this.fatal = null
     this.router = new Router({ tombstoneLimit: this.opts.tombstoneLimit })
@@ -427,6 +451,7 @@ export default class Mux {
       backoffMaxMs: this.opts.backoffMaxMs,
       heartbeatMs: this.opts.heartbeatMs,
       tokenRefreshSkewMs: this.opts.tokenRefreshSkewMs,
+      warm: this.takeWarm(),
       resume: () => {
         this.helloPending = true
         this.renewOnWelcome = false
@@ -625,6 +650,9 @@ export default class Mux {
       this.election.resign()
       return
     }
+    // The handshake first, before anything else on this (often busy) main thread: it runs in
+    // the network stack while this tab collects the stream table; hello waits for that.
+    this.warmUp()
     const previous = { leader: this.leaderId, roster: this.knownRoster, resign: this.lastResign }
     this.clearFollowerTimers()
     this.setRole(ROLE.leader)
@@ -1006,6 +1034,7 @@ export default class Mux {
   onFollowerBus (m) {
     switch (m.t) {
       case BUS.claim:
+        this.dropWarm() // another tab got the lock
         this.noteLeader({ ...m, connection: CONNECTION.connecting }, true)
         return
       case BUS.hb:
@@ -1027,6 +1056,9 @@ export default class Mux {
         if (m.epoch) this.maxEpochN = Math.max(this.maxEpochN, m.epoch.n)
         if (m.from === this.leaderId) {
           if (Array.isArray(m.roster)) this.knownRoster = m.roster
+          // the head of its roster is usually the head of the lock's queue too (both are in
+          // the order the tabs came): start the handshake now, while the lock is on its way
+          if (Array.isArray(m.roster) && m.roster[1] === this.tabId) this.warmUp()
           this.connection = CONNECTION.reconnecting
           this.emitStatus()
         }
