@@ -146,5 +146,4 @@ export const CLIENT_ERROR_CODE: Readonly<Record<string, ErrorCode>>
 export const CLOSE_CODE: Readonly<Record<string, number>>
 export const ROLE: Readonly<Record<string, Role>>
 export const CONNECTION: Readonly<Record<string, ConnectionState>>
-export const BUS: Readonly<Record<string, string>>
 export const DEFAULTS: Readonly<Record<string, number>>

@@ -17,7 +17,7 @@ test('the head of the roster opens its socket on resign, before the lock reaches
     const reads = streams.map(collect)
     await until(() => streams.every(s => s.lastSeq >= 5), { what: 'streams under way' })
     const others = list.filter(t => t !== leader)
-    const successorId = leader.mux.roster.list()[1]
+    const successorId = leader.mux.part.roster.list()[1]
     const successor = others.find(t => t.mux.tabId === successorId)
     let ledAt = null
     successor.mux.on('status', s => { if (s.role === 'leader' && ledAt === null) ledAt = performance.now() })
@@ -63,7 +63,7 @@ test('a follower whose warm socket the next leader does not need closes it when 
   try {
     await settled(list)
     const leader = list.find(t => t.mux.role === 'leader')
-    const last = list.find(t => t.mux.tabId === leader.mux.roster.list()[2])
+    const last = list.find(t => t.mux.tabId === leader.mux.part.roster.list()[2])
     const before = gw.created.length
     last.mux.warmUp() // as if it had expected to lead next
     const warm = gw.created[before]

@@ -79,7 +79,7 @@ test('a follower that goes silent is dropped by heartbeat and its stream cancell
     await until(() => s.lastSeq >= 2, { what: 'stream under way' })
     // simulate a crashed renderer: no pagehide, no more messages
     follower.mux.bus.close()
-    follower.mux.clearFollowerTimers()
+    follower.mux.part.stop()
     follower.mux.running = false
     await until(() => gw.aborted === 1, { what: 'vanished follower cancelled', timeoutMs: 3000 })
     await until(() => list.find(t => t !== follower).mux.tabs === 1, { what: 'roster shrinks' })
@@ -164,7 +164,7 @@ test('a hung leader is replaced by a follower that steals the lock', async () =>
     await until(() => streams.every(s => s.lastSeq >= 3), { what: 'streams under way' })
     // hang it: it holds the lock and its socket, but hears and says nothing
     leader.mux.bus.close()
-    clearInterval(leader.mux.hbTimer)
+    clearInterval(leader.mux.part.hbTimer)
     leader.mux.running = false
     const results = await Promise.all(reads)
     results.forEach((r, i) => assert.deepEqual(r, { text: fakeAnswer(streams[i].id, 120), error: null }))
