@@ -3,9 +3,7 @@
 // printed as a timeline relative to the moment the leader's page was closed.
 //
 //   node e2e/trace-handover.js [--tabs 30]
-import {
-  demoUrl, launchBrowser, leaderIndex, openTabs, readRun, sleep, startAll, startStack, underWay, userNamer, waitShared,
-} from './harness.js'
+import { readRun, sleep, startAll, startStack, underWay, userNamer, withTabs } from './harness.js'
 
 const args = process.argv.slice(2)
 const N = Number(args[args.indexOf('--tabs') + 1] || 30) || 30
@@ -63,22 +61,26 @@ function instrument () {
 }
 
 const stack = await startStack()
-const { context, close } = await launchBrowser({ initScript: instrument })
 try {
-  const user = userNamer('trace')('closed')
-  const pages = await openTabs(context, demoUrl(stack.gateway.url, user), N)
-  await waitShared(pages)
-  const li = await leaderIndex(pages)
-  const shape = { chunks: 60, delayMs: 80 }
-  await startAll(pages, 'closed', shape)
-  await underWay(pages, 'closed', 8)
-  await Promise.all(pages.map(p => p.evaluate(() => { window.__trace.length = 0 })))
-  const t0 = Date.now()
-  await pages[li].close({ runBeforeUnload: true })
-  const rest = pages.filter((_, i) => i !== li)
-  await sleep(3000)
-  const traces = await Promise.all(rest.map(p => p.evaluate(() => window.__trace)))
-  const runs = await Promise.all(rest.map(p => readRun(p, 'closed')))
+  await withTabs({ base: stack.gateway.url, user: userNamer('trace')('closed'), n: N, initScript: instrument }, async ({ pages, li }) => {
+    const shape = { chunks: 60, delayMs: 80 }
+    await startAll(pages, 'closed', shape)
+    await underWay(pages, 'closed', 8)
+    await Promise.all(pages.map(p => p.evaluate(() => { window.__trace.length = 0 })))
+    const t0 = Date.now()
+    await pages[li].close({ runBeforeUnload: true })
+    const rest = pages.filter((_, i) => i !== li)
+    await sleep(3000)
+    const traces = await Promise.all(rest.map(p => p.evaluate(() => window.__trace)))
+    const runs = await Promise.all(rest.map(p => readRun(p, 'closed')))
+    report(traces, runs, t0)
+  })
+} finally {
+  await stack.stop()
+}
+
+/** Prints the new leader's timeline, then when the survivors heard what, and their pauses. */
+function report (traces, runs, t0) {
   const who = traces.findIndex(tr => tr.some(([, w]) => w === 'ws:new'))
   const rel = t => Math.round(t - t0)
   console.log(`new leader: survivor ${who}`)
@@ -88,18 +90,14 @@ try {
     console.log(String(rel(t)).padStart(6), w, x ? JSON.stringify(x) : '')
   }
   console.log('joins read', traces[who].filter(([, w]) => w === 'bus:join').map(([t]) => rel(t)).join(' '))
-  const firstAfter = (tr, what) => { const e = tr.find(([, w]) => w === what); return e ? rel(e[0]) : null }
-  const col = what => traces.map(tr => firstAfter(tr, what)).filter(x => x !== null).sort((a, b) => a - b)
+  const firstOf = (tr, what) => { const e = tr.find(([, w]) => w === what); return e ? rel(e[0]) : null }
+  const col = what => traces.map(tr => firstOf(tr, what)).filter(x => x !== null).sort((a, b) => a - b)
   const pct = xs => xs.length ? `min ${xs[0]} med ${xs[xs.length >> 1]} max ${xs[xs.length - 1]} (n ${xs.length})` : '-'
   console.log('resign read by followers:', pct(col('bus:resign')))
   console.log('claim read by followers: ', pct(col('bus:claim')))
-  console.log('first frames after close:', pct(traces.map(tr => tr.find(([t, w]) => w === 'bus:frames' && t > t0 + 0)).filter(Boolean).map(e => rel(e[0])).sort((a, b) => a - b)))
+  console.log('first frames after close:', pct(traces.map(tr => tr.find(([t, w]) => w === 'bus:frames' && t > t0)).filter(Boolean).map(e => rel(e[0])).sort((a, b) => a - b)))
   const gaps = runs.map(r => (r.maxGapAt !== null && r.maxGapAt >= t0 ? Math.round(r.maxGapMs) : 0)).sort((a, b) => a - b)
   console.log('pause per survivor:', gaps.join(' '))
   console.log('pause ends (rel):', runs.map(r => (r.maxGapAt >= t0 ? rel(r.maxGapAt) : null)).filter(x => x !== null).sort((a, b) => a - b).join(' '))
-  const lt = traces.flatMap(tr => tr.filter(([t, w]) => w === 'longtask' && t > t0)).length
-  console.log('long tasks in survivors after close:', lt)
-} finally {
-  await close()
-  await stack.stop()
+  console.log('long tasks in survivors after close:', traces.flatMap(tr => tr.filter(([t, w]) => w === 'longtask' && t > t0)).length)
 }
