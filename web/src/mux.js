@@ -222,8 +222,9 @@ export default class Mux {
     if (this.role === ROLE.leader) {
       this.stepDown({ handoff: true, rejoin: false, leaving: final })
     } else if (this.part) {
+      // a solo tab back from the bfcache starts a new socket; streams opened meanwhile wait
       this.part.stop()
-      if (this.role === ROLE.follower) this.part = null
+      this.part = null
     }
     this.election?.stop()
     if (final) {

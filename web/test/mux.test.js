@@ -208,6 +208,24 @@ test('bfcache: pagehide(persisted) then pageshow rejoins', async () => {
   } finally { closeAll(list); gw.stop() }
 })
 
+test('bfcache in fallback: a stream asked for while hidden goes out on the new socket after pageshow', async () => {
+  const gw = new FakeGateway({ chunkMs: 3 })
+  const [solo] = tabs(1, { gw, shared: false })
+  try {
+    await until(() => solo.mux.connection === 'open', { what: 'the solo socket' })
+    solo.page.pagehide(true)
+    const s = ask(solo.mux, 5) // the page's script still runs on its way into the cache
+    const read = collect(s)
+    await new Promise(r => setTimeout(r, 30))
+    assert.equal(gw.opened, 0, 'nothing sent while hidden')
+    solo.page.pageshow(true)
+    assert.deepEqual(await read, { text: fakeAnswer(s.id, 5), error: null })
+    assert.equal(gw.opened, 1, 'opened once, on the new socket')
+    assert.deepEqual(gw.resumes.at(-1), [], 'sent as new, not resumed: the gateway never had it')
+    assert.equal(gw.connectionsTotal, 2)
+  } finally { solo.mux.close(); gw.stop() }
+})
+
 test('a refused token string is fatal: streams fail with unauthorized', async () => {
   const gw = new FakeGateway()
   const [t] = tabs(1, { gw, shared: false, token: 'bad' })
