@@ -247,6 +247,26 @@ export async function openTabs (context, url, n) {
   return pages
 }
 
+/**
+ * The start every browser test repeats, as one fixture: a fresh browser (running
+ * `initScript` in each page), `n` tabs of the demo signed in as `user` at `base`, and unless
+ * `shared` is false, one leader shared by all. Calls `body` with the pages, the statuses, the
+ * leader's index `li` (-1 without one) and `user`; closes the browser after, whatever happens.
+ * @template T
+ * @param {{base: string, user: string, n: number, initScript?: Function, shared?: boolean}} setup
+ * @param {(tabs: {context: any, pages: any[], status: any[], li: number, user: string}) => Promise<T>} body
+ * @returns {Promise<T>}
+ */
+export async function withTabs ({ base, user, n, initScript, shared = true }, body) {
+  const { context, close } = await launchBrowser({ initScript })
+  try {
+    const pages = await openTabs(context, demoUrl(base, user), n)
+    const status = shared ? await waitShared(pages) : await statuses(pages)
+    const li = status.findIndex(s => s.role === 'leader')
+    return await body({ context, pages, status, li, user })
+  } finally { await close() }
+}
+
 /** Every tab's shim status. */
 export function statuses (pages) {
   return Promise.all(pages.map(p => p.evaluate(() => window.muxgateDemo.mux.status())))

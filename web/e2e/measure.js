@@ -8,8 +8,8 @@
 import fs from 'node:fs'
 import path from 'node:path'
 import {
-  crashPage, demoUrl, expectedText, fallbackCountingSockets, launchBrowser, leaderIndex, openTabs,
-  readRun, sleep, startAll, startStack, underWay, userNamer, waitShared,
+  crashPage, expectedText, fallbackCountingSockets, readRun, sleep, startAll, startStack, underWay,
+  userNamer, withTabs,
 } from './harness.js'
 
 const args = process.argv.slice(2)
@@ -71,12 +71,7 @@ function leaderSettle (logs, t0) {
 
 async function closed (stack) {
   const N = 30
-  const user = newUser('closed')
-  const { context, close } = await launchBrowser()
-  try {
-    const pages = await openTabs(context, demoUrl(stack.gateway.url, user), N)
-    await waitShared(pages)
-    const li = await leaderIndex(pages)
+  return withTabs({ base: stack.gateway.url, user: newUser('closed'), n: N }, async ({ pages, li, user }) => {
     const shape = { chunks: 60, delayMs: 80 }
     const prompts = await startAll(pages, 'closed', shape)
     await underWay(pages, 'closed', 8)
@@ -95,17 +90,12 @@ async function closed (stack) {
       exact: exactCount(runs, restPrompts, shape.chunks), of: rest.length,
       socketsOpenedByHandover: stats.connections_total - 1,
     }
-  } finally { await close() }
+  })
 }
 
 async function crashed (stack) {
   const N = 30
-  const user = newUser('crashed')
-  const { context, close } = await launchBrowser()
-  try {
-    const pages = await openTabs(context, demoUrl(stack.gateway.url, user), N)
-    await waitShared(pages)
-    const li = await leaderIndex(pages)
+  return withTabs({ base: stack.gateway.url, user: newUser('crashed'), n: N }, async ({ context, pages, li, user }) => {
     const shape = { chunks: 80, delayMs: 80 }
     const prompts = await startAll(pages, 'crashed', shape, new Set([li]))
     const rest = pages.filter((_, i) => i !== li)
@@ -127,15 +117,12 @@ async function crashed (stack) {
       socketsOpenedByHandover: stats.connections_total - before,
       exact: exactCount(runs, prompts.filter((_, i) => i !== li), shape.chunks), of: rest.length,
     }
-  } finally { await close() }
+  })
 }
 
 async function fallback (stack) {
   const N = 20
-  const user = newUser('fallback')
-  const { context, close } = await launchBrowser({ initScript: fallbackCountingSockets })
-  try {
-    const pages = await openTabs(context, demoUrl(stack.gateway.url, user), N)
+  return withTabs({ base: stack.gateway.url, user: newUser('fallback'), n: N, initScript: fallbackCountingSockets, shared: false }, async ({ pages }) => {
     const shape = { chunks: 30, delayMs: 60 }
     const t0 = Date.now()
     const prompts = await startAll(pages, 'fallback', shape)
@@ -151,15 +138,11 @@ async function fallback (stack) {
       hungWithin20s: runs.filter(r => r && !r.ended).length,
       socketsOpened: sockets,
     }
-  } finally { await close() }
+  })
 }
 
 async function cpuAt (stack, N) {
-  const user = newUser(`cpu${N}`)
-  const { context, close } = await launchBrowser()
-  try {
-    const pages = await openTabs(context, demoUrl(stack.gateway.url, user), N)
-    await waitShared(pages)
+  return withTabs({ base: stack.gateway.url, user: newUser(`cpu${N}`), n: N }, async ({ context, pages }) => {
     const cdps = await Promise.all(pages.map(async p => { const c = await context.newCDPSession(p); await c.send('Performance.enable'); return c }))
     // TaskDuration: wall time of the renderers' main-thread tasks (the issue's figure);
     // ThreadTime: their main threads' CPU time, less swollen when 30 renderers share 2 cores
@@ -182,7 +165,7 @@ async function cpuAt (stack, N) {
       taskUsPerChunk: Math.round((after.task - before.task) * 1e6 / chunks),
       threadUsPerChunk: Math.round((after.thread - before.thread) * 1e6 / chunks),
     }
-  } finally { await close() }
+  })
 }
 
 async function cpu (stack) {

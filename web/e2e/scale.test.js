@@ -6,9 +6,8 @@
 import { after, before, test } from 'node:test'
 import assert from 'node:assert/strict'
 import {
-  assertExact, crashPage, demoUrl, fallbackCountingSockets, launchBrowser, leaderIndex, openTabs,
-  socketsOpened, startAll, startStack, statuses, underWay, userNamer, waitFor, waitRuns,
-  waitShared,
+  assertExact, crashPage, fallbackCountingSockets, socketsOpened, startAll, startStack, statuses,
+  underWay, userNamer, waitFor, waitRuns, waitShared, withTabs,
 } from './harness.js'
 
 const TABS = 30
@@ -21,12 +20,7 @@ after(async () => { await stack?.stop() })
 const newUser = userNamer('e2e30')
 
 test('30 tabs: closing the leader mid-stream, the 29 others finish exact on ONE new socket', T, async () => {
-  const user = newUser('leader-closes')
-  const { context, close } = await launchBrowser()
-  try {
-    const pages = await openTabs(context, demoUrl(stack.gateway.url, user), TABS)
-    await waitShared(pages)
-    const li = await leaderIndex(pages)
+  await withTabs({ base: stack.gateway.url, user: newUser('leader-closes'), n: TABS }, async ({ pages, li, user }) => {
     const shape = { chunks: 60, delayMs: 80 }
     const prompts = await startAll(pages, 'handover', shape)
     await underWay(pages, 'handover', 5)
@@ -38,16 +32,11 @@ test('30 tabs: closing the leader mid-stream, the 29 others finish exact on ONE 
     const stats = await stack.gateway.admin(user)
     assert.equal(stats.connections, 1, 'one socket open after the handover')
     assert.equal(stats.connections_total, 2, 'the old leader\'s socket, then the new leader\'s: one hello resumed all')
-  } finally { await close() }
+  })
 })
 
 test('30 tabs: the leader\'s renderer crashes (Page.crash): one new leader, at most 3 sockets, text exact', T, async () => {
-  const user = newUser('leader-crashes')
-  const { context, close } = await launchBrowser()
-  try {
-    const pages = await openTabs(context, demoUrl(stack.gateway.url, user), TABS)
-    await waitShared(pages)
-    const li = await leaderIndex(pages)
+  await withTabs({ base: stack.gateway.url, user: newUser('leader-crashes'), n: TABS }, async ({ context, pages, li, user }) => {
     const shape = { chunks: 80, delayMs: 80 }
     const prompts = await startAll(pages, 'crash', shape, new Set([li]))
     const rest = pages.filter((_, i) => i !== li)
@@ -67,16 +56,11 @@ test('30 tabs: the leader\'s renderer crashes (Page.crash): one new leader, at m
     const later = await statuses(rest)
     assert.equal(later.filter(x => x.role === 'leader').length, 1)
     assert.equal((await stack.gateway.admin(user)).connections_total, stats.connections_total, 'no socket after settling')
-  } finally { await close() }
+  })
 })
 
 test('30 tabs: a follower\'s renderer crashes: its upstream request is aborted, the others finish exact', T, async () => {
-  const user = newUser('follower-crashes')
-  const { context, close } = await launchBrowser()
-  try {
-    const pages = await openTabs(context, demoUrl(stack.gateway.url, user), TABS)
-    await waitShared(pages)
-    const li = await leaderIndex(pages)
+  await withTabs({ base: stack.gateway.url, user: newUser('follower-crashes'), n: TABS }, async ({ context, pages, li, user }) => {
     const fi = (li + 7) % TABS
     const shape = { chunks: 100, delayMs: 60 }
     const prompts = await startAll(pages, 'fcrash', shape)
@@ -90,16 +74,13 @@ test('30 tabs: a follower\'s renderer crashes: its upstream request is aborted, 
     assert.equal((await stack.mock.stats()).aborted, before.aborted + 1, 'exactly the crashed tab\'s request was aborted')
     await waitFor(async () => (await statuses(rest)).every(s => s.tabs === TABS - 1), { what: 'the roster to shrink to 29' })
     assert.equal((await stack.gateway.admin(user)).connections_total, 1, 'the leader kept its socket')
-  } finally { await close() }
+  })
 })
 
 test('fallback, 20 tabs of one user over the cap of 16: 16 exact, 4 clear errors at once, no retry storm', T, async () => {
-  const user = newUser('fallback-cap')
   const N = 20
   const CAP = 16 // the gateway's default `max_connections` per user (src/limits.rs)
-  const { context, close } = await launchBrowser({ initScript: fallbackCountingSockets })
-  try {
-    const pages = await openTabs(context, demoUrl(stack.gateway.url, user), N)
+  await withTabs({ base: stack.gateway.url, user: newUser('fallback-cap'), n: N, initScript: fallbackCountingSockets, shared: false }, async ({ pages, user }) => {
     assert.deepEqual((await statuses(pages)).map(x => x.role), Array(N).fill('solo'))
     const shape = { chunks: 30, delayMs: 60 }
     const prompts = await startAll(pages, 'cap', shape)
@@ -119,5 +100,5 @@ test('fallback, 20 tabs of one user over the cap of 16: 16 exact, 4 clear errors
     assert.ok(opened <= N + 4, `${opened} sockets opened by ${N} tabs`)
     const stats = await stack.gateway.admin(user)
     assert.ok(stats.connections <= CAP)
-  } finally { await close() }
+  })
 })

@@ -3,9 +3,9 @@
 import { after, before, test } from 'node:test'
 import assert from 'node:assert/strict'
 import {
-  assertExact, demoUrl, expectedText, freezePage, launchBrowser, leaderIndex, maxConcurrent,
-  mockPrompt, openTabs, sleep, startAll, startProxy, startStack, statuses, streamsOverlapping,
-  underWay, userNamer, waitFor, waitRuns, waitShared,
+  assertExact, expectedText, freezePage, maxConcurrent, mockPrompt, sleep, startAll, startProxy,
+  startStack, statuses, streamsOverlapping, underWay, userNamer, waitFor, waitRuns, waitShared,
+  withTabs,
 } from './harness.js'
 
 const TABS = 12
@@ -18,12 +18,8 @@ after(async () => { await stack?.stop() })
 const newUser = userNamer('e2e')
 
 test('1. twelve tabs stream at once over ONE WebSocket, each with its exact text', T, async () => {
-  const user = newUser('twelve')
-  const { context, close } = await launchBrowser()
-  try {
-    const pages = await openTabs(context, demoUrl(stack.gateway.url, user), TABS)
-    const shared = await waitShared(pages)
-    const tabIds = shared.map(s => s.tabId)
+  await withTabs({ base: stack.gateway.url, user: newUser('twelve'), n: TABS }, async ({ pages, status, user }) => {
+    const tabIds = status.map(s => s.tabId)
     const shape = { chunks: 30, delayMs: 100, stallMs: 150 }
     const prompts = await startAll(pages, 'one', shape)
     const runs = await waitRuns(pages, 'one')
@@ -38,16 +34,11 @@ test('1. twelve tabs stream at once over ONE WebSocket, each with its exact text
     const usage = runs[0].result
     assert.equal(usage.finish_reason, 'stop')
     assert.equal(usage.usage.completion_tokens, shape.chunks)
-  } finally { await close() }
+  })
 })
 
 test('3. closing the leader tab mid-stream: the others finish exact, a new leader takes over', T, async () => {
-  const user = newUser('leader-closes')
-  const { context, close } = await launchBrowser()
-  try {
-    const pages = await openTabs(context, demoUrl(stack.gateway.url, user), TABS)
-    await waitShared(pages)
-    const li = await leaderIndex(pages)
+  await withTabs({ base: stack.gateway.url, user: newUser('leader-closes'), n: TABS }, async ({ pages, li, user }) => {
     const shape = { chunks: 60, delayMs: 80 }
     const prompts = await startAll(pages, 'handover', shape)
     await underWay(pages, 'handover', 5)
@@ -61,16 +52,11 @@ test('3. closing the leader tab mid-stream: the others finish exact, a new leade
     const stats = await stack.gateway.admin(user)
     assert.equal(stats.connections, 1, 'one socket open after the handover')
     assert.equal(stats.connections_total, 2, 'the old leader\'s socket, then the new leader\'s')
-  } finally { await close() }
+  })
 })
 
 test('4. closing a follower tab mid-stream aborts its upstream request', T, async () => {
-  const user = newUser('follower-closes')
-  const { context, close } = await launchBrowser()
-  try {
-    const pages = await openTabs(context, demoUrl(stack.gateway.url, user), TABS)
-    await waitShared(pages)
-    const li = await leaderIndex(pages)
+  await withTabs({ base: stack.gateway.url, user: newUser('follower-closes'), n: TABS }, async ({ pages, li }) => {
     const fi = (li + 5) % TABS
     const shape = { chunks: 50, delayMs: 80 }
     const prompts = await startAll(pages, 'bye', shape)
@@ -84,16 +70,11 @@ test('4. closing a follower tab mid-stream aborts its upstream request', T, asyn
     const afterStats = await stack.mock.stats()
     assert.equal(afterStats.aborted, before.aborted + 1, 'exactly the closed tab\'s request was aborted')
     await waitFor(async () => (await statuses(rest)).every(s => s.tabs === TABS - 1), { what: 'the roster to shrink to 11' })
-  } finally { await close() }
+  })
 })
 
 test('4b. a follower that stops answering is dropped by heartbeat and its upstream aborted', T, async () => {
-  const user = newUser('follower-hangs')
-  const { context, close } = await launchBrowser()
-  try {
-    const pages = await openTabs(context, demoUrl(stack.gateway.url, user), TABS)
-    await waitShared(pages)
-    const li = await leaderIndex(pages)
+  await withTabs({ base: stack.gateway.url, user: newUser('follower-hangs'), n: TABS }, async ({ context, pages, li }) => {
     const fi = (li + 3) % TABS
     const shape = { chunks: 120, delayMs: 60 }
     const prompts = await startAll(pages, 'hang', shape)
@@ -115,35 +96,29 @@ test('4b. a follower that stops answering is dropped by heartbeat and its upstre
     const [run] = await waitRuns([pages[fi]], 'hang', { timeoutMs: 15_000 })
     assert.equal(run.error?.code, 'tab_gone')
     await waitShared(pages, 'the tab to rejoin after it came back')
-  } finally { await close() }
+  })
 })
 
 test('5a. the leader\'s socket is cut mid-stream: tabs reconnect and resume with exact text', T, async () => {
-  const user = newUser('cut')
   const proxy = await startProxy(stack.gateway.port)
-  const { context, close } = await launchBrowser()
   try {
-    const pages = await openTabs(context, demoUrl(proxy.url, user), TABS)
-    await waitShared(pages)
-    const shape = { chunks: 60, delayMs: 80 }
-    const prompts = await startAll(pages, 'cut', shape)
-    await underWay(pages, 'cut', 5)
-    assert.equal((await stack.gateway.admin(user)).connections_total, 1)
-    proxy.cut()
-    const runs = await waitRuns(pages, 'cut')
-    assertExact(runs, prompts, shape.chunks, pages.keys())
-    const stats = await stack.gateway.admin(user)
-    assert.equal(stats.connections_total, 2, 'one reconnect after the cut')
-    assert.equal(stats.connections, 1)
-  } finally { await close(); await proxy.close() }
+    await withTabs({ base: proxy.url, user: newUser('cut'), n: TABS }, async ({ pages, user }) => {
+      const shape = { chunks: 60, delayMs: 80 }
+      const prompts = await startAll(pages, 'cut', shape)
+      await underWay(pages, 'cut', 5)
+      assert.equal((await stack.gateway.admin(user)).connections_total, 1)
+      proxy.cut()
+      const runs = await waitRuns(pages, 'cut')
+      assertExact(runs, prompts, shape.chunks, pages.keys())
+      const stats = await stack.gateway.admin(user)
+      assert.equal(stats.connections_total, 2, 'one reconnect after the cut')
+      assert.equal(stats.connections, 1)
+    })
+  } finally { await proxy.close() }
 })
 
 test('5b. the gateway restarts mid-stream: those streams end with a clear error, new ones work', T, async (t) => {
-  const user = newUser('restart')
-  const { context, close } = await launchBrowser()
-  try {
-    const pages = await openTabs(context, demoUrl(stack.gateway.url, user), TABS)
-    await waitShared(pages)
+  await withTabs({ base: stack.gateway.url, user: newUser('restart'), n: TABS }, async ({ pages, user }) => {
     // far longer than the gateway's drain (2 s): the restart must cut them off
     const shape = { chunks: 400, delayMs: 50 }
     await startAll(pages, 'doomed', shape)
@@ -167,14 +142,11 @@ test('5b. the gateway restarts mid-stream: those streams end with a clear error,
     assertExact(more, prompts, again.chunks, pages.keys())
     const stats = await stack.gateway.admin(user)
     assert.equal(stats.connections_total, 1, 'one socket to the new process')
-  } finally { await close() }
+  })
 })
 
 test('6. fallback without BroadcastChannel: every tab streams on its own socket', T, async () => {
-  const user = newUser('fallback')
-  const { context, close } = await launchBrowser({ initScript: () => { delete window.BroadcastChannel } })
-  try {
-    const pages = await openTabs(context, demoUrl(stack.gateway.url, user), TABS)
+  await withTabs({ base: stack.gateway.url, user: newUser('fallback'), n: TABS, initScript: () => { delete window.BroadcastChannel }, shared: false }, async ({ pages, user }) => {
     const s = await statuses(pages)
     assert.deepEqual(s.map(x => x.role), Array(TABS).fill('solo'))
     const shape = { chunks: 20, delayMs: 30 }
@@ -183,16 +155,11 @@ test('6. fallback without BroadcastChannel: every tab streams on its own socket'
     assertExact(runs, prompts, shape.chunks, pages.keys())
     const stats = await stack.gateway.admin(user)
     assert.equal(stats.connections_total, TABS, 'one socket per tab')
-  } finally { await close() }
+  })
 })
 
 test('7. a frozen leader is replaced and the other tabs\' streams finish', T, async (t) => {
-  const user = newUser('frozen')
-  const { context, close } = await launchBrowser()
-  try {
-    const pages = await openTabs(context, demoUrl(stack.gateway.url, user), TABS)
-    await waitShared(pages)
-    const li = await leaderIndex(pages)
+  await withTabs({ base: stack.gateway.url, user: newUser('frozen'), n: TABS }, async ({ context, pages, li }) => {
     const shape = { chunks: 80, delayMs: 80 }
     const prompts = await startAll(pages, 'frozen', shape, new Set([li]))
     const rest = pages.filter((_, i) => i !== li)
@@ -216,5 +183,5 @@ test('7. a frozen leader is replaced and the other tabs\' streams finish', T, as
     await waitShared(pages, 'the thawed tab to rejoin as a follower')
     assert.equal((await statuses([pages[li]]))[0].role, 'follower')
     await sleep(100)
-  } finally { await close() }
+  })
 })

@@ -221,6 +221,12 @@ export const DEFAULTS = Object.freeze({
    * n × this (plus jitter) and checks that nobody took over before it steals the lock.
    */
   stealStaggerMs: 500,
+  /**
+   * The first follower of a resigning leader's roster opens a WebSocket at once, before the
+   * lock reaches it, so the handshake overlaps the handover; unused after this long (another
+   * tab got the lock), it is closed. Below the gateway's hello timeout (5 s by default).
+   */
+  warmSocketMs: 2000,
   /** A hidden leader is replaced by a visible follower after this long. */
   preferVisibleMs: 5000,
   /** Socket ping period until `welcome.heartbeat_ms` says otherwise. */

@@ -1,4 +1,28 @@
 /**
+ * Leader epochs order leaders: a higher one replaced a lower one. `n` is the time the tab
+ * took the lock (ms since 1970), or one above the highest epoch it has heard if that is later,
+ * so two tabs that take the lock one after the other without hearing of each other still get
+ * epochs in the order of the lock (the tabs share one clock); the tab id breaks a tie.
+ * @typedef {{n: number, tab: string}} Epoch
+ */
+
+/** @param {Epoch|null} a @param {Epoch|null} b @returns {-1|0|1} */
+export function compareEpochs (a, b) {
+  if (!a || !b) return a ? 1 : b ? -1 : 0
+  if (a.n !== b.n) return a.n < b.n ? -1 : 1
+  return a.tab === b.tab ? 0 : a.tab < b.tab ? -1 : 1
+}
+
+/**
+ * The epoch of a tab that takes the lock now, having heard epochs up to `heard`.
+ * @param {number} heard @param {string} tab @param {number} [now]
+ * @returns {Epoch}
+ */
+export function nextEpoch (heard, tab, now = Date.now()) {
+  return { n: Math.max(heard + 1, now), tab }
+}
+
+/**
  * Leadership among the tabs of one origin, with the Web Locks API: the tab holding the
  * exclusive lock `name` is the leader. Other tabs wait in the lock's queue, so when the
  * leader releases it (or its page dies) the next tab is granted it at once. A leader that

@@ -179,6 +179,8 @@ export interface ConnectOptions {
   collectMs?: number
   /** A silent leader is replaced by the n-th follower after n × this (default 500). */
   stealStaggerMs?: number
+  /** A WebSocket opened ahead of a handover and not said hello on is closed after this (2000). */
+  warmSocketMs?: number
   preferVisibleMs?: number
   heartbeatMs?: number
   /** A token function is called this long before its token expires, and the new token sent
@@ -274,5 +276,4 @@ export const CLIENT_ERROR_CODE: Readonly<Record<string, ErrorCode>>
 export const CLOSE_CODE: Readonly<Record<string, number>>
 export const ROLE: Readonly<Record<string, Role>>
 export const CONNECTION: Readonly<Record<string, ConnectionState>>
-export const BUS: Readonly<Record<string, string>>
 export const DEFAULTS: Readonly<Record<string, number>>

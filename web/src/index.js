@@ -9,12 +9,16 @@
  * - `stream.js`:    ChatStream, one answer: async iterable, seq dedupe, result.
  * - `router.js`:    the socket owner's table: stream → owning tab, last seq, resume list.
  * - `roster.js`:    the leader's follower tabs and which stopped answering.
- * - `bus.js`:       the BroadcastChannel between tabs.
- * - `election.js`:  leadership with Web Locks (queue, steal, resign).
+ * - `bus.js`:       the BroadcastChannels between tabs (shared, and one inbox per tab).
+ * - `election.js`:  leadership with Web Locks (queue, steal, resign) and leader epochs.
  * - `socket.js`:    the WebSocket: hello, heartbeat, reconnect, goaway.
  * - `openai.js`:    the OpenAI chat-completions encoding of a stream (docs/openai-compat.md).
  * - `fetch.js`:     `mux.fetch`, a fetch for the OpenAI SDKs that streams over the shared socket.
- * - `mux.js`:       Mux, one tab's handle, tying the rest together.
+ * - `owner.js`:     SocketOwner, a socket and its router (the part a leader and a solo tab share).
+ * - `leader.js`:    Leader, the role that owns the socket for every tab: roster, handover.
+ * - `follower.js`:  Follower, the role that streams through the leader: join, heartbeats, steal.
+ * - `solo.js`:      Solo, the fallback role: a socket of its own.
+ * - `mux.js`:       Mux, one tab's handle: its streams and status, delegating to its role.
  *
  * @example
  * import { connect } from './index.js'
@@ -30,7 +34,7 @@ export { default as MuxError } from './errors.js'
 export { default as ChatStream } from './stream.js'
 export { HTTP_ERROR } from './openai.js'
 export {
-  BUS, CLIENT_ERROR_CODE, CLOSE_CODE, CONNECTION, DEFAULTS, ERROR_CODE, FRAME, ROLE, SUBPROTOCOL,
+  CLIENT_ERROR_CODE, CLOSE_CODE, CONNECTION, DEFAULTS, ERROR_CODE, FRAME, ROLE, SUBPROTOCOL,
 } from './constants.js'
 
 /**

@@ -177,6 +177,60 @@ export default class Router {
     return route
   }
 
+  /**
+   * Marks a stream its tab gave up: its frames are dropped from now on, and it is cancelled
+   * once a connection carries it.
+   * @param {string} id
+   */
+  cancel (id) {
+    const route = this.streams.get(id)
+    if (route) route.cancelled = true
+  }
+
+  /** The gateway has the `open` of `id` now. @param {string} id */
+  markSent (id) {
+    const route = this.streams.get(id)
+    if (route) route.sent = true
+  }
+
+  /**
+   * The owning tab stopped answering: the stream's end (or, once ended, a late frame's
+   * drop) is remembered as `vanished`, so the tab, when back, learns why it lost it.
+   * @param {string} id
+   */
+  markVanished (id) {
+    const route = this.streams.get(id)
+    if (route) route.vanished = true
+    else this.tombstones.set(id, 'vanished')
+  }
+
+  /**
+   * Lowers the resume point of `id` to `after` (its tab has shown less than was forwarded).
+   * @param {string} id @param {number} after
+   * @returns {boolean} whether it was lowered
+   */
+  rewind (id, after) {
+    const route = this.streams.get(id)
+    if (!route || !(after < route.lastSeq)) return false
+    route.lastSeq = after
+    return true
+  }
+
+  /**
+   * Ends every stream (the socket gave up for good) and returns those whose tabs must hear
+   * of it (the cancelled ones need nothing more).
+   * @param {string} reason kept as the tombstone
+   * @returns {Route[]}
+   */
+  clear (reason) {
+    const ended = []
+    for (const route of [...this.streams.values()]) {
+      this.remove(route.id, reason)
+      if (!route.cancelled) ended.push(route)
+    }
+    return ended
+  }
+
   /** @param {string} id */
   tombstone (id) {
     return this.tombstones.get(id)

@@ -22,6 +22,30 @@ export function jwtExpiry (token) {
 }
 
 /**
+ * Opens a WebSocket to `url` without saying anything on it yet: `hello` goes out once a
+ * Socket takes it (option `warm`). Until then the gateway counts it as nothing (a connection
+ * is registered at `hello`), and closes it after its hello timeout if it is never used.
+ * @param {typeof WebSocket} WS @param {string} url
+ * @returns {WebSocket|null}
+ */
+export function openWarm (WS, url) {
+  try {
+    const ws = new WS(url, SUBPROTOCOL)
+    ws.onerror = () => {} // a close event follows; whoever takes it sets the handlers
+    return ws
+  } catch {
+    return null // the Socket's own attempt reports a bad URL
+  }
+}
+
+/** Closes a warm WebSocket nobody took. @param {WebSocket|null} ws */
+export function closeWarm (ws) {
+  if (!ws) return
+  ws.onopen = ws.onmessage = ws.onclose = null
+  try { ws.close(CLOSE_CODE.normal, 'not needed') } catch {}
+}
+
+/**
  * @typedef {object} SocketHooks
  * @property {() => Array<{id: string, after: number}>} resume  streams to resume, asked at each hello
  * @property {(frame: any) => void} onWelcome
@@ -87,6 +111,12 @@ export default class Socket {
     /** Unix seconds at which the live connection's token expires, if known. */
     this.expiry = null
     this.refreshTimer = undefined
+    /**
+     * A WebSocket opened before this Socket existed (a follower that expected to lead next
+     * opened it when the leader resigned), so the handshake ran while the lock was on its way.
+     * The first `open()` sends its hello on it instead of opening another.
+     */
+    this.warm = opts.warm ?? null
     const backoff = { baseMs: opts.backoffBaseMs, maxMs: opts.backoffMaxMs }
     this.reconnectTimer = new Timer(() => this.open(), tries => backoffDelay(tries, backoff, this.random))
   }
@@ -109,6 +139,7 @@ export default class Socket {
     this.attempt++
     this.reconnectTimer.cancel()
     this.stopRefresh()
+    closeWarm(this.takeWarm())
     for (const rec of [this.conn, this.old]) if (rec) this.drop(rec, code, reason)
     this.conn = null
     this.old = null
@@ -154,9 +185,9 @@ export default class Socket {
       return
     }
     if (attempt !== this.attempt || this.stopped || this.conn) return
-    let ws
+    let ws = this.takeWarm()
     try {
-      ws = new this.WebSocket(this.url, SUBPROTOCOL)
+      ws ??= new this.WebSocket(this.url, SUBPROTOCOL)
     } catch (err) {
       // A malformed URL: retrying will not fix it.
       this.stopped = true
@@ -166,12 +197,24 @@ export default class Socket {
     }
     const rec = { ws, token, welcomed: false, pingTimer: undefined, pendingPing: null, refreshing: null, lastError: null }
     this.conn = rec
-    ws.onopen = () => {
+    const hello = () => {
       ws.send(JSON.stringify({ type: FRAME.hello, token, client: CLIENT_NAME, resume: this.hooks.resume() }))
     }
+    if (ws.readyState === 1) hello()
+    else ws.onopen = hello
     ws.onmessage = (event) => this.onMessage(rec, event.data)
     ws.onclose = (event) => this.onClose(rec, event.code, event.reason)
     ws.onerror = () => {} // a close event follows
+  }
+
+  /** The warm WebSocket if it may still open (else closes it), and forgets it. */
+  takeWarm () {
+    const ws = this.warm
+    this.warm = null
+    if (!ws) return null
+    if (ws.readyState <= 1) return ws
+    closeWarm(ws)
+    return null
   }
 
   /** @param {any} rec @param {string} data */

@@ -9,6 +9,8 @@ export class FakeLocks {
   constructor () {
     this.held = new Map()
     this.queues = new Map()
+    /** How long a grant takes to reach its tab (a browser's IPC, a busy renderer). */
+    this.grantDelayMs = 0
   }
 
   request (name, options, cb) {
@@ -54,7 +56,7 @@ export class FakeLocks {
         .then(() => req.cb({ name, mode: 'exclusive' }))
         .then((v) => { if (!holder.stolen) req.resolve(v) }, (e) => { if (!holder.stolen) req.reject(e) })
         .finally(() => this.release(name, holder))
-    })
+    }, this.grantDelayMs)
   }
 
   release (name, holder) {
@@ -175,6 +177,8 @@ export class FakeGateway {
     this.refreshed = 0
     this.streams = new Map()
     this.sockets = new Set()
+    /** Every WebSocket a tab created, in order, with `createdAt` (ms), welcomed or not. */
+    this.created = []
     this.connectionsTotal = 0
     this.aborted = 0
     this.opened = 0
@@ -351,7 +355,9 @@ class FakeSocket {
     this.protocol = protocol
     this.readyState = 0
     this.hello = false
+    this.createdAt = performance.now()
     gw.sockets.add(this)
+    gw.created.push(this)
     setTimeout(() => {
       if (this.readyState !== 0) return
       if (gw.refuse) return this.serverClose(1006, '')

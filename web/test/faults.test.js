@@ -4,7 +4,6 @@
 // the token is renewed on the live socket (`refresh`).
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import { compareEpochs, nextEpoch } from '../src/mux.js'
 import {
   ask, closeAll, collect, FakeGateway, FakeLocks, fakeAnswer, fakeTabs, fakeToken, roles, settled, until,
 } from './fakes.js'
@@ -50,7 +49,7 @@ test('after a clean resign the new leader resumes every stream without waiting f
     // join would wait for it until collectMs
     const hung = list.find(t => t.mux.role === 'follower')
     hung.mux.bus.close()
-    hung.mux.clearFollowerTimers()
+    hung.mux.part.stop()
     hung.mux.election.stop()
     hung.mux.running = false
     const others = list.filter(t => t !== leader && t !== hung)
@@ -93,19 +92,6 @@ test('the replay after a handover reaches each tab in a few batched messages', a
   } finally { closeAll(list); gw.stop() }
 })
 
-test('epochs follow the order of the lock, even between tabs that never heard of each other', () => {
-  const t = 1_800_000_000_000
-  // A takes the lock at t, B (a smaller tab id, never heard of A) steals it 3 ms later
-  const a = nextEpoch(0, 'zzzz', t)
-  const b = nextEpoch(0, 'aaaa', t + 3)
-  assert.equal(compareEpochs(b, a), 1, 'the later taker wins whatever its tab id')
-  // one that heard of a later epoch (a clock behind) still goes above it
-  const c = nextEpoch(b.n, 'mmmm', t)
-  assert.equal(compareEpochs(c, b), 1)
-  assert.equal(c.n, b.n + 1)
-  assert.equal(compareEpochs(nextEpoch(0, 'b', t), nextEpoch(0, 'a', t)), 1, 'a tie goes by tab id')
-})
-
 test('a leader whose lock is stolen stops at once: socket closed, one leader, streams exact', async () => {
   const gw = new FakeGateway({ chunkMs: 5 })
   const locks = new FakeLocks()
@@ -118,9 +104,11 @@ test('a leader whose lock is stolen stops at once: socket closed, one leader, st
     const reads = streams.map(collect)
     await until(() => streams.every(s => s.lastSeq >= 3), { what: 'under way' })
     // the old leader keeps running and hearing; only the lock tells it
+    const socket = leader.mux.part.owner.socket
     thief.mux.election.steal()
     await until(() => leader.mux.role !== 'leader', { what: 'the deposed leader to stop', timeoutMs: 1000 })
-    assert.equal(leader.mux.socket, null, 'its socket is closed')
+    assert.equal(leader.mux.part?.owner, undefined, 'it owns no socket')
+    assert.ok(socket.stopped && socket.conn === null && socket.state === 'closed', 'its socket is closed')
     await until(() => roles(list).filter(r => r === 'leader').length === 1 && thief.mux.role === 'leader', { what: 'the thief to lead' })
     const results = await Promise.all(reads)
     results.forEach((r, i) => assert.deepEqual(r, { text: fakeAnswer(streams[i].id, 120), error: null }))
@@ -156,7 +144,7 @@ test('a hung leader at 10 tabs costs one steal, not one per tab (even on a slow 
     const reads = streams.map(collect)
     await until(() => streams.every(s => s.lastSeq >= 3), { what: 'under way' })
     leader.mux.bus.close()
-    clearInterval(leader.mux.hbTimer)
+    clearInterval(leader.mux.part.hbTimer)
     leader.mux.running = false
     const results = await Promise.all(reads)
     results.forEach((r, i) => assert.deepEqual(r, { text: fakeAnswer(streams[i].id, 150), error: null }))
@@ -180,9 +168,9 @@ test('a crashed leader (lock released, no resign) is replaced once, from the loc
     await until(() => streams.every(s => s.lastSeq >= 3), { what: 'under way' })
     // a renderer crash: no pagehide, no resign; the browser frees the lock, the socket drops
     leader.mux.bus.close()
-    clearInterval(leader.mux.hbTimer)
+    clearInterval(leader.mux.part.hbTimer)
     leader.mux.running = false
-    leader.mux.socket.disconnect(1006)
+    leader.mux.part.owner.socket.disconnect(1006)
     leader.mux.election.releaseHold()
     const results = await Promise.all(reads)
     results.forEach((r, i) => assert.deepEqual(r, { text: fakeAnswer(streams[i].id, 120), error: null }))
@@ -323,10 +311,10 @@ test('a tab of an older shim (no inbox, bus version 1) still gets its frames dur
       if (msg.t === 'join') { msg = { ...msg }; delete msg.v }
       return post(msg, { ...how, shared: true })
     }
-    old.mux.mustJoin = true
+    old.mux.part.mustJoin = true
     await until(() => {
       const l = list.find(t => t.mux.role === 'leader')
-      return l && l.mux.inboxTabs && !l.mux.inboxTabs.has(old.mux.tabId) && l.mux.roster.has(old.mux.tabId)
+      return l && !l.mux.part.inboxTabs.has(old.mux.tabId) && l.mux.part.roster.has(old.mux.tabId)
     }, { what: 'the leader to know it as version 1' })
     const streams = list.map(t => ask(t.mux, 30))
     const results = await Promise.all(streams.map(collect))

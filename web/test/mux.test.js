@@ -80,7 +80,7 @@ test('a follower that goes silent is dropped by heartbeat and its stream cancell
     await until(() => s.lastSeq >= 2, { what: 'stream under way' })
     // simulate a crashed renderer: no pagehide, no more messages
     follower.mux.bus.close()
-    follower.mux.clearFollowerTimers()
+    follower.mux.part.stop()
     follower.mux.running = false
     await until(() => gw.aborted === 1, { what: 'vanished follower cancelled', timeoutMs: 3000 })
     await until(() => list.find(t => t !== follower).mux.tabs === 1, { what: 'roster shrinks' })
@@ -165,7 +165,7 @@ test('a hung leader is replaced by a follower that steals the lock', async () =>
     await until(() => streams.every(s => s.lastSeq >= 3), { what: 'streams under way' })
     // hang it: it holds the lock and its socket, but hears and says nothing
     leader.mux.bus.close()
-    clearInterval(leader.mux.hbTimer)
+    clearInterval(leader.mux.part.hbTimer)
     leader.mux.running = false
     const results = await Promise.all(reads)
     results.forEach((r, i) => assert.deepEqual(r, { text: fakeAnswer(streams[i].id, 120), error: null }))
@@ -207,6 +207,24 @@ test('bfcache: pagehide(persisted) then pageshow rejoins', async () => {
     const s = ask(follower.mux, 5)
     assert.deepEqual(await collect(s), { text: fakeAnswer(s.id, 5), error: null })
   } finally { closeAll(list); gw.stop() }
+})
+
+test('bfcache in fallback: a stream asked for while hidden goes out on the new socket after pageshow', async () => {
+  const gw = new FakeGateway({ chunkMs: 3 })
+  const [solo] = tabs(1, { gw, shared: false })
+  try {
+    await until(() => solo.mux.connection === 'open', { what: 'the solo socket' })
+    solo.page.pagehide(true)
+    const s = ask(solo.mux, 5) // the page's script still runs on its way into the cache
+    const read = collect(s)
+    await new Promise(r => setTimeout(r, 30))
+    assert.equal(gw.opened, 0, 'nothing sent while hidden')
+    solo.page.pageshow(true)
+    assert.deepEqual(await read, { text: fakeAnswer(s.id, 5), error: null })
+    assert.equal(gw.opened, 1, 'opened once, on the new socket')
+    assert.deepEqual(gw.resumes.at(-1), [], 'sent as new, not resumed: the gateway never had it')
+    assert.equal(gw.connectionsTotal, 2)
+  } finally { solo.mux.close(); gw.stop() }
 })
 
 test('a refused token string is fatal: streams fail with unauthorized', async () => {

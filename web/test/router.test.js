@@ -90,3 +90,52 @@ test('routesOf, tabs and snapshot describe the table', () => {
   assert.deepEqual([...r.tabs()].sort(), ['a', 'b'])
   assert.deepEqual(r.snapshot(x => x.tab === 'a'), [{ id: 'a:1', tab: 'a', open: open('a:1'), after: 3, sent: true, cancelled: false }])
 })
+
+test('cancel, markSent: a cancelled stream is dropped from routing and the resume list keeps only sent ones', () => {
+  const r = new Router()
+  r.add('t', open('t:1'))
+  r.add('t', open('t:2'))
+  assert.deepEqual(r.resumeList(1), [])
+  r.markSent('t:1')
+  assert.deepEqual(r.pending().map(x => x.id), ['t:2'])
+  assert.deepEqual(r.resumeList(2), [{ id: 't:1', after: 0 }])
+  r.cancel('t:1')
+  assert.equal(r.route({ type: 'delta', id: 't:1', seq: 1, text: 'a' }), null, 'its tab gave it up')
+  r.cancel('nope') // unknown ids are ignored
+  r.markSent('nope')
+  assert.equal(r.size, 2)
+})
+
+test('markVanished: the route, or once ended its tombstone, remembers that the tab went silent', () => {
+  const r = new Router()
+  r.add('t', open('t:1'))
+  r.markVanished('t:1')
+  assert.ok(r.route({ type: 'done', id: 't:1', seq: 1 }))
+  assert.equal(r.tombstone('t:1'), 'vanished')
+  r.add('t', open('t:2'))
+  r.remove('t:2', 'ended')
+  r.markVanished('t:2')
+  assert.equal(r.tombstone('t:2'), 'vanished')
+})
+
+test('rewind lowers a resume point, never raises it', () => {
+  const r = new Router()
+  r.add('t', open('t:1'), { lastSeq: 10, sent: true })
+  assert.equal(r.rewind('t:1', 12), false)
+  assert.equal(r.rewind('t:1', 10), false)
+  assert.equal(r.rewind('t:1', 4), true)
+  assert.deepEqual(r.resumeList(1), [{ id: 't:1', after: 4 }])
+  assert.equal(r.rewind('nope', 1), false)
+})
+
+test('clear ends every stream and returns those whose tab must hear of it', () => {
+  const r = new Router()
+  r.add('a', open('a:1'))
+  r.add('b', open('b:1'), { sent: true })
+  r.cancel('b:1')
+  const ended = r.clear('ended')
+  assert.deepEqual(ended.map(x => x.id), ['a:1'], 'the cancelled stream needs no error')
+  assert.equal(r.size, 0)
+  assert.equal(r.tombstone('a:1'), 'ended')
+  assert.equal(r.tombstone('b:1'), 'ended')
+})

@@ -1,0 +1,205 @@
+import { BUS, BUS_VERSION, CONNECTION } from './constants.js'
+import { compareEpochs } from './election.js'
+import MuxError from './errors.js'
+
+/**
+ * The follower's part: it waits in the lock's queue, sends `open`/`cancel` to the leader,
+ * answers its heartbeats, and (re)joins every new leader with its streams and the last seq
+ * it has shown. It watches the leader: one that stops answering (frozen, hung) or stays
+ * hidden while this tab is seen is replaced, one follower at a time (`takeOver`).
+ *
+ * @example
+ * const follower = new Follower(mux)
+ * follower.start()                        // queues for the lock, asks who leads (`probe`)
+ * follower.onBus({ t: 'hb', from, epoch, roster })   // joins, acks
+ * follower.stop()
+ */
+export default class Follower {
+  /**
+   * @param {import('./mux.js').default} tab
+   * @param {Follower|null} [before] this tab's follower part before (it froze, or followed
+   *   again): what it knew of the leader carries over
+   */
+  constructor (tab, before = null) {
+    this.tab = tab
+    /** Heartbeat periods without word from the leader. */
+    this.silent = 0
+    /** Counts every word heard from a leader, so a follower about to steal sees if one came. */
+    this.heard = 0
+    /** When this tab last sent a `join`. */
+    this.joinedAt = 0
+    /** After a freeze or a step-down the leader must hear how far our streams got. */
+    this.mustJoin = true
+    this.beatTimer = undefined
+    this.stealTimer = undefined
+    /** Since when the leader says it is hidden, or null. */
+    this.leaderHiddenSince = null
+    /** The leader reads its inbox (bus version 2): write there, not to every tab. */
+    this.leaderReadsInbox = false
+    if (before) {
+      this.heard = before.heard
+      this.joinedAt = before.joinedAt
+      this.leaderHiddenSince = before.leaderHiddenSince
+      this.leaderReadsInbox = before.leaderReadsInbox
+    }
+  }
+
+  start () {
+    const tab = this.tab
+    this.silent = 0
+    this.mustJoin = true
+    tab.connection = tab.leaderId ? tab.connection : CONNECTION.connecting
+    tab.election.queue()
+    this.beatTimer = setInterval(() => this.beat(), tab.opts.tabHeartbeatMs)
+    tab.bus.post({ t: BUS.probe })
+    tab.emitStatus()
+  }
+
+  stop () {
+    clearInterval(this.beatTimer)
+    clearTimeout(this.stealTimer)
+    this.beatTimer = undefined
+    this.stealTimer = undefined
+  }
+
+  /** @param {any} stream a ChatStream of this tab */
+  dispatch (stream) {
+    if (!this.tab.leaderId) return // no leader yet: the stream goes out with our `join`
+    stream.dispatched = true
+    this.toLeader({ t: BUS.open, frame: stream.openFrame })
+  }
+
+  /** @param {string} id */
+  cancel (id) {
+    this.toLeader({ t: BUS.cancel, id })
+  }
+
+  /** This tab's streams ended (it is closing). @param {string[]} ids */
+  endStreams (ids) {
+    this.toLeader({ t: BUS.bye, ids })
+  }
+
+  onVisibility () {
+    if (this.tab.leaderId) this.toLeader({ t: BUS.ack, visible: this.tab.isVisible() })
+  }
+
+  /** A message for the leader: to its inbox when known, else to every tab. */
+  toLeader (msg) {
+    const tab = this.tab
+    if (!tab.leaderId) return tab.bus.post(msg)
+    return tab.bus.post({ ...msg, to: tab.leaderId }, { shared: !this.leaderReadsInbox })
+  }
+
+  beat () {
+    const tab = this.tab
+    this.silent++
+    if (this.silent >= tab.opts.leaderMaxSilent) {
+      this.takeOver('silent')
+    } else if (this.silent >= 2) {
+      // heartbeats are late: ask directly (answered from the leader's event loop, which the
+      // browser does not throttle like its timers)
+      tab.bus.post({ t: BUS.probe })
+    }
+    if (tab.leaderId && this.leaderHiddenSince !== null && tab.isVisible() &&
+        Date.now() - this.leaderHiddenSince >= tab.opts.preferVisibleMs) {
+      this.takeOver('visible')
+    }
+  }
+
+  /**
+   * Takes the lock from a leader that is silent (frozen, hung) or hidden while we are seen.
+   * One follower at a time: the n-th follower of the leader's roster (visible ones first)
+   * waits n × `stealStaggerMs`, then probes and waits half a step more, and steals only if
+   * no leader spoke meanwhile. The first to steal claims; the others hear the claim and
+   * stand down, so a stuck leader costs one steal, not one per tab.
+   * @param {'silent'|'visible'} reason
+   */
+  takeOver (reason) {
+    if (this.stealTimer !== undefined) return
+    const tab = this.tab
+    const step = tab.opts.stealStaggerMs
+    const order = tab.knownRoster.filter(t => t !== tab.leaderId)
+    let rank = order.indexOf(tab.tabId)
+    if (rank < 0) rank = order.length
+    if (!tab.isVisible()) rank += order.length + 1
+    const delay = Math.round(rank * step + Math.random() * step / 4)
+    const epoch = tab.leaderEpoch
+    const stillNeeded = () => {
+      if (tab.part !== this || !tab.running || tab.frozen) return false
+      if (compareEpochs(tab.leaderEpoch, epoch) !== 0) return false // someone took over
+      return reason === 'silent'
+        ? this.silent >= tab.opts.leaderMaxSilent
+        : this.leaderHiddenSince !== null && tab.isVisible()
+    }
+    this.stealTimer = setTimeout(() => {
+      this.stealTimer = undefined
+      if (!stillNeeded()) return
+      const heard = this.heard
+      if (reason === 'silent') tab.bus.post({ t: BUS.probe })
+      this.stealTimer = setTimeout(() => {
+        this.stealTimer = undefined
+        if (!stillNeeded() || (reason === 'silent' && this.heard !== heard)) return
+        if (reason === 'silent') {
+          // the silent leader will not resign: do not wait for it
+          tab.knownRoster = tab.knownRoster.filter(t => t !== tab.leaderId)
+        }
+        tab.election.steal()
+      }, Math.round(step / 2))
+    }, delay)
+  }
+
+  /** @param {any} m a claim, hb or pong @param {boolean} claim */
+  noteLeader (m, claim) {
+    const tab = this.tab
+    if (!m.epoch || typeof m.epoch.n !== 'number') return
+    if (tab.leaderEpoch && compareEpochs(m.epoch, tab.leaderEpoch) < 0) return // a deposed leader
+    tab.maxEpochN = Math.max(tab.maxEpochN, m.epoch.n)
+    const changed = compareEpochs(m.epoch, tab.leaderEpoch) !== 0
+    tab.leaderEpoch = m.epoch
+    tab.leaderId = m.from
+    this.leaderReadsInbox = m.v >= 2
+    this.silent = 0
+    this.heard++
+    if (Array.isArray(m.roster)) tab.knownRoster = m.roster
+    if (typeof m.tabs === 'number') tab.tabs = m.tabs
+    if (m.connection) tab.connection = m.connection
+    if (m.user !== undefined) tab.user = m.user
+    if (m.tier !== undefined) tab.tier = m.tier
+    if (m.visible === false) this.leaderHiddenSince ??= Date.now()
+    else if (m.visible === true) this.leaderHiddenSince = null
+    // not listed: the leader dropped us, or our join is still on its way (then wait a beat)
+    const forgotten = Array.isArray(m.roster) && !m.roster.includes(tab.tabId) &&
+      Date.now() - this.joinedAt > tab.opts.tabHeartbeatMs
+    if (changed || claim || forgotten || this.mustJoin) {
+      this.mustJoin = false
+      this.joinedAt = Date.now()
+      this.toLeader({ t: BUS.join, v: BUS_VERSION, visible: tab.isVisible(), streams: tab.ownStreamList(), read: Object.fromEntries(tab.readFrom) })
+    }
+    tab.emitStatus()
+  }
+
+  /** @param {any} m a bus message from another tab */
+  onBus (m) {
+    const tab = this.tab
+    switch (m.t) {
+      case BUS.claim:
+        tab.dropWarm() // another tab got the lock
+        this.noteLeader({ ...m, connection: CONNECTION.connecting }, true)
+        return
+      case BUS.hb:
+        this.noteLeader(m, false)
+        if (m.from === tab.leaderId) this.toLeader({ t: BUS.ack, visible: tab.isVisible() })
+        return
+      case BUS.pong:
+        this.noteLeader(m, false)
+        return
+      case BUS.connError:
+        tab.emit('error', MuxError.fromFrame(m.error ?? {}))
+        return
+      case BUS.resign:
+        tab.noteResign(m)
+        return
+      default:
+    }
+  }
+}
