@@ -11,8 +11,10 @@ use serde::Deserialize;
 
 use crate::billing::BudgetConfig;
 use crate::breaker::BreakerConfig;
-use crate::limits::{default_tiers, LimitsConfig, TierConfig};
+use crate::limits::LimitsConfig;
+use crate::retry::RetryConfig;
 use crate::scheduler::SchedulerConfig;
+use crate::tiers::{default_tiers, TierConfig};
 use crate::upstream::UpstreamConfig;
 
 /// Why the configuration could not be loaded.
@@ -230,32 +232,6 @@ impl Default for SessionConfig {
             token_leeway_ms: 5_000,
             token_grace_ms: 60_000,
             retained_bytes_per_user: 8 << 20,
-        }
-    }
-}
-
-/// Retries of an upstream call that failed before its first token.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetryConfig {
-    /// Attempts in all, the first included. Default 3.
-    pub max_attempts: u32,
-    /// Backoff base: attempt n waits a random time in `[0, min(max, base * 2^n))`. Default 250 ms.
-    pub base_delay_ms: u64,
-    /// Backoff ceiling. Default 4000 ms.
-    pub max_delay_ms: u64,
-    /// Longest upstream `Retry-After` honoured; a longer one ends the stream at once with
-    /// `upstream_error` and `retry_after_ms`. Default 30000 ms.
-    pub max_retry_after_ms: u64,
-}
-
-impl Default for RetryConfig {
-    fn default() -> Self {
-        RetryConfig {
-            max_attempts: 3,
-            base_delay_ms: 250,
-            max_delay_ms: 4_000,
-            max_retry_after_ms: 30_000,
         }
     }
 }

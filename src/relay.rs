@@ -13,19 +13,22 @@ use tokio::time::Instant;
 use crate::billing;
 use crate::breaker::Health;
 use crate::gateway::Gateway;
-use crate::limits::{OnLimit, Reservation, TierConfig};
+use crate::limits::Reservation;
 use crate::metrics::{self, StreamOutcome};
 use crate::protocol::{self, ErrorCode, OpenRequest, Usage};
+use crate::retry;
 use crate::scheduler::NoSlot;
 use crate::stream::{CancelReason, Stream};
-use crate::upstream::{self, Provider, UpstreamError};
+use crate::tiers::Tier;
+use crate::upstream::{Provider, UpstreamError};
 
 /// One stream to run.
 pub struct Job {
     pub gw: Arc<Gateway>,
     pub stream: Arc<Stream>,
     pub req: OpenRequest,
-    pub tier: Arc<str>,
+    /// The connection's tier, resolved at its `hello`.
+    pub tier: Arc<Tier>,
 }
 
 /// How a stream ended, for the caller's bookkeeping.
@@ -99,9 +102,10 @@ pub fn validate_open(req: &OpenRequest, allowed_params: &[String]) -> Result<(),
 pub fn refuse_early(
     gw: &Gateway,
     user: &Arc<str>,
-    tier_name: &str,
+    tier: &Tier,
     req: &OpenRequest,
 ) -> Option<axum::extract::ws::Utf8Bytes> {
+    let tier_name = &*tier.name;
     let id = Some(req.id.as_str());
     // Counted as a stream that ended refused, as it was when refusals happened in its task.
     let ended = |code: ErrorCode| {
@@ -127,15 +131,11 @@ pub fn refuse_early(
             retry_after,
         ));
     }
-    let tier = gw.limits.tier(tier_name)?;
     let limited = gw
         .limits
-        .check(user, tier_name, completion_reservation(gw, req))
+        .check(user, tier, completion_reservation(gw, req))
         .err()?;
-    let may_wait = limited.retry_after.is_some_and(|d| {
-        tier.on_limit == OnLimit::Wait && d <= Duration::from_millis(tier.max_wait_ms)
-    });
-    if may_wait {
+    if tier.waits_for(limited.retry_after, Duration::ZERO) {
         return None;
     }
     gw.metrics.refused(limited.kind.as_str());
@@ -180,7 +180,7 @@ pub async fn run(job: Job) -> Outcome {
     };
     let bill = billing::Settlement {
         model: &model,
-        tier: &job.tier,
+        tier: &job.tier.name,
         user: &stream.user,
         price: gw.config.pricing.get(&model).map(|p| (p.input, p.output)),
         reservation,
@@ -252,7 +252,7 @@ pub async fn run(job: Job) -> Outcome {
     gw.metrics.stream_finished(&StreamOutcome {
         model: &model,
         provider: t.provider.as_deref().unwrap_or("none"),
-        tier: &job.tier,
+        tier: &job.tier.name,
         status,
         duration: t.opened.elapsed(),
         time_to_first_token: t.first_delta.map(|at| at - t.opened),
@@ -384,11 +384,8 @@ impl Ended {
 async fn drive(job: &Job, t: &mut Timings) -> (Ended, Option<Reservation>, u64) {
     let gw = &job.gw;
     let stream = &job.stream;
-    let Some(tier) = gw.limits.tier(&job.tier) else {
-        let message = format!("unknown tier `{}`", job.tier);
-        return (Ended::failed(ErrorCode::Internal, message, None), None, 0);
-    };
-    if let Err(over) = gw.budgets.check(&stream.user, &job.tier) {
+    let tier = &job.tier;
+    if let Err(over) = gw.budgets.check(&stream.user, &tier.name) {
         gw.metrics.refused("budget");
         let ended = Ended::failed(
             ErrorCode::BudgetExceeded,
@@ -399,21 +396,20 @@ async fn drive(job: &Job, t: &mut Timings) -> (Ended, Option<Reservation>, u64) 
     }
     let completion = completion_reservation(gw, &job.req);
     // The request limits first, charging nothing: a stream refused (or still waiting) for
-    // them has its prompt counted by no one.
-    let admitting = Instant::now();
-    let deadline = admitting + Duration::from_millis(tier.max_wait_ms);
-    let checked = admit(job, tier, completion, false, deadline).await;
-    t.waited += admitting.elapsed();
+    // them has its prompt counted by no one. Both waits share the tier's one `max_wait_ms`.
+    let waiting_since = Instant::now();
+    let checked = admit(job, completion, false, waiting_since).await;
+    t.waited += waiting_since.elapsed();
     if let Err(ended) = checked {
         return (ended, None, 0);
     }
     let prompt_tokens = prompt_tokens(gw, &job.req).await;
     let admitting = Instant::now();
-    let admitted = admit(job, tier, prompt_tokens + completion, true, deadline).await;
+    let admitted = admit(job, prompt_tokens + completion, true, waiting_since).await;
     t.waited += admitting.elapsed();
     let reservation = match admitted {
         Ok(r) => r.unwrap_or_else(|| Reservation {
-            tier: job.tier.to_string(),
+            tier: tier.name.clone(),
             tokens: 0,
         }),
         Err(ended) => return (ended, None, prompt_tokens),
@@ -438,7 +434,7 @@ async fn drive(job: &Job, t: &mut Timings) -> (Ended, Option<Reservation>, u64) 
         let queueing = Instant::now();
         let slot = provider
             .scheduler
-            .acquire(stream, &job.tier, tier.priority)
+            .acquire(stream, &tier.name, tier.priority())
             .await;
         t.waited += queueing.elapsed();
         let _slot = match slot {
@@ -505,21 +501,22 @@ async fn drive(job: &Job, t: &mut Timings) -> (Ended, Option<Reservation>, u64) 
 }
 
 /// Takes the stream's share of every rate limit (`charge`), or only checks it would pass,
-/// waiting until `deadline` where the tier's policy allows. `Ok(None)` when only checking.
+/// waiting where the tier's policy allows (its wait counted from `waiting_since`). `Ok(None)`
+/// when only checking.
 async fn admit(
     job: &Job,
-    tier: &TierConfig,
     tokens: u64,
     charge: bool,
-    deadline: Instant,
+    waiting_since: Instant,
 ) -> Result<Option<Reservation>, Ended> {
     let limits = &job.gw.limits;
     let user = &job.stream.user;
+    let tier = &job.tier;
     loop {
         let result = if charge {
-            limits.try_acquire(user, &job.tier, tokens).map(Some)
+            limits.try_acquire(user, tier, tokens).map(Some)
         } else {
-            limits.check(user, &job.tier, tokens).map(|()| None)
+            limits.check(user, tier, tokens).map(|()| None)
         };
         let limited = match result {
             Ok(reservation) => return Ok(reservation),
@@ -527,7 +524,7 @@ async fn admit(
         };
         let wait = limited
             .retry_after
-            .filter(|d| tier.on_limit == OnLimit::Wait && Instant::now() + *d <= deadline);
+            .filter(|_| tier.waits_for(limited.retry_after, waiting_since.elapsed()));
         let Some(wait) = wait else {
             job.gw.metrics.refused(limited.kind.as_str());
             return Err(Ended::failed(
@@ -570,20 +567,20 @@ async fn attempt_all(
             Err(Attempt::Cancelled) => return Ended::Cancelled { seq },
             Err(Attempt::Failed(e)) => e,
         };
-        // Text already went out: another attempt would send it twice.
-        let exhausted = retries + 1 >= policy.max_attempts;
-        let retry_after = error.retry_after();
-        let too_long =
-            retry_after.is_some_and(|d| d > Duration::from_millis(policy.max_retry_after_ms));
-        if seq > 0 || !error.retryable() || exhausted || too_long {
+        let failed = retry::Failed {
+            attempts: retries + 1,
+            transient: error.retryable(),
+            delivered: seq > 0,
+            retry_after: error.retry_after(),
+        };
+        let Some(wait) = policy.next_wait(&failed, &mut rand::thread_rng()) else {
             // The kind and status only: upstream messages can quote the conversation.
             tracing::warn!(provider = %provider.name, kind = error.kind(), status = error.status(), attempts = retries + 1, "upstream failed");
             return Ended::Failed {
                 seq,
                 failure: error.into(),
             };
-        }
-        let wait = upstream::backoff(retries, policy, retry_after, &mut rand::thread_rng());
+        };
         job.gw.metrics.upstream_retry(&provider.name, error.kind());
         tracing::info!(provider = %provider.name, kind = error.kind(), status = error.status(), ?wait, "retrying upstream");
         retries += 1;
