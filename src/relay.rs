@@ -432,9 +432,15 @@ async fn drive(job: &Job, t: &mut Timings) -> (Ended, Option<Reservation>, u64) 
         }
         t.provider = Some(provider.name.clone());
         let queueing = Instant::now();
+        let waiter = stream.clone();
         let slot = provider
             .scheduler
-            .acquire(stream, &tier.name, tier.priority())
+            .acquire(
+                &tier.name,
+                tier.priority(),
+                stream.cancelled().cancelled(),
+                move |position| waiter.set_queued(position),
+            )
             .await;
         t.waited += queueing.elapsed();
         let _slot = match slot {
