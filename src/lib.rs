@@ -21,7 +21,8 @@
 //! - [`scheduler`]: per-provider upstream slots and the priority queue with aging.
 //! - [`breaker`]: per-provider circuit breaker.
 //! - [`metrics`]: Prometheus metrics (`docs/metrics.md`).
-//! - [`billing`]: token counts, stream cost, daily budgets, and the settlement of a stream's end.
+//! - [`billing`]: token counts (`tokens`), daily budgets (`budgets`), and a stream's price and
+//!   settlement at its end (`settlement`).
 //! - [`upstream`]: providers, pooled HTTP clients, SSE chunk parsing, upstream errors.
 //! - [`sse`]: the server-sent events parser: linear time, bounded event size.
 //! - [`redact`]: the one path upstream text takes to a frame or a log (keys, controls).
