@@ -15,7 +15,6 @@ use crate::limits::LimitsConfig;
 use crate::retry::RetryConfig;
 use crate::scheduler::SchedulerConfig;
 use crate::tiers::{default_tiers, TierConfig};
-use crate::upstream::UpstreamConfig;
 
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -232,6 +231,29 @@ impl Default for SessionConfig {
             token_leeway_ms: 5_000,
             token_grace_ms: 60_000,
             retained_bytes_per_user: 8 << 20,
+        }
+    }
+}
+
+/// Limits on what any upstream may send, for every provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Largest SSE event (its `data` lines plus the line being read) accepted from an
+    /// upstream; a larger one ends the stream with `upstream_error`, and the gateway stops
+    /// reading that response. Default 4194304 (4 MiB).
+    pub max_event_bytes: usize,
+    /// Longest a stream may run, from its `open` to its last token, whatever the upstream
+    /// sends (keep-alive events reset the idle timer, not this one); beyond it the stream ends
+    /// with `upstream_timeout`. Default 1800000 ms (30 minutes).
+    pub max_stream_duration_ms: u64,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            max_event_bytes: 4 << 20,
+            max_stream_duration_ms: 30 * 60 * 1000,
         }
     }
 }

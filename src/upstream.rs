@@ -14,34 +14,11 @@ use ring::hmac;
 use serde::Deserialize;
 
 use crate::breaker::{Breaker, BreakerConfig, Health};
-use crate::config::{Config, ProviderConfig};
+use crate::config::{Config, ProviderConfig, UpstreamConfig};
 use crate::protocol::{ErrorCode, Usage};
 use crate::redact::Redactor;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::sse::{self, SseError};
-
-/// Limits on what any upstream may send, for every provider.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct UpstreamConfig {
-    /// Largest SSE event (its `data` lines plus the line being read) accepted from an
-    /// upstream; a larger one ends the stream with `upstream_error`, and the gateway stops
-    /// reading that response. Default 4194304 (4 MiB).
-    pub max_event_bytes: usize,
-    /// Longest a stream may run, from its `open` to its last token, whatever the upstream
-    /// sends (keep-alive events reset the idle timer, not this one); beyond it the stream ends
-    /// with `upstream_timeout`. Default 1800000 ms (30 minutes).
-    pub max_stream_duration_ms: u64,
-}
-
-impl Default for UpstreamConfig {
-    fn default() -> Self {
-        UpstreamConfig {
-            max_event_bytes: 4 << 20,
-            max_stream_duration_ms: 30 * 60 * 1000,
-        }
-    }
-}
 
 /// Bounds on upstream text quoted in an error, in characters.
 const MAX_MESSAGE_CHARS: usize = 300;
