@@ -31,8 +31,8 @@ pub struct Job {
     pub tier: Arc<Tier>,
 }
 
-/// How a stream ended: what its terminal frame says. Also how one upstream attempt that did
-/// not fail ended (done, or cancelled): see [`attempt`].
+/// How a stream ended: what its terminal frame says. An upstream attempt returns one too when
+/// it did not fail (done, or cancelled), else the error the retry policy judges.
 #[derive(Debug)]
 pub enum Outcome {
     Done {
