@@ -11,9 +11,10 @@ use serde::Deserialize;
 
 use crate::billing::BudgetConfig;
 use crate::breaker::BreakerConfig;
-use crate::limits::{default_tiers, LimitsConfig, TierConfig};
+use crate::limits::LimitsConfig;
+use crate::retry::RetryConfig;
 use crate::scheduler::SchedulerConfig;
-use crate::upstream::UpstreamConfig;
+use crate::tiers::{default_tiers, TierConfig};
 
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -234,28 +235,25 @@ impl Default for SessionConfig {
     }
 }
 
-/// Retries of an upstream call that failed before its first token.
+/// Limits on what any upstream may send, for every provider.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RetryConfig {
-    /// Attempts in all, the first included. Default 3.
-    pub max_attempts: u32,
-    /// Backoff base: attempt n waits a random time in `[0, min(max, base * 2^n))`. Default 250 ms.
-    pub base_delay_ms: u64,
-    /// Backoff ceiling. Default 4000 ms.
-    pub max_delay_ms: u64,
-    /// Longest upstream `Retry-After` honoured; a longer one ends the stream at once with
-    /// `upstream_error` and `retry_after_ms`. Default 30000 ms.
-    pub max_retry_after_ms: u64,
+pub struct UpstreamConfig {
+    /// Largest SSE event (its `data` lines plus the line being read) accepted from an
+    /// upstream; a larger one ends the stream with `upstream_error`, and the gateway stops
+    /// reading that response. Default 4194304 (4 MiB).
+    pub max_event_bytes: usize,
+    /// Longest a stream may run, from its `open` to its last token, whatever the upstream
+    /// sends (keep-alive events reset the idle timer, not this one); beyond it the stream ends
+    /// with `upstream_timeout`. Default 1800000 ms (30 minutes).
+    pub max_stream_duration_ms: u64,
 }
 
-impl Default for RetryConfig {
+impl Default for UpstreamConfig {
     fn default() -> Self {
-        RetryConfig {
-            max_attempts: 3,
-            base_delay_ms: 250,
-            max_delay_ms: 4_000,
-            max_retry_after_ms: 30_000,
+        UpstreamConfig {
+            max_event_bytes: 4 << 20,
+            max_stream_duration_ms: 30 * 60 * 1000,
         }
     }
 }

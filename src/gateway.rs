@@ -17,6 +17,7 @@ use crate::hub::Hub;
 use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
 use crate::mock;
+use crate::tiers::Tiers;
 use crate::upstream::Upstreams;
 
 /// Why the gateway could not start.
@@ -38,6 +39,8 @@ pub struct Gateway {
     pub auth: Authenticator,
     /// The providers and their pooled HTTP clients, breakers and upstream slots.
     pub upstreams: Upstreams,
+    /// The configured tiers, resolved once: a connection looks its tier up here at `hello`.
+    pub tiers: Tiers,
     /// Token buckets shared by every connection.
     pub limits: RateLimiter,
     /// Daily spend per user and tier, and their limits.
@@ -90,7 +93,8 @@ impl Gateway {
             config.tiers.keys().cloned().collect(),
         );
         let upstreams = Upstreams::new(&config, &secret)?;
-        let limits = RateLimiter::new(config.limits.clone(), config.tiers.clone());
+        let tiers = Tiers::new(&config.tiers, config.session.max_streams);
+        let limits = RateLimiter::new(config.limits.clone(), &tiers);
         let budgets = Budgets::new(config.budgets.clone());
         // Both tokenizers take a moment to build; not on the first stream's time.
         tokio::task::spawn_blocking(crate::billing::warm_up);
@@ -98,6 +102,7 @@ impl Gateway {
             config,
             auth,
             upstreams,
+            tiers,
             limits,
             budgets,
             metrics: Arc::new(Metrics::new()),

@@ -16,12 +16,15 @@
 //! - [`stream`]: one logical stream's replay log and its hand-off to a connection.
 //! - [`hub`]: the registry of streams and connections by user, for limits and resume.
 //! - [`relay`]: a stream's task: limits, queue, upstream call, retries, fallbacks, frames.
+//! - [`tiers`]: each plan's priority, limits and caps, resolved once at `hello`.
 //! - [`limits`]: token buckets per user, tier and process (requests and tokens per minute).
+//! - [`retry`]: the retry policy of an upstream call (eligibility, full-jitter backoff).
 //! - [`scheduler`]: per-provider upstream slots and the priority queue with aging.
 //! - [`breaker`]: per-provider circuit breaker.
 //! - [`metrics`]: Prometheus metrics (`docs/metrics.md`).
-//! - [`billing`]: token counts, stream cost, daily budgets, and the settlement of a stream's end.
-//! - [`upstream`]: providers, pooled HTTP clients, SSE chunk parsing, backoff policy.
+//! - [`billing`]: token counts (`tokens`), daily budgets (`budgets`), and a stream's price and
+//!   settlement at its end (`settlement`).
+//! - [`upstream`]: providers, pooled HTTP clients, SSE chunk parsing, upstream errors.
 //! - [`sse`]: the server-sent events parser: linear time, bounded event size.
 //! - [`redact`]: the one path upstream text takes to a frame or a log (keys, controls).
 //! - [`server`]: the router, its handlers and graceful shutdown.
@@ -44,11 +47,13 @@ pub mod preauth;
 pub mod protocol;
 pub mod redact;
 pub mod relay;
+pub mod retry;
 pub mod scheduler;
 pub mod server;
 pub mod session;
 pub mod sse;
 pub mod stream;
+pub mod tiers;
 pub mod upstream;
 
 pub use config::Config;

@@ -18,75 +18,7 @@ use parking_lot::{Mutex, MutexGuard};
 use serde::Deserialize;
 use tokio::time::Instant;
 
-/// What one tier may do. The defaults are the seed article's plans.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TierConfig {
-    /// Scheduling priority; higher is served first. Defaults: free 0, pro 1, enterprise 2.
-    #[serde(default)]
-    pub priority: u32,
-    /// Requests per minute per user of this tier (a user override wins).
-    pub user_rpm: u32,
-    /// Requests per minute for the whole tier.
-    pub rpm: u32,
-    /// Tokens (prompt + completion) per minute for the whole tier.
-    pub tpm: u64,
-    /// `reject` answers `rate_limited` at once with `retry_after_ms`; `wait` holds the stream
-    /// up to `max_wait_ms` first. Default `reject`.
-    #[serde(default)]
-    pub on_limit: OnLimit,
-    /// Longest wait under `on_limit = "wait"`. Default 0.
-    #[serde(default)]
-    pub max_wait_ms: u64,
-    /// Live streams per user; default `session.max_streams`.
-    #[serde(default)]
-    pub max_streams: Option<usize>,
-    /// Simultaneous WebSocket connections per user. Default 16.
-    #[serde(default = "default_max_connections")]
-    pub max_connections: usize,
-}
-
-fn default_max_connections() -> usize {
-    16
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnLimit {
-    #[default]
-    Reject,
-    Wait,
-}
-
-/// The seed's tiers: free 60 rpm / 50k tpm, pro 500 / 500k, enterprise 5000 / 5M (whole
-/// tier), with per-user limits of 60, 120 and 600 requests per minute. Free users are refused
-/// at once; pro and enterprise wait up to 5 s, as the seed's client does.
-pub fn default_tiers() -> BTreeMap<String, TierConfig> {
-    let tier = |priority, user_rpm, rpm, tpm, on_limit, max_wait_ms| TierConfig {
-        priority,
-        user_rpm,
-        rpm,
-        tpm,
-        on_limit,
-        max_wait_ms,
-        max_streams: None,
-        max_connections: default_max_connections(),
-    };
-    BTreeMap::from([
-        (
-            "free".to_string(),
-            tier(0, 60, 60, 50_000, OnLimit::Reject, 0),
-        ),
-        (
-            "pro".to_string(),
-            tier(1, 120, 500, 500_000, OnLimit::Wait, 5_000),
-        ),
-        (
-            "enterprise".to_string(),
-            tier(2, 600, 5_000, 5_000_000, OnLimit::Wait, 5_000),
-        ),
-    ])
-}
+use crate::tiers::{Tier, Tiers};
 
 /// Process-wide limits.
 #[derive(Debug, Clone, Deserialize)]
@@ -223,8 +155,7 @@ struct TierBuckets {
 /// All the buckets of the process.
 pub struct RateLimiter {
     config: LimitsConfig,
-    tiers: BTreeMap<String, TierConfig>,
-    tier_buckets: BTreeMap<String, TierBuckets>,
+    tier_buckets: BTreeMap<Arc<str>, TierBuckets>,
     global_rpm: Mutex<Bucket>,
     global_tpm: Mutex<Bucket>,
     /// Per-user request buckets, created on first use. A full bucket acts exactly like a new
@@ -241,36 +172,31 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Tokens taken for one stream, to be reconciled when it ends.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reservation {
-    pub tier: String,
+    pub tier: Arc<str>,
     pub tokens: u64,
 }
 
 impl RateLimiter {
-    pub fn new(config: LimitsConfig, tiers: BTreeMap<String, TierConfig>) -> Self {
+    pub fn new(config: LimitsConfig, tiers: &Tiers) -> Self {
         let now = Instant::now();
         let tier_buckets = tiers
             .iter()
-            .map(|(name, t)| {
+            .map(|t| {
                 let buckets = TierBuckets {
-                    rpm: Mutex::new(Bucket::per_minute(t.rpm.into(), now)),
-                    tpm: Mutex::new(Bucket::per_minute(t.tpm, now)),
+                    rpm: Mutex::new(Bucket::per_minute(t.config.rpm.into(), now)),
+                    tpm: Mutex::new(Bucket::per_minute(t.config.tpm, now)),
                 };
-                (name.clone(), buckets)
+                (t.name.clone(), buckets)
             })
             .collect();
         RateLimiter {
             global_rpm: Mutex::new(Bucket::per_minute(config.global_rpm.into(), now)),
             global_tpm: Mutex::new(Bucket::per_minute(config.global_tpm, now)),
             config,
-            tiers,
             tier_buckets,
             users: DashMap::new(),
             pruned_at: Mutex::new(now),
         }
-    }
-
-    pub fn tier(&self, tier: &str) -> Option<&TierConfig> {
-        self.tiers.get(tier)
     }
 
     /// The completion tokens to reserve for a request that asked for `max_tokens`.
@@ -278,7 +204,7 @@ impl RateLimiter {
         max_tokens.unwrap_or(self.config.default_max_tokens)
     }
 
-    fn user_bucket(&self, user: &Arc<str>, tier: &TierConfig) -> Arc<Mutex<Bucket>> {
+    fn user_bucket(&self, user: &Arc<str>, tier: &Tier) -> Arc<Mutex<Bucket>> {
         if let Some(b) = self.users.get(user) {
             return b.clone();
         }
@@ -287,7 +213,7 @@ impl RateLimiter {
             .user_rpm
             .get(&**user)
             .copied()
-            .unwrap_or(tier.user_rpm);
+            .unwrap_or(tier.config.user_rpm);
         self.users
             .entry(user.clone())
             .or_insert_with(|| Arc::new(Mutex::new(Bucket::per_minute(rpm.into(), Instant::now()))))
@@ -299,41 +225,39 @@ impl RateLimiter {
     pub fn try_acquire(
         &self,
         user: &Arc<str>,
-        tier: &str,
+        tier: &Tier,
         tokens: u64,
     ) -> Result<Reservation, Limited> {
         self.prune_users();
         self.assess(user, tier, tokens, true)?;
         Ok(Reservation {
-            tier: tier.to_string(),
+            tier: tier.name.clone(),
             tokens,
         })
     }
 
     /// Whether [`RateLimiter::try_acquire`] would admit the request now, charging nothing: the
     /// cheap check made before a request costs anything (a `Stream`, counting its prompt).
-    pub fn check(&self, user: &Arc<str>, tier: &str, tokens: u64) -> Result<(), Limited> {
+    pub fn check(&self, user: &Arc<str>, tier: &Tier, tokens: u64) -> Result<(), Limited> {
         self.assess(user, tier, tokens, false)
     }
 
     fn assess(
         &self,
         user: &Arc<str>,
-        tier: &str,
+        tier: &Tier,
         tokens: u64,
         charge: bool,
     ) -> Result<(), Limited> {
-        let Some((tier_config, tier_buckets)) =
-            self.tiers.get(tier).zip(self.tier_buckets.get(tier))
-        else {
-            // Tokens are verified against the configured tiers, so this is unreachable in
-            // practice; refuse rather than admit unmetered traffic.
+        let Some(tier_buckets) = self.tier_buckets.get(&tier.name) else {
+            // Tiers are resolved from the same configuration as the buckets, so this is
+            // unreachable in practice; refuse rather than admit unmetered traffic.
             return Err(Limited {
                 kind: LimitKind::TierRpm,
                 retry_after: None,
             });
         };
-        let user_bucket = self.user_bucket(user, tier_config);
+        let user_bucket = self.user_bucket(user, tier);
         let now = Instant::now();
         // Always the same lock order: user, tier, global.
         let mut guards: [(LimitKind, MutexGuard<'_, Bucket>, f64); 5] = [
@@ -424,24 +348,32 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tiers::default_tiers;
 
-    fn limiter(user_rpm: u32, rpm: u32, tpm: u64) -> RateLimiter {
-        let mut tiers = default_tiers();
-        let free = tiers.get_mut("free").expect("free");
+    /// A limiter whose free tier has these limits, and that tier.
+    fn limiter(user_rpm: u32, rpm: u32, tpm: u64) -> (RateLimiter, Arc<Tier>) {
+        let mut configs = default_tiers();
+        let free = configs.get_mut("free").expect("free");
         free.user_rpm = user_rpm;
         free.rpm = rpm;
         free.tpm = tpm;
-        RateLimiter::new(LimitsConfig::default(), tiers)
+        let tiers = Tiers::new(&configs, 32);
+        let free = tiers.get("free").expect("free");
+        (RateLimiter::new(LimitsConfig::default(), &tiers), free)
+    }
+
+    fn tier(name: &str) -> Arc<Tier> {
+        Tiers::new(&default_tiers(), 32).get(name).expect("tier")
     }
 
     #[tokio::test(start_paused = true)]
     async fn exact_user_rpm_count_and_accurate_retry_after() {
-        let l = limiter(3, 1000, 1_000_000);
+        let (l, free) = limiter(3, 1000, 1_000_000);
         let alice: Arc<str> = "alice".into();
         for _ in 0..3 {
-            l.try_acquire(&alice, "free", 10).expect("within the limit");
+            l.try_acquire(&alice, &free, 10).expect("within the limit");
         }
-        let refused = l.try_acquire(&alice, "free", 10).expect_err("4th refused");
+        let refused = l.try_acquire(&alice, &free, 10).expect_err("4th refused");
         assert_eq!(refused.kind, LimitKind::UserRpm);
         assert_eq!(
             refused.retry_after,
@@ -449,34 +381,34 @@ mod tests {
             "3 per minute: one every 20 s"
         );
         // Another user is not affected.
-        l.try_acquire(&"bob".into(), "free", 10).expect("bob");
+        l.try_acquire(&"bob".into(), &free, 10).expect("bob");
         tokio::time::advance(Duration::from_millis(19_900)).await;
-        assert!(l.try_acquire(&alice, "free", 10).is_err(), "not yet");
+        assert!(l.try_acquire(&alice, &free, 10).is_err(), "not yet");
         tokio::time::advance(Duration::from_millis(100)).await;
-        l.try_acquire(&alice, "free", 10)
+        l.try_acquire(&alice, &free, 10)
             .expect("retry_after was honest");
     }
 
     #[tokio::test(start_paused = true)]
     async fn refusal_takes_nothing() {
-        let l = limiter(100, 100, 1000);
+        let (l, free) = limiter(100, 100, 1000);
         let alice: Arc<str> = "alice".into();
-        l.try_acquire(&alice, "free", 900).expect("first");
-        let refused = l.try_acquire(&alice, "free", 200).expect_err("tpm");
+        l.try_acquire(&alice, &free, 900).expect("first");
+        let refused = l.try_acquire(&alice, &free, 200).expect_err("tpm");
         assert_eq!(refused.kind, LimitKind::TierTpm);
         // 100 tokens short at 1000/60 per second: 6 s.
         assert_eq!(refused.retry_after, Some(Duration::from_secs(6)));
         // The refused request did not consume a request slot: 99 more fit.
         for _ in 0..99 {
-            l.try_acquire(&alice, "free", 1)
+            l.try_acquire(&alice, &free, 1)
                 .expect("request slots intact");
         }
         let over = l
-            .try_acquire(&alice, "free", 1)
+            .try_acquire(&alice, &free, 1)
             .expect_err("100 requests used");
         assert_eq!(over.kind, LimitKind::UserRpm);
         let never = l
-            .try_acquire(&"bob".into(), "free", 5000)
+            .try_acquire(&"bob".into(), &free, 5000)
             .expect_err("too big");
         assert_eq!(never.retry_after, None);
         assert!(never.message().contains("lower max_tokens"));
@@ -484,14 +416,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn unused_reservation_comes_back_and_overuse_is_charged() {
-        let l = limiter(100, 100, 1000);
+        let (l, free) = limiter(100, 100, 1000);
         let alice: Arc<str> = "alice".into();
-        let r = l.try_acquire(&alice, "free", 800).expect("reserve");
+        let r = l.try_acquire(&alice, &free, 800).expect("reserve");
         assert_eq!(l.tier_tokens_available("free"), Some(200.0));
-        assert!(l.try_acquire(&alice, "free", 500).is_err());
+        assert!(l.try_acquire(&alice, &free, 500).is_err());
         l.reconcile(&r, 50);
         assert_eq!(l.tier_tokens_available("free"), Some(950.0));
-        let r = l.try_acquire(&alice, "free", 500).expect("room again");
+        let r = l.try_acquire(&alice, &free, 500).expect("room again");
         l.reconcile(&r, 900);
         assert_eq!(l.tier_tokens_available("free"), Some(50.0));
     }
@@ -502,11 +434,11 @@ mod tests {
             global_rpm: 2,
             ..LimitsConfig::default()
         };
-        let l = RateLimiter::new(config, default_tiers());
-        l.try_acquire(&"a".into(), "free", 1).expect("1");
-        l.try_acquire(&"b".into(), "pro", 1).expect("2");
+        let l = RateLimiter::new(config, &Tiers::new(&default_tiers(), 32));
+        l.try_acquire(&"a".into(), &tier("free"), 1).expect("1");
+        l.try_acquire(&"b".into(), &tier("pro"), 1).expect("2");
         let refused = l
-            .try_acquire(&"c".into(), "enterprise", 1)
+            .try_acquire(&"c".into(), &tier("enterprise"), 1)
             .expect_err("global");
         assert_eq!(refused.kind, LimitKind::GlobalRpm);
         assert_eq!(refused.retry_after, Some(Duration::from_secs(30)));
@@ -514,42 +446,42 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn check_charges_nothing_and_idle_users_are_pruned() {
-        let l = limiter(2, 1000, 1_000_000);
+        let (l, free) = limiter(2, 1000, 1_000_000);
         let alice: Arc<str> = "alice".into();
         for _ in 0..5 {
-            l.check(&alice, "free", 10).expect("a check takes nothing");
+            l.check(&alice, &free, 10).expect("a check takes nothing");
         }
-        l.try_acquire(&alice, "free", 10).expect("1");
-        l.try_acquire(&alice, "free", 10).expect("2");
+        l.try_acquire(&alice, &free, 10).expect("1");
+        l.try_acquire(&alice, &free, 10).expect("2");
         assert_eq!(
-            l.check(&alice, "free", 10).expect_err("over").kind,
+            l.check(&alice, &free, 10).expect_err("over").kind,
             LimitKind::UserRpm
         );
         for i in 0..100 {
-            l.try_acquire(&format!("user{i}").into(), "free", 1)
+            l.try_acquire(&format!("user{i}").into(), &free, 1)
                 .expect("others");
         }
         assert_eq!(l.tracked_users(), 101);
         // A minute later every bucket has refilled: the next request sweeps them all but its
         // own.
         tokio::time::advance(Duration::from_secs(61)).await;
-        l.try_acquire(&"late".into(), "free", 1).expect("late");
+        l.try_acquire(&"late".into(), &free, 1).expect("late");
         assert_eq!(l.tracked_users(), 1, "only the user just seen is kept");
         // A pruned user starts again from a full bucket, as if never seen.
-        l.try_acquire(&alice, "free", 10).expect("alice again");
-        l.try_acquire(&alice, "free", 10).expect("alice again");
-        assert!(l.try_acquire(&alice, "free", 10).is_err());
+        l.try_acquire(&alice, &free, 10).expect("alice again");
+        l.try_acquire(&alice, &free, 10).expect("alice again");
+        assert!(l.try_acquire(&alice, &free, 10).is_err());
     }
 
     #[tokio::test(start_paused = true)]
     async fn user_override_wins() {
         let mut config = LimitsConfig::default();
         config.user_rpm.insert("vip".into(), 1);
-        let l = RateLimiter::new(config, default_tiers());
+        let l = RateLimiter::new(config, &Tiers::new(&default_tiers(), 32));
         let vip: Arc<str> = "vip".into();
-        l.try_acquire(&vip, "enterprise", 1).expect("1");
+        l.try_acquire(&vip, &tier("enterprise"), 1).expect("1");
         assert_eq!(
-            l.try_acquire(&vip, "enterprise", 1)
+            l.try_acquire(&vip, &tier("enterprise"), 1)
                 .expect_err("override")
                 .kind,
             LimitKind::UserRpm

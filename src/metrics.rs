@@ -60,8 +60,6 @@ const OVERHEAD_BUCKETS: [f64; 16] = [
     0.1, 0.25, 0.5, 1.0,
 ];
 
-pub use crate::breaker::BreakerState;
-
 /// How one stream ended, for [`Metrics::stream_finished`].
 ///
 /// Times are measured by the caller with a monotonic clock (`tokio::time::Instant`).
@@ -451,14 +449,15 @@ impl Metrics {
             .inc_by(usd);
     }
 
-    /// Sets `provider`'s circuit breaker state (`muxgate_circuit_breaker_state`). Call it on
-    /// every transition, and once per provider at start so closed breakers show as 0.
-    pub fn set_breaker_state(&self, provider: &str, state: BreakerState) {
+    /// Sets `provider`'s circuit breaker state (`muxgate_circuit_breaker_state`) to `gauge`:
+    /// 0 closed, 1 half-open, 2 open, as the breaker reports it (`BreakerState::as_gauge`).
+    /// Call it on every transition, and once per provider at start so closed breakers show as 0.
+    pub fn set_breaker_state(&self, provider: &str, gauge: i64) {
         self.breaker_state
             .get_or_create(&ProviderLabels {
                 provider: provider.to_owned(),
             })
-            .set(state.as_gauge());
+            .set(gauge);
     }
 
     /// A connection's writer sent one batch: `frames` WebSocket messages carrying `bytes` of
@@ -606,7 +605,7 @@ mod tests {
         m.refused("user_rpm");
         m.tokens("gpt-4.1", "pro", 12, 40, false);
         m.spend("gpt-4.1", "pro", 0.000344);
-        m.set_breaker_state("openai", BreakerState::HalfOpen);
+        m.set_breaker_state("openai", 1);
         m.frames_sent(5, 1234);
         m.tokenized(10, Duration::from_millis(1));
         (conn, live)
@@ -784,9 +783,9 @@ mod tests {
         m.refused("user_rpm");
         m.refused("budget");
         m.refused("budget");
-        m.set_breaker_state("openai", BreakerState::Open);
-        m.set_breaker_state("anthropic", BreakerState::Open);
-        m.set_breaker_state("anthropic", BreakerState::Closed);
+        m.set_breaker_state("openai", 2);
+        m.set_breaker_state("anthropic", 2);
+        m.set_breaker_state("anthropic", 0);
         m.set_queue_depth("openai", "free", 7);
         m.set_queue_depth("openai", "free", 2);
         m.frames_sent(5, 1000);

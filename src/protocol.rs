@@ -484,8 +484,10 @@ fn json_string_len(s: &str) -> usize {
         .sum::<usize>()
 }
 
-/// Appends `s` as a JSON string literal, escaping as `serde_json` does.
-fn push_json_string(out: &mut String, s: &str) {
+/// Appends `s` as a JSON string literal, escaping as `serde_json` does, byte for byte. The
+/// crate's one JSON string escaper: the `delta` hot path and the mock upstream's hand-written
+/// chunks both use it.
+pub(crate) fn push_json_string(out: &mut String, s: &str) {
     out.push('"');
     let bytes = s.as_bytes();
     let mut start = 0;
@@ -639,6 +641,18 @@ mod tests {
         assert!(!valid_stream_id("a/b"));
         assert!(!valid_stream_id("é"));
         assert!(!valid_stream_id("a\"b"));
+    }
+
+    #[test]
+    fn the_escaper_writes_what_serde_json_writes() {
+        let mut every_control: String = (0u8..0x20).map(char::from).collect();
+        every_control.push_str("\"\\/\u{7f}é🎉\u{2028}");
+        for text in ["", "plain", "a\"b\\c\nd\u{1}é", every_control.as_str()] {
+            let mut out = String::new();
+            push_json_string(&mut out, text);
+            assert_eq!(out, serde_json::to_string(text).expect("json"), "{text:?}");
+            assert_eq!(out.len(), json_string_len(text), "{text:?}");
+        }
     }
 
     #[test]

@@ -13,30 +13,53 @@ use tokio::time::Instant;
 use crate::billing;
 use crate::breaker::Health;
 use crate::gateway::Gateway;
-use crate::limits::{OnLimit, Reservation, TierConfig};
+use crate::limits::Reservation;
 use crate::metrics::{self, StreamOutcome};
 use crate::protocol::{self, ErrorCode, OpenRequest, Usage};
+use crate::retry;
 use crate::scheduler::NoSlot;
 use crate::stream::{CancelReason, Stream};
-use crate::upstream::{self, Provider, UpstreamError};
+use crate::tiers::Tier;
+use crate::upstream::{Provider, UpstreamError};
 
 /// One stream to run.
 pub struct Job {
     pub gw: Arc<Gateway>,
     pub stream: Arc<Stream>,
     pub req: OpenRequest,
-    pub tier: Arc<str>,
+    /// The connection's tier, resolved at its `hello`.
+    pub tier: Arc<Tier>,
 }
 
-/// How a stream ended, for the caller's bookkeeping.
-#[derive(Debug, PartialEq)]
+/// How a stream ended: what its terminal frame says. An upstream attempt returns one too when
+/// it did not fail (done, or cancelled), else the error the retry policy judges.
+#[derive(Debug)]
 pub enum Outcome {
     Done {
         finish_reason: String,
+        /// The upstream's `usage` while the stream runs; what was billed once [`run`] returns.
         usage: Option<Usage>,
+        /// The model that answered (a fallback's, if one served).
+        model: String,
     },
-    Failed(ErrorCode),
+    Failed(Failure),
     Cancelled(CancelReason),
+}
+
+impl Outcome {
+    /// The stream was cancelled; why, as its `cancel` said (set before its token fires).
+    fn cancelled(stream: &Stream) -> Outcome {
+        Outcome::Cancelled(stream.cancel_reason().unwrap_or(CancelReason::Client))
+    }
+
+    fn failed(code: ErrorCode, message: String, retry_after: Option<Duration>) -> Outcome {
+        Outcome::Failed(Failure {
+            code,
+            message,
+            retry_after,
+            may_fall_back: false,
+        })
+    }
 }
 
 /// Builds the upstream body for `model`: the client's messages and allowed params, with
@@ -99,9 +122,10 @@ pub fn validate_open(req: &OpenRequest, allowed_params: &[String]) -> Result<(),
 pub fn refuse_early(
     gw: &Gateway,
     user: &Arc<str>,
-    tier_name: &str,
+    tier: &Tier,
     req: &OpenRequest,
 ) -> Option<axum::extract::ws::Utf8Bytes> {
+    let tier_name = &*tier.name;
     let id = Some(req.id.as_str());
     // Counted as a stream that ended refused, as it was when refusals happened in its task.
     let ended = |code: ErrorCode| {
@@ -127,15 +151,11 @@ pub fn refuse_early(
             retry_after,
         ));
     }
-    let tier = gw.limits.tier(tier_name)?;
     let limited = gw
         .limits
-        .check(user, tier_name, completion_reservation(gw, req))
+        .check(user, tier, completion_reservation(gw, req))
         .err()?;
-    let may_wait = limited.retry_after.is_some_and(|d| {
-        tier.on_limit == OnLimit::Wait && d <= Duration::from_millis(tier.max_wait_ms)
-    });
-    if may_wait {
+    if tier.waits_for(limited.retry_after, Duration::ZERO) {
         return None;
     }
     gw.metrics.refused(limited.kind.as_str());
@@ -168,19 +188,15 @@ pub async fn run(job: Job) -> Outcome {
     let mut t = Timings::new(Duration::from_millis(
         gw.config.upstream.max_stream_duration_ms,
     ));
-    let (ended, reservation, prompt_tokens) = drive(&job, &mut t).await;
-    let key = ended.seq() + 1;
-    let model = match &ended {
-        Ended::Done { model, .. } => model.clone(),
-        _ => job.req.model.clone(),
-    };
-    let reported = match &ended {
-        Ended::Done { usage, .. } => *usage,
-        _ => None,
+    let (mut outcome, reservation, prompt_tokens) = drive(&job, &mut t).await;
+    let key = t.delivered + 1;
+    let (model, reported) = match &outcome {
+        Outcome::Done { model, usage, .. } => (model.clone(), *usage),
+        _ => (job.req.model.clone(), None),
     };
     let bill = billing::Settlement {
         model: &model,
-        tier: &job.tier,
+        tier: &job.tier.name,
         user: &stream.user,
         price: gw.config.pricing.get(&model).map(|p| (p.input, p.output)),
         reservation,
@@ -191,44 +207,34 @@ pub async fn run(job: Job) -> Outcome {
     }
     .settle(&gw.limits, &gw.budgets, &gw.metrics)
     .await;
-    let usage = bill.usage;
-    let outcome = match ended {
-        Ended::Done {
-            seq, finish_reason, ..
+    let terminal = match &mut outcome {
+        Outcome::Done {
+            finish_reason,
+            usage,
+            ..
         } => {
+            *usage = bill.usage;
             let served_by = (model != job.req.model).then_some(model.as_str());
-            stream.finish(
+            protocol::done(
+                &stream.id,
                 key,
-                protocol::done(
-                    &stream.id,
-                    seq + 1,
-                    &finish_reason,
-                    usage,
-                    bill.cost_usd,
-                    served_by,
-                    bill.estimated,
-                ),
-            );
-            Outcome::Done {
                 finish_reason,
-                usage,
-            }
+                bill.usage,
+                bill.cost_usd,
+                served_by,
+                bill.estimated,
+            )
         }
-        Ended::Failed { failure, .. } => {
+        Outcome::Failed(failure) => {
             let retry_after = failure.retry_after.map(|d| d.as_millis() as u64);
-            stream.finish(
-                key,
-                protocol::error(
-                    Some(&stream.id),
-                    failure.code,
-                    &failure.message,
-                    retry_after,
-                ),
-            );
-            Outcome::Failed(failure.code)
+            protocol::error(
+                Some(&stream.id),
+                failure.code,
+                &failure.message,
+                retry_after,
+            )
         }
-        Ended::Cancelled { .. } => {
-            let reason = stream.cancel_reason().unwrap_or(CancelReason::Client);
+        Outcome::Cancelled(reason) => {
             let (code, message) = match reason {
                 CancelReason::Client => (ErrorCode::Cancelled, "cancelled by the client"),
                 CancelReason::ResumeExpired => {
@@ -239,20 +245,20 @@ pub async fn run(job: Job) -> Outcome {
                     "the gateway shut down before the stream finished",
                 ),
             };
-            stream.finish(key, protocol::error(Some(&stream.id), code, message, None));
-            Outcome::Cancelled(reason)
+            protocol::error(Some(&stream.id), code, message, None)
         }
     };
+    stream.finish(key, terminal);
     let status = match &outcome {
         Outcome::Done { .. } => metrics::STATUS_DONE,
-        Outcome::Failed(code) => code.as_str(),
+        Outcome::Failed(failure) => failure.code.as_str(),
         Outcome::Cancelled(CancelReason::Shutdown) => ErrorCode::Internal.as_str(),
         Outcome::Cancelled(_) => ErrorCode::Cancelled.as_str(),
     };
     gw.metrics.stream_finished(&StreamOutcome {
         model: &model,
         provider: t.provider.as_deref().unwrap_or("none"),
-        tier: &job.tier,
+        tier: &job.tier.name,
         status,
         duration: t.opened.elapsed(),
         time_to_first_token: t.first_delta.map(|at| at - t.opened),
@@ -296,6 +302,9 @@ struct Timings {
     provider: Option<String>,
     /// An upstream answered 200 and began streaming: from then on the prompt is billable.
     accepted: bool,
+    /// Deltas pushed to the stream's log, so the `seq` of the last one. Only the first attempt
+    /// that sends text may do so: none is retried or falls back after its first token.
+    delivered: u64,
     /// Every delta's text, gathered as it goes out: what a stream with no upstream `usage` is
     /// billed for. Not the replay log, which drops frames already written once it passes
     /// `session.stream_buffer_bytes`.
@@ -318,19 +327,36 @@ impl Timings {
             first_delta: None,
             provider: None,
             accepted: false,
+            delivered: 0,
             generated: String::new(),
         }
     }
 }
 
 /// Why a stream failed, as the client will read it.
-#[derive(Debug)]
-struct Failure {
+pub struct Failure {
     code: ErrorCode,
     message: String,
     retry_after: Option<Duration>,
     /// Whether another model in the fallback chain may serve instead.
     may_fall_back: bool,
+}
+
+impl Failure {
+    /// The `code` of the stream's `error` frame.
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+}
+
+/// Without the message: it can quote the upstream's text, which no log carries.
+impl std::fmt::Debug for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Failure")
+            .field("code", &self.code)
+            .field("retry_after", &self.retry_after)
+            .finish_non_exhaustive()
+    }
 }
 
 impl From<UpstreamError> for Failure {
@@ -344,53 +370,16 @@ impl From<UpstreamError> for Failure {
     }
 }
 
-enum Ended {
-    Done {
-        seq: u64,
-        finish_reason: String,
-        usage: Option<Usage>,
-        /// The model that answered (a fallback's, if one served).
-        model: String,
-    },
-    Failed {
-        seq: u64,
-        failure: Failure,
-    },
-    Cancelled {
-        seq: u64,
-    },
-}
-
-impl Ended {
-    fn seq(&self) -> u64 {
-        match self {
-            Ended::Done { seq, .. } | Ended::Failed { seq, .. } | Ended::Cancelled { seq } => *seq,
-        }
-    }
-
-    fn failed(code: ErrorCode, message: String, retry_after: Option<Duration>) -> Ended {
-        Ended::Failed {
-            seq: 0,
-            failure: Failure {
-                code,
-                message,
-                retry_after,
-                may_fall_back: false,
-            },
-        }
-    }
-}
-
-async fn drive(job: &Job, t: &mut Timings) -> (Ended, Option<Reservation>, u64) {
+/// Everything before the stream's end: refusals, limits, queue, upstream attempts. Returns
+/// how it ended (with the upstream's `usage`, not yet billed), its reservation and the prompt
+/// tokens counted for it.
+async fn drive(job: &Job, t: &mut Timings) -> (Outcome, Option<Reservation>, u64) {
     let gw = &job.gw;
     let stream = &job.stream;
-    let Some(tier) = gw.limits.tier(&job.tier) else {
-        let message = format!("unknown tier `{}`", job.tier);
-        return (Ended::failed(ErrorCode::Internal, message, None), None, 0);
-    };
-    if let Err(over) = gw.budgets.check(&stream.user, &job.tier) {
+    let tier = &job.tier;
+    if let Err(over) = gw.budgets.check(&stream.user, &tier.name) {
         gw.metrics.refused("budget");
-        let ended = Ended::failed(
+        let ended = Outcome::failed(
             ErrorCode::BudgetExceeded,
             over.to_string(),
             Some(over.retry_after),
@@ -399,21 +388,20 @@ async fn drive(job: &Job, t: &mut Timings) -> (Ended, Option<Reservation>, u64) 
     }
     let completion = completion_reservation(gw, &job.req);
     // The request limits first, charging nothing: a stream refused (or still waiting) for
-    // them has its prompt counted by no one.
-    let admitting = Instant::now();
-    let deadline = admitting + Duration::from_millis(tier.max_wait_ms);
-    let checked = admit(job, tier, completion, false, deadline).await;
-    t.waited += admitting.elapsed();
+    // them has its prompt counted by no one. Both waits share the tier's one `max_wait_ms`.
+    let waiting_since = Instant::now();
+    let checked = admit(job, completion, false, waiting_since).await;
+    t.waited += waiting_since.elapsed();
     if let Err(ended) = checked {
         return (ended, None, 0);
     }
     let prompt_tokens = prompt_tokens(gw, &job.req).await;
     let admitting = Instant::now();
-    let admitted = admit(job, tier, prompt_tokens + completion, true, deadline).await;
+    let admitted = admit(job, prompt_tokens + completion, true, waiting_since).await;
     t.waited += admitting.elapsed();
     let reservation = match admitted {
         Ok(r) => r.unwrap_or_else(|| Reservation {
-            tier: job.tier.to_string(),
+            tier: tier.name.clone(),
             tokens: 0,
         }),
         Err(ended) => return (ended, None, prompt_tokens),
@@ -436,19 +424,21 @@ async fn drive(job: &Job, t: &mut Timings) -> (Ended, Option<Reservation>, u64) 
         }
         t.provider = Some(provider.name.clone());
         let queueing = Instant::now();
+        let waiter = stream.clone();
         let slot = provider
             .scheduler
-            .acquire(stream, &job.tier, tier.priority)
+            .acquire(
+                &tier.name,
+                tier.priority(),
+                stream.cancelled().cancelled(),
+                move |position| waiter.set_queued(position),
+            )
             .await;
         t.waited += queueing.elapsed();
         let _slot = match slot {
             Ok(slot) => slot,
             Err(NoSlot::Cancelled) => {
-                return (
-                    Ended::Cancelled { seq: 0 },
-                    Some(reservation),
-                    prompt_tokens,
-                )
+                return (Outcome::cancelled(stream), Some(reservation), prompt_tokens)
             }
             Err(why) => {
                 gw.metrics.refused(match why {
@@ -478,13 +468,13 @@ async fn drive(job: &Job, t: &mut Timings) -> (Ended, Option<Reservation>, u64) 
         let body = match upstream_body(&job.req, model, &gw.upstreams.user_id(&stream.user)) {
             Ok(body) => body,
             Err(e) => {
-                let ended = Ended::failed(ErrorCode::BadRequest, e.to_string(), None);
+                let ended = Outcome::failed(ErrorCode::BadRequest, e.to_string(), None);
                 return (ended, Some(reservation), prompt_tokens);
             }
         };
         t.upstream_started.get_or_insert_with(Instant::now);
         match attempt_all(job, provider, body, model, t).await {
-            Ended::Failed { seq: 0, failure } if failure.may_fall_back => {
+            Outcome::Failed(failure) if t.delivered == 0 && failure.may_fall_back => {
                 tracing::info!(model, code = %failure.code, "falling back to the next model");
                 last = Some(failure);
             }
@@ -497,29 +487,26 @@ async fn drive(job: &Job, t: &mut Timings) -> (Ended, Option<Reservation>, u64) 
         retry_after: None,
         may_fall_back: false,
     });
-    (
-        Ended::Failed { seq: 0, failure },
-        Some(reservation),
-        prompt_tokens,
-    )
+    (Outcome::Failed(failure), Some(reservation), prompt_tokens)
 }
 
 /// Takes the stream's share of every rate limit (`charge`), or only checks it would pass,
-/// waiting until `deadline` where the tier's policy allows. `Ok(None)` when only checking.
+/// waiting where the tier's policy allows (its wait counted from `waiting_since`). `Ok(None)`
+/// when only checking.
 async fn admit(
     job: &Job,
-    tier: &TierConfig,
     tokens: u64,
     charge: bool,
-    deadline: Instant,
-) -> Result<Option<Reservation>, Ended> {
+    waiting_since: Instant,
+) -> Result<Option<Reservation>, Outcome> {
     let limits = &job.gw.limits;
     let user = &job.stream.user;
+    let tier = &job.tier;
     loop {
         let result = if charge {
-            limits.try_acquire(user, &job.tier, tokens).map(Some)
+            limits.try_acquire(user, tier, tokens).map(Some)
         } else {
-            limits.check(user, &job.tier, tokens).map(|()| None)
+            limits.check(user, tier, tokens).map(|()| None)
         };
         let limited = match result {
             Ok(reservation) => return Ok(reservation),
@@ -527,10 +514,10 @@ async fn admit(
         };
         let wait = limited
             .retry_after
-            .filter(|d| tier.on_limit == OnLimit::Wait && Instant::now() + *d <= deadline);
+            .filter(|_| tier.waits_for(limited.retry_after, waiting_since.elapsed()));
         let Some(wait) = wait else {
             job.gw.metrics.refused(limited.kind.as_str());
-            return Err(Ended::failed(
+            return Err(Outcome::failed(
                 ErrorCode::RateLimited,
                 limited.message(),
                 limited.retry_after,
@@ -540,50 +527,39 @@ async fn admit(
             .await
             .is_none()
         {
-            return Err(Ended::Cancelled { seq: 0 });
+            return Err(Outcome::cancelled(&job.stream));
         }
     }
 }
 
-/// Calls one provider until it answers, retrying failures before the first token.
+/// Calls one provider until it answers, retrying failures before the first token as
+/// [`crate::retry`] decides.
 async fn attempt_all(
     job: &Job,
     provider: &Provider,
     body: Bytes,
     model: &str,
     t: &mut Timings,
-) -> Ended {
+) -> Outcome {
     let stream = &job.stream;
     let policy = &job.gw.config.retry;
     let mut retries = 0u32;
     loop {
-        let mut seq = 0u64;
-        let error = match attempt(stream, provider, body.clone(), &mut seq, t).await {
-            Ok((finish_reason, usage)) => {
-                return Ended::Done {
-                    seq,
-                    finish_reason,
-                    usage,
-                    model: model.to_string(),
-                }
-            }
-            Err(Attempt::Cancelled) => return Ended::Cancelled { seq },
-            Err(Attempt::Failed(e)) => e,
+        let error = match attempt(stream, provider, body.clone(), model, t).await {
+            Ok(ended) => return ended,
+            Err(e) => e,
         };
-        // Text already went out: another attempt would send it twice.
-        let exhausted = retries + 1 >= policy.max_attempts;
-        let retry_after = error.retry_after();
-        let too_long =
-            retry_after.is_some_and(|d| d > Duration::from_millis(policy.max_retry_after_ms));
-        if seq > 0 || !error.retryable() || exhausted || too_long {
+        let failed = retry::Failed {
+            attempts: retries + 1,
+            transient: error.retryable(),
+            delivered: t.delivered > 0,
+            retry_after: error.retry_after(),
+        };
+        let Some(wait) = policy.next_wait(&failed, &mut rand::thread_rng()) else {
             // The kind and status only: upstream messages can quote the conversation.
             tracing::warn!(provider = %provider.name, kind = error.kind(), status = error.status(), attempts = retries + 1, "upstream failed");
-            return Ended::Failed {
-                seq,
-                failure: error.into(),
-            };
-        }
-        let wait = upstream::backoff(retries, policy, retry_after, &mut rand::thread_rng());
+            return Outcome::Failed(error.into());
+        };
         job.gw.metrics.upstream_retry(&provider.name, error.kind());
         tracing::info!(provider = %provider.name, kind = error.kind(), status = error.status(), ?wait, "retrying upstream");
         retries += 1;
@@ -591,14 +567,9 @@ async fn attempt_all(
             .await
             .is_none()
         {
-            return Ended::Cancelled { seq };
+            return Outcome::cancelled(stream);
         }
     }
-}
-
-enum Attempt {
-    Failed(UpstreamError),
-    Cancelled,
 }
 
 /// Runs `f` unless the stream is cancelled first. Dropping `f` is what aborts an upstream
@@ -610,26 +581,27 @@ async fn until_cancelled<F: std::future::Future>(stream: &Stream, f: F) -> Optio
     }
 }
 
-/// One upstream call, let through by the provider's breaker and reported back to it. `seq`
-/// counts the deltas pushed, so the caller knows whether any text went out.
+/// One upstream call, let through by the provider's breaker and reported back to it. Ends
+/// the stream (done, or cancelled) or fails with an error the caller may retry; the deltas it
+/// pushes are counted in `t.delivered`, so the caller knows whether any text went out.
 async fn attempt(
     stream: &Arc<Stream>,
     provider: &Provider,
     body: Bytes,
-    seq: &mut u64,
+    model: &str,
     t: &mut Timings,
-) -> Result<(String, Option<Usage>), Attempt> {
+) -> Result<Outcome, UpstreamError> {
     if let Err(retry_after) = provider.breaker.try_pass() {
-        return Err(Attempt::Failed(UpstreamError::CircuitOpen {
+        return Err(UpstreamError::CircuitOpen {
             provider: provider.name.clone(),
             retry_after,
-        }));
+        });
     }
-    let result = relay_once(stream, provider, body, seq, t).await;
+    let result = relay_once(stream, provider, body, model, t).await;
     let health = match &result {
-        Ok(_) => Health::Success,
-        Err(Attempt::Failed(e)) => e.health(),
-        Err(Attempt::Cancelled) => Health::Neutral,
+        Ok(Outcome::Done { .. }) => Health::Success,
+        Ok(_) => Health::Neutral,
+        Err(e) => e.health(),
     };
     provider.breaker.report(health);
     result
@@ -639,31 +611,35 @@ async fn relay_once(
     stream: &Arc<Stream>,
     provider: &Provider,
     body: Bytes,
-    seq: &mut u64,
+    model: &str,
     t: &mut Timings,
-) -> Result<(String, Option<Usage>), Attempt> {
+) -> Result<Outcome, UpstreamError> {
     let first_token_deadline = Instant::now() + provider.first_token_timeout;
     let ends_by = t.ends_by;
     let max_duration = t.max_duration;
     // Whichever comes first: the timeout the upstream is in, or the stream's end of life.
-    let timed_out = |seq: u64| {
-        Attempt::Failed(if Instant::now() >= ends_by {
+    let timed_out = |delivered: u64| {
+        if Instant::now() >= ends_by {
             UpstreamError::MaxDuration(max_duration)
-        } else if seq == 0 {
+        } else if delivered == 0 {
             UpstreamError::FirstTokenTimeout(provider.first_token_timeout)
         } else {
             UpstreamError::IdleTimeout(provider.idle_timeout)
-        })
+        }
     };
     let opened = tokio::time::timeout_at(first_token_deadline.min(ends_by), provider.open(body));
-    let mut events = until_cancelled(stream, opened)
-        .await
-        .ok_or(Attempt::Cancelled)?
-        .map_err(|_| timed_out(0))?
-        .map_err(Attempt::Failed)?;
+    let Some(opened) = until_cancelled(stream, opened).await else {
+        return Ok(Outcome::cancelled(stream));
+    };
+    let mut events = opened.map_err(|_| timed_out(0))??;
     t.accepted = true;
     let mut finish_reason: Option<String> = None;
     let mut usage = None;
+    let done = |finish_reason: String, usage: Option<Usage>| Outcome::Done {
+        finish_reason,
+        usage,
+        model: model.to_string(),
+    };
     // One timer for the whole call, moved forward per chunk rather than made anew: first the
     // first-token deadline, then the idle timeout after each token, never past `ends_by`.
     let deadline = tokio::time::sleep_until(first_token_deadline.min(ends_by));
@@ -671,29 +647,29 @@ async fn relay_once(
     loop {
         let next = tokio::select! {
             biased;
-            _ = stream.cancelled().cancelled() => return Err(Attempt::Cancelled),
+            _ = stream.cancelled().cancelled() => return Ok(Outcome::cancelled(stream)),
             next = events.next() => next,
-            _ = &mut deadline => return Err(timed_out(*seq)),
+            _ = &mut deadline => return Err(timed_out(t.delivered)),
         };
         let event = match next {
             None => {
                 // A clean end without [DONE] is fine once the upstream said why it finished.
                 return match finish_reason {
-                    Some(reason) => Ok((reason, usage)),
-                    None => Err(Attempt::Failed(UpstreamError::Broken(
+                    Some(reason) => Ok(done(reason, usage)),
+                    None => Err(UpstreamError::Broken(
                         "the upstream closed the stream before finishing".into(),
-                    ))),
+                    )),
                 };
             }
-            Some(Err(e)) => return Err(Attempt::Failed(e)),
+            Some(Err(e)) => return Err(e),
             Some(Ok(event)) => event,
         };
         // One clock read per stream, not per chunk: only the first content chunk's time counts.
         let received = t.first_chunk.is_none().then(Instant::now);
         if event.data == "[DONE]" {
-            return Ok((finish_reason.unwrap_or_else(|| "stop".into()), usage));
+            return Ok(done(finish_reason.unwrap_or_else(|| "stop".into()), usage));
         }
-        let chunk = provider.parse_chunk(&event.data).map_err(Attempt::Failed)?;
+        let chunk = provider.parse_chunk(&event.data)?;
         if let Some(u) = chunk.usage {
             usage = Some(u);
         }
@@ -701,20 +677,21 @@ async fn relay_once(
             finish_reason = Some(reason.into_owned());
         }
         if let Some(text) = chunk.content {
-            if *seq == 0 {
+            if t.delivered == 0 {
                 t.first_chunk = received;
             }
-            *seq += 1;
+            t.delivered += 1;
+            let seq = t.delivered;
             t.generated.push_str(&text);
             if !stream
-                .push(*seq, protocol::delta(&stream.id, *seq, &text))
+                .push(seq, protocol::delta(&stream.id, seq, &text))
                 .await
             {
-                return Err(Attempt::Cancelled);
+                return Ok(Outcome::cancelled(stream));
             }
             t.first_delta.get_or_insert_with(Instant::now);
         }
-        if *seq > 0 {
+        if t.delivered > 0 {
             // Any event after the first token proves the upstream alive.
             deadline
                 .as_mut()

@@ -9,6 +9,7 @@
 //! enterprise at priority 2), never indefinitely.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +17,6 @@ use parking_lot::Mutex;
 use serde::Deserialize;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-
-use crate::stream::Stream;
 
 /// Queueing, for every provider.
 #[derive(Debug, Clone, Deserialize)]
@@ -57,9 +56,13 @@ pub const ANNOUNCE_HEAD: usize = 32;
 /// (on a queue change), so a change costs `O(ANNOUNCE_HEAD)`, not `O(queue_max_len)`.
 pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
 
+/// Told a waiter's 1-based queue position each time it changes (the stream's `queued`
+/// frame). Called under the queue's lock: it must be quick and must not call the scheduler.
+type OnPosition = Box<dyn Fn(usize) + Send>;
+
 struct Waiter {
     grant: oneshot::Sender<()>,
-    stream: Arc<Stream>,
+    on_position: OnPosition,
     tier: Arc<str>,
     /// Last position sent, so moves are announced once.
     position: usize,
@@ -111,14 +114,15 @@ impl Scheduler {
         })
     }
 
-    /// Waits for a slot, sending the stream `queued` positions while it waits. Gives up when
-    /// the queue is full, after `queue_max_wait_ms`, or when the stream is cancelled (its place
-    /// is freed at once).
+    /// Waits for a slot, telling `on_position` the waiter's place in the queue as it moves.
+    /// Gives up when the queue is full, after `queue_max_wait_ms`, or when `cancelled`
+    /// completes (the place is freed at once).
     pub async fn acquire(
         self: &Arc<Self>,
-        stream: &Arc<Stream>,
         tier: &Arc<str>,
         priority: u32,
+        cancelled: impl Future<Output = ()>,
+        on_position: impl Fn(usize) + Send + 'static,
     ) -> Result<Slot, NoSlot> {
         let (key, granted) = {
             let mut st = self.state.lock();
@@ -142,7 +146,7 @@ impl Scheduler {
                 key,
                 Waiter {
                     grant,
-                    stream: stream.clone(),
+                    on_position: Box::new(on_position),
                     tier: tier.clone(),
                     position: 0,
                 },
@@ -160,7 +164,7 @@ impl Scheduler {
                 Err(_) => Err(NoSlot::Timeout),
             },
             _ = tokio::time::sleep(max_wait) => NoSlot::Timeout,
-            _ = stream.cancelled().cancelled() => NoSlot::Cancelled,
+            _ = cancelled => NoSlot::Cancelled,
         };
         if self.leave(key) {
             Err(outcome)
@@ -228,14 +232,14 @@ fn announce(st: &mut State, entered: Option<Key>) {
     for (i, w) in st.queue.values_mut().take(walk).enumerate() {
         if w.position != i + 1 {
             w.position = i + 1;
-            w.stream.set_queued(i + 1);
+            (w.on_position)(i + 1);
         }
     }
     if let Some(key) = entered.filter(|_| st.queue.len() > walk) {
         let len = st.queue.len();
         if let Some(w) = st.queue.get_mut(&key) {
             w.position = len;
-            w.stream.set_queued(len);
+            (w.on_position)(len);
         }
     }
 }
@@ -243,10 +247,32 @@ fn announce(st: &mut State, entered: Option<Key>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stream::{Inbox, Pulled};
+    use tokio_util::sync::CancellationToken;
 
-    fn stream(id: &str) -> Arc<Stream> {
-        Stream::new(id.into(), "u".into(), "m".into(), 1 << 20)
+    /// A waiter's side of the queue: its cancel switch and the last position it was told.
+    #[derive(Clone, Default)]
+    struct Probe {
+        cancel: CancellationToken,
+        position: Arc<Mutex<Option<usize>>>,
+    }
+
+    impl Probe {
+        async fn acquire(
+            &self,
+            s: &Arc<Scheduler>,
+            tier: &str,
+            priority: u32,
+        ) -> Result<Slot, NoSlot> {
+            let position = self.position.clone();
+            let cancel = self.cancel.clone();
+            s.acquire(
+                &tier.into(),
+                priority,
+                async move { cancel.cancelled().await },
+                move |p| *position.lock() = Some(p),
+            )
+            .await
+        }
     }
 
     fn cfg(aging_ms: u64, max_len: usize, max_wait_ms: u64) -> SchedulerConfig {
@@ -264,43 +290,35 @@ mod tests {
         tier: &str,
         priority: u32,
         order: &Arc<Mutex<Vec<String>>>,
-    ) -> (Arc<Stream>, tokio::task::JoinHandle<Result<(), NoSlot>>) {
-        let st = stream(id);
-        let (s, st2, tier, order, id) = (
+    ) -> (Probe, tokio::task::JoinHandle<Result<(), NoSlot>>) {
+        let probe = Probe::default();
+        let (s, p2, tier, order, id) = (
             s.clone(),
-            st.clone(),
-            Arc::<str>::from(tier),
+            probe.clone(),
+            tier.to_string(),
             order.clone(),
             id.to_string(),
         );
         let task = tokio::spawn(async move {
-            let slot = s.acquire(&st2, &tier, priority).await?;
+            let slot = p2.acquire(&s, &tier, priority).await?;
             order.lock().push(id);
             tokio::time::sleep(Duration::from_millis(10)).await;
             drop(slot);
             Ok(())
         });
-        (st, task)
+        (probe, task)
     }
 
-    fn last_queued(s: &Arc<Stream>) -> Option<u64> {
-        let inbox = Inbox::new();
-        let _ = s.attach(&inbox, 0);
-        let mut out = Vec::new();
-        assert_eq!(s.pull(inbox.conn, &mut out).0, Pulled::Open);
-        out.iter()
-            .filter_map(|f| serde_json::from_str::<serde_json::Value>(f.as_str()).ok())
-            .filter(|v| v["type"] == "queued")
-            .filter_map(|v| v["position"].as_u64())
-            .last()
+    fn last_queued(p: &Probe) -> Option<u64> {
+        p.position.lock().map(|p| p as u64)
     }
 
     #[tokio::test(start_paused = true)]
     async fn higher_tier_first_fifo_within_tier() {
         let s = Scheduler::new(1, cfg(2_000, 100, 60_000));
         let order = Arc::new(Mutex::new(Vec::new()));
-        let holder = s
-            .acquire(&stream("x"), &"free".into(), 0)
+        let holder = Probe::default()
+            .acquire(&s, "free", 0)
             .await
             .expect("free slot");
         let (a, ta) = waiter(&s, "free-a", "free", 0, &order);
@@ -329,10 +347,7 @@ mod tests {
     async fn aging_bounds_the_wait_of_a_lower_tier() {
         let s = Scheduler::new(1, cfg(1_000, 100, 60_000));
         let order = Arc::new(Mutex::new(Vec::new()));
-        let holder = s
-            .acquire(&stream("x"), &"free".into(), 0)
-            .await
-            .expect("slot");
+        let holder = Probe::default().acquire(&s, "free", 0).await.expect("slot");
         let (_, tf) = waiter(&s, "free", "free", 0, &order);
         // A pro stream arriving within the 1 s head start goes first; one arriving later does not.
         tokio::time::sleep(Duration::from_millis(900)).await;
@@ -351,17 +366,14 @@ mod tests {
     async fn full_queue_timeout_and_cancel() {
         let s = Scheduler::new(1, cfg(1_000, 2, 5_000));
         let order = Arc::new(Mutex::new(Vec::new()));
-        let holder = s
-            .acquire(&stream("x"), &"free".into(), 0)
-            .await
-            .expect("slot");
+        let holder = Probe::default().acquire(&s, "free", 0).await.expect("slot");
         let (a, ta) = waiter(&s, "a", "free", 0, &order);
         tokio::time::sleep(Duration::from_millis(1)).await;
         let (b, tb) = waiter(&s, "b", "free", 0, &order);
         tokio::time::sleep(Duration::from_millis(1)).await;
-        let full = s.acquire(&stream("c"), &"free".into(), 0).await;
+        let full = Probe::default().acquire(&s, "free", 0).await;
         assert_eq!(full.err(), Some(NoSlot::QueueFull));
-        a.cancel(crate::stream::CancelReason::Client);
+        a.cancel.cancel();
         assert_eq!(ta.await.expect("join"), Err(NoSlot::Cancelled));
         assert_eq!(s.load().1, 1, "the cancelled waiter left at once");
         assert_eq!(last_queued(&b), Some(1), "b moved up");

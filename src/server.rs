@@ -260,7 +260,8 @@ async fn admin_user(State(gw): State<Arc<Gateway>>, Path(user): Path<String>) ->
 /// or under locks the hot path holds (queue depths) are read here, at scrape time.
 async fn metrics_text(State(gw): State<Arc<Gateway>>) -> Response {
     for p in gw.upstreams.all() {
-        gw.metrics.set_breaker_state(&p.name, p.breaker.state());
+        gw.metrics
+            .set_breaker_state(&p.name, p.breaker.state().as_gauge());
         let (_, _, by_tier) = p.scheduler.load();
         for tier in gw.config.tiers.keys() {
             let depth = by_tier

@@ -26,6 +26,7 @@ use crate::protocol::{
 };
 use crate::relay::{self, Job};
 use crate::stream::{CancelReason, Inbox, Pulled, Stream};
+use crate::tiers::Tier;
 
 /// Control frames (welcome, pong, connection errors, goaway) waiting for the writer. Bounded:
 /// a client that floods requests without reading answers is slowed down, not buffered.
@@ -94,14 +95,14 @@ async fn run_on(
         }
         Err(Refusal::Gone) => return,
     };
-    let Some(tier) = gw.limits.tier(&claims.tier).cloned() else {
+    let Some(tier) = gw.tiers.get(&claims.tier) else {
         return;
     };
     let inbox = Inbox::new();
     let registration =
         match gw
             .hub
-            .register(&claims.sub, inbox.conn, tier.max_connections, &gw.metrics)
+            .register(&claims.sub, inbox.conn, tier.max_connections(), &gw.metrics)
         {
             Ok(registration) => registration,
             Err(refusal) => {
@@ -117,12 +118,12 @@ async fn run_on(
                 .await;
             }
         };
-    let max_streams = tier.max_streams.unwrap_or(gw.config.session.max_streams);
+    let max_streams = tier.max_streams;
     let span = tracing::info_span!("conn", user = %LogSafe(registration.user()), tier = %LogSafe(&claims.tier));
     let session = Authenticated {
         registration,
         inbox,
-        tier: Arc::from(claims.tier.as_str()),
+        tier,
         max_streams,
         resume,
         exp: claims.exp,
@@ -184,7 +185,7 @@ struct Authenticated {
     /// The connection's place in the hub, held until its streams are detached.
     registration: Registration,
     inbox: Arc<Inbox>,
-    tier: Arc<str>,
+    tier: Arc<Tier>,
     max_streams: usize,
     resume: Vec<ResumeRequest>,
     /// The hello token's `exp`, Unix seconds.
@@ -243,7 +244,7 @@ async fn serve(
     let welcome = protocol::welcome(
         &session_id,
         &user,
-        &tier,
+        &tier.name,
         s.heartbeat_ms,
         &limits,
         &resumed,
@@ -411,7 +412,7 @@ fn lookup_resumes(
 struct Connection {
     gw: Arc<Gateway>,
     user: Arc<str>,
-    tier: Arc<str>,
+    tier: Arc<Tier>,
     /// Live streams this user may have (the tier's, or `session.max_streams`).
     max_streams: usize,
     inbox: Arc<Inbox>,
@@ -597,7 +598,7 @@ impl Connection {
             Ok(claims) if *claims.sub != *self.user => {
                 "refresh refused: the new token is for another user (`sub`)".to_string()
             }
-            Ok(claims) if *claims.tier != *self.tier => {
+            Ok(claims) if *claims.tier != *self.tier.name => {
                 "refresh refused: the new token is for another tier; reconnect to change tier"
                     .to_string()
             }

@@ -1,5 +1,6 @@
 //! Upstream providers: one pooled HTTP client each, the chat-completions call, SSE chunk
-//! parsing, and the retry policy (which failures may be retried, and how long to wait).
+//! parsing, and what a failure is (its code, whether it is transient, its `Retry-After`, what
+//! it says about the provider's health). When to retry is [`crate::retry`]'s to decide.
 
 use std::borrow::Cow;
 use std::pin::Pin;
@@ -8,40 +9,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use rand::Rng;
 use reqwest::header::{HeaderMap, CONTENT_TYPE, RETRY_AFTER};
 use ring::hmac;
 use serde::Deserialize;
 
 use crate::breaker::{Breaker, BreakerConfig, Health};
-use crate::config::{Config, ProviderConfig, RetryConfig};
+use crate::config::{Config, ProviderConfig, UpstreamConfig};
 use crate::protocol::{ErrorCode, Usage};
 use crate::redact::Redactor;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::sse::{self, SseError};
-
-/// Limits on what any upstream may send, for every provider.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct UpstreamConfig {
-    /// Largest SSE event (its `data` lines plus the line being read) accepted from an
-    /// upstream; a larger one ends the stream with `upstream_error`, and the gateway stops
-    /// reading that response. Default 4194304 (4 MiB).
-    pub max_event_bytes: usize,
-    /// Longest a stream may run, from its `open` to its last token, whatever the upstream
-    /// sends (keep-alive events reset the idle timer, not this one); beyond it the stream ends
-    /// with `upstream_timeout`. Default 1800000 ms (30 minutes).
-    pub max_stream_duration_ms: u64,
-}
-
-impl Default for UpstreamConfig {
-    fn default() -> Self {
-        UpstreamConfig {
-            max_event_bytes: 4 << 20,
-            max_stream_duration_ms: 30 * 60 * 1000,
-        }
-    }
-}
 
 /// Bounds on upstream text quoted in an error, in characters.
 const MAX_MESSAGE_CHARS: usize = 300;
@@ -396,30 +373,6 @@ impl UpstreamError {
     }
 }
 
-/// Full-jitter exponential backoff: a uniform wait in `[0, min(max, base * 2^retry))`, where
-/// `retry` counts from 0 for the wait after the first failure. An upstream `Retry-After` is a
-/// floor, not a suggestion.
-pub fn backoff(
-    retry: u32,
-    policy: &RetryConfig,
-    retry_after: Option<Duration>,
-    rng: &mut impl Rng,
-) -> Duration {
-    let ceiling = policy
-        .base_delay_ms
-        .saturating_mul(1u64.checked_shl(retry.min(32)).unwrap_or(u64::MAX))
-        .min(policy.max_delay_ms);
-    let jitter = Duration::from_millis(if ceiling == 0 {
-        0
-    } else {
-        rng.gen_range(0..ceiling)
-    });
-    match retry_after {
-        Some(floor) => floor.max(jitter),
-        None => jitter,
-    }
-}
-
 /// What one SSE `data` payload carries.
 #[derive(Debug, Default, PartialEq)]
 pub struct Chunk<'a> {
@@ -495,7 +448,6 @@ pub fn parse_chunk<'a>(data: &'a str, redactor: &Redactor) -> Result<Chunk<'a>, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
 
     fn parse(data: &str) -> Result<Chunk<'_>, UpstreamError> {
         parse_chunk(data, &Redactor::default())
@@ -562,29 +514,6 @@ mod tests {
             parse(r#"{"error":{"message":"overloaded"}}"#),
             Err(UpstreamError::Broken(m)) if m.contains("overloaded")
         ));
-    }
-
-    #[test]
-    fn backoff_is_full_jitter_and_bounded() {
-        let policy = RetryConfig {
-            max_attempts: 5,
-            base_delay_ms: 100,
-            max_delay_ms: 1000,
-            max_retry_after_ms: 30_000,
-        };
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        for retry in 0..10u32 {
-            let ceiling = (100u64 << retry.min(20)).min(1000);
-            let mut seen_low = false;
-            for _ in 0..200 {
-                let d = backoff(retry, &policy, None, &mut rng);
-                assert!(d < Duration::from_millis(ceiling), "retry {retry}: {d:?}");
-                seen_low |= d < Duration::from_millis(ceiling / 2);
-            }
-            assert!(seen_low, "jitter spans the range");
-        }
-        let d = backoff(0, &policy, Some(Duration::from_secs(2)), &mut rng);
-        assert!(d >= Duration::from_secs(2), "Retry-After is a floor");
     }
 
     #[test]

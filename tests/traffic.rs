@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use muxgate::limits::OnLimit;
+use muxgate::tiers::OnLimit;
 use serde_json::{json, Value};
 
 /// The prompt of the mock's most recent request.

@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 
 use super::directives::extract_blocks;
+use crate::protocol::push_json_string;
 
 /// The words word mode cycles through; a JavaScript test re-implements
 /// [`word_chunks`], so this list and its order are part of the contract.
@@ -92,24 +93,6 @@ pub(super) fn prose_chunks(prompt: &str) -> Vec<String> {
         .collect()
 }
 
-pub(super) fn push_json_str(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if u32::from(c) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", u32::from(c));
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-}
-
 /// The content chunks of one answer; word chunks are made as they are sent, not stored.
 pub(super) enum Content {
     Words { h: usize, pad_to: usize, n: usize },
@@ -132,7 +115,7 @@ impl Content {
                 push_word_chunk(out, *h, k, *pad_to);
                 out.push('"');
             }
-            Content::Prose(chunks) => push_json_str(out, &chunks[k]),
+            Content::Prose(chunks) => push_json_string(out, &chunks[k]),
         }
     }
 
@@ -202,7 +185,7 @@ mod tests {
     #[test]
     fn json_strings_are_escaped() {
         let mut s = String::new();
-        push_json_str(&mut s, "a\"b\\c\nd\u{1}é");
+        push_json_string(&mut s, "a\"b\\c\nd\u{1}é");
         assert_eq!(s, r#""a\"b\\c\nd\u0001é""#);
         let back: String = serde_json::from_str(&s).unwrap();
         assert_eq!(back, "a\"b\\c\nd\u{1}é");

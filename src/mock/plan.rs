@@ -8,8 +8,10 @@ use std::{
 use axum::body::Bytes;
 use serde_json::{json, Value};
 
+use crate::protocol::push_json_string;
+
 use super::{
-    content::{prompt_hash, prose_chunks, push_json_str, Content},
+    content::{prompt_hash, prose_chunks, Content},
     directives::Directives,
     request::ChatRequest,
 };
@@ -70,7 +72,7 @@ impl Plan {
             head,
             "data: {{\"id\":\"{id}\",\"object\":\"chat.completion.chunk\",\"created\":{created},\"model\":"
         );
-        push_json_str(&mut head, &req.model);
+        push_json_string(&mut head, &req.model);
         head.push(',');
         Plan {
             head,
@@ -100,7 +102,7 @@ impl Plan {
         delta(&mut out);
         out.push_str(",\"finish_reason\":");
         match finish {
-            Some(reason) => push_json_str(&mut out, reason),
+            Some(reason) => push_json_string(&mut out, reason),
             None => out.push_str("null"),
         }
         out.push_str("}]}\n\n");
