@@ -73,11 +73,14 @@ pub struct Config {
     /// before the first token, e.g. `"gpt-4.1" = ["claude-sonnet-4.5"]`. Default none.
     pub fallbacks: BTreeMap<String, Vec<String>>,
     /// Keys of `open.params` passed to the upstream; any other key is refused with
-    /// `bad_request`. Default: the sampling and output parameters of the OpenAI chat API
-    /// (see [`default_allowed_params`]).
+    /// `bad_request` (`n` is apart: 1 is accepted, anything else refused). Default: the
+    /// sampling, output, tool-calling and logprobs parameters of the OpenAI chat API (see
+    /// [`default_allowed_params`]).
     pub allowed_params: Vec<String>,
-    /// Price per model in USD per million tokens, for `done.cost_usd`. Default: the seed's
-    /// table (gpt-4.1, claude-sonnet-4.5, gemini-2.5-flash, deepseek-v3.2).
+    /// Price per model in USD per million tokens (`input`, `output`, optional `cached_input`
+    /// for the prompt tokens the upstream reports cached), for `done.cost_usd`. Default: the
+    /// seed's table (gpt-4.1, claude-sonnet-4.5, gemini-2.5-flash, deepseek-v3.2), no
+    /// `cached_input`.
     pub pricing: BTreeMap<String, Price>,
     /// Shutdown: how long streams may run after `goaway` before they are aborted.
     /// Default 10000 ms.
@@ -329,13 +332,9 @@ impl ProviderConfig {
     }
 }
 
-/// USD per million tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Price {
-    pub input: f64,
-    pub output: f64,
-}
+/// USD per million tokens: `input`, `output`, and the optional `cached_input` (default none:
+/// cached prompt tokens cost `input`). Billing's type, read here.
+pub use crate::billing::Price;
 
 /// The `open.params` keys passed upstream unless the config says otherwise.
 pub fn default_allowed_params() -> Vec<String> {
@@ -352,6 +351,16 @@ pub fn default_allowed_params() -> Vec<String> {
         "response_format",
         "reasoning_effort",
         "user",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "logprobs",
+        "top_logprobs",
+        "modalities",
+        "prediction",
+        "store",
+        "metadata",
+        "service_tier",
     ]
     .into_iter()
     .map(String::from)
@@ -367,7 +376,14 @@ pub fn default_pricing() -> BTreeMap<String, Price> {
         ("deepseek-v3.2", 0.10, 0.42),
     ]
     .into_iter()
-    .map(|(m, input, output)| (m.to_string(), Price { input, output }))
+    .map(|(m, input, output)| {
+        let price = Price {
+            input,
+            output,
+            cached_input: None,
+        };
+        (m.to_string(), price)
+    })
     .collect()
 }
 
@@ -623,7 +639,8 @@ mod tests {
             c.pricing["deepseek-v3.2"],
             Price {
                 input: 0.10,
-                output: 0.42
+                output: 0.42,
+                cached_input: None,
             }
         );
 
@@ -660,5 +677,11 @@ mod tests {
         let text = include_str!("../muxgate.example.toml");
         let c = Config::from_toml(text).expect("example parses");
         assert!(!c.providers.is_empty());
+        assert_eq!(
+            c.allowed_params,
+            default_allowed_params(),
+            "the example shows the defaults"
+        );
+        assert_eq!(c.pricing["gpt-4.1"].cached_input, Some(0.50));
     }
 }

@@ -413,7 +413,12 @@ mod tests {
         hub.open(&s, 4).expect("open");
         s.finish(
             1,
-            crate::protocol::done("a", 1, "stop", None, None, None, false),
+            crate::protocol::done(&crate::protocol::Done {
+                id: "a",
+                seq: 1,
+                finish_reason: "stop",
+                ..Default::default()
+            }),
         );
         hub.finished(&s, Duration::from_secs(30), 1 << 20);
         hub.disconnect(&alice);

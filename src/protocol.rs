@@ -10,6 +10,7 @@ use std::fmt;
 
 use axum::extract::ws::Utf8Bytes;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// The WebSocket subprotocol the gateway accepts when a client offers it.
@@ -288,11 +289,83 @@ fn truncate(s: &str, max: usize) -> &str {
     }
 }
 
-/// Token counts of one stream, as the upstream reported them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// Token counts of one stream: the upstream's `usage` object with every field it sent, or the
+/// gateway's estimate (the three counts only).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(from = "UsageWire")]
 pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// The upstream's, else `prompt_tokens + completion_tokens`.
+    pub total_tokens: u64,
+    /// Every other field the upstream sent, verbatim and in its order
+    /// (`prompt_tokens_details`, `completion_tokens_details`, ...); nulls dropped.
+    #[serde(flatten)]
+    pub details: Map<String, Value>,
+}
+
+impl Usage {
+    /// Counts with no details (an estimate, or a test's).
+    pub fn counted(prompt_tokens: u64, completion_tokens: u64) -> Usage {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+            details: Map::new(),
+        }
+    }
+
+    /// `prompt_tokens_details.cached_tokens`, never more than the prompt.
+    pub fn cached_tokens(&self) -> u64 {
+        self.details
+            .get("prompt_tokens_details")
+            .and_then(|d| d.get("cached_tokens"))
+            .and_then(Value::as_u64)
+            .map_or(0, |cached| cached.min(self.prompt_tokens))
+    }
+}
+
+#[derive(Deserialize)]
+struct UsageWire {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    #[serde(default)]
+    total_tokens: Option<u64>,
+    #[serde(flatten)]
+    details: Map<String, Value>,
+}
+
+impl From<UsageWire> for Usage {
+    fn from(w: UsageWire) -> Self {
+        let mut details = w.details;
+        details.retain(|_, v| !v.is_null());
+        Usage {
+            prompt_tokens: w.prompt_tokens,
+            completion_tokens: w.completion_tokens,
+            total_tokens: w
+                .total_tokens
+                .unwrap_or(w.prompt_tokens + w.completion_tokens),
+            details,
+        }
+    }
+}
+
+/// `error.upstream`: what an upstream's error body said of itself. Each field only when the
+/// upstream sent it; already redacted.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct UpstreamDetail {
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub r#type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub param: Option<String>,
+}
+
+impl UpstreamDetail {
+    pub fn is_empty(&self) -> bool {
+        self.r#type.is_none() && self.code.is_none() && self.param.is_none()
+    }
 }
 
 /// `welcome.limits`.
@@ -332,7 +405,7 @@ enum ServerFrame<'a> {
         seq: u64,
         finish_reason: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
-        usage: Option<Usage>,
+        usage: Option<&'a Usage>,
         #[serde(skip_serializing_if = "Option::is_none")]
         cost_usd: Option<f64>,
         /// Extension: the model that answered, when a fallback served instead of the one asked.
@@ -341,6 +414,10 @@ enum ServerFrame<'a> {
         /// Extension: `usage` was counted by the gateway's tokenizer, the upstream sent none.
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         usage_estimated: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        completion_id: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        system_fingerprint: Option<&'a str>,
     },
     Error {
         id: Option<&'a str>,
@@ -348,6 +425,11 @@ enum ServerFrame<'a> {
         message: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         retry_after_ms: Option<u64>,
+        /// The upstream's HTTP status, when its response caused the error.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        status: Option<u16>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        upstream: Option<&'a UpstreamDetail>,
     },
     Pong {
         ts: &'a Value,
@@ -401,23 +483,33 @@ pub fn start(id: &str, model: &str) -> Utf8Bytes {
     encode(&ServerFrame::Start { id, model })
 }
 
-pub fn done(
-    id: &str,
-    seq: u64,
-    finish_reason: &str,
-    usage: Option<Usage>,
-    cost_usd: Option<f64>,
-    served_by: Option<&str>,
-    usage_estimated: bool,
-) -> Utf8Bytes {
+/// A stream's `done` frame; the optional fields are omitted when `None`.
+#[derive(Debug, Default)]
+pub struct Done<'a> {
+    pub id: &'a str,
+    pub seq: u64,
+    pub finish_reason: &'a str,
+    pub usage: Option<&'a Usage>,
+    pub cost_usd: Option<f64>,
+    /// The model that answered, when a fallback served instead of the one asked.
+    pub served_by: Option<&'a str>,
+    pub usage_estimated: bool,
+    /// The upstream chunks' `id`.
+    pub completion_id: Option<&'a str>,
+    pub system_fingerprint: Option<&'a str>,
+}
+
+pub fn done(d: &Done<'_>) -> Utf8Bytes {
     encode(&ServerFrame::Done {
-        id,
-        seq,
-        finish_reason,
-        usage,
-        cost_usd,
-        model: served_by,
-        usage_estimated,
+        id: d.id,
+        seq: d.seq,
+        finish_reason: d.finish_reason,
+        usage: d.usage,
+        cost_usd: d.cost_usd,
+        model: d.served_by,
+        usage_estimated: d.usage_estimated,
+        completion_id: d.completion_id,
+        system_fingerprint: d.system_fingerprint,
     })
 }
 
@@ -427,11 +519,26 @@ pub fn error(
     message: &str,
     retry_after_ms: Option<u64>,
 ) -> Utf8Bytes {
+    upstream_error(id, code, message, retry_after_ms, None, None)
+}
+
+/// An `error` frame that may say what the upstream answered: its HTTP `status` and its error
+/// body's `upstream` detail.
+pub fn upstream_error(
+    id: Option<&str>,
+    code: ErrorCode,
+    message: &str,
+    retry_after_ms: Option<u64>,
+    status: Option<u16>,
+    upstream: Option<&UpstreamDetail>,
+) -> Utf8Bytes {
     encode(&ServerFrame::Error {
         id,
         code,
         message,
         retry_after_ms,
+        status,
+        upstream,
     })
 }
 
@@ -446,27 +553,79 @@ pub fn goaway(reason: &str, reconnect_after_ms: u64) -> Utf8Bytes {
     })
 }
 
+/// The parts of one `delta` frame: `text` always, the others when the upstream chunk had them.
+/// `tool_calls` and `logprobs` are the upstream's JSON, written verbatim.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DeltaParts<'a> {
+    pub text: &'a str,
+    pub reasoning: Option<&'a str>,
+    pub refusal: Option<&'a str>,
+    pub tool_calls: Option<&'a RawValue>,
+    pub logprobs: Option<&'a RawValue>,
+}
+
 /// Writes `{"type":"delta","id":..,"seq":..,"text":..}` straight into one buffer.
+pub fn delta(id: &str, seq: u64, text: &str) -> Utf8Bytes {
+    delta_parts(
+        id,
+        seq,
+        &DeltaParts {
+            text,
+            ..DeltaParts::default()
+        },
+    )
+}
+
+/// Writes a `delta` frame with every part `parts` has, in the order text, reasoning, refusal,
+/// tool_calls, logprobs, straight into one buffer.
 ///
 /// This is the hot path (one upstream chunk, one frame), so it avoids building a JSON value.
-/// `id` needs no escaping: [`valid_stream_id`] admits no character JSON would escape.
-pub fn delta(id: &str, seq: u64, text: &str) -> Utf8Bytes {
+/// `id` needs no escaping: [`valid_stream_id`] admits no character JSON would escape; the raw
+/// parts are valid JSON already (serde_json checked them when the chunk was parsed).
+pub fn delta_parts(id: &str, seq: u64, parts: &DeltaParts<'_>) -> Utf8Bytes {
     const HEAD: &str = r#"{"type":"delta","id":""#;
     const SEQ: &str = r#"","seq":"#;
     const TEXT: &str = r#","text":"#;
+    const REASONING: &str = r#","reasoning":"#;
+    const REFUSAL: &str = r#","refusal":"#;
+    const TOOL_CALLS: &str = r#","tool_calls":"#;
+    const LOGPROBS: &str = r#","logprobs":"#;
     let mut digits = itoa::Buffer::new();
     let seq = digits.format(seq);
+    let string_len = |key: &str, s: Option<&str>| s.map_or(0, |s| key.len() + json_string_len(s));
+    let raw_len = |key: &str, r: Option<&RawValue>| r.map_or(0, |r| key.len() + r.get().len());
     // The exact size: a `String` whose capacity equals its length becomes `Bytes` without a
     // second allocation.
-    let len =
-        HEAD.len() + id.len() + SEQ.len() + seq.len() + TEXT.len() + json_string_len(text) + 1;
+    let len = HEAD.len()
+        + id.len()
+        + SEQ.len()
+        + seq.len()
+        + TEXT.len()
+        + json_string_len(parts.text)
+        + string_len(REASONING, parts.reasoning)
+        + string_len(REFUSAL, parts.refusal)
+        + raw_len(TOOL_CALLS, parts.tool_calls)
+        + raw_len(LOGPROBS, parts.logprobs)
+        + 1;
     let mut out = String::with_capacity(len);
     out.push_str(HEAD);
     out.push_str(id);
     out.push_str(SEQ);
     out.push_str(seq);
     out.push_str(TEXT);
-    push_json_string(&mut out, text);
+    push_json_string(&mut out, parts.text);
+    for (key, s) in [(REASONING, parts.reasoning), (REFUSAL, parts.refusal)] {
+        if let Some(s) = s {
+            out.push_str(key);
+            push_json_string(&mut out, s);
+        }
+    }
+    for (key, raw) in [(TOOL_CALLS, parts.tool_calls), (LOGPROBS, parts.logprobs)] {
+        if let Some(raw) = raw {
+            out.push_str(key);
+            out.push_str(raw.get());
+        }
+    }
     out.push('}');
     debug_assert_eq!(out.len(), len);
     out.into()
@@ -678,6 +837,98 @@ mod tests {
         assert_eq!(
             delta("a", 0, "x").as_str(),
             r#"{"type":"delta","id":"a","seq":0,"text":"x"}"#
+        );
+    }
+
+    #[test]
+    fn delta_parts_match_serde() {
+        let calls = RawValue::from_string(
+            r#"[{"index":0,"id":"call_a","type":"function","function":{"name":"get_weather","arguments":"{\"city\":\"Ha"}}]"#.into(),
+        )
+        .expect("raw");
+        let lp = RawValue::from_string(
+            r#"{"content":[{"token":"Hi","logprob":-0.1,"bytes":[72,105],"top_logprobs":[]}]}"#
+                .into(),
+        )
+        .expect("raw");
+        let parts = DeltaParts {
+            text: "a\"b",
+            reasoning: Some("think\n"),
+            refusal: Some("no \u{1}"),
+            tool_calls: Some(&calls),
+            logprobs: Some(&lp),
+        };
+        let frame = delta_parts("t1:8", 3, &parts);
+        let parsed: Value = serde_json::from_str(frame.as_str()).expect("valid json");
+        let expected = serde_json::json!({"type":"delta","id":"t1:8","seq":3,"text":"a\"b",
+            "reasoning":"think\n","refusal":"no \u{1}",
+            "tool_calls":serde_json::from_str::<Value>(calls.get()).expect("calls"),
+            "logprobs":serde_json::from_str::<Value>(lp.get()).expect("lp")});
+        assert_eq!(parsed, expected);
+        let only_reasoning = DeltaParts {
+            reasoning: Some("hmm"),
+            ..DeltaParts::default()
+        };
+        assert_eq!(
+            delta_parts("a", 1, &only_reasoning).as_str(),
+            r#"{"type":"delta","id":"a","seq":1,"text":"","reasoning":"hmm"}"#,
+            "text always present, absent parts omitted"
+        );
+    }
+
+    #[test]
+    fn done_and_error_omit_what_is_absent() {
+        let usage: Usage = serde_json::from_str(
+            r#"{"prompt_tokens":12,"completion_tokens":40,"prompt_tokens_details":{"cached_tokens":8}}"#,
+        )
+        .expect("usage");
+        let frame = done(&Done {
+            id: "t1:8",
+            seq: 9,
+            finish_reason: "tool_calls",
+            usage: Some(&usage),
+            cost_usd: Some(0.5),
+            completion_id: Some("chatcmpl-abc"),
+            system_fingerprint: Some("fp_1"),
+            ..Done::default()
+        });
+        let v: Value = serde_json::from_str(frame.as_str()).expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"done","id":"t1:8","seq":9,"finish_reason":"tool_calls",
+                "usage":{"prompt_tokens":12,"completion_tokens":40,"total_tokens":52,
+                    "prompt_tokens_details":{"cached_tokens":8}},
+                "cost_usd":0.5,"completion_id":"chatcmpl-abc","system_fingerprint":"fp_1"})
+        );
+        let plain = done(&Done {
+            id: "a",
+            seq: 1,
+            finish_reason: "stop",
+            ..Done::default()
+        });
+        assert_eq!(
+            plain.as_str(),
+            r#"{"type":"done","id":"a","seq":1,"finish_reason":"stop"}"#
+        );
+        let detail = UpstreamDetail {
+            code: Some("context_length_exceeded".into()),
+            ..UpstreamDetail::default()
+        };
+        let frame = upstream_error(
+            Some("s"),
+            ErrorCode::UpstreamError,
+            "m",
+            None,
+            Some(400),
+            Some(&detail),
+        );
+        assert_eq!(
+            frame.as_str(),
+            r#"{"type":"error","id":"s","code":"upstream_error","message":"m","status":400,"upstream":{"code":"context_length_exceeded"}}"#
+        );
+        assert_eq!(
+            error(Some("s"), ErrorCode::Cancelled, "m", None).as_str(),
+            r#"{"type":"error","id":"s","code":"cancelled","message":"m"}"#
         );
     }
 

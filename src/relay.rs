@@ -2,6 +2,7 @@
 //! retry what may be retried, fall back to other models where configured, turn SSE chunks
 //! into `delta` frames, and end with exactly one `done` or `error`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use crate::breaker::Health;
 use crate::gateway::Gateway;
 use crate::limits::Reservation;
 use crate::metrics::{self, StreamOutcome};
-use crate::protocol::{self, ErrorCode, OpenRequest, Usage};
+use crate::protocol::{self, DeltaParts, ErrorCode, OpenRequest, UpstreamDetail, Usage};
 use crate::retry;
 use crate::scheduler::NoSlot;
 use crate::stream::{CancelReason, Stream};
@@ -41,6 +42,10 @@ pub enum Outcome {
         usage: Option<Usage>,
         /// The model that answered (a fallback's, if one served).
         model: String,
+        /// The upstream's completion `id` and `system_fingerprint`, from the last chunk that
+        /// had them.
+        completion_id: Option<String>,
+        system_fingerprint: Option<String>,
     },
     Failed(Failure),
     Cancelled(CancelReason),
@@ -53,12 +58,7 @@ impl Outcome {
     }
 
     fn failed(code: ErrorCode, message: String, retry_after: Option<Duration>) -> Outcome {
-        Outcome::Failed(Failure {
-            code,
-            message,
-            retry_after,
-            may_fall_back: false,
-        })
+        Outcome::Failed(Failure::new(code, message, retry_after, false))
     }
 }
 
@@ -106,8 +106,15 @@ pub fn validate_open(req: &OpenRequest, allowed_params: &[String]) -> Result<(),
             ));
         }
     }
+    // One stream is one choice: the frames have no choice index to tell several apart. `n: 1`
+    // asks for what a stream is anyway, so it passes whatever the allow-list says.
+    if let Some(n) = req.params.get("n") {
+        if n.as_u64() != Some(1) {
+            return Err("n > 1 is not supported: one stream is one choice".into());
+        }
+    }
     for key in req.params.keys() {
-        if !allowed_params.iter().any(|a| a == key) {
+        if key != "n" && !allowed_params.iter().any(|a| a == key) {
             return Err(format!("parameter `{key}` is not allowed"));
         }
     }
@@ -190,15 +197,15 @@ pub async fn run(job: Job) -> Outcome {
     ));
     let (mut outcome, reservation, prompt_tokens) = drive(&job, &mut t).await;
     let key = t.delivered + 1;
-    let (model, reported) = match &outcome {
-        Outcome::Done { model, usage, .. } => (model.clone(), *usage),
+    let (model, reported) = match &mut outcome {
+        Outcome::Done { model, usage, .. } => (model.clone(), usage.take()),
         _ => (job.req.model.clone(), None),
     };
     let bill = billing::Settlement {
         model: &model,
         tier: &job.tier.name,
         user: &stream.user,
-        price: gw.config.pricing.get(&model).map(|p| (p.input, p.output)),
+        price: gw.config.pricing.get(&model).copied(),
         reservation,
         prompt_tokens,
         reported,
@@ -211,27 +218,34 @@ pub async fn run(job: Job) -> Outcome {
         Outcome::Done {
             finish_reason,
             usage,
+            completion_id,
+            system_fingerprint,
             ..
         } => {
-            *usage = bill.usage;
             let served_by = (model != job.req.model).then_some(model.as_str());
-            protocol::done(
-                &stream.id,
-                key,
+            let frame = protocol::done(&protocol::Done {
+                id: &stream.id,
+                seq: key,
                 finish_reason,
-                bill.usage,
-                bill.cost_usd,
+                usage: bill.usage.as_ref(),
+                cost_usd: bill.cost_usd,
                 served_by,
-                bill.estimated,
-            )
+                usage_estimated: bill.estimated,
+                completion_id: completion_id.as_deref(),
+                system_fingerprint: system_fingerprint.as_deref(),
+            });
+            *usage = bill.usage;
+            frame
         }
         Outcome::Failed(failure) => {
             let retry_after = failure.retry_after.map(|d| d.as_millis() as u64);
-            protocol::error(
+            protocol::upstream_error(
                 Some(&stream.id),
                 failure.code,
                 &failure.message,
                 retry_after,
+                failure.status,
+                failure.upstream.as_ref(),
             )
         }
         Outcome::Cancelled(reason) => {
@@ -271,11 +285,15 @@ pub async fn run(job: Job) -> Outcome {
 /// Counts the prompt's tokens, off the async threads (see [`billing::count_off_runtime`]): the
 /// tokenizer costs up to 0.6 CPU-s per MiB of hostile text, in any string field.
 async fn prompt_tokens(gw: &Gateway, req: &OpenRequest) -> u64 {
+    let tools = req.params.get("tools").cloned().unwrap_or_default();
     let counted = billing::count_off_runtime(
-        || (req.model.clone(), req.messages.clone()),
-        |(model, messages)| {
-            let tokens = billing::count_prompt_tokens(&model, &messages);
-            (tokens, billing::prompt_text_bytes(&messages))
+        || (req.model.clone(), req.messages.clone(), tools),
+        |(model, messages, tools)| {
+            let tokens = billing::count_prompt_tokens(&model, &messages)
+                + billing::count_tools_tokens(&model, &tools);
+            let bytes = billing::prompt_text_bytes(&messages)
+                + billing::prompt_text_bytes(std::slice::from_ref(&tools));
+            (tokens, bytes)
         },
     )
     .await;
@@ -294,7 +312,7 @@ struct Timings {
     waited: Duration,
     /// The first upstream attempt began.
     upstream_started: Option<Instant>,
-    /// The first content chunk arrived from the upstream.
+    /// The first chunk with any part of the answer arrived from the upstream.
     first_chunk: Option<Instant>,
     /// The first `delta` was in the stream's log, ready for its connection.
     first_delta: Option<Instant>,
@@ -303,11 +321,12 @@ struct Timings {
     /// An upstream answered 200 and began streaming: from then on the prompt is billable.
     accepted: bool,
     /// Deltas pushed to the stream's log, so the `seq` of the last one. Only the first attempt
-    /// that sends text may do so: none is retried or falls back after its first token.
+    /// that sends any part (text, reasoning, refusal, tool call) may do so: none is retried or
+    /// falls back after its first token.
     delivered: u64,
-    /// Every delta's text, gathered as it goes out: what a stream with no upstream `usage` is
-    /// billed for. Not the replay log, which drops frames already written once it passes
-    /// `session.stream_buffer_bytes`.
+    /// Every delta's text, reasoning, refusal and tool-call name and arguments, gathered as
+    /// they go out: what a stream with no upstream `usage` is billed for. Not the replay log,
+    /// which drops frames already written once it passes `session.stream_buffer_bytes`.
     generated: String,
     /// `opened` plus `upstream.max_stream_duration_ms`: no upstream call runs past it.
     ends_by: Instant,
@@ -340,9 +359,29 @@ pub struct Failure {
     retry_after: Option<Duration>,
     /// Whether another model in the fallback chain may serve instead.
     may_fall_back: bool,
+    /// The upstream's HTTP status, when its response was the failure.
+    status: Option<u16>,
+    /// What the upstream's error said of itself (`type`, `code`, `param`).
+    upstream: Option<UpstreamDetail>,
 }
 
 impl Failure {
+    fn new(
+        code: ErrorCode,
+        message: String,
+        retry_after: Option<Duration>,
+        may_fall_back: bool,
+    ) -> Self {
+        Failure {
+            code,
+            message,
+            retry_after,
+            may_fall_back,
+            status: None,
+            upstream: None,
+        }
+    }
+
     /// The `code` of the stream's `error` frame.
     pub fn code(&self) -> ErrorCode {
         self.code
@@ -366,6 +405,8 @@ impl From<UpstreamError> for Failure {
             may_fall_back: e.retryable() || matches!(e, UpstreamError::CircuitOpen { .. }),
             retry_after: e.retry_after(),
             message: e.to_string(),
+            status: e.status(),
+            upstream: e.upstream_detail().cloned(),
         }
     }
 }
@@ -452,12 +493,7 @@ async fn drive(job: &Job, t: &mut Timings) -> (Outcome, Option<Reservation>, u64
                         provider.name, gw.config.scheduler.queue_max_wait_ms
                     ),
                 };
-                last = Some(Failure {
-                    code: ErrorCode::Overloaded,
-                    message,
-                    retry_after: None,
-                    may_fall_back: true,
-                });
+                last = Some(Failure::new(ErrorCode::Overloaded, message, None, true));
                 continue;
             }
         };
@@ -481,11 +517,9 @@ async fn drive(job: &Job, t: &mut Timings) -> (Outcome, Option<Reservation>, u64
             ended => return (ended, Some(reservation), prompt_tokens),
         }
     }
-    let failure = last.unwrap_or_else(|| Failure {
-        code: ErrorCode::BadRequest,
-        message: format!("no provider serves model `{primary}`"),
-        retry_after: None,
-        may_fall_back: false,
+    let failure = last.unwrap_or_else(|| {
+        let message = format!("no provider serves model `{primary}`");
+        Failure::new(ErrorCode::BadRequest, message, None, false)
     });
     (Outcome::Failed(failure), Some(reservation), prompt_tokens)
 }
@@ -583,7 +617,7 @@ async fn until_cancelled<F: std::future::Future>(stream: &Stream, f: F) -> Optio
 
 /// One upstream call, let through by the provider's breaker and reported back to it. Ends
 /// the stream (done, or cancelled) or fails with an error the caller may retry; the deltas it
-/// pushes are counted in `t.delivered`, so the caller knows whether any text went out.
+/// pushes are counted in `t.delivered`, so the caller knows whether any part went out.
 async fn attempt(
     stream: &Arc<Stream>,
     provider: &Provider,
@@ -635,10 +669,17 @@ async fn relay_once(
     t.accepted = true;
     let mut finish_reason: Option<String> = None;
     let mut usage = None;
-    let done = |finish_reason: String, usage: Option<Usage>| Outcome::Done {
+    let mut completion_id: Option<String> = None;
+    let mut system_fingerprint: Option<String> = None;
+    let done = |finish_reason: String,
+                usage: Option<Usage>,
+                completion_id: Option<String>,
+                system_fingerprint: Option<String>| Outcome::Done {
         finish_reason,
         usage,
         model: model.to_string(),
+        completion_id,
+        system_fingerprint,
     };
     // One timer for the whole call, moved forward per chunk rather than made anew: first the
     // first-token deadline, then the idle timeout after each token, never past `ends_by`.
@@ -655,7 +696,7 @@ async fn relay_once(
             None => {
                 // A clean end without [DONE] is fine once the upstream said why it finished.
                 return match finish_reason {
-                    Some(reason) => Ok(done(reason, usage)),
+                    Some(reason) => Ok(done(reason, usage, completion_id, system_fingerprint)),
                     None => Err(UpstreamError::Broken(
                         "the upstream closed the stream before finishing".into(),
                     )),
@@ -664,27 +705,38 @@ async fn relay_once(
             Some(Err(e)) => return Err(e),
             Some(Ok(event)) => event,
         };
-        // One clock read per stream, not per chunk: only the first content chunk's time counts.
+        // One clock read per stream, not per chunk: only the first answering chunk's time counts.
         let received = t.first_chunk.is_none().then(Instant::now);
         if event.data == "[DONE]" {
-            return Ok(done(finish_reason.unwrap_or_else(|| "stop".into()), usage));
+            let reason = finish_reason.unwrap_or_else(|| "stop".into());
+            return Ok(done(reason, usage, completion_id, system_fingerprint));
         }
-        let chunk = provider.parse_chunk(&event.data)?;
-        if let Some(u) = chunk.usage {
-            usage = Some(u);
+        let mut chunk = provider.parse_chunk(&event.data)?;
+        if chunk.usage.is_some() {
+            usage = chunk.usage.take();
         }
-        if let Some(reason) = chunk.finish_reason {
+        if let Some(reason) = chunk.finish_reason.take() {
             finish_reason = Some(reason.into_owned());
         }
-        if let Some(text) = chunk.content {
+        // Every chunk repeats them: copied only when they change, not once per chunk.
+        remember(&mut completion_id, chunk.id.as_deref());
+        remember(&mut system_fingerprint, chunk.system_fingerprint.as_deref());
+        if chunk.has_part() {
             if t.delivered == 0 {
                 t.first_chunk = received;
             }
             t.delivered += 1;
             let seq = t.delivered;
-            t.generated.push_str(&text);
+            let parts = DeltaParts {
+                text: chunk.content.as_deref().unwrap_or(""),
+                reasoning: chunk.reasoning.as_deref(),
+                refusal: chunk.refusal.as_deref(),
+                tool_calls: chunk.tool_calls,
+                logprobs: chunk.logprobs,
+            };
+            gather(&mut t.generated, &parts);
             if !stream
-                .push(seq, protocol::delta(&stream.id, seq, &text))
+                .push(seq, protocol::delta_parts(&stream.id, seq, &parts))
                 .await
             {
                 return Ok(Outcome::cancelled(stream));
@@ -697,6 +749,50 @@ async fn relay_once(
                 .as_mut()
                 .reset((Instant::now() + provider.idle_timeout).min(ends_by));
         }
+    }
+}
+
+/// Sets `slot` to `value` when it is new, without allocating when it is the same again.
+fn remember(slot: &mut Option<String>, value: Option<&str>) {
+    if let Some(value) = value {
+        if slot.as_deref() != Some(value) {
+            *slot = Some(value.to_owned());
+        }
+    }
+}
+
+/// Appends what a delta's parts cost in completion tokens to `generated`: its text, reasoning
+/// and refusal, and each tool-call fragment's function name and arguments.
+fn gather(generated: &mut String, parts: &DeltaParts<'_>) {
+    generated.push_str(parts.text);
+    for s in [parts.reasoning, parts.refusal].into_iter().flatten() {
+        generated.push_str(s);
+    }
+    let Some(raw) = parts.tool_calls else {
+        return;
+    };
+    #[derive(serde::Deserialize)]
+    struct Fragment<'a> {
+        #[serde(borrow, default)]
+        function: Option<Function<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Function<'a> {
+        #[serde(borrow, default)]
+        name: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        arguments: Option<Cow<'a, str>>,
+    }
+    // Relayed verbatim whatever their shape; a shape this does not know counts as its JSON.
+    match serde_json::from_str::<Vec<Fragment<'_>>>(raw.get()) {
+        Ok(fragments) => {
+            for f in fragments.iter().filter_map(|f| f.function.as_ref()) {
+                for s in [&f.name, &f.arguments].into_iter().flatten() {
+                    generated.push_str(s);
+                }
+            }
+        }
+        Err(_) => generated.push_str(raw.get()),
     }
 }
 
@@ -736,5 +832,64 @@ mod tests {
         assert!(validate_open(&req, &allowed).is_err());
         req.messages.clear();
         assert!(validate_open(&req, &allowed).is_err());
+
+        for n in [
+            serde_json::json!(2),
+            serde_json::json!(0),
+            serde_json::json!("1"),
+        ] {
+            let e = validate_open(&open(serde_json::json!({ "n": n })), &allowed).expect_err("n");
+            assert_eq!(e, "n > 1 is not supported: one stream is one choice");
+        }
+        assert!(validate_open(&open(serde_json::json!({"n": 1})), &allowed).is_ok());
+        let tools = serde_json::json!({"tools": [], "tool_choice": "auto", "parallel_tool_calls": true,
+            "logprobs": true, "top_logprobs": 2, "modalities": ["text"], "prediction": {},
+            "store": false, "metadata": {}, "service_tier": "auto"});
+        assert!(
+            validate_open(&open(tools), &allowed).is_ok(),
+            "issue 12's defaults"
+        );
+    }
+
+    #[test]
+    fn gathered_for_the_estimate() {
+        let calls = serde_json::value::RawValue::from_string(
+            r#"[{"index":0,"id":"c","type":"function","function":{"name":"get_weather","arguments":"{\"ci"}},{"index":1,"function":{"arguments":"ty\"}"}}]"#.into(),
+        )
+        .expect("raw");
+        let mut out = String::new();
+        gather(
+            &mut out,
+            &DeltaParts {
+                text: "Hi ",
+                reasoning: Some("think "),
+                refusal: Some("no "),
+                tool_calls: Some(&calls),
+                logprobs: None,
+            },
+        );
+        assert_eq!(out, "Hi think no get_weather{\"city\"}");
+        let odd = serde_json::value::RawValue::from_string(r#"[1,2]"#.into()).expect("raw");
+        let mut out = String::new();
+        gather(
+            &mut out,
+            &DeltaParts {
+                tool_calls: Some(&odd),
+                ..DeltaParts::default()
+            },
+        );
+        assert_eq!(out, "[1,2]", "an unknown shape counts as its JSON");
+    }
+
+    #[test]
+    fn remembers_without_copying_the_same() {
+        let mut slot = None;
+        remember(&mut slot, None);
+        assert_eq!(slot, None);
+        remember(&mut slot, Some("a"));
+        remember(&mut slot, None);
+        assert_eq!(slot.as_deref(), Some("a"));
+        remember(&mut slot, Some("b"));
+        assert_eq!(slot.as_deref(), Some("b"));
     }
 }

@@ -431,7 +431,15 @@ mod tests {
         out.clear();
         assert_eq!(s.pull(inbox.conn, &mut out).0, Pulled::Open);
         assert!(out.is_empty(), "nothing twice");
-        s.finish(3, protocol::done("s1", 3, "stop", None, None, None, false));
+        s.finish(
+            3,
+            protocol::done(&protocol::Done {
+                id: "s1",
+                seq: 3,
+                finish_reason: "stop",
+                ..Default::default()
+            }),
+        );
         assert_eq!(s.pull(inbox.conn, &mut out), (Pulled::Finished, 3));
         assert_eq!(frames(&out).len(), 1);
     }

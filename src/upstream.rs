@@ -12,10 +12,11 @@ use futures_util::{Stream, StreamExt};
 use reqwest::header::{HeaderMap, CONTENT_TYPE, RETRY_AFTER};
 use ring::hmac;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::breaker::{Breaker, BreakerConfig, Health};
 use crate::config::{Config, ProviderConfig, UpstreamConfig};
-use crate::protocol::{ErrorCode, Usage};
+use crate::protocol::{ErrorCode, UpstreamDetail, Usage};
 use crate::redact::Redactor;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::sse::{self, SseError};
@@ -165,10 +166,12 @@ impl Provider {
         if !status.is_success() {
             let retry_after = retry_after(resp.headers());
             let text = read_prefix(resp, 4096).await;
+            let (message, upstream) = error_body(&text, &self.redactor);
             return Err(UpstreamError::Status {
                 status: status.as_u16(),
-                message: self.redact(&error_message(&text)),
+                message,
                 retry_after,
+                upstream,
             });
         }
         let content_type = resp
@@ -227,25 +230,23 @@ async fn read_prefix(mut resp: reqwest::Response, max: usize) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-/// The `error.message` of an OpenAI-style error body, else the body's start.
-fn error_message(body: &str) -> String {
-    #[derive(Deserialize)]
-    struct Body {
-        error: Inner,
-    }
-    #[derive(Deserialize)]
-    struct Inner {
-        message: String,
-    }
-    let message = match serde_json::from_str::<Body>(body) {
-        Ok(b) => b.error.message,
-        Err(_) => body.trim().to_string(),
+/// The `error.message` of an OpenAI-style error body (else the body's start), redacted, and
+/// the body's `error.type`, `error.code` and `error.param`.
+fn error_body(body: &str, redactor: &Redactor) -> (String, Option<UpstreamDetail>) {
+    let parsed = serde_json::from_str::<serde_json::Value>(body).ok();
+    let error = parsed.as_ref().and_then(|v| v.get("error"));
+    let mut message = match error
+        .and_then(|e| e.get("message"))
+        .and_then(|m| m.as_str())
+    {
+        Some(m) => m.to_string(),
+        None => body.trim().to_string(),
     };
-    let mut message = message;
     if message.is_empty() {
         message.push_str("(empty body)");
     }
-    message
+    let upstream = error.and_then(|e| error_detail(e, redactor));
+    (redactor.clean(&message, MAX_MESSAGE_CHARS), upstream)
 }
 
 /// `retry-after-ms` (OpenAI's) first, then `Retry-After` in seconds or as an HTTP date.
@@ -279,6 +280,8 @@ pub enum UpstreamError {
         status: u16,
         message: String,
         retry_after: Option<Duration>,
+        /// The error body's `type`, `code` and `param`, for the client's `error.upstream`.
+        upstream: Option<UpstreamDetail>,
     },
     #[error("upstream answered with content-type `{0}`, not text/event-stream")]
     ContentType(String),
@@ -288,6 +291,12 @@ pub enum UpstreamError {
     IdleTimeout(Duration),
     #[error("upstream stream broke: {0}")]
     Broken(String),
+    /// An `error` event inside the SSE stream (providers send one on mid-stream failures).
+    #[error("upstream stream broke: upstream error event: {message}")]
+    ErrorEvent {
+        message: String,
+        upstream: Option<UpstreamDetail>,
+    },
     #[error("upstream sent a chunk that is not a chat-completion chunk: {0}")]
     BadChunk(String),
     #[error("upstream sent an SSE event larger than {0} bytes (upstream.max_event_bytes)")]
@@ -307,7 +316,8 @@ impl UpstreamError {
         match self {
             UpstreamError::Connect(_)
             | UpstreamError::FirstTokenTimeout(_)
-            | UpstreamError::Broken(_) => true,
+            | UpstreamError::Broken(_)
+            | UpstreamError::ErrorEvent { .. } => true,
             UpstreamError::Status { status, .. } => *status == 429 || *status >= 500,
             UpstreamError::ContentType(_)
             | UpstreamError::IdleTimeout(_)
@@ -344,6 +354,16 @@ impl UpstreamError {
         }
     }
 
+    /// What the upstream's error said of itself (`type`, `code`, `param`), when it said any.
+    pub fn upstream_detail(&self) -> Option<&UpstreamDetail> {
+        match self {
+            UpstreamError::Status { upstream, .. } | UpstreamError::ErrorEvent { upstream, .. } => {
+                upstream.as_ref()
+            }
+            _ => None,
+        }
+    }
+
     /// Short label for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -354,7 +374,8 @@ impl UpstreamError {
             UpstreamError::ContentType(_) => "content_type",
             UpstreamError::FirstTokenTimeout(_) => "first_token_timeout",
             UpstreamError::IdleTimeout(_) => "idle_timeout",
-            UpstreamError::Broken(_) => "broken",
+            // Counted as the break it is: the label set stays what dashboards know.
+            UpstreamError::Broken(_) | UpstreamError::ErrorEvent { .. } => "broken",
             UpstreamError::BadChunk(_) => "bad_chunk",
             UpstreamError::EventTooLarge(_) => "event_too_large",
             UpstreamError::MaxDuration(_) => "max_duration",
@@ -373,22 +394,52 @@ impl UpstreamError {
     }
 }
 
-/// What one SSE `data` payload carries.
-#[derive(Debug, Default, PartialEq)]
+/// What one SSE `data` payload carries: every part of its first choice, borrowed from the
+/// payload where it can be. The structured parts (`tool_calls`, `logprobs`) stay raw JSON:
+/// they are relayed verbatim, so re-serialising them would only cost time.
+#[derive(Debug, Default)]
 pub struct Chunk<'a> {
+    /// `delta.content`, `None` when absent or empty.
     pub content: Option<Cow<'a, str>>,
+    /// `delta.reasoning_content`, else `delta.reasoning`; `None` when absent or empty.
+    pub reasoning: Option<Cow<'a, str>>,
+    /// `delta.refusal`, `None` when absent or empty.
+    pub refusal: Option<Cow<'a, str>>,
+    /// `delta.tool_calls`, verbatim, when it is a non-empty array.
+    pub tool_calls: Option<&'a RawValue>,
+    /// `choices[0].logprobs`, verbatim, when not null.
+    pub logprobs: Option<&'a RawValue>,
     pub finish_reason: Option<Cow<'a, str>>,
     pub usage: Option<Usage>,
+    /// The chunk's `id` (the upstream's completion id).
+    pub id: Option<Cow<'a, str>>,
+    pub system_fingerprint: Option<Cow<'a, str>>,
+}
+
+impl Chunk<'_> {
+    /// Whether the chunk carries any part of the answer, so is one `delta` frame (and a token
+    /// for every timing and retry rule).
+    pub fn has_part(&self) -> bool {
+        self.content.is_some()
+            || self.reasoning.is_some()
+            || self.refusal.is_some()
+            || self.tool_calls.is_some()
+            || self.logprobs.is_some()
+    }
 }
 
 #[derive(Deserialize)]
 struct ChunkWire<'a> {
     #[serde(borrow, default)]
+    id: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    system_fingerprint: Option<Text<'a>>,
+    #[serde(borrow, default)]
     choices: Vec<ChoiceWire<'a>>,
     #[serde(default)]
     usage: Option<Usage>,
-    #[serde(default)]
-    error: Option<serde_json::Value>,
+    #[serde(borrow, default)]
+    error: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -397,18 +448,48 @@ struct ChoiceWire<'a> {
     delta: Option<DeltaWire<'a>>,
     #[serde(borrow, default)]
     finish_reason: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    logprobs: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
 struct DeltaWire<'a> {
     #[serde(borrow, default)]
     content: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    reasoning_content: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    reasoning: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    refusal: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    tool_calls: Option<&'a RawValue>,
 }
 
 /// serde borrows a `Cow<str>` only when it is the field's own type, not inside an `Option`;
 /// this newtype keeps unescaped text borrowed from the SSE payload.
 #[derive(Deserialize)]
 struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+fn non_empty(t: Option<Text<'_>>) -> Option<Cow<'_, str>> {
+    t.map(|t| t.0).filter(|s| !s.is_empty())
+}
+
+/// What an upstream error said of itself, besides its message: each field only when it was
+/// sent, redacted and bounded like every quoted upstream text.
+fn error_detail(error: &serde_json::Value, redactor: &Redactor) -> Option<UpstreamDetail> {
+    let field = |key: &str| match error.get(key)? {
+        serde_json::Value::String(s) => Some(redactor.clean(s, MAX_QUOTE_CHARS)),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    };
+    let detail = UpstreamDetail {
+        r#type: field("type"),
+        code: field("code"),
+        param: field("param"),
+    };
+    (!detail.is_empty()).then_some(detail)
+}
 
 /// Parses one chat-completion chunk, borrowing its text where it has no escapes.
 /// An `error` object inside the stream (some providers send one mid-stream) is an error.
@@ -420,29 +501,46 @@ pub fn parse_chunk<'a>(data: &'a str, redactor: &Redactor) -> Result<Chunk<'a>, 
         let raw = redactor.clean(data, MAX_QUOTE_CHARS);
         UpstreamError::BadChunk(format!("{error} in `{raw}`"))
     })?;
-    if let Some(err) = wire.error {
+    if let Some(raw) = wire.error.filter(|e| e.get() != "null") {
+        // Rare, so parsed again as a value: it may be an object or a bare string.
+        let err: serde_json::Value = serde_json::from_str(raw.get()).unwrap_or_default();
         let message = match err.get("message").and_then(|m| m.as_str()) {
             Some(m) => redactor.clean(m, MAX_MESSAGE_CHARS),
             None => redactor.clean(&err.to_string(), MAX_MESSAGE_CHARS),
         };
-        return Err(UpstreamError::Broken(format!(
-            "upstream error event: {message}"
-        )));
+        return Err(UpstreamError::ErrorEvent {
+            message,
+            upstream: error_detail(&err, redactor),
+        });
     }
     let mut chunk = Chunk {
         usage: wire.usage,
+        id: non_empty(wire.id),
+        system_fingerprint: non_empty(wire.system_fingerprint),
         ..Chunk::default()
     };
-    // muxgate never asks for n > 1, so the first choice is the answer.
+    // `n > 1` is refused at `open`, so the first choice is the answer.
     if let Some(choice) = wire.choices.into_iter().next() {
-        chunk.content = choice
-            .delta
-            .and_then(|d| d.content)
-            .map(|t| t.0)
-            .filter(|c| !c.is_empty());
+        if let Some(delta) = choice.delta {
+            chunk.content = non_empty(delta.content);
+            chunk.reasoning = non_empty(delta.reasoning_content).or(non_empty(delta.reasoning));
+            chunk.refusal = non_empty(delta.refusal);
+            // Verbatim, but only a non-empty array is a fragment list (some providers send
+            // `[]` on chunks without calls).
+            chunk.tool_calls = delta
+                .tool_calls
+                .filter(|raw| raw.get().starts_with('[') && !is_empty_array(raw.get()));
+        }
+        chunk.logprobs = choice.logprobs.filter(|raw| raw.get() != "null");
         chunk.finish_reason = choice.finish_reason.map(|t| t.0);
     }
     Ok(chunk)
+}
+
+fn is_empty_array(json: &str) -> bool {
+    json.strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(']'))
+        .is_some_and(|inner| inner.trim().is_empty())
 }
 
 #[cfg(test)]
@@ -501,19 +599,127 @@ mod tests {
 
         let c = parse(r#"{"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":40,"total_tokens":52}}"#)
             .expect("usage");
-        assert_eq!(
-            c.usage,
-            Some(Usage {
-                prompt_tokens: 12,
-                completion_tokens: 40
-            })
-        );
+        assert_eq!(c.usage, Some(Usage::counted(12, 40)));
 
         assert!(matches!(parse("not json"), Err(UpstreamError::BadChunk(_))));
-        assert!(matches!(
-            parse(r#"{"error":{"message":"overloaded"}}"#),
-            Err(UpstreamError::Broken(m)) if m.contains("overloaded")
-        ));
+        let e = parse(r#"{"error":{"message":"overloaded"}}"#).expect_err("event");
+        assert!(e.to_string().contains("overloaded"), "{e}");
+        assert!(
+            e.retryable(),
+            "an error event is retried before the first token, as before"
+        );
+        assert_eq!(e.upstream_detail(), None);
+    }
+
+    #[test]
+    fn every_part_of_a_choice() {
+        let c = parse(r#"{"id":"chatcmpl-1","system_fingerprint":"fp_9","choices":[{"index":0,"delta":{"role":"assistant","content":null,"reasoning_content":"Let me think"},"finish_reason":null}]}"#)
+            .expect("reasoning");
+        assert_eq!(c.reasoning.as_deref(), Some("Let me think"));
+        assert!(matches!(c.reasoning, Some(Cow::Borrowed(_))), "borrowed");
+        assert_eq!(c.content, None);
+        assert!(c.has_part());
+        assert_eq!(c.id.as_deref(), Some("chatcmpl-1"));
+        assert_eq!(c.system_fingerprint.as_deref(), Some("fp_9"));
+
+        let c = parse(r#"{"choices":[{"delta":{"reasoning":"other name"}}]}"#).expect("reasoning");
+        assert_eq!(c.reasoning.as_deref(), Some("other name"));
+        let c = parse(r#"{"choices":[{"delta":{"reasoning_content":"a","reasoning":"b"}}]}"#)
+            .expect("both");
+        assert_eq!(c.reasoning.as_deref(), Some("a"), "reasoning_content first");
+
+        let calls = r#"[{"index":0,"id":"call_a","type":"function","function":{"name":"get_weather","arguments":""}}]"#;
+        let data =
+            format!(r#"{{"choices":[{{"delta":{{"tool_calls":{calls}}},"finish_reason":null}}]}}"#);
+        let c = parse(&data).expect("tool call");
+        assert_eq!(c.tool_calls.map(RawValue::get), Some(calls), "verbatim");
+        assert!(c.has_part());
+        for empty in [
+            r#"{"tool_calls":[]}"#,
+            r#"{"tool_calls":[ ]}"#,
+            r#"{"tool_calls":null}"#,
+            r#"{"role":"assistant"}"#,
+        ] {
+            let data = format!(r#"{{"choices":[{{"delta":{empty}}}]}}"#);
+            let c = parse(&data).expect("empty");
+            assert!(!c.has_part(), "{empty}");
+        }
+
+        let c = parse(r#"{"choices":[{"delta":{"refusal":"I can't"}}]}"#).expect("refusal");
+        assert_eq!(c.refusal.as_deref(), Some("I can't"));
+
+        let lp =
+            r#"{"content":[{"token":"Hi","logprob":-0.1,"bytes":[72,105],"top_logprobs":[]}]}"#;
+        let data = format!(r#"{{"choices":[{{"delta":{{"content":"Hi"}},"logprobs":{lp}}}]}}"#);
+        let c = parse(&data).expect("logprobs");
+        assert_eq!(c.logprobs.map(RawValue::get), Some(lp));
+        let c = parse(r#"{"choices":[{"delta":{"content":"Hi"},"logprobs":null}]}"#).expect("null");
+        assert!(c.logprobs.is_none());
+    }
+
+    #[test]
+    fn usage_kept_whole() {
+        let c = parse(r#"{"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":40,"total_tokens":52,"prompt_tokens_details":{"cached_tokens":8,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":20},"cost":null}}"#)
+            .expect("usage");
+        let u = c.usage.expect("usage");
+        assert_eq!(u.total_tokens, 52);
+        assert_eq!(u.cached_tokens(), 8);
+        assert_eq!(
+            serde_json::to_value(&u).expect("json"),
+            serde_json::json!({"prompt_tokens":12,"completion_tokens":40,"total_tokens":52,
+                "prompt_tokens_details":{"cached_tokens":8,"audio_tokens":0},
+                "completion_tokens_details":{"reasoning_tokens":20}}),
+            "every field the upstream sent, nulls dropped"
+        );
+        let c = parse(r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#)
+            .expect("usage");
+        assert_eq!(
+            c.usage.expect("usage").total_tokens,
+            7,
+            "computed when omitted"
+        );
+        let c = parse(r#"{"choices":[{"delta":{"content":"x"}}],"usage":null}"#).expect("null");
+        assert!(c.usage.is_none());
+    }
+
+    #[test]
+    fn upstream_error_details() {
+        let key = "sk-upstream-secret-7f3a9c";
+        let r = Redactor::new([key]);
+        let e = parse_chunk(
+            &format!(r#"{{"error":{{"message":"bad {key}","type":"server_error","code":500,"param":"{key}"}}}}"#),
+            &r,
+        )
+        .expect_err("event");
+        let d = e.upstream_detail().expect("detail");
+        assert_eq!(d.r#type.as_deref(), Some("server_error"));
+        assert_eq!(
+            d.code.as_deref(),
+            Some("500"),
+            "a numeric code as its decimal string"
+        );
+        assert_eq!(d.param.as_deref(), Some("[redacted]"));
+        assert!(!e.to_string().contains("sk-up"), "{e}");
+
+        let (message, detail) = error_body(
+            r#"{"error":{"message":"This model's maximum context length is 8192 tokens","type":"invalid_request_error","code":"context_length_exceeded","param":"messages"}}"#,
+            &r,
+        );
+        assert!(
+            message.starts_with("This model's maximum context length"),
+            "{message}"
+        );
+        let detail = detail.expect("detail");
+        assert_eq!(detail.code.as_deref(), Some("context_length_exceeded"));
+        assert_eq!(detail.param.as_deref(), Some("messages"));
+        assert_eq!(
+            serde_json::to_value(&detail).expect("json"),
+            serde_json::json!({"type":"invalid_request_error","code":"context_length_exceeded","param":"messages"})
+        );
+        let (_, detail) = error_body(r#"{"error":{"message":"m","code":null}}"#, &r);
+        assert_eq!(detail, None, "null fields are not sent");
+        let (_, detail) = error_body("plain text", &r);
+        assert_eq!(detail, None);
     }
 
     #[test]
@@ -543,6 +749,7 @@ mod tests {
             status,
             message: String::new(),
             retry_after: None,
+            upstream: None,
         };
         assert!(s(429).retryable());
         assert!(s(503).retryable());
@@ -559,11 +766,12 @@ mod tests {
 
     #[test]
     fn error_bodies() {
+        let message = |body| error_body(body, &Redactor::default()).0;
         assert_eq!(
-            error_message(r#"{"error":{"message":"slow down","type":"x"}}"#),
+            message(r#"{"error":{"message":"slow down","type":"x"}}"#),
             "slow down"
         );
-        assert_eq!(error_message("plain text"), "plain text");
-        assert_eq!(error_message(""), "(empty body)");
+        assert_eq!(message("plain text"), "plain text");
+        assert_eq!(message(""), "(empty body)");
     }
 }

@@ -65,7 +65,7 @@ async fn metrics_count_exactly_what_went_through() {
         let end = records[id].end.clone().unwrap();
         assert_eq!(
             end["usage"],
-            json!({"prompt_tokens": 3, "completion_tokens": n}),
+            json!({"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}),
             "{end}"
         );
         let cost = end["cost_usd"].as_f64().unwrap();

@@ -20,6 +20,40 @@ pub fn cost_usd(
         / 1_000_000.0
 }
 
+/// A model's prices, USD per million tokens: one `[pricing."MODEL"]` table of the config.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    /// Prompt tokens (those not read from the upstream's prompt cache).
+    pub input: f64,
+    /// Completion tokens, reasoning tokens included.
+    pub output: f64,
+    /// Prompt tokens the upstream reports as cached (`prompt_tokens_details.cached_tokens`).
+    /// Default: none, so cached tokens cost `input` like the rest of the prompt.
+    #[serde(default)]
+    pub cached_input: Option<f64>,
+}
+
+impl Price {
+    /// USD for `usage`: its cached prompt tokens at `cached_input` (when the model has that
+    /// price), the rest of the prompt at `input`, the completion at `output`.
+    pub fn cost(&self, usage: &Usage) -> f64 {
+        let Some(cached_price) = self.cached_input else {
+            return cost_usd(
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                self.input,
+                self.output,
+            );
+        };
+        let cached = usage.cached_tokens();
+        (cached as f64 * cached_price
+            + (usage.prompt_tokens - cached) as f64 * self.input
+            + usage.completion_tokens as f64 * self.output)
+            / 1_000_000.0
+    }
+}
+
 /// What one stream used, settled once when it ends, whatever way it ended: its tokens (the
 /// upstream's count when it sent one, else counted with the model's tokenizer over the prompt
 /// and every delta that went out), their price, the rate-limit reservation brought to what was
@@ -31,8 +65,8 @@ pub struct Settlement<'a> {
     pub model: &'a str,
     pub tier: &'a str,
     pub user: &'a str,
-    /// USD per million tokens in and out for `model`; `None` when it has no price.
-    pub price: Option<(f64, f64)>,
+    /// `model`'s prices; `None` when it has none.
+    pub price: Option<Price>,
     /// The rate-limit share taken before the upstream call, if one was.
     pub reservation: Option<Reservation>,
     /// Counted before the upstream call, for the reservation.
@@ -41,13 +75,14 @@ pub struct Settlement<'a> {
     pub reported: Option<Usage>,
     /// An upstream answered 200 and began streaming: from then on the prompt is billable.
     pub accepted: bool,
-    /// The text of every delta sent, gathered as they went out (not read back from the replay
-    /// log, which drops what was already written once it is full).
+    /// The text of every delta sent (content, reasoning, refusals, tool-call names and
+    /// arguments), gathered as they went out (not read back from the replay log, which drops
+    /// what was already written once it is full).
     pub generated: String,
 }
 
 /// What a stream is billed, for its terminal frame.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Bill {
     pub usage: Option<Usage>,
     pub cost_usd: Option<f64>,
@@ -72,6 +107,7 @@ impl Settlement<'_> {
             accepted,
             generated,
         } = self;
+        let estimated = reported.is_none();
         let usage = match (reported, accepted) {
             (Some(usage), _) => Some(usage),
             (None, true) => {
@@ -84,24 +120,20 @@ impl Settlement<'_> {
                     metrics.tokenized(bytes, took);
                     tokens
                 });
-                Some(Usage {
-                    prompt_tokens,
-                    completion_tokens,
-                })
+                Some(Usage::counted(prompt_tokens, completion_tokens))
             }
             (None, false) => None,
         };
-        let estimated = reported.is_none();
-        let cost_usd = usage.zip(price).map(|(u, (input, output))| {
-            cost_usd(u.prompt_tokens, u.completion_tokens, input, output)
-        });
+        let cost_usd = usage.as_ref().zip(price).map(|(u, price)| price.cost(u));
         if let Some(reservation) = reservation {
             limits.reconcile(
                 &reservation,
-                usage.map_or(0, |u| u.prompt_tokens + u.completion_tokens),
+                usage
+                    .as_ref()
+                    .map_or(0, |u| u.prompt_tokens + u.completion_tokens),
             );
         }
-        if let Some(u) = usage {
+        if let Some(u) = &usage {
             metrics.tokens(model, tier, u.prompt_tokens, u.completion_tokens, estimated);
         }
         if let Some(cost) = cost_usd {
@@ -126,5 +158,40 @@ mod tests {
         assert_eq!(cost_usd(1_000, 500, 2.0, 8.0), 0.006);
         assert_eq!(cost_usd(1_000_000, 1_000_000, 0.10, 0.42), 0.52);
         assert_eq!(cost_usd(0, 0, 3.0, 15.0), 0.0);
+    }
+
+    #[test]
+    fn cached_prompt_tokens_at_their_price() {
+        let usage: Usage = serde_json::from_str(
+            r#"{"prompt_tokens":1000,"completion_tokens":500,"prompt_tokens_details":{"cached_tokens":800}}"#,
+        )
+        .expect("usage");
+        let uncached = Price {
+            input: 2.0,
+            output: 8.0,
+            cached_input: None,
+        };
+        assert_eq!(uncached.cost(&usage), cost_usd(1000, 500, 2.0, 8.0));
+        let cached = Price {
+            cached_input: Some(0.5),
+            ..uncached
+        };
+        // 800 × 0.5 + 200 × 2 + 500 × 8 = 4800 micro-dollars.
+        assert!(
+            (cached.cost(&usage) - 0.0048).abs() < 1e-15,
+            "{}",
+            cached.cost(&usage)
+        );
+        // A cached count above the prompt (a confused upstream) never makes the prompt cheaper
+        // than all-cached, nor a negative count.
+        let over: Usage = serde_json::from_str(
+            r#"{"prompt_tokens":10,"completion_tokens":0,"prompt_tokens_details":{"cached_tokens":99}}"#,
+        )
+        .expect("usage");
+        assert!((cached.cost(&over) - 10.0 * 0.5 / 1e6).abs() < 1e-18);
+        assert_eq!(
+            cached.cost(&Usage::counted(1000, 500)),
+            cost_usd(1000, 500, 2.0, 8.0)
+        );
     }
 }

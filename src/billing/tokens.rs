@@ -250,6 +250,17 @@ pub fn count_prompt_tokens(model: &str, messages: &[Value]) -> u64 {
     total
 }
 
+/// Prompt tokens of a request's tool definitions (`params.tools`). The model reads them as
+/// text the provider renders from their schemas (OpenAI's is not published); their compact
+/// JSON is the closest stand-in, and errs high rather than letting tools go uncounted.
+pub fn count_tools_tokens(model: &str, tools: &Value) -> u64 {
+    match tools {
+        Value::Null => 0,
+        Value::Array(items) if items.is_empty() => 0,
+        tools => count_tokens(model, &tools.to_string()),
+    }
+}
+
 fn function_tokens(function: Option<&Value>, count: &impl Fn(&str) -> u64) -> u64 {
     let Some(function) = function else {
         return 0;
@@ -265,6 +276,17 @@ fn function_tokens(function: Option<&Value>, count: &impl Fn(&str) -> u64) -> u6
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn tool_definitions_count() {
+        let tools = json!([{"type":"function","function":{"name":"get_weather",
+            "parameters":{"type":"object","properties":{"city":{"type":"string"}}}}}]);
+        let n = count_tools_tokens("gpt-4o", &tools);
+        assert_eq!(n, count_tokens("gpt-4o", &tools.to_string()));
+        assert!(n > 10, "{n}");
+        assert_eq!(count_tools_tokens("gpt-4o", &json!([])), 0);
+        assert_eq!(count_tools_tokens("gpt-4o", &Value::Null), 0);
+    }
 
     #[test]
     fn known_token_counts() {
