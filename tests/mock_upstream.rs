@@ -75,6 +75,18 @@ impl SseReader {
             }
         }
     }
+
+    /// Every remaining event, and whether the body broke (`true`) or ended cleanly.
+    async fn rest(&mut self) -> (Vec<String>, bool) {
+        let mut events = Vec::new();
+        loop {
+            match self.next().await {
+                Ok(Some(e)) => events.push(e),
+                Ok(None) => return (events, false),
+                Err(_) => return (events, true),
+            }
+        }
+    }
 }
 
 #[tokio::test]
@@ -256,15 +268,7 @@ async fn cut_breaks_the_stream_after_k_chunks() {
     )
     .await;
     assert_eq!(resp.status(), 200);
-    let mut reader = SseReader::new(resp);
-    let mut events = Vec::new();
-    let broke = loop {
-        match reader.next().await {
-            Ok(Some(e)) => events.push(e),
-            Ok(None) => break false,
-            Err(_) => break true,
-        }
-    };
+    let (events, broke) = SseReader::new(resp).rest().await;
     assert!(broke, "the body should end with an error: {events:?}");
     let contents: Vec<String> = events.iter().filter_map(|e| content_of(e)).collect();
     assert_eq!(contents, word_chunks("cut me", 3));
@@ -717,6 +721,14 @@ async fn completion(mock: &MockHandle, body: &Value) -> Value {
     resp.json().await.unwrap()
 }
 
+/// The `error` object of an answer that must have this HTTP status.
+async fn error_of(mock: &MockHandle, body: &Value, status: u16) -> Value {
+    let resp = post(mock, body).await;
+    assert_eq!(resp.status(), status);
+    let mut body: Value = resp.json().await.unwrap();
+    body["error"].take()
+}
+
 fn deltas(events: &[Value]) -> Vec<&Value> {
     events
         .iter()
@@ -1090,32 +1102,18 @@ async fn cached_tokens_are_reported_up_to_the_prompt() {
 #[tokio::test]
 async fn fail_body_is_shaped_by_directives() {
     let mock = spawn_mock(None).await;
-    let resp = post(
-        &mock,
-        &chat_body(
-            "huge [[mock fail=400 fail_code=context_length_exceeded fail_param=messages]]",
-            true,
-        ),
-    )
-    .await;
-    assert_eq!(resp.status(), 400);
-    let body: Value = resp.json().await.unwrap();
+    let prompt = "huge [[mock fail=400 fail_code=context_length_exceeded fail_param=messages]]";
     assert_eq!(
-        body,
-        json!({"error": {"message": "mock: injected failure 400 (1 of 1)",
+        error_of(&mock, &chat_body(prompt, true), 400).await,
+        json!({"message": "mock: injected failure 400 (1 of 1)",
             "type": "invalid_request_error", "param": "messages",
-            "code": "context_length_exceeded"}})
+            "code": "context_length_exceeded"})
     );
-    let resp = post(
-        &mock,
-        &chat_body("x [[mock fail=503 fail_type=overloaded_error]]", false),
-    )
-    .await;
-    assert_eq!(resp.status(), 503);
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["error"]["type"], "overloaded_error");
-    assert_eq!(body["error"]["code"], "mock_injected_failure");
-    assert_eq!(body["error"]["param"], Value::Null);
+    let prompt = "x [[mock fail=503 fail_type=overloaded_error]]";
+    let error = error_of(&mock, &chat_body(prompt, false), 503).await;
+    assert_eq!(error["type"], "overloaded_error");
+    assert_eq!(error["code"], "mock_injected_failure");
+    assert_eq!(error["param"], Value::Null);
 }
 
 #[tokio::test]
@@ -1127,11 +1125,8 @@ async fn error_event_ends_the_stream_after_k_parts() {
     )
     .await;
     assert_eq!(resp.status(), 200);
-    let mut reader = SseReader::new(resp);
-    let mut events = Vec::new();
-    while let Some(e) = reader.next().await.unwrap() {
-        events.push(e);
-    }
+    let (events, broke) = SseReader::new(resp).rest().await;
+    assert!(!broke);
     // role, 2 content chunks, the error event, then a clean end: no finish, no [DONE].
     assert_eq!(events.len(), 4, "{events:?}");
     let contents: Vec<String> = events.iter().filter_map(|e| content_of(e)).collect();
@@ -1171,14 +1166,13 @@ async fn error_event_ends_the_stream_after_k_parts() {
     assert_eq!(events[2]["error"]["code"], "overloaded");
     assert_eq!(events[2]["error"]["type"], "t");
 
-    let resp = post(
+    let error = error_of(
         &mock,
         &chat_body("x [[mock chunks=3 error_event=1]]", false),
+        500,
     )
     .await;
-    assert_eq!(resp.status(), 500);
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "mock_stream_error");
+    assert_eq!(error["code"], "mock_stream_error");
     assert_eq!(mock.stats().error_events, 3);
 }
 
@@ -1190,15 +1184,11 @@ async fn cut_can_fall_right_after_a_tool_call_fragment() {
         &chat_body("x [[mock tools=1 reasoning=1 cut=3]]", true),
     )
     .await;
-    let mut reader = SseReader::new(resp);
-    let mut events = Vec::new();
-    let broke = loop {
-        match reader.next().await {
-            Ok(Some(e)) => events.push(serde_json::from_str::<Value>(&e).unwrap()),
-            Ok(None) => break false,
-            Err(_) => break true,
-        }
-    };
+    let (events, broke) = SseReader::new(resp).rest().await;
+    let events: Vec<Value> = events
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
     assert!(broke);
     // role, reasoning, the call's head fragment, its first arguments piece: then the cut.
     assert_eq!(events.len(), 4, "{events:?}");

@@ -167,7 +167,14 @@ impl Plan {
         let id = format!("chatcmpl-mock-{id_number}");
         let mut calls = plan_calls(id_number, &req, d);
         let (text, default_delay) = match (d.chunks, d.refusal == Some(true)) {
-            (_, true) => (Text::Refusal(refusal_chunks()), DEFAULT_PROSE_DELAY_MS),
+            (n, true) => (
+                Text::Refusal(refusal_chunks()),
+                if n.is_some() {
+                    0
+                } else {
+                    DEFAULT_PROSE_DELAY_MS
+                },
+            ),
             (Some(n), false) => (
                 Text::Content(Content::Words {
                     h: prompt_hash(&req.prompt),
@@ -569,6 +576,11 @@ mod tests {
             assert_eq!(joined, call.arguments);
             assert!(mine.len() >= 3, "{mine:?}");
         }
+        let odd = json!({"model":"m","messages":[{"role":"user","content":"q"}],
+            "tools":[{"type":"function","function":{"name":"a\"b\\c\n"}}]});
+        let p = plan(odd, "tools=1");
+        let head: Value = serde_json::from_str(&p.fragments[0]).unwrap();
+        assert_eq!(head["function"]["name"], "a\"b\\c\n");
         let p = plan(
             json!({"model":"m","messages":[{"role":"user","content":"q"}]}),
             "tools=2",

@@ -43,7 +43,8 @@ pub struct MockStatsSnapshot {
     /// Answers ended by the `error_event` directive (an SSE `error` event, or a 500 when
     /// not streaming).
     pub error_events: u64,
-    /// Chat-completion requests that carried a non-empty `tools` array.
+    /// Accepted chat-completion requests (valid body and directives) that carried a non-empty
+    /// `tools` array.
     pub tool_requests: u64,
     /// The `Authorization` header of the last request.
     pub last_authorization: Option<String>,
