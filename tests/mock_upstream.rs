@@ -1295,3 +1295,26 @@ async fn modern_request_fields_are_accepted() {
         .unwrap();
     assert_eq!(resp.status(), 400);
 }
+
+#[tokio::test]
+async fn fingerprint_rides_on_every_chunk_and_the_answer() {
+    let mock = spawn_mock(None).await;
+    let mut body = chat_body("fp [[mock chunks=2 fingerprint=fp_4a2b]]", true);
+    body["stream_options"] = json!({"include_usage": true});
+    let resp = post(&mock, &body).await;
+    let raw = resp.text().await.unwrap();
+    let events = sse_events(&raw);
+    // role, 2 content, finish, usage, then [DONE]: every chunk says it, in OpenAI's key order.
+    assert_eq!(events.len(), 6);
+    for e in &events[..5] {
+        assert!(
+            e.contains("\"model\":\"mock-model\",\"system_fingerprint\":\"fp_4a2b\",\"choices\":"),
+            "{e}"
+        );
+    }
+    body["stream"] = json!(false);
+    let answer = completion(&mock, &body).await;
+    assert_eq!(answer["system_fingerprint"], "fp_4a2b");
+    let (events, _) = stream_json(&mock, &chat_body("fp [[mock chunks=1]]", true)).await;
+    assert!(events.iter().all(|e| e.get("system_fingerprint").is_none()));
+}

@@ -45,6 +45,8 @@ pub struct Directives {
     pub fail_param: Option<String>,
     /// Parts after which the stream carries an SSE `error` event and ends.
     pub error_event: Option<usize>,
+    /// `system_fingerprint` of every chunk and of the JSON answer.
+    pub fingerprint: Option<String>,
 }
 
 /// Where reasoning text goes: OpenAI-compatible servers disagree (DeepSeek and vLLM say
@@ -96,6 +98,7 @@ impl Directives {
             fail_type: self.fail_type.or(base.fail_type),
             fail_param: self.fail_param.or(base.fail_param),
             error_event: self.error_event.or(base.error_event),
+            fingerprint: self.fingerprint.or(base.fingerprint),
         }
     }
 }
@@ -145,12 +148,13 @@ pub fn parse_directives(s: &str) -> Result<Directives, String> {
             "fail_type" => d.fail_type = Some(non_empty(key, value)?),
             "fail_param" => d.fail_param = Some(non_empty(key, value)?),
             "error_event" => d.error_event = Some(to_usize(number(key, value, 0, MAX_CHUNKS)?)),
+            "fingerprint" => d.fingerprint = Some(non_empty(key, value)?),
             _ => {
                 return Err(format!(
                     "unknown mock directive `{key}` (known: chunks, delay_ms, chunk_bytes, fail, \
                      fail_times, retry_after_ms, key, cut, stall_ms, finish, tools, reasoning, \
                      reasoning_field, refusal, cached, fail_code, fail_type, fail_param, \
-                     error_event)"
+                     error_event, fingerprint)"
                 ))
             }
         }
@@ -242,7 +246,7 @@ mod tests {
         let d = parse_directives(
             "tools=3 reasoning=100000 reasoning_field=reasoning refusal=0 cached=8 \
              fail_code=context_length_exceeded fail_type=invalid_request_error \
-             fail_param=messages error_event=2",
+             fail_param=messages error_event=2 fingerprint=fp_1",
         )
         .unwrap();
         assert_eq!(
@@ -257,6 +261,7 @@ mod tests {
                 fail_type: Some("invalid_request_error".into()),
                 fail_param: Some("messages".into()),
                 error_event: Some(2),
+                fingerprint: Some("fp_1".into()),
                 ..Directives::default()
             }
         );

@@ -30,6 +30,7 @@
 //! | `reasoning_field=F`  | `reasoning_content` (default) or `reasoning`: the delta field of reasoning |
 //! | `refusal=1`          | the answer is [`REFUSAL_TEXT`] in `delta.refusal` pieces, no content       |
 //! | `cached=K`           | usage: `prompt_tokens_details.cached_tokens = min(K, prompt_tokens)`       |
+//! | `fingerprint=FP`     | `system_fingerprint` of every chunk (after `model`) and of the JSON answer |
 //!
 //! A *part* is one chunk carrying content, reasoning, refusal or one tool-call fragment; an
 //! answer sends its reasoning, then its content or refusal, then its tool calls, each part in its

@@ -80,6 +80,7 @@ pub(super) struct Plan {
     cached: Option<u64>,
     logprobs: bool,
     top_logprobs: usize,
+    fingerprint: Option<String>,
 }
 
 /// The `error` object the mock sends for an injected failure, shaped by `fail_type`,
@@ -225,6 +226,10 @@ impl Plan {
             "data: {{\"id\":\"{id}\",\"object\":\"chat.completion.chunk\",\"created\":{created},\"model\":"
         );
         push_json_str(&mut head, &req.model);
+        if let Some(fingerprint) = &d.fingerprint {
+            head.push_str(",\"system_fingerprint\":");
+            push_json_str(&mut head, fingerprint);
+        }
         head.push(',');
         let error_at = d.error_event.map(|k| k.min(limit));
         let error_body = error_json(
@@ -259,6 +264,7 @@ impl Plan {
             cached: d.cached,
             logprobs: req.logprobs,
             top_logprobs: req.top_logprobs,
+            fingerprint: d.fingerprint.clone(),
         }
     }
 
@@ -468,14 +474,18 @@ impl Plan {
             };
             choice["logprobs"] = json!({ "content": entries });
         }
-        json!({
+        let mut answer = json!({
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
             "choices": [choice],
             "usage": self.usage_json(),
-        })
+        });
+        if let Some(fingerprint) = &self.fingerprint {
+            answer["system_fingerprint"] = fingerprint.as_str().into();
+        }
+        answer
     }
 }
 
