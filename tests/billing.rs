@@ -5,42 +5,9 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use common::*;
 use muxgate::billing;
 use serde_json::{json, Value};
-
-/// `/metrics` as a map from `name{labels}` to value.
-async fn scrape(h: &Harness) -> HashMap<String, f64> {
-    let resp = reqwest::get(format!("http://{}/metrics", h.addr))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    assert!(resp.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("text/plain"));
-    resp.text()
-        .await
-        .unwrap()
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (k, v) = l.rsplit_once(' ').unwrap();
-            (k.to_string(), v.parse().unwrap())
-        })
-        .collect()
-}
-
-fn get(m: &HashMap<String, f64>, key: &str) -> f64 {
-    *m.get(key).unwrap_or_else(|| {
-        let family = key.split('{').next().unwrap_or(key);
-        let mut near: Vec<&String> = m.keys().filter(|k| k.starts_with(family)).collect();
-        near.sort();
-        panic!("no series {key}; {family} has {near:?}")
-    })
-}
 
 /// The deepseek-v3.2 price from the seed: $0.10 in, $0.42 out per million tokens.
 fn deepseek_cost(prompt: u64, completion: u64) -> f64 {
@@ -121,26 +88,26 @@ async fn metrics_count_exactly_what_went_through() {
         "rate_limited"
     );
 
-    let m = scrape(&h).await;
+    let m = scrape_metrics(&h).await;
     let streams = |tier: &str, status: &str| {
-        get(&m, &format!("muxgate_streams_total{{model=\"deepseek-v3.2\",provider=\"mock\",tier=\"{tier}\",status=\"{status}\"}}"))
+        metric(&m, &format!("muxgate_streams_total{{model=\"deepseek-v3.2\",provider=\"mock\",tier=\"{tier}\",status=\"{status}\"}}"))
     };
     assert_eq!(streams("pro", "done"), 3.0);
     assert_eq!(streams("pro", "cancelled"), 1.0);
     assert_eq!(streams("pro", "upstream_error"), 1.0);
     assert_eq!(streams("free", "done"), 1.0);
     assert_eq!(
-        get(&m, "muxgate_streams_total{model=\"deepseek-v3.2\",provider=\"none\",tier=\"free\",status=\"rate_limited\"}"),
+        metric(&m, "muxgate_streams_total{model=\"deepseek-v3.2\",provider=\"none\",tier=\"free\",status=\"rate_limited\"}"),
         1.0
     );
     let tokens = |tier: &str, kind: &str, estimated: bool| {
-        get(&m, &format!("muxgate_tokens_total{{model=\"deepseek-v3.2\",tier=\"{tier}\",kind=\"{kind}\",estimated=\"{estimated}\"}}"))
+        metric(&m, &format!("muxgate_tokens_total{{model=\"deepseek-v3.2\",tier=\"{tier}\",kind=\"{kind}\",estimated=\"{estimated}\"}}"))
     };
     assert_eq!(tokens("pro", "prompt", false), 9.0);
     assert_eq!(tokens("pro", "completion", false), 21.0);
     assert_eq!(tokens("pro", "prompt", true), cx_prompt as f64);
     assert_eq!(tokens("pro", "completion", true), cx_completion as f64);
-    let spend = get(
+    let spend = metric(
         &m,
         "muxgate_spend_usd_total{model=\"deepseek-v3.2\",tier=\"pro\"}",
     );
@@ -150,36 +117,40 @@ async fn metrics_count_exactly_what_went_through() {
         "{spend} vs {expected_spend}"
     );
     assert_eq!(
-        get(
+        metric(
             &m,
             "muxgate_upstream_retries_total{provider=\"mock\",reason=\"http_5xx\"}"
         ),
         2.0
     );
-    assert_eq!(get(&m, "muxgate_refusals_total{reason=\"user_rpm\"}"), 1.0);
-    assert_eq!(get(&m, "muxgate_ws_connections"), 2.0);
-    assert_eq!(get(&m, "muxgate_ws_connections_opened_total"), 2.0);
-    assert_eq!(get(&m, "muxgate_live_streams"), 0.0);
     assert_eq!(
-        get(&m, "muxgate_circuit_breaker_state{provider=\"mock\"}"),
+        metric(&m, "muxgate_refusals_total{reason=\"user_rpm\"}"),
+        1.0
+    );
+    assert_eq!(metric(&m, "muxgate_ws_connections"), 2.0);
+    assert_eq!(metric(&m, "muxgate_ws_connections_opened_total"), 2.0);
+    assert_eq!(metric(&m, "muxgate_live_streams"), 0.0);
+    assert_eq!(
+        metric(&m, "muxgate_circuit_breaker_state{provider=\"mock\"}"),
         0.0
     );
     assert_eq!(
-        get(&m, "muxgate_queue_depth{provider=\"mock\",tier=\"pro\"}"),
+        metric(&m, "muxgate_queue_depth{provider=\"mock\",tier=\"pro\"}"),
         0.0
     );
     assert_eq!(
-        get(
+        metric(
             &m,
             "muxgate_time_to_first_token_seconds_count{model=\"deepseek-v3.2\"}"
         ),
         5.0,
         "streams with text"
     );
-    assert_eq!(get(&m, "muxgate_gateway_overhead_seconds_count"), 5.0);
-    assert!(get(&m, "muxgate_ws_sent_frames_total") > 40.0);
+    assert_eq!(metric(&m, "muxgate_gateway_overhead_seconds_count"), 5.0);
+    assert!(metric(&m, "muxgate_ws_sent_frames_total") > 40.0);
     assert!(
-        get(&m, "muxgate_ws_sent_bytes_total") > get(&m, "muxgate_ws_sent_frames_total") * 20.0
+        metric(&m, "muxgate_ws_sent_bytes_total")
+            > metric(&m, "muxgate_ws_sent_frames_total") * 20.0
     );
 
     // The admin view has each user's spend.
@@ -221,8 +192,8 @@ async fn a_user_budget_refuses_the_first_stream_past_it() {
     let mut b = h.connect("bob").await;
     b.open("x", "x [[mock chunks=5]]").await;
     assert_eq!(b.collect(&["x".into()]).await["x"].end_type(), "done");
-    let m = scrape(&h).await;
-    assert_eq!(get(&m, "muxgate_refusals_total{reason=\"budget\"}"), 1.0);
+    let m = scrape_metrics(&h).await;
+    assert_eq!(metric(&m, "muxgate_refusals_total{reason=\"budget\"}"), 1.0);
 }
 
 #[tokio::test]

@@ -437,3 +437,34 @@ pub fn captured_logs() -> &'static Captured {
 pub fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}:{i}")).collect()
 }
+
+/// `/metrics` as a map from `name{labels}` to value.
+pub async fn scrape_metrics(h: &Harness) -> HashMap<String, f64> {
+    let resp = reqwest::get(format!("http://{}/metrics", h.addr))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    resp.text()
+        .await
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap();
+            (k.to_string(), v.parse().unwrap())
+        })
+        .collect()
+}
+
+pub fn metric(m: &HashMap<String, f64>, key: &str) -> f64 {
+    *m.get(key).unwrap_or_else(|| {
+        let family = key.split('{').next().unwrap_or(key);
+        let mut near: Vec<&String> = m.keys().filter(|k| k.starts_with(family)).collect();
+        near.sort();
+        panic!("no series {key}; {family} has {near:?}")
+    })
+}
