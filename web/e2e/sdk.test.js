@@ -195,8 +195,9 @@ test('a user at user_rpm = 2: the third call is a RateLimitError with retry-afte
 
 test('an upstream 400 is a BadRequestError with the upstream\'s code and param', { timeout: 60_000 }, async (t) => {
   if (can.upstreamErrors) return t.skip(`this gateway does not relay upstream error details yet (issue 12): ${can.upstreamErrors}`)
-  const prompt = 'too long [[mock fail=400 fail_code=context_length_exceeded fail_type=invalid_request_error fail_param=messages]]'
   for (const [version, kind] of [[7, 'openaiOnce'], [6, 'openai']]) {
+    // Each its own failure key: the mock fails a key's first request only (fail_times=1).
+    const prompt = `too long [[mock fail=400 key=bad${version} fail_code=context_length_exceeded fail_type=invalid_request_error fail_param=messages]]`
     const run = await runOnce(pages[2], `bad${version}`, kind, { version, model: MODEL, prompt, maxRetries: 0 })
     assert.equal(run.error?.name, 'BadRequestError', JSON.stringify(run.error))
     assert.equal(run.error.status, 400)
