@@ -21,7 +21,7 @@ use crate::retry;
 use crate::scheduler::NoSlot;
 use crate::stream::{CancelReason, Stream};
 use crate::tiers::Tier;
-use crate::upstream::{Provider, UpstreamError};
+use crate::upstream::{self, Provider, UpstreamError};
 
 /// One stream to run.
 pub struct Job {
@@ -671,6 +671,7 @@ async fn relay_once(
     let mut usage = None;
     let mut completion_id: Option<String> = None;
     let mut system_fingerprint: Option<String> = None;
+    let mut read_ids = false;
     let done = |finish_reason: String,
                 usage: Option<Usage>,
                 completion_id: Option<String>,
@@ -712,15 +713,20 @@ async fn relay_once(
             return Ok(done(reason, usage, completion_id, system_fingerprint));
         }
         let mut chunk = provider.parse_chunk(&event.data)?;
+        // The ids are read apart (see `upstream::chunk_ids`): from the first chunk and from
+        // those that can be the last to carry them. Copied only when they change.
+        if !read_ids || chunk.finish_reason.is_some() || chunk.usage.is_some() {
+            read_ids = true;
+            let ids = upstream::chunk_ids(&event.data);
+            remember(&mut completion_id, ids.id());
+            remember(&mut system_fingerprint, ids.system_fingerprint());
+        }
         if chunk.usage.is_some() {
-            usage = chunk.usage.take();
+            usage = chunk.usage.take().map(|u| *u);
         }
         if let Some(reason) = chunk.finish_reason.take() {
             finish_reason = Some(reason.into_owned());
         }
-        // Every chunk repeats them: copied only when they change, not once per chunk.
-        remember(&mut completion_id, chunk.id.as_deref());
-        remember(&mut system_fingerprint, chunk.system_fingerprint.as_deref());
         if chunk.has_part() {
             if t.delivered == 0 {
                 t.first_chunk = received;
