@@ -12,7 +12,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use muxgate::protocol::{self, DeltaParts};
+use muxgate::protocol;
 use muxgate::redact::Redactor;
 use muxgate::upstream::{chunk_ids, parse_chunk};
 
@@ -38,13 +38,7 @@ fn main() {
             fingerprint = ids.system_fingerprint().map(str::to_owned);
         }
         if chunk.has_part() {
-            let parts = DeltaParts {
-                text: chunk.content.as_deref().unwrap_or(""),
-                reasoning: chunk.reasoning.as_deref(),
-                refusal: chunk.refusal.as_deref(),
-                tool_calls: chunk.tool_calls,
-                logprobs: chunk.logprobs,
-            };
+            let parts = chunk.parts();
             generated.push_str(parts.text);
             black_box(protocol::delta_parts("t1:8", seq, &parts));
         }

@@ -733,13 +733,7 @@ async fn relay_once(
             }
             t.delivered += 1;
             let seq = t.delivered;
-            let parts = DeltaParts {
-                text: chunk.content.as_deref().unwrap_or(""),
-                reasoning: chunk.reasoning.as_deref(),
-                refusal: chunk.refusal.as_deref(),
-                tool_calls: chunk.tool_calls,
-                logprobs: chunk.logprobs,
-            };
+            let parts = chunk.parts();
             gather(&mut t.generated, &parts);
             if !stream
                 .push(seq, protocol::delta_parts(&stream.id, seq, &parts))

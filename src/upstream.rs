@@ -16,7 +16,7 @@ use serde_json::value::RawValue;
 
 use crate::breaker::{Breaker, BreakerConfig, Health};
 use crate::config::{Config, ProviderConfig, UpstreamConfig};
-use crate::protocol::{ErrorCode, UpstreamDetail, Usage};
+use crate::protocol::{DeltaParts, ErrorCode, UpstreamDetail, Usage};
 use crate::redact::Redactor;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::sse::{self, SseError};
@@ -423,6 +423,17 @@ impl Chunk<'_> {
             || self.refusal.is_some()
             || self.tool_calls.is_some()
             || self.logprobs.is_some()
+    }
+
+    /// The parts as a `delta` frame carries them (`text` `""` when the chunk has none).
+    pub fn parts(&self) -> DeltaParts<'_> {
+        DeltaParts {
+            text: self.content.as_deref().unwrap_or(""),
+            reasoning: self.reasoning.as_deref(),
+            refusal: self.refusal.as_deref(),
+            tool_calls: self.tool_calls,
+            logprobs: self.logprobs,
+        }
     }
 }
 
