@@ -11,7 +11,7 @@ use std::{
 
 use axum::{
     body::{Body, Bytes},
-    http::{header, HeaderValue},
+    http::{header, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
 use futures_util::{Stream, StreamExt};
@@ -34,6 +34,8 @@ enum Outcome {
     Open,
     Completed,
     Cut,
+    /// Ended by the `error_event` directive.
+    ErrorEvent,
 }
 
 /// Owned by a streaming body; its Drop is the only reliable signal that the
@@ -67,7 +69,8 @@ enum Phase {
     Role,
     Stalled,
     Delay(usize),
-    Content(usize),
+    Part(usize),
+    ErrorEvent,
     Cut,
     Cutting,
     Finish,
@@ -90,10 +93,12 @@ impl SseBody {
     fn after(&self, sent: usize) -> Phase {
         if self.plan.cut_at == Some(sent) {
             Phase::Cut
+        } else if self.plan.error_at == Some(sent) {
+            Phase::ErrorEvent
         } else if sent >= self.plan.limit {
             Phase::Finish
         } else {
-            Phase::Content(sent)
+            Phase::Part(sent)
         }
     }
 
@@ -136,19 +141,27 @@ impl Stream for SseBody {
                 }
                 Phase::Delay(k) => {
                     ready!(this.poll_timer(cx));
-                    this.phase = Phase::Content(k);
+                    this.phase = Phase::Part(k);
                 }
-                Phase::Content(k) => {
-                    let event = this.plan.content_event(k);
+                Phase::Part(k) => {
+                    let event = this.plan.part_event(k);
                     this.guard.stats.chunks_sent.fetch_add(1, Ordering::Relaxed);
                     this.phase = match this.after(k + 1) {
-                        Phase::Content(next) if !this.plan.delay.is_zero() => {
+                        Phase::Part(next) if !this.plan.delay.is_zero() => {
                             this.arm(this.plan.delay);
                             Phase::Delay(next)
                         }
                         next => next,
                     };
                     return Poll::Ready(Some(Ok(event)));
+                }
+                Phase::ErrorEvent => {
+                    this.guard.outcome = Outcome::ErrorEvent;
+                    this.guard.stats.error_events.fetch_add(1, Ordering::SeqCst);
+                    // Like OpenAI's own mid-stream failures: the error event, then the
+                    // end of the body, with neither a finish chunk nor `[DONE]`.
+                    this.phase = Phase::End;
+                    return Poll::Ready(Some(Ok(this.plan.error_event())));
                 }
                 Phase::Cut => {
                     this.arm(CUT_GRACE);
@@ -217,11 +230,18 @@ pub(super) async fn json_response(
     if !wait.is_zero() {
         tokio::time::sleep(wait).await;
     }
-    let body = plan.completion_json().to_string();
     let json_type = [(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     )];
+    if plan.error_at.is_some() {
+        // A one-document answer has no place for an in-stream error: the
+        // failure becomes the whole response, as a provider failing mid-generation does.
+        stats.error_events.fetch_add(1, Ordering::SeqCst);
+        let body = plan.error_body.to_string();
+        return (StatusCode::INTERNAL_SERVER_ERROR, json_type, body).into_response();
+    }
+    let body = plan.completion_json().to_string();
     if plan.cut_at.is_some() {
         stats.cut.fetch_add(1, Ordering::SeqCst);
         let whole = Bytes::from(body);

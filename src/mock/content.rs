@@ -93,6 +93,102 @@ pub(super) fn prose_chunks(prompt: &str) -> Vec<String> {
         .collect()
 }
 
+/// The words reasoning chunks cycle through; see [`reasoning_chunks`].
+const REASONING_WORDS: [&str; 8] = [
+    "Let", "me", "think", "this", "through", "step", "by", "step.",
+];
+
+/// Reasoning chunk k (ASCII, nothing to escape).
+pub(super) fn push_reasoning_chunk(out: &mut String, k: usize) {
+    out.push_str(REASONING_WORDS[k % REASONING_WORDS.len()]);
+    out.push(' ');
+}
+
+/// The exact reasoning chunks of `reasoning=N`: chunk k is the k-th word (cycling) of
+/// "Let me think this through step by step." followed by a space.
+pub fn reasoning_chunks(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|k| {
+            let mut chunk = String::new();
+            push_reasoning_chunk(&mut chunk, k);
+            chunk
+        })
+        .collect()
+}
+
+/// The text of `refusal=1`, sent one word per chunk.
+pub const REFUSAL_TEXT: &str = "I'm sorry, but I can't help with that request.";
+
+fn words_of(text: &str) -> Vec<String> {
+    text.split_whitespace().map(|w| format!("{w} ")).collect()
+}
+
+pub(super) fn refusal_chunks() -> Vec<String> {
+    words_of(REFUSAL_TEXT)
+}
+
+/// The prose answer after a tool result: it quotes the result so that a tool loop's test
+/// can see its value reached the model.
+pub(super) fn tool_result_chunks(result: &str) -> Vec<String> {
+    let collapsed = result.split_whitespace().collect::<Vec<_>>().join(" ");
+    words_of(&format!(
+        "The tool returned: “{collapsed}”. {}",
+        PROSE_CORE[0]
+    ))
+}
+
+/// Arguments for a call of a tool with this JSON schema: every required property gets a
+/// value of its type (a string is a word of the prompt, taken from its end, where the
+/// object of a question usually is; a number 1; a boolean true; an array or object empty).
+pub(super) fn arguments_from_schema(parameters: &serde_json::Value, prompt: &str) -> String {
+    use serde_json::{Map, Value};
+    let words: Vec<&str> = prompt
+        .split_whitespace()
+        .rev()
+        .map(|w| w.trim_matches(|c: char| !c.is_alphanumeric()))
+        .filter(|w| !w.is_empty())
+        .collect();
+    let mut args = Map::new();
+    let required = parameters
+        .get("required")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let mut strings = 0;
+    for name in required.iter().filter_map(Value::as_str) {
+        let kind = parameters
+            .pointer(&format!(
+                "/properties/{}",
+                name.replace('~', "~0").replace('/', "~1")
+            ))
+            .and_then(|p| p.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("string");
+        let value = match kind {
+            "number" | "integer" => Value::from(1),
+            "boolean" => Value::Bool(true),
+            "array" => Value::Array(Vec::new()),
+            "object" => Value::Object(Map::new()),
+            "null" => Value::Null,
+            _ => {
+                let word = words.get(strings).copied().unwrap_or("mock");
+                strings += 1;
+                Value::from(word)
+            }
+        };
+        args.insert(name.to_owned(), value);
+    }
+    Value::Object(args).to_string()
+}
+
+/// Arguments split the way providers stream them: several pieces, never inside a UTF-8
+/// character, at most `piece` characters each and at least two when there are two characters.
+pub(super) fn split_arguments(arguments: &str, piece: usize) -> Vec<String> {
+    let chars: Vec<char> = arguments.chars().collect();
+    let size = piece.min(chars.len().div_ceil(2)).max(1);
+    chars.chunks(size).map(|c| c.iter().collect()).collect()
+}
+
 /// The content chunks of one answer; word chunks are made as they are sent, not stored.
 pub(super) enum Content {
     Words { h: usize, pad_to: usize, n: usize },
@@ -116,6 +212,18 @@ impl Content {
                 out.push('"');
             }
             Content::Prose(chunks) => push_json_string(out, &chunks[k]),
+        }
+    }
+
+    /// Chunk k as text (for logprobs, which name each chunk as a token).
+    pub(super) fn chunk(&self, k: usize) -> String {
+        match self {
+            Content::Words { h, pad_to, .. } => {
+                let mut chunk = String::new();
+                push_word_chunk(&mut chunk, *h, k, *pad_to);
+                chunk
+            }
+            Content::Prose(chunks) => chunks[k].clone(),
         }
     }
 
@@ -180,6 +288,54 @@ mod tests {
         assert!(chunks
             .iter()
             .all(|c| c.ends_with(' ') && !c.trim().is_empty()));
+    }
+
+    #[test]
+    fn reasoning_refusal_and_tool_result_texts() {
+        assert_eq!(
+            reasoning_chunks(10).concat(),
+            "Let me think this through step by step. Let me "
+        );
+        assert_eq!(refusal_chunks().concat().trim_end(), REFUSAL_TEXT);
+        let quoted = tool_result_chunks("sunny,\n 21 C").concat();
+        assert!(
+            quoted.starts_with("The tool returned: “sunny, 21 C”. "),
+            "{quoted}"
+        );
+    }
+
+    #[test]
+    fn arguments_follow_the_schema() {
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"}, "unit": {"type": "string"},
+                "days": {"type": "integer"}, "exact": {"type": "boolean"},
+                "tags": {"type": "array"}, "optional": {"type": "string"}
+            },
+            "required": ["city", "unit", "days", "exact", "tags"]
+        });
+        let args: serde_json::Value =
+            serde_json::from_str(&arguments_from_schema(&schema, "Weather in Paris, today?"))
+                .unwrap();
+        assert_eq!(
+            args,
+            serde_json::json!({"city":"today","unit":"Paris","days":1,"exact":true,"tags":[]})
+        );
+        assert_eq!(arguments_from_schema(&serde_json::Value::Null, "x"), "{}");
+        let args = arguments_from_schema(&schema, "");
+        assert!(args.contains("\"city\":\"mock\""), "{args}");
+    }
+
+    #[test]
+    fn arguments_split_into_several_pieces() {
+        assert_eq!(split_arguments("{}", 8), vec!["{", "}"]);
+        assert_eq!(split_arguments("", 8), Vec::<String>::new());
+        let long = r#"{"city":"Zürich","days":1}"#;
+        let pieces = split_arguments(long, 8);
+        assert!(pieces.len() >= 3);
+        assert!(pieces.iter().all(|p| p.chars().count() <= 8));
+        assert_eq!(pieces.concat(), long);
     }
 
     #[test]

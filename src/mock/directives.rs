@@ -7,6 +7,9 @@ const MAX_CHUNKS: u64 = 1_000_000;
 const MAX_MS: u64 = 3_600_000;
 const MAX_CHUNK_BYTES: u64 = 1 << 20;
 const MAX_FAIL_TIMES: u64 = 1_000_000;
+const MAX_TOOL_CALLS: u64 = 16;
+const MAX_REASONING: u64 = 100_000;
+const MAX_CACHED: u64 = 1_000_000_000;
 const BLOCK_OPEN: &str = "[[mock";
 const BLOCK_CLOSE: &str = "]]";
 
@@ -24,9 +27,55 @@ pub struct Directives {
     pub cut: Option<usize>,
     pub stall_ms: Option<u64>,
     pub finish: Option<String>,
+    /// Number of tool calls the answer makes (1..=16).
+    pub tools: Option<usize>,
+    /// Number of reasoning chunks before the content.
+    pub reasoning: Option<usize>,
+    /// The delta field reasoning travels in.
+    pub reasoning_field: Option<ReasoningField>,
+    /// The answer is a refusal.
+    pub refusal: Option<bool>,
+    /// Cached prompt tokens to report in the usage.
+    pub cached: Option<u64>,
+    /// `error.code` of an injected error (HTTP `fail` or in-stream `error_event`).
+    pub fail_code: Option<String>,
+    /// `error.type` of an injected error.
+    pub fail_type: Option<String>,
+    /// `error.param` of an injected error.
+    pub fail_param: Option<String>,
+    /// Parts after which the stream carries an SSE `error` event and ends.
+    pub error_event: Option<usize>,
+    /// `system_fingerprint` of every chunk and of the JSON answer.
+    pub fingerprint: Option<String>,
+}
+
+/// Where reasoning text goes: OpenAI-compatible servers disagree (DeepSeek and vLLM say
+/// `reasoning_content`, OpenRouter and Ollama say `reasoning`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReasoningField {
+    #[default]
+    ReasoningContent,
+    Reasoning,
+}
+
+impl ReasoningField {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReasoningField::ReasoningContent => "reasoning_content",
+            ReasoningField::Reasoning => "reasoning",
+        }
+    }
 }
 
 impl Directives {
+    /// Combinations that make no answer; checked again after header and message merge.
+    pub fn check(&self) -> Result<(), String> {
+        if self.refusal == Some(true) && self.tools.is_some() {
+            return Err("mock directives refusal=1 and tools=N exclude each other".to_owned());
+        }
+        Ok(())
+    }
+
     /// Every key given in `self` wins over the same key in `base`.
     pub fn overriding(self, base: Directives) -> Directives {
         Directives {
@@ -40,6 +89,16 @@ impl Directives {
             cut: self.cut.or(base.cut),
             stall_ms: self.stall_ms.or(base.stall_ms),
             finish: self.finish.or(base.finish),
+            tools: self.tools.or(base.tools),
+            reasoning: self.reasoning.or(base.reasoning),
+            reasoning_field: self.reasoning_field.or(base.reasoning_field),
+            refusal: self.refusal.or(base.refusal),
+            cached: self.cached.or(base.cached),
+            fail_code: self.fail_code.or(base.fail_code),
+            fail_type: self.fail_type.or(base.fail_type),
+            fail_param: self.fail_param.or(base.fail_param),
+            error_event: self.error_event.or(base.error_event),
+            fingerprint: self.fingerprint.or(base.fingerprint),
         }
     }
 }
@@ -70,14 +129,37 @@ pub fn parse_directives(s: &str) -> Result<Directives, String> {
             "cut" => d.cut = Some(to_usize(number(key, value, 0, MAX_CHUNKS)?)),
             "stall_ms" => d.stall_ms = Some(number(key, value, 0, MAX_MS)?),
             "finish" => d.finish = Some(non_empty(key, value)?),
+            "tools" => d.tools = Some(to_usize(number(key, value, 1, MAX_TOOL_CALLS)?)),
+            "reasoning" => d.reasoning = Some(to_usize(number(key, value, 0, MAX_REASONING)?)),
+            "reasoning_field" => {
+                d.reasoning_field = Some(match value {
+                    "reasoning_content" => ReasoningField::ReasoningContent,
+                    "reasoning" => ReasoningField::Reasoning,
+                    _ => {
+                        return Err(format!(
+                            "mock directive {key}={value}: expected reasoning_content or reasoning"
+                        ))
+                    }
+                });
+            }
+            "refusal" => d.refusal = Some(number(key, value, 0, 1)? == 1),
+            "cached" => d.cached = Some(number(key, value, 0, MAX_CACHED)?),
+            "fail_code" => d.fail_code = Some(non_empty(key, value)?),
+            "fail_type" => d.fail_type = Some(non_empty(key, value)?),
+            "fail_param" => d.fail_param = Some(non_empty(key, value)?),
+            "error_event" => d.error_event = Some(to_usize(number(key, value, 0, MAX_CHUNKS)?)),
+            "fingerprint" => d.fingerprint = Some(non_empty(key, value)?),
             _ => {
                 return Err(format!(
                     "unknown mock directive `{key}` (known: chunks, delay_ms, chunk_bytes, fail, \
-                     fail_times, retry_after_ms, key, cut, stall_ms, finish)"
+                     fail_times, retry_after_ms, key, cut, stall_ms, finish, tools, reasoning, \
+                     reasoning_field, refusal, cached, fail_code, fail_type, fail_param, \
+                     error_event, fingerprint)"
                 ))
             }
         }
     }
+    d.check()?;
     Ok(d)
 }
 
@@ -158,7 +240,36 @@ mod tests {
                 cut: Some(3),
                 stall_ms: Some(7),
                 finish: Some("content_filter".into()),
+                ..Directives::default()
             }
+        );
+        let d = parse_directives(
+            "tools=3 reasoning=100000 reasoning_field=reasoning refusal=0 cached=8 \
+             fail_code=context_length_exceeded fail_type=invalid_request_error \
+             fail_param=messages error_event=2 fingerprint=fp_1",
+        )
+        .unwrap();
+        assert_eq!(
+            d,
+            Directives {
+                tools: Some(3),
+                reasoning: Some(100_000),
+                reasoning_field: Some(ReasoningField::Reasoning),
+                refusal: Some(false),
+                cached: Some(8),
+                fail_code: Some("context_length_exceeded".into()),
+                fail_type: Some("invalid_request_error".into()),
+                fail_param: Some("messages".into()),
+                error_event: Some(2),
+                fingerprint: Some("fp_1".into()),
+                ..Directives::default()
+            }
+        );
+        assert_eq!(
+            parse_directives("reasoning_field=reasoning_content")
+                .unwrap()
+                .reasoning_field,
+            Some(ReasoningField::ReasoningContent)
         );
     }
 
@@ -189,6 +300,14 @@ mod tests {
             "key=",
             "finish=",
             "delay_ms=1.5",
+            "tools=0",
+            "tools=17",
+            "reasoning=100001",
+            "reasoning_field=thoughts",
+            "refusal=2",
+            "fail_code=",
+            "error_event=x",
+            "refusal=1 tools=1",
         ] {
             let err = parse_directives(bad).unwrap_err();
             assert!(err.contains("mock directive"), "{bad}: {err}");

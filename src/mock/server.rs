@@ -26,7 +26,7 @@ use tower_http::cors::CorsLayer;
 use super::{
     body::{json_response, sse_response},
     directives::{parse_directives, Directives},
-    plan::Plan,
+    plan::{error_json, Plan},
     request::parse_request,
     stats::{MockStats, MockStatsSnapshot},
 };
@@ -118,6 +118,10 @@ async fn respond(
     let from_header = parse_directives(header_source).map_err(|m| bad_request(&m))?;
     let from_message = parse_directives(&req.block_directives).map_err(|m| bad_request(&m))?;
     let d = from_header.overriding(from_message);
+    d.check().map_err(|m| bad_request(&m))?;
+    if !req.tools.is_empty() {
+        state.stats.tool_requests.fetch_add(1, Ordering::SeqCst);
+    }
 
     if let Some(status) = d.fail {
         let times = d.fail_times.unwrap_or(1);
@@ -163,7 +167,7 @@ fn injected_failure(status: u16, attempt: u32, times: u32, d: &Directives) -> Re
         "mock: injected failure {} ({attempt} of {times})",
         status.as_u16()
     );
-    let mut response = openai_error(status, kind, Some(code), &message);
+    let mut response = (status, Json(error_json(&message, d, kind, Some(code)))).into_response();
     if matches!(status.as_u16(), 429 | 503) {
         let ms = d.retry_after_ms.unwrap_or(DEFAULT_RETRY_AFTER_MS);
         let headers = response.headers_mut();

@@ -16,6 +16,8 @@ pub struct MockStats {
     pub(super) in_flight: AtomicU64,
     pub(super) chunks_sent: AtomicU64,
     pub(super) errors_injected: AtomicU64,
+    pub(super) error_events: AtomicU64,
+    pub(super) tool_requests: AtomicU64,
     pub(super) last_authorization: Mutex<Option<String>>,
     pub(super) last_request: Mutex<Option<Value>>,
 }
@@ -33,10 +35,17 @@ pub struct MockStatsSnapshot {
     pub cut: u64,
     /// Streaming bodies currently open.
     pub in_flight: u64,
-    /// Content chunks handed to response bodies, over all requests.
+    /// Parts (content, reasoning, refusal and tool-call chunks) handed to response bodies,
+    /// over all requests.
     pub chunks_sent: u64,
     /// HTTP error answers produced by `fail`.
     pub errors_injected: u64,
+    /// Answers ended by the `error_event` directive (an SSE `error` event, or a 500 when
+    /// not streaming).
+    pub error_events: u64,
+    /// Accepted chat-completion requests (valid body and directives) that carried a non-empty
+    /// `tools` array.
+    pub tool_requests: u64,
     /// The `Authorization` header of the last request.
     pub last_authorization: Option<String>,
     /// The JSON body of the last request (`None` if it was not JSON).
@@ -57,6 +66,8 @@ impl MockStats {
             in_flight,
             chunks_sent: self.chunks_sent.load(Ordering::SeqCst),
             errors_injected: self.errors_injected.load(Ordering::SeqCst),
+            error_events: self.error_events.load(Ordering::SeqCst),
+            tool_requests: self.tool_requests.load(Ordering::SeqCst),
             last_authorization: self.last_authorization.lock().clone(),
             last_request: self.last_request.lock().clone(),
         }
@@ -72,6 +83,8 @@ impl MockStats {
             &self.cut,
             &self.chunks_sent,
             &self.errors_injected,
+            &self.error_events,
+            &self.tool_requests,
         ] {
             counter.store(0, Ordering::SeqCst);
         }
