@@ -35,6 +35,18 @@ async fn post(h: &Harness, token: &str, body: &Value) -> reqwest::Response {
         .unwrap()
 }
 
+/// A chat completion request written on a raw socket, for tests of what the socket sees.
+async fn raw_post(h: &Harness, token: &str, body: &Value) -> TcpStream {
+    let body = body.to_string();
+    let mut tcp = TcpStream::connect(h.addr).await.unwrap();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    tcp
+}
+
 /// The `data:` payloads of an SSE body, `[DONE]` included, checking every event's framing.
 fn events(body: &str) -> Vec<String> {
     assert!(body.ends_with("\n\n"), "{body:?}");
@@ -291,13 +303,12 @@ async fn client_disconnect_cancels_the_upstream() {
     .await;
 
     // Before the answer: a non-streaming request whose client hangs up while it waits.
-    let body = chat("slow too [[mock chunks=200 delay_ms=50]]", false).to_string();
-    let mut tcp = TcpStream::connect(h.addr).await.unwrap();
-    let request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    tcp.write_all(request.as_bytes()).await.unwrap();
+    let tcp = raw_post(
+        &h,
+        &token,
+        &chat("slow too [[mock chunks=200 delay_ms=50]]", false),
+    )
+    .await;
     wait_for_mock(&h, "the second request upstream", |s| s.requests == 2).await;
     drop(tcp);
     wait_for_mock(&h, "two aborted upstream requests", |s| {
@@ -416,14 +427,12 @@ async fn models_lists_what_the_gateway_routes() {
 #[tokio::test]
 async fn the_body_closes_right_after_done() {
     let h = Harness::start().await;
-    let body = chat("short [[mock chunks=2]]", true).to_string();
-    let mut tcp = TcpStream::connect(h.addr).await.unwrap();
-    let request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        h.token("jo", "pro"),
-        body.len()
-    );
-    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut tcp = raw_post(
+        &h,
+        &h.token("jo", "pro"),
+        &chat("short [[mock chunks=2]]", true),
+    )
+    .await;
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     // Chunked transfer: the last chunk `0\r\n\r\n` comes with no wait after `[DONE]`.

@@ -13,28 +13,10 @@ import http from 'node:http'
 import OpenAI6 from 'openai6'
 import { createFetch } from '../src/fetch.js'
 import { scriptedMux } from '../test/fakes.js'
-import { expectedText, startStack, userNamer, waitFor } from './harness.js'
+import { expectedText, startStack, TIERS_FREE_AT_2_RPM, userNamer, waitFor } from './harness.js'
 
 const MODEL = 'deepseek-v3.2'
-// A free tier at 2 requests a minute per user, for the 429; a [tiers] table replaces the
-// default one whole, so pro is restated with its defaults.
-const CONFIG = `
-[tiers.free]
-priority = 0
-user_rpm = 2
-rpm = 60
-tpm = 50000
-on_limit = "reject"
-max_wait_ms = 0
-
-[tiers.pro]
-priority = 1
-user_rpm = 600
-rpm = 5000
-tpm = 5000000
-on_limit = "wait"
-max_wait_ms = 5000
-`
+const CONFIG = TIERS_FREE_AT_2_RPM
 
 const userFor = userNamer('http')
 let stack
