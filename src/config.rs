@@ -46,7 +46,8 @@ pub struct Config {
     /// Directory served at `/` (the demo chat and the shim). Default: `web` in the working
     /// directory if it exists, else the `web/` of the source tree. Env `MUXGATE_STATIC_DIR`.
     pub static_dir: Option<PathBuf>,
-    /// Browser origins allowed to open a WebSocket besides the gateway's own (see
+    /// Browser origins allowed to open a WebSocket or call `/v1/chat/completions` and
+    /// `/v1/models` (CORS) besides the gateway's own (see
     /// `server.public_origins`), e.g. `["https://chat.example.com"]`; `"*"` allows any. Default
     /// empty. Env `MUXGATE_ALLOWED_ORIGINS` (comma-separated).
     pub allowed_origins: Vec<String>,

@@ -27,6 +27,8 @@
 //! - [`upstream`]: providers, pooled HTTP clients, SSE chunk parsing, upstream errors.
 //! - [`sse`]: the server-sent events parser: linear time, bounded event size.
 //! - [`redact`]: the one path upstream text takes to a frame or a log (keys, controls).
+//! - [`openai`]: the OpenAI-compatible HTTP front end (`/v1/chat/completions`, `/v1/models`),
+//!   each request one stream, encoded as `docs/openai-compat.md` says.
 //! - [`server`]: the router, its handlers and graceful shutdown.
 //! - [`accept`]: the accept loop: header-read timeout, connection caps, shutdown by a deadline.
 //! - [`preauth`]: the read budget of a WebSocket that has not said `hello` yet.
@@ -43,6 +45,7 @@ pub mod hub;
 pub mod limits;
 pub mod metrics;
 pub mod mock;
+pub mod openai;
 pub mod preauth;
 pub mod protocol;
 pub mod redact;

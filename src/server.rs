@@ -1,4 +1,5 @@
-//! The HTTP side: the router (`/v1/ws`, dev token, admin, health, the static demo) and
+//! The HTTP side: the router (`/v1/ws`, the OpenAI-compatible `/v1/chat/completions` and
+//! `/v1/models`, dev token, admin, health, the static demo) and
 //! [`serve`] with its two-step shutdown. The shared state is [`Gateway`], one module below.
 
 use std::future::Future;
@@ -29,6 +30,7 @@ use crate::session;
 pub fn app(gw: Arc<Gateway>) -> Router {
     let mut router = Router::new()
         .route("/v1/ws", get(ws_upgrade))
+        .merge(openai_routes(&gw))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
@@ -100,6 +102,21 @@ pub fn is_loopback_host(host: &str) -> bool {
         || name
             .parse::<std::net::Ipv4Addr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The OpenAI-compatible HTTP front end, with its CORS and a request body bounded like a
+/// WebSocket frame (`session.max_frame_bytes`).
+fn openai_routes(gw: &Arc<Gateway>) -> Router<Arc<Gateway>> {
+    Router::new()
+        .route(
+            "/v1/chat/completions",
+            axum::routing::post(crate::openai::chat_completions),
+        )
+        .route("/v1/models", get(crate::openai::models))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            gw.config.session.max_frame_bytes,
+        ))
+        .layer(crate::openai::cors(gw))
 }
 
 /// The operator's routes, all behind the admin bearer token.
