@@ -9,12 +9,14 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::billing::BudgetConfig;
-use crate::breaker::BreakerConfig;
-use crate::limits::LimitsConfig;
-use crate::retry::RetryConfig;
-use crate::scheduler::SchedulerConfig;
-use crate::tiers::{default_tiers, TierConfig};
+// Each section is declared beside the code it configures; re-exported here so that the whole
+// configuration is one public module an embedder can build in code.
+pub use crate::billing::BudgetConfig;
+pub use crate::breaker::BreakerConfig;
+pub use crate::limits::LimitsConfig;
+pub use crate::retry::RetryConfig;
+pub use crate::scheduler::SchedulerConfig;
+pub use crate::tiers::{default_tiers, OnLimit, TierConfig};
 
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]

@@ -280,12 +280,12 @@ impl Hub {
             });
     }
 
-    /// Users the hub holds an entry for (for tests and the admin view).
+    /// Users the hub holds an entry for (for tests).
     pub fn tracked_users(&self) -> usize {
         self.users.len()
     }
 
-    /// Bytes of finished streams' logs kept for `user` (for tests and the admin view).
+    /// Bytes of finished streams' logs kept for `user` (for tests).
     pub fn retained_bytes(&self, user: &str) -> usize {
         self.users.get(user).map_or(0, |e| e.retained_bytes)
     }

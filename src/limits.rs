@@ -318,7 +318,8 @@ impl RateLimiter {
         });
     }
 
-    /// Users with a request bucket (for tests and the admin view).
+    /// Users with a request bucket.
+    #[cfg(test)]
     pub fn tracked_users(&self) -> usize {
         self.users.len()
     }
@@ -337,7 +338,7 @@ impl RateLimiter {
         self.global_tpm.lock().adjust(diff, now);
     }
 
-    /// Tokens left in a tier's tokens-per-minute bucket (for tests and the admin view).
+    /// Tokens left in a tier's tokens-per-minute bucket (for tests).
     pub fn tier_tokens_available(&self, tier: &str) -> Option<f64> {
         self.tier_buckets
             .get(tier)

@@ -64,7 +64,7 @@ impl Outcome {
 
 /// Builds the upstream body for `model`: the client's messages and allowed params, with
 /// `stream`, `stream_options.include_usage` and `user` always set by the gateway. `user_id`
-/// is the authenticated user's keyed hash ([`crate::upstream::Upstreams::user_id`]): a
+/// is the authenticated user's keyed hash (`Upstreams::user_id`): a
 /// client-sent `params.user` is replaced, so a client cannot pose as another user upstream.
 pub fn upstream_body(
     req: &OpenRequest,
@@ -340,13 +340,6 @@ pub struct Failure {
     retry_after: Option<Duration>,
     /// Whether another model in the fallback chain may serve instead.
     may_fall_back: bool,
-}
-
-impl Failure {
-    /// The `code` of the stream's `error` frame.
-    pub fn code(&self) -> ErrorCode {
-        self.code
-    }
 }
 
 /// Without the message: it can quote the upstream's text, which no log carries.

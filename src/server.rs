@@ -272,30 +272,15 @@ async fn admin_user(State(gw): State<Arc<Gateway>>, Path(user): Path<String>) ->
     .into_response()
 }
 
-/// `None` when the request carries the admin token; else the response refusing it.
-/// Prometheus text. Gauges of state that changes with time alone (a breaker due for its probe)
-/// or under locks the hot path holds (queue depths) are read here, at scrape time.
+/// Prometheus text; see [`Gateway::metrics_text`].
 async fn metrics_text(State(gw): State<Arc<Gateway>>) -> Response {
-    for p in gw.upstreams.all() {
-        gw.metrics
-            .set_breaker_state(&p.name, p.breaker.state().as_gauge());
-        let (_, _, by_tier) = p.scheduler.load();
-        for tier in gw.config.tiers.keys() {
-            let depth = by_tier
-                .iter()
-                .find(|(t, _)| &**t == tier)
-                .map_or(0, |(_, n)| *n);
-            gw.metrics.set_queue_depth(&p.name, tier, depth);
-        }
-    }
     (
         [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
-        gw.metrics.encode(),
+        gw.metrics_text(),
     )
         .into_response()
 }
 
-/// Every user with a connection or stream since start: connections, live streams, spend today.
 async fn admin_users(State(gw): State<Arc<Gateway>>) -> Response {
     let spend = gw.budgets.snapshot();
     let users: Vec<_> = gw

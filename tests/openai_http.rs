@@ -103,7 +103,10 @@ async fn streaming_answer_is_openai_chunks_in_exact_bytes() {
     assert_eq!(usage["usage"]["completion_tokens"], 4, "{usage_chunk}");
     assert_eq!(events[n + 2], "[DONE]");
     // The id is the gateway's stream id, registered under the user like a WebSocket's.
-    assert!(h.gw.hub.get(&"ann".into(), &id).is_some(), "{id}");
+    assert!(
+        muxgate::test_support::stream_buffered_bytes(&h.gw, "ann", &id).is_some(),
+        "{id}"
+    );
 }
 
 #[tokio::test]
@@ -178,7 +181,7 @@ async fn bad_token_and_bad_body_answer_in_openai_error_shape() {
         );
     }
     // Bounded like a frame: one byte over max_frame_bytes is refused before it is read whole.
-    let big = "x".repeat(h.gw.config.session.max_frame_bytes + 1);
+    let big = "x".repeat(h.gw.config().session.max_frame_bytes + 1);
     let res = http_client()
         .post(url(&h, "/v1/chat/completions"))
         .bearer_auth(&token)
@@ -315,7 +318,7 @@ async fn client_disconnect_cancels_the_upstream() {
         s.aborted == 2 && s.in_flight == 0
     })
     .await;
-    let stats = h.gw.hub.user_stats("gus").unwrap();
+    let stats = h.gw.user_stats("gus").unwrap();
     assert_eq!(stats.live_streams, 0, "both streams ended");
 }
 

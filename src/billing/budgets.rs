@@ -257,10 +257,6 @@ impl Budgets {
         }
     }
 
-    pub fn config(&self) -> &BudgetConfig {
-        &self.config
-    }
-
     /// Whether `user` of `tier` may start a stream: refused once today's spend has reached the
     /// user's limit, or the tier's (checked in that order). Call it before the stream is queued
     /// or reaches an upstream.
@@ -320,6 +316,7 @@ impl Budgets {
     }
 
     /// USD the users of `tier` have spent today.
+    #[cfg(test)]
     pub fn tier_spent_today(&self, tier: &str) -> f64 {
         let day = utc_day(self.clock.now());
         to_usd(self.tiers.get(tier).map_or(0, |s| s.on(day)))

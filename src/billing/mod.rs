@@ -12,12 +12,8 @@ mod budgets;
 mod settlement;
 mod tokens;
 
-pub use budgets::{
-    BudgetConfig, BudgetConfigError, BudgetError, BudgetScope, Budgets, Clock, SpendSnapshot,
-    SystemClock,
-};
-pub use settlement::{cost_usd, Bill, Settlement};
+pub use budgets::{BudgetConfig, Budgets};
+pub use settlement::{cost_usd, Settlement};
 pub use tokens::{
-    count_off_runtime, count_prompt_tokens, count_tokens, encoding_for_model, prompt_text_bytes,
-    warm_up, Encoding,
+    count_off_runtime, count_prompt_tokens, count_tokens, prompt_text_bytes, warm_up,
 };

@@ -41,7 +41,7 @@ impl Harness {
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Harness {
         // The tokenizers load once per process; a debug build takes seconds for it, which the
         // first stream of a test would otherwise wait out (past FRAME_WAIT on a loaded machine).
-        tokio::task::spawn_blocking(muxgate::billing::warm_up)
+        tokio::task::spawn_blocking(muxgate::test_support::warm_up)
             .await
             .unwrap();
         let mock = spawn_mock(Some(API_KEY)).await;
@@ -78,8 +78,7 @@ impl Harness {
 
     pub fn token(&self, user: &str, tier: &str) -> String {
         self.gw
-            .auth
-            .issue(user, tier, Duration::from_secs(600))
+            .issue_token(user, tier, Duration::from_secs(600))
             .unwrap()
     }
 
