@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::billing::BudgetConfig;
 use crate::breaker::BreakerConfig;
+use crate::cluster::ClusterConfig;
 use crate::limits::LimitsConfig;
 use crate::retry::RetryConfig;
 use crate::scheduler::SchedulerConfig;
@@ -82,6 +83,13 @@ pub struct Config {
     /// Shutdown: how long streams may run after `goaway` before they are aborted.
     /// Default 10000 ms.
     pub drain_timeout_ms: u64,
+    /// Redis URL (`redis://host:6379/0`, `rediss://` for TLS): set, it turns on cluster mode,
+    /// where every instance using the same Redis and `cluster.key_prefix` shares rate limits,
+    /// budgets and the per-user connection and stream caps. Default none: one process, all
+    /// state in memory. Env `MUXGATE_REDIS_URL`.
+    pub redis_url: Option<String>,
+    /// Cluster mode's settings (used only with `redis_url`).
+    pub cluster: ClusterConfig,
 }
 
 impl Default for Config {
@@ -107,6 +115,8 @@ impl Default for Config {
             allowed_params: default_allowed_params(),
             pricing: default_pricing(),
             drain_timeout_ms: 10_000,
+            redis_url: None,
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -452,6 +462,12 @@ impl Config {
                 provider.api_key = get(name);
             }
         }
+        if let Some(v) = get("MUXGATE_REDIS_URL") {
+            self.redis_url = Some(v);
+        }
+        if let Some(v) = get("MUXGATE_INSTANCE_ID") {
+            self.cluster.instance_id = Some(v);
+        }
         if let Some(base_url) = get("MUXGATE_UPSTREAM_BASE_URL") {
             // The environment alone sets one provider that serves every model, ahead of any
             // from the file.
@@ -540,6 +556,16 @@ impl Config {
         }
         if self.providers.iter().any(|p| p.max_concurrent == 0) {
             return invalid("providers.max_concurrent must be > 0".into());
+        }
+        let c = &self.cluster;
+        if c.key_prefix.is_empty() || c.key_prefix.contains(['{', '}']) {
+            // A brace would move every key's hash tag off the user or tier it names.
+            return invalid("cluster.key_prefix must be non-empty, without `{` or `}`".into());
+        }
+        if c.redis_timeout_ms == 0 || c.lease_ms < 3 {
+            return invalid(
+                "cluster.redis_timeout_ms must be > 0 and cluster.lease_ms >= 3".into(),
+            );
         }
         Ok(())
     }

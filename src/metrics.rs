@@ -131,6 +131,11 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TokenLabels {
     model: String,
     tier: String,
@@ -176,6 +181,14 @@ pub struct Metrics {
     ws_sent_bytes: Counter,
     tokenizer_bytes: Counter,
     tokenizer_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// 1 while the last call to the shared store (Redis, cluster mode) succeeded; 0 after one
+    /// failed or timed out. Absent from the output in single-process mode.
+    redis_up: Gauge,
+    /// Failed or timed-out Redis calls by operation.
+    redis_errors: Family<OpLabels, Counter>,
+    /// Decisions taken on this instance's own counters because Redis failed (`fail_open`), by
+    /// operation.
+    redis_fallbacks: Family<OpLabels, Counter>,
     /// Model names that have a label of their own (see the module docs on cardinality).
     models: DashSet<String>,
     /// `models.len()` without walking the set's shards; may run ahead by a racing insert.
@@ -211,6 +224,9 @@ impl Metrics {
             ws_sent_bytes: Counter::default(),
             tokenizer_bytes: Counter::default(),
             tokenizer_seconds: Counter::default(),
+            redis_up: Gauge::default(),
+            redis_errors: Family::default(),
+            redis_fallbacks: Family::default(),
             models: DashSet::new(),
             model_count: AtomicUsize::new(0),
             registry: Registry::default(),
@@ -399,6 +415,45 @@ impl Metrics {
                 reason,
             })
             .inc();
+    }
+
+    /// The metrics of a gateway in cluster mode: every metric of [`Metrics::new`], plus
+    /// `muxgate_redis_up` and the Redis error and fallback counters, which a single-process
+    /// gateway does not show.
+    pub fn with_redis() -> Metrics {
+        let mut m = Metrics::new();
+        let registry = &mut m.registry;
+        registry.register(
+            "redis_up",
+            "1 while the shared store (Redis) answers this instance, 0 after a failed or timed-out call",
+            m.redis_up.clone(),
+        );
+        registry.register(
+            "redis_errors",
+            "Redis calls that failed or timed out, by operation",
+            m.redis_errors.clone(),
+        );
+        registry.register(
+            "redis_fallbacks",
+            "Decisions taken on this instance's own limits because Redis failed (on_redis_error = fail_open), by operation",
+            m.redis_fallbacks.clone(),
+        );
+        m
+    }
+
+    /// Records whether Redis answered the last call.
+    pub fn set_redis_up(&self, up: bool) {
+        self.redis_up.set(i64::from(up));
+    }
+
+    /// A Redis call for `op` failed or timed out.
+    pub fn redis_error(&self, op: &'static str) {
+        self.redis_errors.get_or_create(&OpLabels { op }).inc();
+    }
+
+    /// `op` was decided on this instance's own counters because Redis failed.
+    pub fn redis_fallback(&self, op: &'static str) {
+        self.redis_fallbacks.get_or_create(&OpLabels { op }).inc();
     }
 
     /// A stream was refused before reaching an upstream (`muxgate_refusals_total`). `reason`

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{unix_now_ms, AuthError, Claims};
+use crate::cluster::{LeaseKind, LeaseRefused};
 use crate::gateway::Gateway;
 use crate::hub::Registration;
 use crate::metrics::Metrics;
@@ -99,12 +100,46 @@ async fn run_on(
         return;
     };
     let inbox = Inbox::new();
+    // Cluster mode: the cap counts the user's connections on every instance first; the hub
+    // then counts this instance's (the only count when Redis is unavailable).
+    let lease = match &gw.cluster {
+        Some(cluster) => {
+            match cluster
+                .lease(LeaseKind::Connection, &claims.sub, tier.max_connections())
+                .await
+            {
+                Ok(lease) => Some(lease),
+                Err(_) => {
+                    gw.metrics.refused("too_many_connections");
+                    let message = format!(
+                        "at most {} simultaneous connections per user",
+                        tier.max_connections()
+                    );
+                    let frame = protocol::error(None, ErrorCode::TooManyStreams, &message, None);
+                    return refuse(
+                        sink,
+                        source,
+                        Some(frame),
+                        close::TOO_MANY_CONNECTIONS,
+                        "too many connections",
+                    )
+                    .await;
+                }
+            }
+        }
+        None => None,
+    };
     let registration =
         match gw
             .hub
             .register(&claims.sub, inbox.conn, tier.max_connections(), &gw.metrics)
         {
-            Ok(registration) => registration,
+            Ok(mut registration) => {
+                if let Some(lease) = lease {
+                    registration.hold(lease);
+                }
+                registration
+            }
             Err(refusal) => {
                 gw.metrics.refused("too_many_connections");
                 let frame = protocol::error(None, refusal.code, &refusal.message, None);
@@ -706,6 +741,27 @@ impl Connection {
             req.model.clone(),
             gw.config.session.stream_buffer_bytes,
         );
+        // Cluster mode: the user's live streams on every instance count against the cap.
+        let lease = match &gw.cluster {
+            Some(cluster) => match cluster
+                .lease(LeaseKind::Stream, &self.user, self.max_streams)
+                .await
+            {
+                Ok(lease) => Some(lease),
+                Err(LeaseRefused::Full) => {
+                    gw.metrics.refused("too_many_streams");
+                    let message = format!("at most {} live streams per user", self.max_streams);
+                    return self.send(refuse(ErrorCode::TooManyStreams, &message)).await;
+                }
+                Err(LeaseRefused::Unavailable(e)) => {
+                    gw.metrics.refused("redis_unavailable");
+                    return self
+                        .send(refuse(ErrorCode::Overloaded, &e.to_string()))
+                        .await;
+                }
+            },
+            None => None,
+        };
         if let Err(refusal) = gw.hub.open(&stream, self.max_streams) {
             if refusal.code == ErrorCode::TooManyStreams {
                 gw.metrics.refused("too_many_streams");
@@ -730,6 +786,7 @@ impl Connection {
                 let outcome = relay::run(job).await;
                 tracing::info!(?outcome, "stream ended");
                 hub.finished(&stream, linger, retain);
+                drop(lease);
             },
             span,
         ));

@@ -13,8 +13,8 @@ mod settlement;
 mod tokens;
 
 pub use budgets::{
-    BudgetConfig, BudgetConfigError, BudgetError, BudgetScope, Budgets, Clock, SpendSnapshot,
-    SystemClock,
+    BudgetConfig, BudgetConfigError, BudgetError, BudgetRefused, BudgetScope, Budgets, Clock,
+    SpendSnapshot, SystemClock,
 };
 pub use settlement::{cost_usd, Bill, Settlement};
 pub use tokens::{
