@@ -644,6 +644,8 @@ mod tests {
     fn defaults_and_env() {
         let c = Config::load_with_env(None, &no_env).expect("defaults");
         assert!(c.is_dev());
+        assert_eq!(c.redis_url, None, "one process unless Redis is configured");
+        assert_eq!(c.cluster, crate::cluster::ClusterConfig::default());
         assert_eq!(c.session.max_streams, 32);
         assert_eq!(
             c.pricing["deepseek-v3.2"],
@@ -660,9 +662,13 @@ mod tests {
             "MUXGATE_UPSTREAM_API_KEY" => Some("sk-test".to_string()),
             "MUXGATE_ALLOWED_ORIGINS" => Some("https://a.example, https://b.example/".to_string()),
             "MUXGATE_PUBLIC_ORIGINS" => Some("https://gw.example/".to_string()),
+            "MUXGATE_REDIS_URL" => Some("redis://127.0.0.1:6379/0".to_string()),
+            "MUXGATE_INSTANCE_ID" => Some("gw-a".to_string()),
             _ => None,
         };
         let c = Config::load_with_env(None, &env).expect("env");
+        assert_eq!(c.redis_url.as_deref(), Some("redis://127.0.0.1:6379/0"));
+        assert_eq!(c.cluster.instance_id.as_deref(), Some("gw-a"));
         assert!(!c.is_dev());
         assert_eq!(c.listen.port(), 9999);
         assert_eq!(c.providers[0].api_key.as_deref(), Some("sk-test"));
@@ -679,6 +685,27 @@ mod tests {
         let env = |name: &str| (name == "MUXGATE_LISTEN").then(|| "0.0.0.0:8080".to_string());
         let err = Config::load_with_env(None, &env).expect_err("dev on 0.0.0.0");
         assert!(err.to_string().contains("dev mode refuses"), "{err}");
+    }
+
+    #[test]
+    fn cluster_settings_are_checked() {
+        let c = Config::from_toml(
+            "redis_url = \"redis://127.0.0.1/\"\n[cluster]\nkey_prefix = \"gw\"\non_redis_error = \"fail_closed\"\nredis_timeout_ms = 100\n",
+        )
+        .expect("parses");
+        assert_eq!(
+            c.cluster.on_redis_error,
+            crate::cluster::OnRedisError::FailClosed
+        );
+        c.validate().expect("valid");
+        for bad in [
+            "[cluster]\nkey_prefix = \"a{b}\"",
+            "[cluster]\nredis_timeout_ms = 0",
+        ] {
+            let c = Config::from_toml(bad).expect("parses");
+            assert!(c.validate().is_err(), "{bad}");
+        }
+        assert!(Config::from_toml("[cluster]\non_redis_error = \"maybe\"").is_err());
     }
 
     #[test]

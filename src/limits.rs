@@ -271,7 +271,8 @@ impl RateLimiter {
                 Err(None) => cluster.fell_back("check"),
             }
         }
-        self.check(user, tier, tokens).map_err(Refused::Limited)
+        self.assess(user, tier, tokens, false)
+            .map_err(Refused::Limited)
     }
 
     /// The five buckets in Redis. `Err(None)`: Redis failed and the policy says decide here.
@@ -406,8 +407,27 @@ impl RateLimiter {
 
     /// Whether [`RateLimiter::try_acquire`] would admit the request now, charging nothing: the
     /// cheap check made before a request costs anything (a `Stream`, counting its prompt).
+    ///
+    /// In cluster mode only a request larger than a limit itself is refused here: the
+    /// in-process buckets hold only what was charged while Redis was down, so they would refuse
+    /// requests the shared buckets admit.
     pub fn check(&self, user: &Arc<str>, tier: &Tier, tokens: u64) -> Result<(), Limited> {
-        self.assess(user, tier, tokens, false)
+        if self.cluster.is_none() {
+            return self.assess(user, tier, tokens, false);
+        }
+        let never = |kind| {
+            Err(Limited {
+                kind,
+                retry_after: None,
+            })
+        };
+        if tokens > tier.config.tpm {
+            return never(LimitKind::TierTpm);
+        }
+        if tokens > self.config.global_tpm {
+            return never(LimitKind::GlobalTpm);
+        }
+        Ok(())
     }
 
     fn assess(

@@ -663,7 +663,34 @@ mod tests {
         m.set_breaker_state("openai", 1);
         m.frames_sent(5, 1234);
         m.tokenized(10, Duration::from_millis(1));
+        m.set_redis_up(true);
+        m.redis_error("take");
+        m.redis_fallback("take");
         (conn, live)
+    }
+
+    #[test]
+    fn redis_metrics_only_in_cluster_mode() {
+        let single = Metrics::new();
+        single.set_redis_up(true);
+        single.redis_error("take");
+        assert!(
+            !single.encode().contains("redis"),
+            "one process: no Redis series"
+        );
+        let cluster = Metrics::with_redis();
+        assert_eq!(get(&parse(&cluster.encode()), "muxgate_redis_up"), 0.0);
+        cluster.set_redis_up(true);
+        cluster.redis_error("take");
+        cluster.redis_error("take");
+        cluster.redis_fallback("lease_stream");
+        let v = parse(&cluster.encode());
+        assert_eq!(get(&v, "muxgate_redis_up"), 1.0);
+        assert_eq!(get(&v, "muxgate_redis_errors_total{op=\"take\"}"), 2.0);
+        assert_eq!(
+            get(&v, "muxgate_redis_fallbacks_total{op=\"lease_stream\"}"),
+            1.0
+        );
     }
 
     #[test]
@@ -987,7 +1014,7 @@ mod tests {
         let dashboard: serde_json::Value =
             serde_json::from_str(include_str!("../docs/grafana-dashboard.json"))
                 .expect("docs/grafana-dashboard.json is JSON");
-        let m = Metrics::new();
+        let m = Metrics::with_redis();
         let _guards = record_one_of_each(&m);
         let text = m.encode();
         let exported: BTreeSet<String> = parse(&text)

@@ -125,7 +125,16 @@ async fn one_user_rpm_is_exact_across_three_instances() {
         for (id, record) in client.collect(&mine).await {
             match (record.end_type(), record.error_code()) {
                 ("done", _) => done += 1,
-                ("error", "rate_limited") => limited += 1,
+                ("error", "rate_limited") => {
+                    limited += 1;
+                    // 120 per minute refills one every 500 ms: the wait Redis computed.
+                    let wait = record.end.as_ref().unwrap()["retry_after_ms"]
+                        .as_u64()
+                        .unwrap();
+                    assert!((1..=500).contains(&wait), "{id}: retry_after_ms {wait}");
+                    let message = record.end.as_ref().unwrap()["message"].to_string();
+                    assert!(message.contains("user_rpm"), "{id}: {message}");
+                }
                 other => panic!("{id}: {other:?} {:?}", record.end),
             }
         }
@@ -341,6 +350,8 @@ async fn redis_down_fail_open_keeps_streams_and_falls_back_to_each_instances_lim
     assert_eq!(open_and_end(&mut ba, "y3").await.0, "done");
     assert_eq!(open_and_end(&mut bb, "y4").await.1, "rate_limited");
     assert_eq!(open_and_end(&mut ba, "y5").await.1, "rate_limited");
+    // Alice spent A's own bucket during the outage; the shared one decides again.
+    assert_eq!(open_and_end(&mut ca, "z1").await.0, "done");
     // Renewal writes the leases back within a second of Redis's return.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
