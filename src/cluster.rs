@@ -568,3 +568,47 @@ async fn renew(cluster: Weak<Cluster>, every: Duration) {
         tokio::time::sleep(if ok { every } else { down_every }).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The part of a key Redis Cluster hashes: between the first `{` and the next `}`.
+    fn hash_tag(key: &str) -> &str {
+        let open = key.find('{').expect("a tag");
+        let close = key[open..].find('}').expect("closed") + open;
+        &key[open + 1..close]
+    }
+
+    #[tokio::test]
+    async fn every_key_of_a_user_shares_its_hash_tag() {
+        // Lazy: nothing listens on this port and nothing is sent.
+        let cluster = Cluster::start(
+            "redis://127.0.0.1:1/",
+            &ClusterConfig::default(),
+            "gw-a:8080".into(),
+            Arc::new(Metrics::with_redis()),
+        )
+        .expect("a valid URL");
+        assert!(cluster.instance().starts_with("gw-a:8080/"));
+        let keys = [
+            cluster.user_key("alice", "rpm"),
+            cluster.user_key("alice", "spend:20000"),
+            cluster.user_key("alice", LeaseKind::Connection.key_suffix()),
+            cluster.user_key("alice", LeaseKind::Stream.key_suffix()),
+        ];
+        assert_eq!(keys[0], "muxgate:{alice}:rpm");
+        assert!(keys.iter().all(|k| hash_tag(k) == "alice"), "{keys:?}");
+        assert_eq!(hash_tag(&cluster.tier_key("pro", "tpm")), "pro");
+        assert_eq!(cluster.global_key("rpm"), "muxgate:{global}:rpm");
+        assert!(matches!(
+            Cluster::start(
+                "nope://x",
+                &ClusterConfig::default(),
+                "x".into(),
+                Arc::new(Metrics::new())
+            ),
+            Err(ClusterError::Url(_))
+        ));
+    }
+}
