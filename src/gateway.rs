@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{AuthError, Authenticator, Claims};
 use crate::billing::Budgets;
+use crate::cluster::{self, Cluster, ClusterError};
 use crate::config::{Config, ProviderConfig};
 use crate::hub::{Hub, UserStats};
 use crate::limits::RateLimiter;
@@ -33,6 +34,8 @@ pub enum StartError {
     Client(#[from] reqwest::Error),
     #[error("cannot start the simulated provider: {0}")]
     Simulated(#[from] std::io::Error),
+    #[error("cluster mode: {0}")]
+    Cluster(#[from] ClusterError),
 }
 
 /// Everything the connections and streams of one gateway process share.
@@ -49,6 +52,9 @@ pub struct Gateway {
     pub(crate) limits: RateLimiter,
     /// Daily spend per user and tier, and their limits.
     pub(crate) budgets: Budgets,
+    /// Cluster mode (`redis_url` set): the Redis store the limits, budgets and per-user caps of
+    /// every instance share. `None`: one process, everything in memory.
+    pub(crate) cluster: Option<Arc<Cluster>>,
     /// The Prometheus registry; behind an `Arc` so a connection's writer task holds only it.
     pub(crate) metrics: Arc<Metrics>,
     /// Streams and connections by user: limits, resume after a reconnect, admin views. Behind
@@ -98,8 +104,24 @@ impl Gateway {
         );
         let upstreams = Upstreams::new(&config, &secret)?;
         let tiers = Tiers::new(&config.tiers, config.session.max_streams);
-        let limits = RateLimiter::new(config.limits.clone(), &tiers);
-        let budgets = Budgets::new(config.budgets.clone());
+        let mut limits = RateLimiter::new(config.limits.clone(), &tiers);
+        let mut budgets = Budgets::new(config.budgets.clone());
+        let (metrics, cluster) = match &config.redis_url {
+            None => (Arc::new(Metrics::new()), None),
+            Some(url) => {
+                let metrics = Arc::new(Metrics::with_redis());
+                let id = config
+                    .cluster
+                    .instance_id
+                    .clone()
+                    .unwrap_or_else(|| cluster::default_instance_id(config.listen.port()));
+                let cluster = Cluster::start(url, &config.cluster, id, metrics.clone())?;
+                tracing::info!(instance = %cluster.instance(), "cluster mode: limits, budgets and per-user caps are shared through Redis");
+                limits = limits.shared(cluster.clone());
+                budgets = budgets.shared(cluster.clone());
+                (metrics, Some(cluster))
+            }
+        };
         // Both tokenizers take a moment to build; not on the first stream's time.
         tokio::task::spawn_blocking(crate::billing::warm_up);
         Ok(Arc::new(Gateway {
@@ -109,7 +131,8 @@ impl Gateway {
             tiers,
             limits,
             budgets,
-            metrics: Arc::new(Metrics::new()),
+            cluster,
+            metrics,
             hub: Arc::new(Hub::new()),
             draining: CancellationToken::new(),
             closing: CancellationToken::new(),

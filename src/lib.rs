@@ -31,6 +31,7 @@
 //! - `hub`: the registry of streams and connections by user, for limits and resume.
 //! - `relay`: a stream's task: limits, queue, upstream call, retries, fallbacks, frames.
 //! - `tiers`: each plan's priority, limits and caps, resolved once at `hello`.
+//! - `cluster`: cluster mode: the limits, budgets and caps several instances share in Redis.
 //! - `limits`: token buckets per user, tier and process (requests and tokens per minute).
 //! - `retry`: the retry policy of an upstream call (eligibility, full-jitter backoff).
 //! - `scheduler`: per-provider upstream slots and the priority queue with aging.
@@ -54,6 +55,7 @@ mod accept;
 mod auth;
 mod billing;
 mod breaker;
+mod cluster;
 pub mod config;
 mod gateway;
 mod hub;

@@ -153,7 +153,7 @@ pub async fn chat_completions(
     };
     let inbox = Inbox::new();
     let user: Arc<str> = Arc::from(claims.sub.as_ref());
-    let stream = match open_stream(&gw, &user, &tier, tier.max_streams, &inbox, req) {
+    let stream = match open_stream(&gw, &user, &tier, tier.max_streams, &inbox, req).await {
         Ok(stream) => stream,
         Err(frame) => return error_response(&ErrorFrame::parse(&frame), Some(&meta.id)),
     };

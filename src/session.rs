@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{unix_now_ms, AuthError, Claims};
+use crate::cluster::{LeaseKind, LeaseRefused};
 use crate::gateway::Gateway;
 use crate::hub::Registration;
 use crate::metrics::Metrics;
@@ -99,12 +100,46 @@ async fn run_on(
         return;
     };
     let inbox = Inbox::new();
+    // Cluster mode: the cap counts the user's connections on every instance first; the hub
+    // then counts this instance's (the only count when Redis is unavailable).
+    let lease = match &gw.cluster {
+        Some(cluster) => {
+            match cluster
+                .lease(LeaseKind::Connection, &claims.sub, tier.max_connections())
+                .await
+            {
+                Ok(lease) => Some(lease),
+                Err(_) => {
+                    gw.metrics.refused("too_many_connections");
+                    let message = format!(
+                        "at most {} simultaneous connections per user",
+                        tier.max_connections()
+                    );
+                    let frame = protocol::error(None, ErrorCode::TooManyStreams, &message, None);
+                    return refuse(
+                        sink,
+                        source,
+                        Some(frame),
+                        close::TOO_MANY_CONNECTIONS,
+                        "too many connections",
+                    )
+                    .await;
+                }
+            }
+        }
+        None => None,
+    };
     let registration =
         match gw
             .hub
             .register(&claims.sub, inbox.conn, tier.max_connections(), &gw.metrics)
         {
-            Ok(registration) => registration,
+            Ok(mut registration) => {
+                if let Some(lease) = lease {
+                    registration.hold(lease);
+                }
+                registration
+            }
             Err(refusal) => {
                 gw.metrics.refused("too_many_connections");
                 let frame = protocol::error(None, refusal.code, &refusal.message, None);
@@ -684,7 +719,9 @@ impl Connection {
             self.max_streams,
             &self.inbox,
             req,
-        ) {
+        )
+        .await
+        {
             Ok(_) => ControlFlow::Continue(()),
             Err(frame) => self.send(frame).await,
         }
@@ -731,7 +768,7 @@ impl Connection {
 /// streams), then the stream's task. A WebSocket `open` and an HTTP chat completion
 /// ([`crate::openai`]) both come through here, so both get the same limits, queue, retries,
 /// fallbacks, billing and metrics. `Err` is the `error` frame refusing it.
-pub(crate) fn open_stream(
+pub(crate) async fn open_stream(
     gw: &Arc<Gateway>,
     user: &Arc<str>,
     tier: &Arc<Tier>,
@@ -766,6 +803,22 @@ pub(crate) fn open_stream(
         req.model.clone(),
         gw.config.session.stream_buffer_bytes,
     );
+    // Cluster mode: the user's live streams on every instance count against the cap.
+    let lease = match &gw.cluster {
+        Some(cluster) => match cluster.lease(LeaseKind::Stream, user, max_streams).await {
+            Ok(lease) => Some(lease),
+            Err(LeaseRefused::Full) => {
+                gw.metrics.refused("too_many_streams");
+                let message = format!("at most {max_streams} live streams per user");
+                return Err(refuse(ErrorCode::TooManyStreams, &message));
+            }
+            Err(LeaseRefused::Unavailable(e)) => {
+                gw.metrics.refused("redis_unavailable");
+                return Err(refuse(ErrorCode::Overloaded, &e.to_string()));
+            }
+        },
+        None => None,
+    };
     if let Err(refusal) = gw.hub.open(&stream, max_streams) {
         if refusal.code == ErrorCode::TooManyStreams {
             gw.metrics.refused("too_many_streams");
@@ -790,6 +843,7 @@ pub(crate) fn open_stream(
             let outcome = relay::run(job).await;
             tracing::info!(?outcome, "stream ended");
             hub.finished(&task_stream, linger, retain);
+            drop(lease);
         },
         span,
     ));

@@ -12,7 +12,7 @@ mod budgets;
 mod settlement;
 mod tokens;
 
-pub use budgets::{BudgetConfig, Budgets};
+pub use budgets::{BudgetConfig, BudgetRefused, Budgets};
 pub use settlement::{cost_usd, Settlement};
 pub use tokens::{
     count_off_runtime, count_prompt_tokens, count_tokens, prompt_text_bytes, warm_up,

@@ -96,17 +96,19 @@ impl Settlement<'_> {
             cost_usd(u.prompt_tokens, u.completion_tokens, input, output)
         });
         if let Some(reservation) = reservation {
-            limits.reconcile(
-                &reservation,
-                usage.map_or(0, |u| u.prompt_tokens + u.completion_tokens),
-            );
+            limits
+                .settle(
+                    &reservation,
+                    usage.map_or(0, |u| u.prompt_tokens + u.completion_tokens),
+                )
+                .await;
         }
         if let Some(u) = usage {
             metrics.tokens(model, tier, u.prompt_tokens, u.completion_tokens, estimated);
         }
         if let Some(cost) = cost_usd {
             metrics.spend(model, tier, cost);
-            budgets.record(user, tier, cost);
+            budgets.charge(user, tier, cost).await;
         }
         Bill {
             usage,

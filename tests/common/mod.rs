@@ -18,6 +18,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod redis_server;
+
 pub const SECRET: &str = "test-secret-0123456789abcdef";
 pub const API_KEY: &str = "sk-upstream-secret-7f3a9c";
 /// How long a test waits for any one frame before failing.
