@@ -12,9 +12,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use muxgate::protocol;
-use muxgate::redact::Redactor;
-use muxgate::upstream::{chunk_ids, parse_chunk};
+use muxgate::test_support::{chunk_ids, delta_parts, parse_chunk, Redactor};
 
 /// OpenAI's own chunk shape (every field it sends on a text chunk).
 const CHUNK: &str = r#"{"id":"chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT","object":"chat.completion.chunk","created":1741570283,"model":"gpt-4o-2024-08-06","service_tier":"default","system_fingerprint":"fp_fc9f1d7035","choices":[{"index":0,"delta":{"content":" Hello there"},"logprobs":null,"finish_reason":null}]}"#;
@@ -40,7 +38,7 @@ fn main() {
         if chunk.has_part() {
             let parts = chunk.parts();
             generated.push_str(parts.text);
-            black_box(protocol::delta_parts("t1:8", seq, &parts));
+            black_box(delta_parts("t1:8", seq, &parts));
         }
         if generated.len() > 1 << 20 {
             generated.clear();

@@ -58,8 +58,7 @@ async fn main() {
     let mut tasks = Vec::new();
     for (tier, n) in counts {
         let token = gw
-            .auth
-            .issue(&format!("{tier}-user"), tier, Duration::from_secs(600))
+            .issue_token(&format!("{tier}-user"), tier, Duration::from_secs(600))
             .unwrap();
         let url = format!("ws://{addr}/v1/ws");
         tasks.push(tokio::spawn(async move {
@@ -101,7 +100,8 @@ async fn main() {
     let mut depth_samples = Vec::new();
     while !tasks.iter().all(|t| t.is_finished()) {
         sample.tick().await;
-        let (active, queued, by_tier) = gw.upstreams.all()[0].scheduler.load();
+        let (active, queued, by_tier) =
+            muxgate::test_support::provider_load(&gw, 0).expect("one provider");
         let mut by_tier: Vec<String> = by_tier.iter().map(|(t, n)| format!("{t}={n}")).collect();
         by_tier.sort();
         depth_samples.push(format!(

@@ -9,12 +9,15 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::billing::BudgetConfig;
-use crate::breaker::BreakerConfig;
-use crate::limits::LimitsConfig;
-use crate::retry::RetryConfig;
-use crate::scheduler::SchedulerConfig;
-use crate::tiers::{default_tiers, TierConfig};
+// Each section is declared beside the code it configures; re-exported here so that the whole
+// configuration is one public module an embedder can build in code.
+pub use crate::billing::BudgetConfig;
+pub use crate::breaker::BreakerConfig;
+pub use crate::cluster::{ClusterConfig, OnRedisError};
+pub use crate::limits::LimitsConfig;
+pub use crate::retry::RetryConfig;
+pub use crate::scheduler::SchedulerConfig;
+pub use crate::tiers::{default_tiers, OnLimit, TierConfig};
 
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +49,8 @@ pub struct Config {
     /// Directory served at `/` (the demo chat and the shim). Default: `web` in the working
     /// directory if it exists, else the `web/` of the source tree. Env `MUXGATE_STATIC_DIR`.
     pub static_dir: Option<PathBuf>,
-    /// Browser origins allowed to open a WebSocket besides the gateway's own (see
+    /// Browser origins allowed to open a WebSocket or call `/v1/chat/completions` and
+    /// `/v1/models` (CORS) besides the gateway's own (see
     /// `server.public_origins`), e.g. `["https://chat.example.com"]`; `"*"` allows any. Default
     /// empty. Env `MUXGATE_ALLOWED_ORIGINS` (comma-separated).
     pub allowed_origins: Vec<String>,
@@ -85,6 +89,13 @@ pub struct Config {
     /// Shutdown: how long streams may run after `goaway` before they are aborted.
     /// Default 10000 ms.
     pub drain_timeout_ms: u64,
+    /// Redis URL (`redis://host:6379/0`, `rediss://` for TLS): set, it turns on cluster mode,
+    /// where every instance using the same Redis and `cluster.key_prefix` shares rate limits,
+    /// budgets and the per-user connection and stream caps. Default none: one process, all
+    /// state in memory. Env `MUXGATE_REDIS_URL`.
+    pub redis_url: Option<String>,
+    /// Cluster mode's settings (used only with `redis_url`).
+    pub cluster: ClusterConfig,
 }
 
 impl Default for Config {
@@ -110,6 +121,8 @@ impl Default for Config {
             allowed_params: default_allowed_params(),
             pricing: default_pricing(),
             drain_timeout_ms: 10_000,
+            redis_url: None,
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -468,6 +481,12 @@ impl Config {
                 provider.api_key = get(name);
             }
         }
+        if let Some(v) = get("MUXGATE_REDIS_URL") {
+            self.redis_url = Some(v);
+        }
+        if let Some(v) = get("MUXGATE_INSTANCE_ID") {
+            self.cluster.instance_id = Some(v);
+        }
         if let Some(base_url) = get("MUXGATE_UPSTREAM_BASE_URL") {
             // The environment alone sets one provider that serves every model, ahead of any
             // from the file.
@@ -557,6 +576,16 @@ impl Config {
         if self.providers.iter().any(|p| p.max_concurrent == 0) {
             return invalid("providers.max_concurrent must be > 0".into());
         }
+        let c = &self.cluster;
+        if c.key_prefix.is_empty() || c.key_prefix.contains(['{', '}']) {
+            // A brace would move every key's hash tag off the user or tier it names.
+            return invalid("cluster.key_prefix must be non-empty, without `{` or `}`".into());
+        }
+        if c.redis_timeout_ms == 0 || c.lease_ms < 3 {
+            return invalid(
+                "cluster.redis_timeout_ms must be > 0 and cluster.lease_ms >= 3".into(),
+            );
+        }
         Ok(())
     }
 
@@ -634,6 +663,8 @@ mod tests {
     fn defaults_and_env() {
         let c = Config::load_with_env(None, &no_env).expect("defaults");
         assert!(c.is_dev());
+        assert_eq!(c.redis_url, None, "one process unless Redis is configured");
+        assert_eq!(c.cluster, crate::cluster::ClusterConfig::default());
         assert_eq!(c.session.max_streams, 32);
         assert_eq!(
             c.pricing["deepseek-v3.2"],
@@ -651,9 +682,13 @@ mod tests {
             "MUXGATE_UPSTREAM_API_KEY" => Some("sk-test".to_string()),
             "MUXGATE_ALLOWED_ORIGINS" => Some("https://a.example, https://b.example/".to_string()),
             "MUXGATE_PUBLIC_ORIGINS" => Some("https://gw.example/".to_string()),
+            "MUXGATE_REDIS_URL" => Some("redis://127.0.0.1:6379/0".to_string()),
+            "MUXGATE_INSTANCE_ID" => Some("gw-a".to_string()),
             _ => None,
         };
         let c = Config::load_with_env(None, &env).expect("env");
+        assert_eq!(c.redis_url.as_deref(), Some("redis://127.0.0.1:6379/0"));
+        assert_eq!(c.cluster.instance_id.as_deref(), Some("gw-a"));
         assert!(!c.is_dev());
         assert_eq!(c.listen.port(), 9999);
         assert_eq!(c.providers[0].api_key.as_deref(), Some("sk-test"));
@@ -670,6 +705,27 @@ mod tests {
         let env = |name: &str| (name == "MUXGATE_LISTEN").then(|| "0.0.0.0:8080".to_string());
         let err = Config::load_with_env(None, &env).expect_err("dev on 0.0.0.0");
         assert!(err.to_string().contains("dev mode refuses"), "{err}");
+    }
+
+    #[test]
+    fn cluster_settings_are_checked() {
+        let c = Config::from_toml(
+            "redis_url = \"redis://127.0.0.1/\"\n[cluster]\nkey_prefix = \"gw\"\non_redis_error = \"fail_closed\"\nredis_timeout_ms = 100\n",
+        )
+        .expect("parses");
+        assert_eq!(
+            c.cluster.on_redis_error,
+            crate::cluster::OnRedisError::FailClosed
+        );
+        c.validate().expect("valid");
+        for bad in [
+            "[cluster]\nkey_prefix = \"a{b}\"",
+            "[cluster]\nredis_timeout_ms = 0",
+        ] {
+            let c = Config::from_toml(bad).expect("parses");
+            assert!(c.validate().is_err(), "{bad}");
+        }
+        assert!(Config::from_toml("[cluster]\non_redis_error = \"maybe\"").is_err());
     }
 
     #[test]

@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::Lease;
 use crate::metrics::Metrics;
 use crate::protocol::ErrorCode;
 use crate::stream::Stream;
@@ -90,9 +91,16 @@ pub struct Registration {
     user: Arc<str>,
     conn: u64,
     goaway: CancellationToken,
+    /// Cluster mode: the connection's place in its user's cap across instances.
+    lease: Option<Lease>,
 }
 
 impl Registration {
+    /// Keeps `lease` (the connection counted across instances) as long as the connection.
+    pub fn hold(&mut self, lease: Lease) {
+        self.lease = Some(lease);
+    }
+
     /// The user id, interned: every connection and stream of a user shares it.
     pub fn user(&self) -> &Arc<str> {
         &self.user
@@ -158,6 +166,7 @@ impl Hub {
             user,
             conn,
             goaway,
+            lease: None,
         })
     }
 
@@ -280,12 +289,12 @@ impl Hub {
             });
     }
 
-    /// Users the hub holds an entry for (for tests and the admin view).
+    /// Users the hub holds an entry for (for tests).
     pub fn tracked_users(&self) -> usize {
         self.users.len()
     }
 
-    /// Bytes of finished streams' logs kept for `user` (for tests and the admin view).
+    /// Bytes of finished streams' logs kept for `user` (for tests).
     pub fn retained_bytes(&self, user: &str) -> usize {
         self.users.get(user).map_or(0, |e| e.retained_bytes)
     }

@@ -6,6 +6,11 @@
 //! All the buckets a request touches are checked and charged under their locks at once, so a
 //! refused request takes nothing, and `retry_after` is the wait of the slowest bucket.
 //!
+//! In cluster mode ([`RateLimiter::shared`]) the same buckets live in Redis and one Lua script
+//! checks and charges all five at once ([`Cluster::take`]), so any number of instances admit
+//! exactly what one would; the in-process buckets then serve only when Redis fails under
+//! `on_redis_error = "fail_open"`.
+//!
 //! Why not `governor`: it has no way to hand back an unused reservation, and its multi-cell
 //! check is per limiter, not atomic across the five buckets a stream draws from.
 
@@ -18,6 +23,7 @@ use parking_lot::{Mutex, MutexGuard};
 use serde::Deserialize;
 use tokio::time::Instant;
 
+use crate::cluster::{BucketDraw, Cluster, Unavailable};
 use crate::tiers::{Tier, Tiers};
 
 /// Process-wide limits.
@@ -122,6 +128,14 @@ impl LimitKind {
     }
 }
 
+/// Why [`RateLimiter::acquire`] or [`RateLimiter::admits`] refused a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refused {
+    Limited(Limited),
+    /// Cluster mode, Redis unavailable, `fail_closed`: the client gets `overloaded`.
+    Unavailable(Unavailable),
+}
+
 /// A refused request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limited {
@@ -164,6 +178,9 @@ pub struct RateLimiter {
     users: DashMap<Arc<str>, Arc<Mutex<Bucket>>>,
     /// When `users` was last pruned.
     pruned_at: Mutex<Instant>,
+    /// Cluster mode: the buckets that decide are in Redis; the ones above serve only as the
+    /// `fail_open` fallback.
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// How often the per-user buckets are swept for full ones.
@@ -174,6 +191,19 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 pub struct Reservation {
     pub tier: Arc<str>,
     pub tokens: u64,
+    /// Taken from the buckets in Redis (cluster mode), so given back there.
+    pub shared: bool,
+}
+
+impl Reservation {
+    /// A reservation of no tokens: nothing to reconcile but the tokens really used.
+    pub fn none(tier: Arc<str>) -> Reservation {
+        Reservation {
+            tier,
+            tokens: 0,
+            shared: false,
+        }
+    }
 }
 
 impl RateLimiter {
@@ -196,7 +226,150 @@ impl RateLimiter {
             tier_buckets,
             users: DashMap::new(),
             pruned_at: Mutex::new(now),
+            cluster: None,
         }
+    }
+
+    /// Cluster mode: the buckets are checked and charged in Redis through `cluster`.
+    pub fn shared(mut self, cluster: Arc<Cluster>) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// Admits one request reserving `tokens` (charging every bucket or none), or says which
+    /// limit refused it and for how long. In cluster mode, decided in Redis; when Redis fails,
+    /// on this instance's buckets (`fail_open`) or refused (`fail_closed`).
+    pub async fn acquire(
+        &self,
+        user: &Arc<str>,
+        tier: &Tier,
+        tokens: u64,
+    ) -> Result<Reservation, Refused> {
+        if let Some(cluster) = &self.cluster {
+            match self.assess_shared(cluster, user, tier, tokens, true).await {
+                Ok(()) => {
+                    return Ok(Reservation {
+                        tier: tier.name.clone(),
+                        tokens,
+                        shared: true,
+                    })
+                }
+                Err(Some(refused)) => return Err(refused),
+                Err(None) => cluster.fell_back("take"),
+            }
+        }
+        self.try_acquire(user, tier, tokens)
+            .map_err(Refused::Limited)
+    }
+
+    /// Whether [`RateLimiter::acquire`] would admit the request now, charging nothing.
+    pub async fn admits(&self, user: &Arc<str>, tier: &Tier, tokens: u64) -> Result<(), Refused> {
+        if let Some(cluster) = &self.cluster {
+            match self.assess_shared(cluster, user, tier, tokens, false).await {
+                Ok(()) => return Ok(()),
+                Err(Some(refused)) => return Err(refused),
+                Err(None) => cluster.fell_back("check"),
+            }
+        }
+        self.assess(user, tier, tokens, false)
+            .map_err(Refused::Limited)
+    }
+
+    /// The five buckets in Redis. `Err(None)`: Redis failed and the policy says decide here.
+    async fn assess_shared(
+        &self,
+        cluster: &Cluster,
+        user: &str,
+        tier: &Tier,
+        tokens: u64,
+        charge: bool,
+    ) -> Result<(), Option<Refused>> {
+        let tokens = tokens as f64;
+        let draw = |kind: LimitKind, key: String, capacity: u64, amount: f64| {
+            (
+                kind,
+                BucketDraw {
+                    key,
+                    capacity: capacity as f64,
+                    amount,
+                },
+            )
+        };
+        let name = &*tier.name;
+        let draws = [
+            draw(
+                LimitKind::UserRpm,
+                cluster.user_key(user, "rpm"),
+                self.user_rpm(user, tier).into(),
+                1.0,
+            ),
+            draw(
+                LimitKind::TierRpm,
+                cluster.tier_key(name, "rpm"),
+                tier.config.rpm.into(),
+                1.0,
+            ),
+            draw(
+                LimitKind::TierTpm,
+                cluster.tier_key(name, "tpm"),
+                tier.config.tpm,
+                tokens,
+            ),
+            draw(
+                LimitKind::GlobalRpm,
+                cluster.global_key("rpm"),
+                self.config.global_rpm.into(),
+                1.0,
+            ),
+            draw(
+                LimitKind::GlobalTpm,
+                cluster.global_key("tpm"),
+                self.config.global_tpm,
+                tokens,
+            ),
+        ];
+        let (kinds, draws): (Vec<LimitKind>, Vec<BucketDraw>) = draws.into_iter().unzip();
+        match cluster.take(&draws, charge).await {
+            Ok(None) => Ok(()),
+            Ok(Some((i, retry_after))) => Err(Some(Refused::Limited(Limited {
+                kind: kinds[i],
+                retry_after,
+            }))),
+            Err(_) if cluster.fails_open() => Err(None),
+            Err(unavailable) => Err(Some(Refused::Unavailable(unavailable))),
+        }
+    }
+
+    /// Settles a reservation against the tokens really used, in the buckets it was taken
+    /// from. A reconciliation Redis misses is lost: the shared buckets refill anyway.
+    pub async fn settle(&self, reservation: &Reservation, used: u64) {
+        let diff = reservation.tokens as f64 - used as f64;
+        let Some(cluster) = self.cluster.as_ref().filter(|_| reservation.shared) else {
+            self.reconcile(reservation, used);
+            return;
+        };
+        if diff == 0.0 {
+            return;
+        }
+        let mut buckets = vec![(cluster.global_key("tpm"), self.config.global_tpm as f64)];
+        if let Some(t) = self.tier_buckets.get(&reservation.tier) {
+            buckets.insert(
+                0,
+                (
+                    cluster.tier_key(&reservation.tier, "tpm"),
+                    t.tpm.lock().capacity,
+                ),
+            );
+        }
+        let _ = cluster.adjust(&buckets, diff).await;
+    }
+
+    fn user_rpm(&self, user: &str, tier: &Tier) -> u32 {
+        self.config
+            .user_rpm
+            .get(user)
+            .copied()
+            .unwrap_or(tier.config.user_rpm)
     }
 
     /// The completion tokens to reserve for a request that asked for `max_tokens`.
@@ -208,12 +381,7 @@ impl RateLimiter {
         if let Some(b) = self.users.get(user) {
             return b.clone();
         }
-        let rpm = self
-            .config
-            .user_rpm
-            .get(&**user)
-            .copied()
-            .unwrap_or(tier.config.user_rpm);
+        let rpm = self.user_rpm(user, tier);
         self.users
             .entry(user.clone())
             .or_insert_with(|| Arc::new(Mutex::new(Bucket::per_minute(rpm.into(), Instant::now()))))
@@ -233,13 +401,33 @@ impl RateLimiter {
         Ok(Reservation {
             tier: tier.name.clone(),
             tokens,
+            shared: false,
         })
     }
 
     /// Whether [`RateLimiter::try_acquire`] would admit the request now, charging nothing: the
     /// cheap check made before a request costs anything (a `Stream`, counting its prompt).
+    ///
+    /// In cluster mode only a request larger than a limit itself is refused here: the
+    /// in-process buckets hold only what was charged while Redis was down, so they would refuse
+    /// requests the shared buckets admit.
     pub fn check(&self, user: &Arc<str>, tier: &Tier, tokens: u64) -> Result<(), Limited> {
-        self.assess(user, tier, tokens, false)
+        if self.cluster.is_none() {
+            return self.assess(user, tier, tokens, false);
+        }
+        let never = |kind| {
+            Err(Limited {
+                kind,
+                retry_after: None,
+            })
+        };
+        if tokens > tier.config.tpm {
+            return never(LimitKind::TierTpm);
+        }
+        if tokens > self.config.global_tpm {
+            return never(LimitKind::GlobalTpm);
+        }
+        Ok(())
     }
 
     fn assess(
@@ -318,7 +506,8 @@ impl RateLimiter {
         });
     }
 
-    /// Users with a request bucket (for tests and the admin view).
+    /// Users with a request bucket.
+    #[cfg(test)]
     pub fn tracked_users(&self) -> usize {
         self.users.len()
     }
@@ -337,7 +526,7 @@ impl RateLimiter {
         self.global_tpm.lock().adjust(diff, now);
     }
 
-    /// Tokens left in a tier's tokens-per-minute bucket (for tests and the admin view).
+    /// Tokens left in a tier's tokens-per-minute bucket (for tests).
     pub fn tier_tokens_available(&self, tier: &str) -> Option<f64> {
         self.tier_buckets
             .get(tier)

@@ -3,12 +3,13 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
-use muxgate::{auth, mock, Config, Gateway};
+use muxgate::{mock, Authenticator, Config, Gateway};
 
 #[derive(Parser)]
 #[command(
@@ -79,12 +80,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let secret = config.auth.jwt_secret.as_deref().context(
                 "no JWT secret configured: set MUXGATE_JWT_SECRET or auth.jwt_secret_env",
             )?;
-            let ttl = auth::parse_ttl(&ttl).map_err(anyhow::Error::msg)?;
-            let authn = auth::Authenticator::new(
-                secret.as_bytes(),
-                0,
-                config.tiers.keys().cloned().collect(),
-            );
+            let ttl = parse_ttl(&ttl).map_err(anyhow::Error::msg)?;
+            let authn =
+                Authenticator::new(secret.as_bytes(), 0, config.tiers.keys().cloned().collect());
             let token = authn.issue(&user, &tier, ttl)?;
             #[allow(clippy::print_stdout)]
             {
@@ -111,12 +109,12 @@ async fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let gw = Gateway::start(config).await?;
-    if gw.config.is_dev() {
+    if gw.config().is_dev() {
         let upstream = match gw.simulated_upstream() {
             Some(url) => format!("the built-in simulated provider ({url}), no API key needed"),
             None => "the configured upstream".to_string(),
         };
-        let secret = if gw.ephemeral_secret {
+        let secret = if gw.has_ephemeral_secret() {
             "a random JWT secret (tokens die with the process)"
         } else {
             "the configured JWT secret"
@@ -170,5 +168,36 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+/// Parses a duration like `90s`, `15m`, `1h`, `7d` (a bare number is seconds).
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 1h"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("`{s}`: unit must be s, m, h or d")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl() {
+        assert_eq!(parse_ttl("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_ttl("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_ttl("15m"), Ok(Duration::from_secs(900)));
+        assert!(parse_ttl("1w").is_err());
+        assert!(parse_ttl("h").is_err());
     }
 }

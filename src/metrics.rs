@@ -131,6 +131,11 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TokenLabels {
     model: String,
     tier: String,
@@ -176,6 +181,14 @@ pub struct Metrics {
     ws_sent_bytes: Counter,
     tokenizer_bytes: Counter,
     tokenizer_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// 1 while the last call to the shared store (Redis, cluster mode) succeeded; 0 after one
+    /// failed or timed out. Absent from the output in single-process mode.
+    redis_up: Gauge,
+    /// Failed or timed-out Redis calls by operation.
+    redis_errors: Family<OpLabels, Counter>,
+    /// Decisions taken on this instance's own counters because Redis failed (`fail_open`), by
+    /// operation.
+    redis_fallbacks: Family<OpLabels, Counter>,
     /// Model names that have a label of their own (see the module docs on cardinality).
     models: DashSet<String>,
     /// `models.len()` without walking the set's shards; may run ahead by a racing insert.
@@ -211,6 +224,9 @@ impl Metrics {
             ws_sent_bytes: Counter::default(),
             tokenizer_bytes: Counter::default(),
             tokenizer_seconds: Counter::default(),
+            redis_up: Gauge::default(),
+            redis_errors: Family::default(),
+            redis_fallbacks: Family::default(),
             models: DashSet::new(),
             model_count: AtomicUsize::new(0),
             registry: Registry::default(),
@@ -399,6 +415,45 @@ impl Metrics {
                 reason,
             })
             .inc();
+    }
+
+    /// The metrics of a gateway in cluster mode: every metric of [`Metrics::new`], plus
+    /// `muxgate_redis_up` and the Redis error and fallback counters, which a single-process
+    /// gateway does not show.
+    pub fn with_redis() -> Metrics {
+        let mut m = Metrics::new();
+        let registry = &mut m.registry;
+        registry.register(
+            "redis_up",
+            "1 while the shared store (Redis) answers this instance, 0 after a failed or timed-out call",
+            m.redis_up.clone(),
+        );
+        registry.register(
+            "redis_errors",
+            "Redis calls that failed or timed out, by operation",
+            m.redis_errors.clone(),
+        );
+        registry.register(
+            "redis_fallbacks",
+            "Decisions taken on this instance's own limits because Redis failed (on_redis_error = fail_open), by operation",
+            m.redis_fallbacks.clone(),
+        );
+        m
+    }
+
+    /// Records whether Redis answered the last call.
+    pub fn set_redis_up(&self, up: bool) {
+        self.redis_up.set(i64::from(up));
+    }
+
+    /// A Redis call for `op` failed or timed out.
+    pub fn redis_error(&self, op: &'static str) {
+        self.redis_errors.get_or_create(&OpLabels { op }).inc();
+    }
+
+    /// `op` was decided on this instance's own counters because Redis failed.
+    pub fn redis_fallback(&self, op: &'static str) {
+        self.redis_fallbacks.get_or_create(&OpLabels { op }).inc();
     }
 
     /// A stream was refused before reaching an upstream (`muxgate_refusals_total`). `reason`
@@ -608,7 +663,34 @@ mod tests {
         m.set_breaker_state("openai", 1);
         m.frames_sent(5, 1234);
         m.tokenized(10, Duration::from_millis(1));
+        m.set_redis_up(true);
+        m.redis_error("take");
+        m.redis_fallback("take");
         (conn, live)
+    }
+
+    #[test]
+    fn redis_metrics_only_in_cluster_mode() {
+        let single = Metrics::new();
+        single.set_redis_up(true);
+        single.redis_error("take");
+        assert!(
+            !single.encode().contains("redis"),
+            "one process: no Redis series"
+        );
+        let cluster = Metrics::with_redis();
+        assert_eq!(get(&parse(&cluster.encode()), "muxgate_redis_up"), 0.0);
+        cluster.set_redis_up(true);
+        cluster.redis_error("take");
+        cluster.redis_error("take");
+        cluster.redis_fallback("lease_stream");
+        let v = parse(&cluster.encode());
+        assert_eq!(get(&v, "muxgate_redis_up"), 1.0);
+        assert_eq!(get(&v, "muxgate_redis_errors_total{op=\"take\"}"), 2.0);
+        assert_eq!(
+            get(&v, "muxgate_redis_fallbacks_total{op=\"lease_stream\"}"),
+            1.0
+        );
     }
 
     #[test]
@@ -932,7 +1014,7 @@ mod tests {
         let dashboard: serde_json::Value =
             serde_json::from_str(include_str!("../docs/grafana-dashboard.json"))
                 .expect("docs/grafana-dashboard.json is JSON");
-        let m = Metrics::new();
+        let m = Metrics::with_redis();
         let _guards = record_one_of_each(&m);
         let text = m.encode();
         let exported: BTreeSet<String> = parse(&text)

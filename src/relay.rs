@@ -12,9 +12,10 @@ use serde_json::{Map, Value};
 use tokio::time::Instant;
 
 use crate::billing;
+use crate::billing::BudgetRefused;
 use crate::breaker::Health;
 use crate::gateway::Gateway;
-use crate::limits::Reservation;
+use crate::limits::{Refused, Reservation};
 use crate::metrics::{self, StreamOutcome};
 use crate::protocol::{self, DeltaParts, ErrorCode, OpenRequest, UpstreamDetail, Usage};
 use crate::retry;
@@ -64,7 +65,7 @@ impl Outcome {
 
 /// Builds the upstream body for `model`: the client's messages and allowed params, with
 /// `stream`, `stream_options.include_usage` and `user` always set by the gateway. `user_id`
-/// is the authenticated user's keyed hash ([`crate::upstream::Upstreams::user_id`]): a
+/// is the authenticated user's keyed hash (`Upstreams::user_id`): a
 /// client-sent `params.user` is replaced, so a client cannot pose as another user upstream.
 pub fn upstream_body(
     req: &OpenRequest,
@@ -381,11 +382,6 @@ impl Failure {
             upstream: None,
         }
     }
-
-    /// The `code` of the stream's `error` frame.
-    pub fn code(&self) -> ErrorCode {
-        self.code
-    }
 }
 
 /// Without the message: it can quote the upstream's text, which no log carries.
@@ -418,14 +414,21 @@ async fn drive(job: &Job, t: &mut Timings) -> (Outcome, Option<Reservation>, u64
     let gw = &job.gw;
     let stream = &job.stream;
     let tier = &job.tier;
-    if let Err(over) = gw.budgets.check(&stream.user, &tier.name) {
-        gw.metrics.refused("budget");
-        let ended = Outcome::failed(
-            ErrorCode::BudgetExceeded,
-            over.to_string(),
-            Some(over.retry_after),
-        );
-        return (ended, None, 0);
+    match gw.budgets.admits(&stream.user, &tier.name).await {
+        Ok(()) => {}
+        Err(BudgetRefused::Over(over)) => {
+            gw.metrics.refused("budget");
+            let ended = Outcome::failed(
+                ErrorCode::BudgetExceeded,
+                over.to_string(),
+                Some(over.retry_after),
+            );
+            return (ended, None, 0);
+        }
+        Err(BudgetRefused::Unavailable(e)) => {
+            gw.metrics.refused("redis_unavailable");
+            return (unavailable(e), None, 0);
+        }
     }
     let completion = completion_reservation(gw, &job.req);
     // The request limits first, charging nothing: a stream refused (or still waiting) for
@@ -441,10 +444,7 @@ async fn drive(job: &Job, t: &mut Timings) -> (Outcome, Option<Reservation>, u64
     let admitted = admit(job, prompt_tokens + completion, true, waiting_since).await;
     t.waited += admitting.elapsed();
     let reservation = match admitted {
-        Ok(r) => r.unwrap_or_else(|| Reservation {
-            tier: tier.name.clone(),
-            tokens: 0,
-        }),
+        Ok(r) => r.unwrap_or_else(|| Reservation::none(tier.name.clone())),
         Err(ended) => return (ended, None, prompt_tokens),
     };
 
@@ -538,13 +538,17 @@ async fn admit(
     let tier = &job.tier;
     loop {
         let result = if charge {
-            limits.try_acquire(user, tier, tokens).map(Some)
+            limits.acquire(user, tier, tokens).await.map(Some)
         } else {
-            limits.check(user, tier, tokens).map(|()| None)
+            limits.admits(user, tier, tokens).await.map(|()| None)
         };
         let limited = match result {
             Ok(reservation) => return Ok(reservation),
-            Err(limited) => limited,
+            Err(Refused::Limited(limited)) => limited,
+            Err(Refused::Unavailable(e)) => {
+                job.gw.metrics.refused("redis_unavailable");
+                return Err(unavailable(e));
+            }
         };
         let wait = limited
             .retry_after
@@ -564,6 +568,11 @@ async fn admit(
             return Err(Outcome::cancelled(&job.stream));
         }
     }
+}
+
+/// A stream refused because the shared limits cannot be read (cluster mode, `fail_closed`).
+fn unavailable(e: crate::cluster::Unavailable) -> Outcome {
+    Outcome::failed(ErrorCode::Overloaded, e.to_string(), None)
 }
 
 /// Calls one provider until it answers, retrying failures before the first token as

@@ -1,4 +1,5 @@
-//! The HTTP side: the router (`/v1/ws`, dev token, admin, health, the static demo) and
+//! The HTTP side: the router (`/v1/ws`, the OpenAI-compatible `/v1/chat/completions` and
+//! `/v1/models`, dev token, admin, health, the static demo) and
 //! [`serve`] with its two-step shutdown. The shared state is [`Gateway`], one module below.
 
 use std::future::Future;
@@ -29,6 +30,7 @@ use crate::session;
 pub fn app(gw: Arc<Gateway>) -> Router {
     let mut router = Router::new()
         .route("/v1/ws", get(ws_upgrade))
+        .merge(openai_routes(&gw))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
@@ -100,6 +102,21 @@ pub fn is_loopback_host(host: &str) -> bool {
         || name
             .parse::<std::net::Ipv4Addr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The OpenAI-compatible HTTP front end, with its CORS and a request body bounded like a
+/// WebSocket frame (`session.max_frame_bytes`).
+fn openai_routes(gw: &Arc<Gateway>) -> Router<Arc<Gateway>> {
+    Router::new()
+        .route(
+            "/v1/chat/completions",
+            axum::routing::post(crate::openai::chat_completions),
+        )
+        .route("/v1/models", get(crate::openai::models))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            gw.config.session.max_frame_bytes,
+        ))
+        .layer(crate::openai::cors(gw))
 }
 
 /// The operator's routes, all behind the admin bearer token.
@@ -255,30 +272,15 @@ async fn admin_user(State(gw): State<Arc<Gateway>>, Path(user): Path<String>) ->
     .into_response()
 }
 
-/// `None` when the request carries the admin token; else the response refusing it.
-/// Prometheus text. Gauges of state that changes with time alone (a breaker due for its probe)
-/// or under locks the hot path holds (queue depths) are read here, at scrape time.
+/// Prometheus text; see [`Gateway::metrics_text`].
 async fn metrics_text(State(gw): State<Arc<Gateway>>) -> Response {
-    for p in gw.upstreams.all() {
-        gw.metrics
-            .set_breaker_state(&p.name, p.breaker.state().as_gauge());
-        let (_, _, by_tier) = p.scheduler.load();
-        for tier in gw.config.tiers.keys() {
-            let depth = by_tier
-                .iter()
-                .find(|(t, _)| &**t == tier)
-                .map_or(0, |(_, n)| *n);
-            gw.metrics.set_queue_depth(&p.name, tier, depth);
-        }
-    }
     (
         [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
-        gw.metrics.encode(),
+        gw.metrics_text(),
     )
         .into_response()
 }
 
-/// Every user with a connection or stream since start: connections, live streams, spend today.
 async fn admin_users(State(gw): State<Arc<Gateway>>) -> Response {
     let spend = gw.budgets.snapshot();
     let users: Vec<_> = gw

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{unix_now_ms, AuthError, Claims};
+use crate::cluster::{LeaseKind, LeaseRefused};
 use crate::gateway::Gateway;
 use crate::hub::Registration;
 use crate::metrics::Metrics;
@@ -99,12 +100,46 @@ async fn run_on(
         return;
     };
     let inbox = Inbox::new();
+    // Cluster mode: the cap counts the user's connections on every instance first; the hub
+    // then counts this instance's (the only count when Redis is unavailable).
+    let lease = match &gw.cluster {
+        Some(cluster) => {
+            match cluster
+                .lease(LeaseKind::Connection, &claims.sub, tier.max_connections())
+                .await
+            {
+                Ok(lease) => Some(lease),
+                Err(_) => {
+                    gw.metrics.refused("too_many_connections");
+                    let message = format!(
+                        "at most {} simultaneous connections per user",
+                        tier.max_connections()
+                    );
+                    let frame = protocol::error(None, ErrorCode::TooManyStreams, &message, None);
+                    return refuse(
+                        sink,
+                        source,
+                        Some(frame),
+                        close::TOO_MANY_CONNECTIONS,
+                        "too many connections",
+                    )
+                    .await;
+                }
+            }
+        }
+        None => None,
+    };
     let registration =
         match gw
             .hub
             .register(&claims.sub, inbox.conn, tier.max_connections(), &gw.metrics)
         {
-            Ok(registration) => registration,
+            Ok(mut registration) => {
+                if let Some(lease) = lease {
+                    registration.hold(lease);
+                }
+                registration
+            }
             Err(refusal) => {
                 gw.metrics.refused("too_many_connections");
                 let frame = protocol::error(None, refusal.code, &refusal.message, None);
@@ -670,13 +705,6 @@ impl Connection {
             let frame = refuse(ErrorCode::Unauthorized, "token expired: send `refresh`");
             return self.send(frame).await;
         }
-        if !protocol::valid_model(&req.model) {
-            let message = format!(
-                "`model` must be 1-{} bytes of printable characters",
-                protocol::MAX_MODEL_LEN
-            );
-            return self.send(refuse(ErrorCode::BadRequest, &message)).await;
-        }
         if self.draining {
             let frame = refuse(
                 ErrorCode::Overloaded,
@@ -684,56 +712,19 @@ impl Connection {
             );
             return self.send(frame).await;
         }
-        let gw = &self.gw;
-        if let Err(message) = relay::validate_open(&req, &gw.config.allowed_params) {
-            return self.send(refuse(ErrorCode::BadRequest, &message)).await;
-        }
-        if gw.upstreams.route(&req.model).is_none() {
-            let frame = refuse(
-                ErrorCode::BadRequest,
-                &format!("unknown model `{}`", req.model),
-            );
-            return self.send(frame).await;
-        };
-        // Refusals that cost nothing to decide come before anything is allocated for the
-        // stream, and before its prompt is counted.
-        if let Some(frame) = relay::refuse_early(gw, &self.user, &self.tier, &req) {
-            return self.send(frame).await;
-        }
-        let stream = Stream::new(
-            req.id.clone(),
-            self.user.clone(),
-            req.model.clone(),
-            gw.config.session.stream_buffer_bytes,
-        );
-        if let Err(refusal) = gw.hub.open(&stream, self.max_streams) {
-            if refusal.code == ErrorCode::TooManyStreams {
-                gw.metrics.refused("too_many_streams");
-            }
-            return self.send(refuse(refusal.code, &refusal.message)).await;
-        }
-        // A fresh stream has no gap to refuse.
-        let _ = stream.attach(&self.inbox, 0);
-        let hub = gw.hub.clone();
-        let linger = Duration::from_millis(gw.config.session.resume_window_ms);
-        let retain = gw.config.session.retained_bytes_per_user;
-        let span =
-            tracing::info_span!("stream", stream = %stream.id, model = %LogSafe(&stream.model));
-        let job = Job {
-            gw: gw.clone(),
-            stream: stream.clone(),
+        match open_stream(
+            &self.gw,
+            &self.user,
+            &self.tier,
+            self.max_streams,
+            &self.inbox,
             req,
-            tier: self.tier.clone(),
-        };
-        gw.stream_tasks.spawn(tracing::Instrument::instrument(
-            async move {
-                let outcome = relay::run(job).await;
-                tracing::info!(?outcome, "stream ended");
-                hub.finished(&stream, linger, retain);
-            },
-            span,
-        ));
-        ControlFlow::Continue(())
+        )
+        .await
+        {
+            Ok(_) => ControlFlow::Continue(()),
+            Err(frame) => self.send(frame).await,
+        }
     }
 
     async fn send(&self, frame: Utf8Bytes) -> ControlFlow<()> {
@@ -770,6 +761,93 @@ impl Connection {
         }
         ControlFlow::Continue(())
     }
+}
+
+/// Starts one stream for `user` and attaches it to `inbox`: the checks of an `open` that do not
+/// depend on the connection (model, params, route, budget and rate limits, the user's live
+/// streams), then the stream's task. A WebSocket `open` and an HTTP chat completion
+/// ([`crate::openai`]) both come through here, so both get the same limits, queue, retries,
+/// fallbacks, billing and metrics. `Err` is the `error` frame refusing it.
+pub(crate) async fn open_stream(
+    gw: &Arc<Gateway>,
+    user: &Arc<str>,
+    tier: &Arc<Tier>,
+    max_streams: usize,
+    inbox: &Arc<Inbox>,
+    req: OpenRequest,
+) -> Result<Arc<Stream>, Utf8Bytes> {
+    let refuse =
+        |code: ErrorCode, message: &str| protocol::error(Some(&req.id), code, message, None);
+    if !protocol::valid_model(&req.model) {
+        let message = format!(
+            "`model` must be 1-{} bytes of printable characters",
+            protocol::MAX_MODEL_LEN
+        );
+        return Err(refuse(ErrorCode::BadRequest, &message));
+    }
+    if let Err(message) = relay::validate_open(&req, &gw.config.allowed_params) {
+        return Err(refuse(ErrorCode::BadRequest, &message));
+    }
+    if gw.upstreams.route(&req.model).is_none() {
+        let message = format!("unknown model `{}`", req.model);
+        return Err(refuse(ErrorCode::BadRequest, &message));
+    };
+    // Refusals that cost nothing to decide come before anything is allocated for the
+    // stream, and before its prompt is counted.
+    if let Some(frame) = relay::refuse_early(gw, user, tier, &req) {
+        return Err(frame);
+    }
+    let stream = Stream::new(
+        req.id.clone(),
+        user.clone(),
+        req.model.clone(),
+        gw.config.session.stream_buffer_bytes,
+    );
+    // Cluster mode: the user's live streams on every instance count against the cap.
+    let lease = match &gw.cluster {
+        Some(cluster) => match cluster.lease(LeaseKind::Stream, user, max_streams).await {
+            Ok(lease) => Some(lease),
+            Err(LeaseRefused::Full) => {
+                gw.metrics.refused("too_many_streams");
+                let message = format!("at most {max_streams} live streams per user");
+                return Err(refuse(ErrorCode::TooManyStreams, &message));
+            }
+            Err(LeaseRefused::Unavailable(e)) => {
+                gw.metrics.refused("redis_unavailable");
+                return Err(refuse(ErrorCode::Overloaded, &e.to_string()));
+            }
+        },
+        None => None,
+    };
+    if let Err(refusal) = gw.hub.open(&stream, max_streams) {
+        if refusal.code == ErrorCode::TooManyStreams {
+            gw.metrics.refused("too_many_streams");
+        }
+        return Err(refuse(refusal.code, &refusal.message));
+    }
+    // A fresh stream has no gap to refuse.
+    let _ = stream.attach(inbox, 0);
+    let hub = gw.hub.clone();
+    let linger = Duration::from_millis(gw.config.session.resume_window_ms);
+    let retain = gw.config.session.retained_bytes_per_user;
+    let span = tracing::info_span!("stream", stream = %stream.id, model = %LogSafe(&stream.model));
+    let job = Job {
+        gw: gw.clone(),
+        stream: stream.clone(),
+        req,
+        tier: tier.clone(),
+    };
+    let task_stream = stream.clone();
+    gw.stream_tasks.spawn(tracing::Instrument::instrument(
+        async move {
+            let outcome = relay::run(job).await;
+            tracing::info!(?outcome, "stream ended");
+            hub.finished(&task_stream, linger, retain);
+            drop(lease);
+        },
+        span,
+    ));
+    Ok(stream)
 }
 
 fn close_message(code: u16, reason: &'static str) -> Message {

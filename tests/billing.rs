@@ -6,12 +6,12 @@
 mod common;
 
 use common::*;
-use muxgate::billing;
+use muxgate::test_support::{cost_usd, count_prompt_tokens, count_tokens};
 use serde_json::{json, Value};
 
 /// The deepseek-v3.2 price from the seed: $0.10 in, $0.42 out per million tokens.
 fn deepseek_cost(prompt: u64, completion: u64) -> f64 {
-    billing::cost_usd(prompt, completion, 0.10, 0.42)
+    cost_usd(prompt, completion, 0.10, 0.42)
 }
 
 #[tokio::test]
@@ -67,8 +67,8 @@ async fn metrics_count_exactly_what_went_through() {
         }
     }
     let messages = vec![json!({"role":"user","content":prompt})];
-    let cx_prompt = billing::count_prompt_tokens("deepseek-v3.2", &messages);
-    let cx_completion = billing::count_tokens("deepseek-v3.2", &text);
+    let cx_prompt = count_prompt_tokens("deepseek-v3.2", &messages);
+    let cx_completion = count_tokens("deepseek-v3.2", &text);
     assert!(cx_completion >= 10, "{text}");
 
     // Failed after retries, never generated anything.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
-use muxgate::auth::{unix_now, unix_now_ms};
+use muxgate::test_support::{unix_now, unix_now_ms};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
@@ -161,10 +161,9 @@ async fn an_expired_token_refuses_opens_until_a_refresh_for_the_same_user() {
     })
     .await;
     let token =
-        h.gw.auth
-            .issue("alice", "pro", Duration::from_secs(1))
+        h.gw.issue_token("alice", "pro", Duration::from_secs(1))
             .unwrap();
-    let exp = h.gw.auth.verify(&token).unwrap().exp;
+    let exp = h.gw.verify_token(&token).unwrap().exp;
     let mut c = h.connect_raw().await;
     c.send(json!({"type":"hello","token":token})).await;
     let welcome = c.recv().await;
@@ -205,7 +204,7 @@ async fn an_expired_token_refuses_opens_until_a_refresh_for_the_same_user() {
     assert_unauthorized(&f, Some("still"), "refresh");
 
     let fresh = h.token("alice", "pro");
-    let fresh_exp = h.gw.auth.verify(&fresh).unwrap().exp;
+    let fresh_exp = h.gw.verify_token(&fresh).unwrap().exp;
     c.send(json!({"type":"refresh","token":fresh})).await;
     let f = next_other(&mut c, "before", &mut before).await;
     assert_eq!(f, json!({"type":"refreshed","exp":fresh_exp}));
@@ -236,8 +235,7 @@ async fn no_refresh_closes_4401_after_the_grace_and_streams_stay_resumable() {
     })
     .await;
     let token =
-        h.gw.auth
-            .issue("alice", "pro", Duration::from_secs(1))
+        h.gw.issue_token("alice", "pro", Duration::from_secs(1))
             .unwrap();
     let mut c = h.connect_raw().await;
     c.send(json!({"type":"hello","token":token})).await;
@@ -500,7 +498,7 @@ async fn a_slow_reader_that_reads_again_soon_gets_the_4408_close_frame() {
     // 150 ms, the write timeout (300 ms) is near; the gateway then gives up on the socket and
     // tries for up to a second to queue the close frame behind what the client has not read.
     let sent_frames = || {
-        let text = h.gw.metrics.encode();
+        let text = h.gw.metrics_text();
         text.lines()
             .find_map(|l| l.strip_prefix("muxgate_ws_sent_frames_total "))
             .map(|v| v.trim().parse::<f64>().unwrap())

@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
-use muxgate::{billing, mock};
+use muxgate::mock;
+use muxgate::test_support::{cost_usd, count_prompt_tokens, count_tokens, count_tools_tokens};
 use serde_json::{json, Value};
 
 /// Every frame of one stream, in order, up to and including its end.
@@ -293,10 +294,10 @@ async fn a_cut_after_a_tool_call_fragment_is_not_retried_and_the_estimate_counts
     // No usage came: the estimate counts the tool definitions in the prompt, and the
     // function name and argument pieces that went out.
     let messages = vec![json!({"role":"user","content":prompt})];
-    let prompt_tokens = billing::count_prompt_tokens("deepseek-v3.2", &messages)
-        + billing::count_tools_tokens("deepseek-v3.2", &tools);
+    let prompt_tokens = count_prompt_tokens("deepseek-v3.2", &messages)
+        + count_tools_tokens("deepseek-v3.2", &tools);
     let (_, _, name, args) = &merged_calls(&deltas)[0];
-    let completion_tokens = billing::count_tokens("deepseek-v3.2", &format!("{name}{args}"));
+    let completion_tokens = count_tokens("deepseek-v3.2", &format!("{name}{args}"));
     assert!(completion_tokens > 0);
     let m = scrape_metrics(&h).await;
     let tokens = |kind: &str| {
@@ -409,7 +410,7 @@ async fn usage_details_and_the_cached_input_price_are_exact() {
     let want = (2.0 * 0.025 + 4.0 * 0.10 + 6.0 * 0.42) / 1e6;
     assert!((cost - want).abs() < 1e-18, "{cost} vs {want}");
     assert!(
-        (cost - billing::cost_usd(6, 6, 0.10, 0.42)).abs() > 1e-9,
+        (cost - cost_usd(6, 6, 0.10, 0.42)).abs() > 1e-9,
         "the cached price made a difference"
     );
 }

@@ -37,7 +37,7 @@ async fn fifty_concurrent_streams_on_one_socket_get_exact_text() {
     let stats = h.mock.stats();
     assert_eq!(stats.requests, 50);
     assert_eq!(stats.completed, 50);
-    let users = h.gw.hub.user_stats("alice").unwrap();
+    let users = h.gw.user_stats("alice").unwrap();
     assert_eq!(users.connections_total, 1);
 }
 
@@ -230,7 +230,7 @@ async fn handshake_refusals_close_4401() {
 
     let expired = jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
-        &json!({"sub":"alice","tier":"pro","exp": muxgate::auth::unix_now() - 600}),
+        &json!({"sub":"alice","tier":"pro","exp": muxgate::test_support::unix_now() - 600}),
         &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .unwrap();
@@ -241,7 +241,7 @@ async fn handshake_refusals_close_4401() {
 
     let forged = jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
-        &json!({"sub":"alice","tier":"pro","exp": muxgate::auth::unix_now() + 600}),
+        &json!({"sub":"alice","tier":"pro","exp": muxgate::test_support::unix_now() + 600}),
         &jsonwebtoken::EncodingKey::from_secret(b"some-other-secret-entirely"),
     )
     .unwrap();
@@ -481,7 +481,7 @@ async fn unresumed_streams_are_aborted_after_the_window() {
     })
     .await;
     // Once the stream's window is over too, the user has nothing left and is forgotten.
-    let live = h.gw.hub.user_stats("alice").map_or(0, |s| s.live_streams);
+    let live = h.gw.user_stats("alice").map_or(0, |s| s.live_streams);
     assert_eq!(live, 0);
 }
 
@@ -552,11 +552,7 @@ async fn a_slow_reader_backpressures_the_upstream_and_loses_nothing() {
         sent_while_stalled, sent_later,
         "the upstream is paused, not trickling"
     );
-    let buffered =
-        h.gw.hub
-            .get(&"alice".into(), "big")
-            .unwrap()
-            .buffered_bytes();
+    let buffered = muxgate::test_support::stream_buffered_bytes(&h.gw, "alice", "big").unwrap();
     assert!(
         buffered <= 64 * 1024 + 8192,
         "replay log stays near its cap: {buffered}"
@@ -584,7 +580,7 @@ async fn a_client_that_stops_answering_pings_is_dropped() {
     // Not reading means not answering pings.
     tokio::time::sleep(Duration::from_millis(600)).await;
     // A user with nothing left (no connection, no stream) is forgotten by the hub.
-    let connections = h.gw.hub.user_stats("alice").map_or(0, |s| s.connections);
+    let connections = h.gw.user_stats("alice").map_or(0, |s| s.connections);
     assert_eq!(connections, 0);
     drop(c);
 }
@@ -700,7 +696,7 @@ async fn an_operator_goaway_moves_streams_to_a_new_connection() {
         r.take(f);
     }
     assert_eq!(r.text, expected("move", 80));
-    assert_eq!(h.gw.hub.user_stats("alice").unwrap().connections, 1);
+    assert_eq!(h.gw.user_stats("alice").unwrap().connections, 1);
 }
 
 #[tokio::test]
@@ -712,7 +708,7 @@ async fn a_reader_too_slow_for_the_write_timeout_is_closed_4408_and_can_resume()
     c.recv_until("delta", Some("big")).await;
     // Stop reading until the gateway gives up on this socket.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while h.gw.hub.user_stats("alice").map_or(0, |s| s.connections) > 0 {
+    while h.gw.user_stats("alice").map_or(0, |s| s.connections) > 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the slow reader was never dropped"

@@ -458,7 +458,7 @@ async fn reservation_takes_the_larger_of_both_max_token_params() {
 /// bounded by the head, not the queue. Positions stay right where they are announced.
 #[tokio::test]
 async fn queue_positions_behind_the_head_are_refreshed_not_walked_per_change() {
-    use muxgate::scheduler::{ANNOUNCE_EVERY, ANNOUNCE_HEAD};
+    use muxgate::test_support::{ANNOUNCE_EVERY, ANNOUNCE_HEAD};
     const WAITERS: usize = 150;
     const CANCELLED: usize = 100;
     let h = Harness::start_with(|c| {
@@ -590,7 +590,7 @@ async fn an_answer_past_the_replay_log_without_usage_is_billed_in_full() {
     assert_eq!(end["usage_estimated"], true, "{end}");
     assert_eq!(
         end["usage"]["completion_tokens"].as_u64().unwrap(),
-        muxgate::billing::count_tokens("m", &record.text),
+        muxgate::test_support::count_tokens("m", &record.text),
         "billed for every token the client received"
     );
 }

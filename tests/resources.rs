@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
+use muxgate::test_support;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -54,7 +55,7 @@ async fn a_slow_consumer_resumes_with_nothing_lost() {
     }
     // Stop reading until the gateway gives up on this socket.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while h.gw.hub.user_stats("alice").map_or(0, |s| s.connections) > 0 {
+    while h.gw.user_stats("alice").map_or(0, |s| s.connections) > 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the slow reader was never dropped"
@@ -137,7 +138,7 @@ async fn refused_opens_cost_no_tokenizer_and_no_stream() {
         assert_eq!(f["code"], "rate_limited", "{f}");
         assert!(f["retry_after_ms"].as_u64().unwrap() > 0, "{f}");
         assert!(
-            h.gw.hub.get(&"bob".into(), &id).is_none(),
+            test_support::stream_buffered_bytes(&h.gw, "bob", &id).is_none(),
             "a refused open registers no stream"
         );
     }
@@ -331,11 +332,11 @@ async fn finished_streams_pin_no_more_than_the_user_budget() {
     }
     // Each log holds ~10.5 KiB: two fit in 24 KiB.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while h.gw.hub.user_stats("alice").unwrap().live_streams > 0 {
+    while h.gw.user_stats("alice").unwrap().live_streams > 0 {
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(h.gw.hub.retained_bytes("alice") <= budget);
+    assert!(test_support::retained_bytes(&h.gw, "alice") <= budget);
     c.close().await;
     let resume = json!([{"id":"s0","after":0},{"id":"s5","after":0}]);
     let (mut c, welcome) = h.connect_resume("alice", resume).await;
@@ -354,11 +355,11 @@ async fn users_who_leave_are_pruned_from_the_hub() {
         c.close().await;
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while h.gw.hub.tracked_users() > 0 {
+    while test_support::tracked_users(&h.gw) > 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "{} users still tracked",
-            h.gw.hub.tracked_users()
+            test_support::tracked_users(&h.gw)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use muxgate::tiers::OnLimit;
+use muxgate::config::OnLimit;
 use serde_json::{json, Value};
 
 /// The prompt of the mock's most recent request.
@@ -259,7 +259,7 @@ async fn unused_token_reservations_come_back() {
         }
         assert_ne!(f["type"], "error", "{f}");
     }
-    let available = h.gw.limits.tier_tokens_available("free").unwrap();
+    let available = muxgate::test_support::tier_tokens_available(&h.gw, "free").unwrap();
     assert!(
         available > 2_900.0,
         "used ~10 tokens each, the rest came back: {available}"

@@ -3,9 +3,10 @@
 
 use std::collections::VecDeque;
 
-use muxgate::protocol::{parse_client_frame, ClientFrame};
-use muxgate::redact::Redactor;
-use muxgate::sse::{Event, Parser};
+use muxgate::test_support::{
+    parse_client_frame, parse_chunk, upstream_body, validate_open, ClientFrame, Event, Parser,
+    Redactor,
+};
 
 /// A configured upstream key the chunk target plants in its input.
 pub const KEY: &str = "sk-fuzz-upstream-key-4b1d";
@@ -17,8 +18,8 @@ pub fn client_frame(data: &[u8]) {
     match parse_client_frame(&text) {
         Ok(ClientFrame::Open(req)) => {
             let allowed = muxgate::config::default_allowed_params();
-            if muxgate::relay::validate_open(&req, &allowed).is_ok() {
-                let body = muxgate::relay::upstream_body(&req, &req.model, "user-hash")
+            if validate_open(&req, &allowed).is_ok() {
+                let body = upstream_body(&req, &req.model, "user-hash")
                     .expect("a validated open always serializes");
                 let v: serde_json::Value =
                     serde_json::from_slice(&body).expect("the upstream body is JSON");
@@ -78,7 +79,7 @@ pub fn chunk(data: &[u8]) {
         text.clone(),
         format!(r#"{{"error":{{"message":{}}}}}"#, json_str(&text)),
     ] {
-        if let Err(e) = muxgate::upstream::parse_chunk(&candidate, &redactor) {
+        if let Err(e) = parse_chunk(&candidate, &redactor) {
             let m = e.to_string();
             assert!(!m.contains(KEY), "the key leaked: {m}");
             assert!(!m.chars().any(char::is_control), "a control char: {m:?}");

@@ -1,5 +1,9 @@
 //! Daily spend budgets per user and per tier, in USD per UTC day.
 //!
+//! In cluster mode ([`Budgets::shared`]) the spend that decides is the one in Redis, added to
+//! by every instance; each instance still keeps its own, which decides when Redis fails under
+//! `on_redis_error = "fail_open"`.
+//!
 //! Budgets are checked before a stream reaches the upstream and charged when it ends, so a
 //! stream that starts under the limit may finish over it; the next one is refused.
 
@@ -11,6 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
+
+use crate::cluster::{Cluster, Unavailable};
 
 /// Daily spend limits, in USD per UTC day. Every field is optional; with none set nothing is
 /// refused, but spend is still tracked for the admin view.
@@ -116,6 +122,14 @@ impl fmt::Display for BudgetError {
 }
 
 impl std::error::Error for BudgetError {}
+
+/// Why [`Budgets::admits`] refused a stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BudgetRefused {
+    Over(BudgetError),
+    /// Cluster mode, Redis unavailable, `fail_closed`.
+    Unavailable(Unavailable),
+}
 
 /// Dollars with cents, or more digits below a cent so a tiny limit does not print as $0.00.
 struct Usd(f64);
@@ -236,6 +250,8 @@ pub struct Budgets {
     tiers: DashMap<String, DaySpend>,
     /// The last day whose stale entries were dropped, so that happens once a day.
     pruned_day: AtomicU64,
+    /// Cluster mode: the spend that decides is in Redis.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Budgets {
@@ -254,11 +270,60 @@ impl Budgets {
             users: DashMap::new(),
             tiers: DashMap::new(),
             pruned_day: AtomicU64::new(today),
+            cluster: None,
         }
     }
 
-    pub fn config(&self) -> &BudgetConfig {
-        &self.config
+    /// Cluster mode: spend is added to and read from Redis through `cluster`.
+    pub fn shared(mut self, cluster: Arc<Cluster>) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// [`Budgets::check`] against the spend of every instance (cluster mode; else this
+    /// process's). When Redis fails: this instance's spend under `fail_open`, refused under
+    /// `fail_closed`.
+    pub async fn admits(&self, user: &str, tier: &str) -> Result<(), BudgetRefused> {
+        let Some(cluster) = &self.cluster else {
+            return self.check(user, tier).map_err(BudgetRefused::Over);
+        };
+        let now = self.clock.now();
+        let day = utc_day(now);
+        let keys = [
+            cluster.user_key(user, &format!("spend:{day}")),
+            cluster.tier_key(tier, &format!("spend:{day}")),
+        ];
+        match cluster.counters(&keys).await {
+            Ok(spent) => self
+                .judge(user, tier, spent[0], spent[1], now)
+                .map_err(BudgetRefused::Over),
+            Err(_) if cluster.fails_open() => {
+                cluster.fell_back("budget");
+                self.check(user, tier).map_err(BudgetRefused::Over)
+            }
+            Err(unavailable) => Err(BudgetRefused::Unavailable(unavailable)),
+        }
+    }
+
+    /// [`Budgets::record`], and in cluster mode the same charge added in Redis. A charge Redis
+    /// misses is logged and counted (`muxgate_redis_errors_total{op="charge"}`), and stays in
+    /// this instance's own spend.
+    pub async fn charge(&self, user: &str, tier: &str, usd: f64) {
+        self.record(user, tier, usd);
+        let Some(cluster) = &self.cluster else { return };
+        if !(usd.is_finite() && usd > 0.0) {
+            return;
+        }
+        let day = utc_day(self.clock.now());
+        let keys = [
+            cluster.user_key(user, &format!("spend:{day}")),
+            cluster.tier_key(tier, &format!("spend:{day}")),
+        ];
+        // Two days: the day's key outlives its day whatever the instances' clocks say.
+        let ttl = Duration::from_secs(2 * SECS_PER_DAY);
+        if cluster.add(&keys, to_nanos(usd), ttl).await.is_err() {
+            tracing::warn!(usd, "a stream's spend was not added to the shared budgets");
+        }
     }
 
     /// Whether `user` of `tier` may start a stream: refused once today's spend has reached the
@@ -267,12 +332,30 @@ impl Budgets {
     pub fn check(&self, user: &str, tier: &str) -> Result<(), BudgetError> {
         let now = self.clock.now();
         let day = utc_day(now);
-        let over = |map: &DashMap<String, DaySpend>, key: &str, limit: f64| {
-            let spent = map.get(key).map_or(0, |s| s.on(day));
-            (spent >= to_nanos(limit)).then_some(to_usd(spent))
-        };
+        let spent =
+            |map: &DashMap<String, DaySpend>, key: &str| map.get(key).map_or(0, |s| s.on(day));
+        self.judge(
+            user,
+            tier,
+            spent(&self.users, user),
+            spent(&self.tiers, tier),
+            now,
+        )
+    }
+
+    /// Refuses once `user_spent` (nano-dollars today) reached the user's limit, or
+    /// `tier_spent` the tier's, in that order.
+    fn judge(
+        &self,
+        user: &str,
+        tier: &str,
+        user_spent: u64,
+        tier_spent: u64,
+        now: SystemTime,
+    ) -> Result<(), BudgetError> {
+        let over = |spent: u64, limit: f64| (spent >= to_nanos(limit)).then_some(to_usd(spent));
         if let Some(limit) = self.config.user_limit(user) {
-            if let Some(spent_usd) = over(&self.users, user, limit) {
+            if let Some(spent_usd) = over(user_spent, limit) {
                 return Err(BudgetError {
                     scope: BudgetScope::User,
                     limit_usd: limit,
@@ -282,7 +365,7 @@ impl Budgets {
             }
         }
         if let Some(limit) = self.config.tier_limit(tier) {
-            if let Some(spent_usd) = over(&self.tiers, tier, limit) {
+            if let Some(spent_usd) = over(tier_spent, limit) {
                 return Err(BudgetError {
                     scope: BudgetScope::Tier(tier.to_owned()),
                     limit_usd: limit,
@@ -320,6 +403,7 @@ impl Budgets {
     }
 
     /// USD the users of `tier` have spent today.
+    #[cfg(test)]
     pub fn tier_spent_today(&self, tier: &str) -> f64 {
         let day = utc_day(self.clock.now());
         to_usd(self.tiers.get(tier).map_or(0, |s| s.on(day)))

@@ -12,12 +12,9 @@ mod budgets;
 mod settlement;
 mod tokens;
 
-pub use budgets::{
-    BudgetConfig, BudgetConfigError, BudgetError, BudgetScope, Budgets, Clock, SpendSnapshot,
-    SystemClock,
-};
-pub use settlement::{cost_usd, Bill, Price, Settlement};
+pub use budgets::{BudgetConfig, BudgetRefused, Budgets};
+pub use settlement::{cost_usd, Price, Settlement};
 pub use tokens::{
-    count_off_runtime, count_prompt_tokens, count_tokens, count_tools_tokens, encoding_for_model,
-    prompt_text_bytes, warm_up, Encoding,
+    count_off_runtime, count_prompt_tokens, count_tokens, count_tools_tokens, prompt_text_bytes,
+    warm_up,
 };

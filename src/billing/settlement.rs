@@ -126,19 +126,21 @@ impl Settlement<'_> {
         };
         let cost_usd = usage.as_ref().zip(price).map(|(u, price)| price.cost(u));
         if let Some(reservation) = reservation {
-            limits.reconcile(
-                &reservation,
-                usage
-                    .as_ref()
-                    .map_or(0, |u| u.prompt_tokens + u.completion_tokens),
-            );
+            limits
+                .settle(
+                    &reservation,
+                    usage
+                        .as_ref()
+                        .map_or(0, |u| u.prompt_tokens + u.completion_tokens),
+                )
+                .await;
         }
         if let Some(u) = &usage {
             metrics.tokens(model, tier, u.prompt_tokens, u.completion_tokens, estimated);
         }
         if let Some(cost) = cost_usd {
             metrics.spend(model, tier, cost);
-            budgets.record(user, tier, cost);
+            budgets.charge(user, tier, cost).await;
         }
         Bill {
             usage,

@@ -149,12 +149,12 @@ fn encoder(encoding: Encoding) -> Option<&'static CoreBPE> {
     wanted.as_ref().or(other.as_ref())
 }
 
-/// Tokens in `text` as `model`'s tokenizer would count them (see [`encoding_for_model`]; for
+/// Tokens in `text` as `model`'s tokenizer would count them (see `encoding_for_model`; for
 /// non-OpenAI models an estimate). Special-token markers such as `<|endoftext|>` in the text
 /// are counted as the plain text they are, as the API does for message content.
 ///
 /// Cost, measured in release builds: 25–45 ms per MiB of prose, up to 0.6 s per MiB of
-/// adversarial text (a long run of one character). Call it through [`count_off_runtime`], never
+/// adversarial text (a long run of one character). Call it through `count_off_runtime`, never
 /// on an async worker thread. Count a
 /// completion once at the end, not chunk by chunk: that would also miscount the tokens that
 /// span chunk boundaries.

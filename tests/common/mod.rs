@@ -18,6 +18,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod redis_server;
+
 pub const SECRET: &str = "test-secret-0123456789abcdef";
 pub const API_KEY: &str = "sk-upstream-secret-7f3a9c";
 /// How long a test waits for any one frame before failing.
@@ -41,7 +43,7 @@ impl Harness {
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Harness {
         // The tokenizers load once per process; a debug build takes seconds for it, which the
         // first stream of a test would otherwise wait out (past FRAME_WAIT on a loaded machine).
-        tokio::task::spawn_blocking(muxgate::billing::warm_up)
+        tokio::task::spawn_blocking(muxgate::test_support::warm_up)
             .await
             .unwrap();
         let mock = spawn_mock(Some(API_KEY)).await;
@@ -78,8 +80,7 @@ impl Harness {
 
     pub fn token(&self, user: &str, tier: &str) -> String {
         self.gw
-            .auth
-            .issue(user, tier, Duration::from_secs(600))
+            .issue_token(user, tier, Duration::from_secs(600))
             .unwrap()
     }
 

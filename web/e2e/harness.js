@@ -163,6 +163,37 @@ export async function startGateway ({ port, mockUrl, drainMs = 2000, staticDir =
   }
 }
 
+/**
+ * Gateway config (startStack's `config`): the free tier allows 2 requests a minute per user,
+ * for the rate-limit tests; the other tiers keep their defaults (a [tiers] table replaces the
+ * default one whole).
+ */
+export const TIERS_FREE_AT_2_RPM = `
+[tiers.free]
+priority = 0
+user_rpm = 2
+rpm = 60
+tpm = 50000
+on_limit = "reject"
+max_wait_ms = 0
+
+[tiers.pro]
+priority = 1
+user_rpm = 120
+rpm = 500
+tpm = 500000
+on_limit = "wait"
+max_wait_ms = 5000
+
+[tiers.enterprise]
+priority = 2
+user_rpm = 600
+rpm = 5000
+tpm = 5000000
+on_limit = "wait"
+max_wait_ms = 5000
+`
+
 /** Mock + gateway; `restartGateway()` brings the gateway back on the same port. */
 export async function startStack ({ staticDir, config } = {}) {
   const mock = await startMock()

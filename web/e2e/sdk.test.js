@@ -9,38 +9,12 @@ import path from 'node:path'
 import { build } from 'esbuild'
 import {
   assertExact, expectedText, launchBrowser, leaderIndex, maxConcurrent, mockPrompt, openTabs, readRun,
-  startStack, underWay, userNamer, waitFor, waitRuns, waitShared, WEB_DIR,
+  startStack, TIERS_FREE_AT_2_RPM, underWay, userNamer, waitFor, waitRuns, waitShared, WEB_DIR,
 } from './harness.js'
 
 const TABS = 12
 const MODEL = 'deepseek-v3.2'
-// The free tier allows 2 requests a minute per user here, for the rate-limit test; the other
-// tiers keep their defaults (a [tiers] table replaces the default one whole).
-const CONFIG = `
-[tiers.free]
-priority = 0
-user_rpm = 2
-rpm = 60
-tpm = 50000
-on_limit = "reject"
-max_wait_ms = 0
-
-[tiers.pro]
-priority = 1
-user_rpm = 120
-rpm = 500
-tpm = 500000
-on_limit = "wait"
-max_wait_ms = 5000
-
-[tiers.enterprise]
-priority = 2
-user_rpm = 600
-rpm = 5000
-tpm = 5000000
-on_limit = "wait"
-max_wait_ms = 5000
-`
+const CONFIG = TIERS_FREE_AT_2_RPM
 
 const userFor = userNamer('sdk')
 let stack

@@ -21,15 +21,20 @@ import { ChunkEncoder, completion, errorResponse, unixSeconds } from './openai.j
  *   out.append(chunk.choices[0]?.delta?.content ?? '')
  * }
  *
- * @param {{chat: (request: object) => import('./stream.js').default}} mux
- * @param {{fallback?: typeof fetch}} [options] `fallback` serves every request that is not
- *   `POST …/chat/completions` (e.g. `globalThis.fetch` for `GET /v1/models` over HTTP); it is
- *   called with one argument, the `Request` built from the caller's input and init
+ * @param {{chat: (request: object) => import('./stream.js').default, cannotConnect?: () => boolean,
+ *   httpUrl?: (path: string) => string, httpToken?: () => Promise<string>}} mux
+ * @param {{fallback?: typeof fetch, transport?: 'auto'|'websocket'|'http'}} [options] `fallback`
+ *   serves every request that is not `POST …/chat/completions` (e.g. `globalThis.fetch` for
+ *   `GET /v1/models` over HTTP); it is called with one argument, the `Request` built from the
+ *   caller's input and init. `transport`: see TRANSPORT (default `auto`)
  * @returns {typeof fetch}
  */
-export function createFetch (mux, { fallback } = {}) {
+export function createFetch (mux, { fallback, transport = TRANSPORT.auto } = {}) {
   if (fallback != null && typeof fallback !== 'function') {
     throw new TypeError('createFetch(): `fallback` must be a fetch function')
+  }
+  if (!Object.values(TRANSPORT).includes(transport)) {
+    throw new TypeError(`createFetch(): \`transport\` must be one of ${Object.values(TRANSPORT).join(', ')}`)
   }
   return async function muxFetch (input, init) {
     // The platform's own parsing: every input form fetch takes (string, URL, Request;
@@ -37,6 +42,9 @@ export function createFetch (mux, { fallback } = {}) {
     const request = new Request(input, init)
     if (!servesChatCompletions(request)) {
       return fallback ? fallback(request) : notServed(request)
+    }
+    if (transport === TRANSPORT.http || (transport === TRANSPORT.auto && mux.cannotConnect?.())) {
+      return overHttp(mux, request)
     }
     const signal = request.signal
     if (signal.aborted) throw signal.reason
@@ -89,6 +97,36 @@ export function createFetch (mux, { fallback } = {}) {
       ],
     })
   }
+}
+
+/**
+ * How `POST …/chat/completions` reaches the gateway:
+ * - `websocket`: always as a stream on the tab's shared socket;
+ * - `http`: always as the gateway's own `POST /v1/chat/completions` (same bytes, see
+ *   docs/openai-compat.md), for networks whose proxies block WebSockets;
+ * - `auto` (the default): the socket, unless it cannot connect at all: this tab has never
+ *   seen it open (no `welcome` since `connect()`, in this tab or its leader) and its last
+ *   attempt failed (status `reconnecting`). Then the call goes over HTTP; once the socket has
+ *   been open, a drop is a reconnect that resumes the streams, and calls keep to the socket.
+ */
+export const TRANSPORT = Object.freeze({ auto: 'auto', websocket: 'websocket', http: 'http' })
+
+/**
+ * The call as the gateway's own endpoint answers it, with the Mux's token as the Bearer
+ * (replacing the SDK's placeholder key) and the caller's signal: an abort closes the request,
+ * which the gateway takes as a cancel. The gateway's answer is returned as is.
+ * @param {{httpUrl: (path: string) => string, httpToken: () => Promise<string>}} mux
+ * @param {Request} request
+ */
+async function overHttp (mux, request) {
+  const signal = request.signal
+  if (signal.aborted) throw signal.reason
+  const [token, body] = await Promise.all([mux.httpToken(), request.text()])
+  if (signal.aborted) throw signal.reason
+  const headers = new Headers(request.headers)
+  headers.set('authorization', `Bearer ${token}`)
+  headers.set('content-type', 'application/json')
+  return globalThis.fetch(mux.httpUrl('chat/completions'), { method: 'POST', headers, body, signal })
 }
 
 /** `POST` to a path that ends in `/chat/completions` (any base URL, any query). */

@@ -162,7 +162,11 @@ export default class Follower {
     this.heard++
     if (Array.isArray(m.roster)) tab.knownRoster = m.roster
     if (typeof m.tabs === 'number') tab.tabs = m.tabs
-    if (m.connection) tab.connection = m.connection
+    if (m.connection) {
+      tab.connection = m.connection
+      // what mux.fetch's automatic HTTP fallback asks: has the leader's socket ever been open
+      if (m.connection === CONNECTION.open) tab.everOpen = true
+    }
     if (m.user !== undefined) tab.user = m.user
     if (m.tier !== undefined) tab.tier = m.tier
     if (m.visible === false) this.leaderHiddenSince ??= Date.now()

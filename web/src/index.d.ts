@@ -252,6 +252,12 @@ export class Mux {
   readonly fetch: typeof fetch
   /** A `fetch` like `mux.fetch`, with options. */
   createFetch(options?: CreateFetchOptions): typeof fetch
+  /** The socket cannot connect at all (never open since `connect()`, last attempt failed). */
+  cannotConnect(): boolean
+  /** The gateway's HTTP URL for `path` beside the WebSocket's (`wss://h/v1/ws` → `https://h/v1/<path>`). */
+  httpUrl(path: string): string
+  /** A token for an HTTP request, from `connect()`'s `token`. */
+  httpToken(): Promise<string>
 }
 
 export interface CreateFetchOptions {
@@ -261,6 +267,14 @@ export interface CreateFetchOptions {
    * without it they get a 404 in OpenAI's error shape.
    */
   fallback?: typeof fetch
+  /**
+   * How `POST …/chat/completions` reaches the gateway. `'websocket'`: as a stream on the tab's
+   * shared socket. `'http'`: as the gateway's own `POST /v1/chat/completions` (the same bytes;
+   * the Bearer token from `connect()`'s `token`), for networks whose proxies block WebSockets.
+   * `'auto'` (default): the socket, unless it cannot connect at all (never open since
+   * `connect()`, and its last attempt failed): then over HTTP.
+   */
+  transport?: 'auto' | 'websocket' | 'http'
 }
 
 /** The HTTP answer to each error code (docs/openai-compat.md, "Errors as HTTP"). */

@@ -75,6 +75,8 @@ export default class Mux {
     /** @type {Leader|Follower|Solo|null} the current role's part; null while electing or closed */
     this.part = null
     this.connection = CONNECTION.idle
+    /** The socket (this tab's or its leader's) has been open since `connect()`. */
+    this.everOpen = false
     this.tabs = 1
     this.user = null
     this.tier = null
@@ -154,12 +156,36 @@ export default class Mux {
   }
 
   /**
-   * A `fetch` like `mux.fetch`, with options (`fallback`: the fetch for every other request).
-   * @param {{fallback?: typeof fetch}} [options]
+   * A `fetch` like `mux.fetch`, with options (`fallback`: the fetch for every other request;
+   * `transport`: `'http'` to use the gateway's own `POST /v1/chat/completions`, see fetch.js).
+   * @param {{fallback?: typeof fetch, transport?: 'auto'|'websocket'|'http'}} [options]
    * @returns {typeof fetch}
    */
   createFetch (options) {
     return createFetch(this, options)
+  }
+
+  /**
+   * The socket cannot connect at all: never open since `connect()` (in this tab or, for a
+   * follower, its leader), and the last attempt failed. `mux.fetch` then goes over HTTP.
+   * @returns {boolean}
+   */
+  cannotConnect () {
+    return !this.everOpen && this.connection === CONNECTION.reconnecting
+  }
+
+  /**
+   * The gateway's HTTP URL for `path` under the WebSocket's directory (`wss://h/v1/ws` →
+   * `https://h/v1/<path>`).
+   * @param {string} path
+   */
+  httpUrl (path) {
+    return new URL(path, this.url.replace(/^ws/, 'http')).href
+  }
+
+  /** A token for an HTTP request, from the same source as the socket's `hello`. */
+  async httpToken () {
+    return typeof this.token === 'function' ? await this.token() : this.token
   }
 
   /**
@@ -499,6 +525,7 @@ export default class Mux {
   setConnection (state) {
     if (this.connection === state) return false
     this.connection = state
+    if (state === CONNECTION.open) this.everOpen = true
     this.emitStatus()
     return true
   }

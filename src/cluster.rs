@@ -1,0 +1,614 @@
+//! Cluster mode: the state several gateway instances share through Redis, so N instances
+//! behind a load balancer enforce the limits one instance does.
+//!
+//! [`Cluster`] is the one handle on Redis: it names the keys, runs the Lua scripts that check
+//! and charge atomically, holds this instance's leases (connections and live streams counted
+//! across instances), and decides what a Redis fault means (`on_redis_error`). The modules
+//! that own a limit ask it ([`crate::limits`], [`crate::billing`], [`crate::hub`] through the
+//! session); none of them talks to Redis directly.
+//!
+//! Keys are `{key_prefix}:{{user}}:…` for a user's own state (rate bucket, spend, connection
+//! and stream leases), `{key_prefix}:tier:{{tier}}:…` and `{key_prefix}:{global}:…`: the
+//! braces are Redis Cluster hash tags, so every key of one user lives in one slot.
+//!
+//! Why `redis` and not `fred`: `redis` is the reference client (the Redis organisation keeps
+//! it), its `ConnectionManager` reconnects with exponential backoff by itself and multiplexes
+//! every request over one connection, and its `Script` sends `EVALSHA` and falls back to
+//! `EVAL` on `NOSCRIPT` (after a Redis restart flushed the script cache). `fred` does as much
+//! with a larger API and more dependencies than these few scripts need.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisResult, Script};
+use serde::Deserialize;
+
+use crate::metrics::Metrics;
+
+/// Cluster mode's settings, used only when `redis_url` is set.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// This instance's name in logs and in the members of its leases. Default: the host name
+    /// (env `HOSTNAME`, else `/etc/hostname`) and the listen port, `host:port`. Env
+    /// `MUXGATE_INSTANCE_ID`.
+    pub instance_id: Option<String>,
+    /// Prefix of every Redis key, so several deployments can share one Redis. No braces.
+    /// Default `muxgate`.
+    pub key_prefix: String,
+    /// What a new stream meets while Redis fails or is slower than `redis_timeout_ms`:
+    /// `fail_open` decides on this instance's own limits and budgets (logged, and counted in
+    /// `muxgate_redis_fallbacks_total`); `fail_closed` refuses it with `overloaded`. Streams
+    /// already running are never affected, and connections are always admitted on the
+    /// instance's own cap (a refused reconnect would cut the running streams it resumes).
+    /// Default `fail_open`.
+    pub on_redis_error: OnRedisError,
+    /// Longest wait for one Redis call; past it the call counts as failed. Default 250.
+    pub redis_timeout_ms: u64,
+    /// How long a connection or live stream keeps counting against its user's caps when the
+    /// instance holding it stops renewing it (it died). Renewed every third of it. Default
+    /// 15000.
+    pub lease_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            instance_id: None,
+            key_prefix: "muxgate".into(),
+            on_redis_error: OnRedisError::FailOpen,
+            redis_timeout_ms: 250,
+            lease_ms: 15_000,
+        }
+    }
+}
+
+/// What a new stream meets while Redis is unavailable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRedisError {
+    #[default]
+    FailOpen,
+    FailClosed,
+}
+
+/// Redis failed or did not answer within `redis_timeout_ms`, and the policy is `fail_closed`
+/// (under `fail_open` the caller decides locally instead and never sees it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the shared limits store (Redis) is unavailable, and this gateway refuses new streams until it is back (on_redis_error = \"fail_closed\")")]
+pub struct Unavailable;
+
+/// Why the shared store could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("redis_url: {0}")]
+    Url(redis::RedisError),
+}
+
+/// One token bucket a request draws from, for [`Cluster::take`].
+#[derive(Debug, Clone)]
+pub struct BucketDraw {
+    pub key: String,
+    /// The bucket's one-minute allowance.
+    pub capacity: f64,
+    /// What this request takes from it.
+    pub amount: f64,
+}
+
+/// Checks every bucket after refilling it (capacity per minute, continuously, by Redis's own
+/// clock so instances' clocks do not matter) and, if `ARGV[1]` is 1 and all pass, charges them
+/// all. Returns `{0}` when all pass, else `{index, wait_ms}` of the bucket with the longest
+/// wait, `wait_ms` -1 when the amount exceeds the capacity itself. A full bucket is no key: it
+/// expires once refilled.
+const TAKE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local charge = ARGV[1] == '1'
+local tokens = {}
+local worst, worst_wait = 0, 0
+for i = 1, #KEYS do
+  local cap = tonumber(ARGV[2 * i])
+  local amount = tonumber(ARGV[2 * i + 1])
+  local rate = cap / 60000
+  local h = redis.call('HMGET', KEYS[i], 't', 'ts')
+  local tok = cap
+  if h[1] then
+    tok = math.min(cap, tonumber(h[1]) + math.max(0, now - tonumber(h[2])) * rate)
+  end
+  tokens[i] = tok
+  local wait = 0
+  if amount > cap then
+    wait = -1
+  elseif tok < amount then
+    wait = (amount - tok) / rate
+  end
+  if wait ~= 0 then
+    if worst == 0 or (wait == -1 and worst_wait ~= -1) or (worst_wait ~= -1 and wait > worst_wait) then
+      worst, worst_wait = i, wait
+    end
+  end
+end
+if worst > 0 then
+  return {worst, string.format('%.17g', worst_wait)}
+end
+if charge then
+  for i = 1, #KEYS do
+    local cap = tonumber(ARGV[2 * i])
+    local left = tokens[i] - tonumber(ARGV[2 * i + 1])
+    if left < cap then
+      redis.call('HSET', KEYS[i], 't', string.format('%.17g', left), 'ts', string.format('%.17g', now))
+      redis.call('PEXPIRE', KEYS[i], math.ceil((cap - left) * 60000 / cap) + 1000)
+    end
+  end
+end
+return {0}
+";
+
+/// Gives back (or charges, when negative) `ARGV[1]` tokens to every bucket in `KEYS`, whose
+/// capacities follow, after refilling it; never above its capacity.
+const ADJUST: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local diff = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  local cap = tonumber(ARGV[i + 1])
+  local h = redis.call('HMGET', KEYS[i], 't', 'ts')
+  local tok = cap
+  if h[1] then
+    tok = math.min(cap, tonumber(h[1]) + math.max(0, now - tonumber(h[2])) * cap / 60000)
+  end
+  local left = math.min(cap, tok + diff)
+  if left >= cap then
+    redis.call('DEL', KEYS[i])
+  else
+    redis.call('HSET', KEYS[i], 't', string.format('%.17g', left), 'ts', string.format('%.17g', now))
+    redis.call('PEXPIRE', KEYS[i], math.ceil((cap - left) * 60000 / cap) + 1000)
+  end
+end
+return 1
+";
+
+/// Adds lease `ARGV[1]` to the sorted set `KEYS[1]` (member → expiry, Redis time in ms) for
+/// `ARGV[3]` ms, after dropping expired ones, unless the set already holds `ARGV[2]` live
+/// members. Returns 1 when taken, 0 when full.
+const LEASE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ms = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+    return 0
+  end
+end
+redis.call('ZADD', KEYS[1], now + ms, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ms)
+return 1
+";
+
+/// What a lease counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseKind {
+    Connection,
+    Stream,
+}
+
+impl LeaseKind {
+    fn key_suffix(self) -> &'static str {
+        match self {
+            LeaseKind::Connection => "conns",
+            LeaseKind::Stream => "streams",
+        }
+    }
+
+    fn op(self) -> &'static str {
+        match self {
+            LeaseKind::Connection => "lease_connection",
+            LeaseKind::Stream => "lease_stream",
+        }
+    }
+}
+
+/// Why a lease was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseRefused {
+    /// The user already holds the cap's number of leases across all instances.
+    Full,
+    /// Redis is unavailable and the policy is `fail_closed` (streams only).
+    Unavailable(Unavailable),
+}
+
+/// One connection or live stream counted in its user's cap across instances, until dropped.
+/// The instance renews it every third of `lease_ms`; if the instance dies it expires.
+pub struct Lease {
+    cluster: Arc<Cluster>,
+    key: String,
+    member: String,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.cluster.leases.remove(&self.member);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let cluster = self.cluster.clone();
+        let key = std::mem::take(&mut self.key);
+        let member = std::mem::take(&mut self.member);
+        // If this fails the lease expires by itself within `lease_ms`.
+        runtime.spawn(async move {
+            let mut conn = cluster.conn.clone();
+            let _ = cluster
+                .call(
+                    "release",
+                    redis::cmd("ZREM")
+                        .arg(&key)
+                        .arg(&member)
+                        .query_async::<i64>(&mut conn),
+                )
+                .await;
+        });
+    }
+}
+
+/// The shared store: one multiplexed Redis connection, the scripts, this instance's leases,
+/// and the fault policy.
+pub struct Cluster {
+    /// Reconnects by itself (exponential backoff with jitter) on the next call after a failure.
+    conn: ConnectionManager,
+    prefix: String,
+    /// This instance's id plus a random boot number, so a restarted instance with the same id
+    /// never renews or releases its predecessor's leases.
+    instance: String,
+    policy: OnRedisError,
+    timeout: Duration,
+    lease: Duration,
+    metrics: Arc<Metrics>,
+    /// Whether the last call succeeded: logs say "down" and "back" once per transition, not
+    /// once per call.
+    up: AtomicBool,
+    /// This instance's live leases by member, with their key: renewed together, and written
+    /// back after Redis lost them (restart without persistence), so caps become exact again.
+    leases: DashMap<String, String>,
+    next_lease: AtomicU64,
+    take: Script,
+    adjust: Script,
+    lease_script: Script,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("instance", &self.instance)
+            .field("prefix", &self.prefix)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The default instance id: the host name and the listen port.
+pub fn default_instance_id(port: u16) -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}:{port}")
+}
+
+impl Cluster {
+    /// Connects lazily to `url` (the gateway starts even while Redis is down) and starts the
+    /// task that renews this instance's leases and watches Redis's health; it ends when the
+    /// returned `Arc` is dropped.
+    pub fn start(
+        url: &str,
+        config: &ClusterConfig,
+        instance_id: String,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Cluster>, ClusterError> {
+        let client = redis::Client::open(url).map_err(ClusterError::Url)?;
+        let timeout = Duration::from_millis(config.redis_timeout_ms);
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(3)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
+            .map_err(ClusterError::Url)?;
+        metrics.set_redis_up(false);
+        let cluster = Arc::new(Cluster {
+            conn,
+            prefix: config.key_prefix.clone(),
+            instance: format!("{instance_id}/{:08x}", rand::random::<u32>()),
+            policy: config.on_redis_error,
+            timeout,
+            lease: Duration::from_millis(config.lease_ms),
+            metrics,
+            up: AtomicBool::new(true),
+            leases: DashMap::new(),
+            next_lease: AtomicU64::new(0),
+            take: Script::new(TAKE),
+            adjust: Script::new(ADJUST),
+            lease_script: Script::new(LEASE),
+        });
+        tokio::spawn(renew(Arc::downgrade(&cluster), cluster.lease / 3));
+        Ok(cluster)
+    }
+
+    /// This instance's id and boot number, as in its leases.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// A key of `user`'s own state: `{prefix}:{user}:what`, in the user's hash slot.
+    pub fn user_key(&self, user: &str, what: &str) -> String {
+        format!("{}:{{{user}}}:{what}", self.prefix)
+    }
+
+    /// A key of a tier's state, in the tier's hash slot.
+    pub fn tier_key(&self, tier: &str, what: &str) -> String {
+        format!("{}:tier:{{{tier}}}:{what}", self.prefix)
+    }
+
+    /// A key of the whole deployment's state.
+    pub fn global_key(&self, what: &str) -> String {
+        format!("{}:{{global}}:{what}", self.prefix)
+    }
+
+    /// Whether a Redis fault lets new streams be decided on this instance's own counters. The
+    /// caller then calls [`Cluster::fell_back`].
+    pub fn fails_open(&self) -> bool {
+        self.policy == OnRedisError::FailOpen
+    }
+
+    /// Counts a decision taken locally because Redis failed.
+    pub fn fell_back(&self, op: &'static str) {
+        self.metrics.redis_fallback(op);
+    }
+
+    /// Runs one Redis call, bounded by `redis_timeout_ms`, and keeps the health gauge, the
+    /// error counter and the down/back log lines.
+    async fn call<T>(
+        &self,
+        op: &'static str,
+        fut: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T, Unavailable> {
+        let error = match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(value)) => {
+                if !self.up.swap(true, Ordering::Relaxed) {
+                    tracing::info!(
+                        instance = %self.instance,
+                        "Redis answers again: limits are shared across instances"
+                    );
+                }
+                self.metrics.set_redis_up(true);
+                return Ok(value);
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {} ms", self.timeout.as_millis()),
+        };
+        self.metrics.redis_error(op);
+        self.metrics.set_redis_up(false);
+        if self.up.swap(false, Ordering::Relaxed) {
+            let policy = match self.policy {
+                OnRedisError::FailOpen => "new streams are admitted on this instance's own limits",
+                OnRedisError::FailClosed => "new streams are refused with `overloaded`",
+            };
+            tracing::warn!(op, %error, instance = %self.instance, "Redis is unavailable: {policy} until it is back");
+        }
+        Err(Unavailable)
+    }
+
+    /// Checks every bucket in `draws` and, if `charge`, takes from all of them at once; none
+    /// when one refuses. `Ok(None)`: all pass. `Ok(Some((i, wait)))`: `draws[i]` refused, the
+    /// request passes after `wait` (`None`: never, it exceeds the capacity).
+    pub async fn take(
+        &self,
+        draws: &[BucketDraw],
+        charge: bool,
+    ) -> Result<Option<(usize, Option<Duration>)>, Unavailable> {
+        let mut invocation = self.take.prepare_invoke();
+        invocation.arg(u8::from(charge));
+        for d in draws {
+            invocation.key(&d.key).arg(d.capacity).arg(d.amount);
+        }
+        let mut conn = self.conn.clone();
+        let op = if charge { "take" } else { "check" };
+        let reply: Vec<String> = self.call(op, invocation.invoke_async(&mut conn)).await?;
+        let index: usize = reply.first().and_then(|i| i.parse().ok()).unwrap_or(0);
+        if index == 0 || index > draws.len() {
+            return Ok(None);
+        }
+        let wait_ms: f64 = reply.get(1).and_then(|w| w.parse().ok()).unwrap_or(-1.0);
+        let wait = (wait_ms >= 0.0).then(|| Duration::from_secs_f64(wait_ms / 1000.0));
+        Ok(Some((index - 1, wait)))
+    }
+
+    /// Adds `diff` tokens (negative: charges them) to each bucket of `buckets` (key and
+    /// capacity), never above its capacity.
+    pub async fn adjust(&self, buckets: &[(String, f64)], diff: f64) -> Result<(), Unavailable> {
+        let mut invocation = self.adjust.prepare_invoke();
+        invocation.arg(diff);
+        for (key, capacity) in buckets {
+            invocation.key(key).arg(*capacity);
+        }
+        let mut conn = self.conn.clone();
+        self.call("reconcile", invocation.invoke_async::<i64>(&mut conn))
+            .await
+            .map(drop)
+    }
+
+    /// The integer values of `keys` (0 for a missing one), one call per key so each may sit in
+    /// its own slot.
+    pub async fn counters(&self, keys: &[String]) -> Result<Vec<u64>, Unavailable> {
+        let mut conn = self.conn.clone();
+        let mut values = Vec::with_capacity(keys.len());
+        for key in keys {
+            let v: Option<u64> = self
+                .call("read", redis::cmd("GET").arg(key).query_async(&mut conn))
+                .await?;
+            values.push(v.unwrap_or(0));
+        }
+        Ok(values)
+    }
+
+    /// Adds `n` to each counter of `keys`, each kept for `ttl` after its last change.
+    pub async fn add(&self, keys: &[String], n: u64, ttl: Duration) -> Result<(), Unavailable> {
+        let mut conn = self.conn.clone();
+        for key in keys {
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .cmd("INCRBY")
+                .arg(key)
+                .arg(n)
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(key)
+                .arg(ttl.as_millis() as u64)
+                .ignore();
+            self.call("charge", pipe.query_async::<()>(&mut conn))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Takes one of `user`'s `max` leases of `kind` across instances. Redis unavailable: a
+    /// connection is always admitted (on the instance's own cap, which the hub checks), a
+    /// stream as the policy says; a lease taken that way is written to Redis by the renewal
+    /// once it is back.
+    pub async fn lease(
+        self: &Arc<Self>,
+        kind: LeaseKind,
+        user: &str,
+        max: usize,
+    ) -> Result<Lease, LeaseRefused> {
+        let key = self.user_key(user, kind.key_suffix());
+        let member = format!(
+            "{}/{}",
+            self.instance,
+            self.next_lease.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut conn = self.conn.clone();
+        let mut invocation = self.lease_script.prepare_invoke();
+        invocation
+            .key(&key)
+            .arg(&member)
+            .arg(max)
+            .arg(self.lease.as_millis() as u64);
+        match self
+            .call(kind.op(), invocation.invoke_async::<i64>(&mut conn))
+            .await
+        {
+            Ok(0) => return Err(LeaseRefused::Full),
+            Ok(_) => {}
+            Err(unavailable) => {
+                if kind == LeaseKind::Stream && !self.fails_open() {
+                    return Err(LeaseRefused::Unavailable(unavailable));
+                }
+                self.fell_back(kind.op());
+            }
+        }
+        self.leases.insert(member.clone(), key.clone());
+        Ok(Lease {
+            cluster: self.clone(),
+            key,
+            member,
+        })
+    }
+
+    /// Writes every live lease of this instance with a fresh expiry (and its key's), in one
+    /// pipeline scored by Redis's clock, so leases lost with a restarted Redis come back too.
+    async fn renew_leases(&self) -> Result<(), Unavailable> {
+        let mut conn = self.conn.clone();
+        let (secs, micros): (u64, u64) = self
+            .call("renew", redis::cmd("TIME").query_async(&mut conn))
+            .await?;
+        let ms = self.lease.as_millis() as u64;
+        let expiry = secs * 1000 + micros / 1000 + ms;
+        let leases: Vec<(String, String)> = self
+            .leases
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        for chunk in leases.chunks(512) {
+            let mut pipe = redis::pipe();
+            for (member, key) in chunk {
+                pipe.cmd("ZADD")
+                    .arg(key)
+                    .arg(expiry)
+                    .arg(member)
+                    .ignore()
+                    .cmd("PEXPIRE")
+                    .arg(key)
+                    .arg(ms)
+                    .ignore();
+            }
+            self.call("renew", pipe.query_async::<()>(&mut conn))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Renews the leases of the cluster every `every` (and so pings Redis, keeping
+/// `muxgate_redis_up` current), until the cluster is dropped. Every second at least while
+/// Redis is down, so its return is noticed soon.
+async fn renew(cluster: Weak<Cluster>, every: Duration) {
+    let down_every = every.min(Duration::from_secs(1));
+    loop {
+        let Some(c) = cluster.upgrade() else { return };
+        let ok = c.renew_leases().await.is_ok();
+        drop(c);
+        tokio::time::sleep(if ok { every } else { down_every }).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The part of a key Redis Cluster hashes: between the first `{` and the next `}`.
+    fn hash_tag(key: &str) -> &str {
+        let open = key.find('{').expect("a tag");
+        let close = key[open..].find('}').expect("closed") + open;
+        &key[open + 1..close]
+    }
+
+    #[tokio::test]
+    async fn every_key_of_a_user_shares_its_hash_tag() {
+        // Lazy: nothing listens on this port and nothing is sent.
+        let cluster = Cluster::start(
+            "redis://127.0.0.1:1/",
+            &ClusterConfig::default(),
+            "gw-a:8080".into(),
+            Arc::new(Metrics::with_redis()),
+        )
+        .expect("a valid URL");
+        assert!(cluster.instance().starts_with("gw-a:8080/"));
+        let keys = [
+            cluster.user_key("alice", "rpm"),
+            cluster.user_key("alice", "spend:20000"),
+            cluster.user_key("alice", LeaseKind::Connection.key_suffix()),
+            cluster.user_key("alice", LeaseKind::Stream.key_suffix()),
+        ];
+        assert_eq!(keys[0], "muxgate:{alice}:rpm");
+        assert!(keys.iter().all(|k| hash_tag(k) == "alice"), "{keys:?}");
+        assert_eq!(hash_tag(&cluster.tier_key("pro", "tpm")), "pro");
+        assert_eq!(cluster.global_key("rpm"), "muxgate:{global}:rpm");
+        assert!(matches!(
+            Cluster::start(
+                "nope://x",
+                &ClusterConfig::default(),
+                "x".into(),
+                Arc::new(Metrics::new())
+            ),
+            Err(ClusterError::Url(_))
+        ));
+    }
+}

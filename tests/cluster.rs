@@ -1,0 +1,402 @@
+//! Cluster mode: several real gateways (in-process, each on its own loopback port with its own
+//! mock upstream) sharing one real `redis-server`. Their users' rate limits, token
+//! reservations, budgets and connection and stream caps are counted once across instances;
+//! Redis faults leave running streams alone and send new ones down the configured policy.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::redis_server::RedisServer;
+use common::{expected, ids, Client, Event, Harness, StreamRecord};
+use muxgate::config::OnLimit;
+use muxgate::config::OnRedisError;
+use muxgate::Config;
+use serde_json::json;
+use tokio::time::Instant;
+
+/// A gateway in cluster mode on `redis`, its `pro` tier adjusted by `tier`, then `tweak`.
+async fn instance(
+    redis: &RedisServer,
+    tier: impl Fn(&mut muxgate::config::TierConfig),
+    tweak: impl Fn(&mut Config),
+) -> Harness {
+    let url = redis.url();
+    Harness::start_with(|c| {
+        c.redis_url = Some(url);
+        c.cluster.redis_timeout_ms = 200;
+        let pro = c.tiers.get_mut("pro").unwrap();
+        // Refused at once, so a test counts refusals instead of waiting for refills.
+        pro.on_limit = OnLimit::Reject;
+        pro.max_wait_ms = 0;
+        tier(pro);
+        tweak(c);
+    })
+    .await
+}
+
+/// Reads the frames of `ids` on `client` until each has sent a delta: the records so far.
+async fn until_first_delta(client: &mut Client, ids: &[&str]) -> HashMap<String, StreamRecord> {
+    let mut records: HashMap<String, StreamRecord> = ids
+        .iter()
+        .map(|id| (id.to_string(), StreamRecord::default()))
+        .collect();
+    while records.values().any(|r| r.deltas == 0) {
+        let f = client.recv().await;
+        if let Some(r) = f["id"].as_str().and_then(|id| records.get_mut(id)) {
+            r.take(f);
+            assert!(r.end.is_none(), "{:?}", r.end);
+        }
+    }
+    records
+}
+
+/// Reads on `client` until every one of `records` has ended.
+async fn finish(
+    client: &mut Client,
+    mut records: HashMap<String, StreamRecord>,
+) -> HashMap<String, StreamRecord> {
+    while records.values().any(|r| r.end.is_none()) {
+        let f = client.recv().await;
+        if let Some(r) = f["id"].as_str().and_then(|id| records.get_mut(id)) {
+            r.take(f);
+        }
+    }
+    records
+}
+
+/// The value of one series in a gateway's `/metrics` text, if present.
+fn metric(h: &Harness, series: &str) -> Option<f64> {
+    h.gw.metrics_text().lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().unwrap())
+    })
+}
+
+/// Waits (bounded) until `series` reads `want` on `h`.
+async fn wait_metric(h: &Harness, series: &str, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(h, series) != Some(want) {
+        assert!(
+            Instant::now() < deadline,
+            "{series} is {:?}, not {want}, after 10 s",
+            metric(h, series)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn one_user_rpm_is_exact_across_three_instances() {
+    let redis = RedisServer::start().await;
+    let mut gateways = Vec::new();
+    for _ in 0..3 {
+        gateways.push(
+            instance(
+                &redis,
+                |pro| {
+                    pro.user_rpm = 120;
+                    pro.rpm = 100_000;
+                    pro.max_streams = Some(200);
+                },
+                |_| {},
+            )
+            .await,
+        );
+    }
+    let mut clients = Vec::new();
+    for h in &gateways {
+        clients.push(h.connect("alice").await);
+    }
+    let all = ids("r", 150);
+    let started = Instant::now();
+    // Round robin: each instance gets 50 of the user's 150 requests.
+    for (i, id) in all.iter().enumerate() {
+        clients[i % 3]
+            .open(id, &format!("{id} [[mock chunks=1]]"))
+            .await;
+    }
+    let mut done = 0;
+    let mut limited = 0;
+    for (c, client) in clients.iter_mut().enumerate() {
+        let mine: Vec<String> = all.iter().skip(c).step_by(3).cloned().collect();
+        for (id, record) in client.collect(&mine).await {
+            match (record.end_type(), record.error_code()) {
+                ("done", _) => done += 1,
+                ("error", "rate_limited") => {
+                    limited += 1;
+                    // 120 per minute refills one every 500 ms: the wait Redis computed.
+                    let wait = record.end.as_ref().unwrap()["retry_after_ms"]
+                        .as_u64()
+                        .unwrap();
+                    assert!((1..=500).contains(&wait), "{id}: retry_after_ms {wait}");
+                    let message = record.end.as_ref().unwrap()["message"].to_string();
+                    assert!(message.contains("user_rpm"), "{id}: {message}");
+                }
+                other => panic!("{id}: {other:?} {:?}", record.end),
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(done + limited, 150);
+    // The bucket refills continuously at 2 per second: whatever the run took beyond the
+    // first half second may have let that many more through, and no more.
+    let refill = (elapsed.as_secs_f64() * 2.0).floor() as usize;
+    assert!(
+        (120..=120 + refill).contains(&done),
+        "{done} admitted in {elapsed:?}: 120 (+{refill} refilled) expected"
+    );
+    let upstream: u64 = gateways.iter().map(|h| h.mock.stats().requests).sum();
+    assert_eq!(
+        upstream, done as u64,
+        "a refused request reaches no upstream"
+    );
+    if elapsed < Duration::from_millis(500) {
+        assert_eq!(done, 120);
+    }
+}
+
+#[tokio::test]
+async fn tier_tpm_reservations_are_shared_and_reconciled_across_instances() {
+    let redis = RedisServer::start().await;
+    let tier = |pro: &mut muxgate::config::TierConfig| pro.tpm = 1000;
+    let a = instance(&redis, tier, |_| {}).await;
+    let b = instance(&redis, tier, |_| {}).await;
+    let mut ca = a.connect("alice").await;
+    let mut cb = b.connect("bob").await;
+    let open = |id: &str, prompt: &str| {
+        json!({"type":"open","id":id,"model":"deepseek-v3.2","params":{"max_tokens":600},
+               "messages":[{"role":"user","content":prompt}]})
+    };
+    // A reserves the prompt plus 600 tokens and holds them while its stream runs.
+    ca.send(open("long", "long [[mock chunks=4 delay_ms=300]]"))
+        .await;
+    let long = until_first_delta(&mut ca, &["long"]).await;
+    // B's tier bucket is the same one: 600 more do not fit in the 1000.
+    cb.send(open("b1", "b1 [[mock chunks=2]]")).await;
+    let refused = cb.recv_until("error", Some("b1")).await;
+    assert_eq!(refused["code"], "rate_limited", "{refused}");
+    assert!(
+        refused["message"].as_str().unwrap().contains("tier_tpm"),
+        "{refused}"
+    );
+    // A's stream ends having used a few tokens: the rest of its reservation comes back at
+    // once, where a refill of ~600 tokens would take 36 s.
+    let long = finish(&mut ca, long).await.remove("long").unwrap();
+    assert_eq!(long.end_type(), "done");
+    let used = long.end.as_ref().unwrap()["usage"].clone();
+    let used =
+        used["prompt_tokens"].as_u64().unwrap() + used["completion_tokens"].as_u64().unwrap();
+    assert!(used < 50, "{used}");
+    cb.send(open("b2", "b2 [[mock chunks=2]]")).await;
+    let records = cb.collect(&["b2".into()]).await;
+    assert_eq!(records["b2"].end_type(), "done", "{:?}", records["b2"].end);
+}
+
+#[tokio::test]
+async fn a_budget_spent_on_two_instances_refuses_the_next_stream() {
+    let redis = RedisServer::start().await;
+    // Each stream costs (3 × 0.10 + 5 × 0.42) / 1e6 = $0.0000024: one per instance spends
+    // $0.0000048, past the $0.000004 limit, which neither instance reached alone.
+    let budget = |c: &mut Config| c.budgets.per_user_usd_per_day = Some(0.000004);
+    let a = instance(&redis, |_| {}, budget).await;
+    let b = instance(&redis, |_| {}, budget).await;
+    let mut ca = a.connect("alice").await;
+    let mut cb = b.connect("alice").await;
+    ca.open("a1", "a1 [[mock chunks=5]]").await;
+    assert_eq!(ca.collect(&["a1".into()]).await["a1"].end_type(), "done");
+    cb.open("b1", "b1 [[mock chunks=5]]").await;
+    assert_eq!(cb.collect(&["b1".into()]).await["b1"].end_type(), "done");
+    ca.open("a2", "a2 [[mock chunks=5]]").await;
+    let e = ca.recv_until("error", Some("a2")).await;
+    assert_eq!(e["code"], "budget_exceeded", "{e}");
+    assert_eq!(
+        a.mock.stats().requests,
+        1,
+        "the refused stream reached no upstream"
+    );
+    // Another user's budget is their own.
+    let mut other = b.connect("bob").await;
+    other.open("x", "x [[mock chunks=5]]").await;
+    assert_eq!(other.collect(&["x".into()]).await["x"].end_type(), "done");
+}
+
+#[tokio::test]
+async fn connection_and_stream_caps_count_every_instance() {
+    let redis = RedisServer::start().await;
+    let caps = |pro: &mut muxgate::config::TierConfig| {
+        pro.max_connections = 2;
+        pro.max_streams = Some(2);
+    };
+    let a = instance(&redis, caps, |_| {}).await;
+    let b = instance(&redis, caps, |_| {}).await;
+    let mut a1 = a.connect("alice").await;
+    let a2 = a.connect("alice").await;
+    // A third connection, on the other instance, is one too many.
+    let mut c = b.connect_raw().await;
+    c.send(json!({"type":"hello","token":b.token("alice","pro"),"client":"test/1","resume":[]}))
+        .await;
+    let e = c.recv().await;
+    assert_eq!(e["code"], "too_many_streams", "{e}");
+    match c.next_event().await {
+        Event::Closed(code) => assert_eq!(code, Some(4429)),
+        Event::Frame(f) => panic!("expected close 4429, got {f}"),
+    }
+    // One closes on A: B admits one (its lease is released asynchronously: bounded retry).
+    a2.close().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut b1 = loop {
+        let mut c = b.connect_raw().await;
+        c.send(
+            json!({"type":"hello","token":b.token("alice","pro"),"client":"test/1","resume":[]}),
+        )
+        .await;
+        if c.recv().await["type"] == "welcome" {
+            break c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection still counts"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Streams: two live on A fill the cap; B refuses a third, then admits one once A's end.
+    for id in ["s1", "s2"] {
+        a1.open(id, &format!("{id} [[mock chunks=3 delay_ms=200]]"))
+            .await;
+    }
+    let running = until_first_delta(&mut a1, &["s1", "s2"]).await;
+    b1.open("s3", "s3 [[mock chunks=1]]").await;
+    let e = b1.recv_until("error", Some("s3")).await;
+    assert_eq!(e["code"], "too_many_streams", "{e}");
+    let records = finish(&mut a1, running).await;
+    assert!(records.values().all(|r| r.end_type() == "done"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        b1.open("s4", "s4 [[mock chunks=1]]").await;
+        let end = b1.collect(&["s4".into()]).await.remove("s4").unwrap();
+        if end.end_type() == "done" {
+            break;
+        }
+        assert_eq!(end.error_code(), "too_many_streams");
+        assert!(Instant::now() < deadline, "finished streams still count");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Opens `id` on `client` and returns how it ended and how long the gateway took to answer.
+async fn open_and_end(client: &mut common::Client, id: &str) -> (String, String, Duration) {
+    let started = Instant::now();
+    client.open(id, &format!("{id} [[mock chunks=1]]")).await;
+    let record = client.collect(&[id.to_string()]).await.remove(id).unwrap();
+    (
+        record.end_type().to_string(),
+        record.error_code().to_string(),
+        started.elapsed(),
+    )
+}
+
+#[tokio::test]
+async fn redis_down_fail_open_keeps_streams_and_falls_back_to_each_instances_limits() {
+    let mut redis = RedisServer::start().await;
+    let caps = |pro: &mut muxgate::config::TierConfig| {
+        pro.user_rpm = 3;
+        pro.max_connections = 2;
+    };
+    let a = instance(&redis, caps, |_| {}).await;
+    let b = instance(&redis, caps, |_| {}).await;
+    let mut ca = a.connect("alice").await;
+    let mut cb = b.connect("alice").await;
+    wait_metric(&a, "muxgate_redis_up", 1.0).await;
+    // Shared: alice's 3 per minute over both instances.
+    assert_eq!(open_and_end(&mut ca, "x1").await.0, "done");
+    assert_eq!(open_and_end(&mut cb, "x2").await.0, "done");
+    // Another user's socket, so the frames read below are not this stream's.
+    let mut carol = a.connect("carol").await;
+    let prompt = "running through the outage [[mock chunks=8 delay_ms=150]]";
+    carol.open("run", prompt).await;
+    let run = until_first_delta(&mut carol, &["run"]).await;
+    redis.kill().await;
+    // New streams: decided on each instance's own buckets, which cluster mode left full.
+    for (client, h, prefix) in [(&mut ca, &a, "a"), (&mut cb, &b, "b")] {
+        for i in 0..3 {
+            let (end, code, took) = open_and_end(client, &format!("{prefix}{i}")).await;
+            assert_eq!((end.as_str(), code.as_str()), ("done", ""), "{prefix}{i}");
+            assert!(took < Duration::from_secs(3), "waited {took:?} on Redis");
+        }
+        let (_, code, _) = open_and_end(client, &format!("{prefix}-over")).await;
+        assert_eq!(code, "rate_limited", "the instance's own user_rpm");
+        assert_eq!(metric(h, "muxgate_redis_up"), Some(0.0));
+        assert!(metric(h, "muxgate_redis_fallbacks_total{op=\"take\"}").unwrap() >= 3.0);
+        assert!(metric(h, "muxgate_redis_errors_total{op=\"take\"}").unwrap() >= 3.0);
+    }
+    // The stream that ran through the outage is whole.
+    let record = finish(&mut carol, run).await.remove("run").unwrap();
+    assert_eq!(record.end_type(), "done");
+    assert_eq!(record.text, expected(prompt, 8));
+
+    // Redis returns, empty. Limits are shared again (a new user: 3 over both instances), and
+    // the connections that lived through the outage are counted again (written back by
+    // their instance's lease renewal): alice's 2 fill her cap of 2.
+    redis.restart().await;
+    wait_metric(&a, "muxgate_redis_up", 1.0).await;
+    wait_metric(&b, "muxgate_redis_up", 1.0).await;
+    let mut ba = a.connect("bob").await;
+    let mut bb = b.connect("bob").await;
+    assert_eq!(open_and_end(&mut ba, "y1").await.0, "done");
+    assert_eq!(open_and_end(&mut bb, "y2").await.0, "done");
+    assert_eq!(open_and_end(&mut ba, "y3").await.0, "done");
+    assert_eq!(open_and_end(&mut bb, "y4").await.1, "rate_limited");
+    assert_eq!(open_and_end(&mut ba, "y5").await.1, "rate_limited");
+    // Alice spent A's own bucket during the outage; the shared one decides again.
+    assert_eq!(open_and_end(&mut ca, "z1").await.0, "done");
+    // Renewal writes the leases back within a second of Redis's return.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut c = b.connect_raw().await;
+        c.send(
+            json!({"type":"hello","token":b.token("alice","pro"),"client":"test/1","resume":[]}),
+        )
+        .await;
+        let f = c.recv().await;
+        if f["code"] == "too_many_streams" {
+            break;
+        }
+        assert_eq!(f["type"], "welcome", "{f}");
+        assert!(
+            Instant::now() < deadline,
+            "alice's connections were not written back"
+        );
+        c.close().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn redis_down_fail_closed_refuses_new_streams_with_overloaded_only() {
+    let mut redis = RedisServer::start().await;
+    let closed = |c: &mut Config| c.cluster.on_redis_error = OnRedisError::FailClosed;
+    let a = instance(&redis, |_| {}, closed).await;
+    let mut ca = a.connect("alice").await;
+    let prompt = "running through the outage [[mock chunks=6 delay_ms=150]]";
+    ca.open("run", prompt).await;
+    let run = until_first_delta(&mut ca, &["run"]).await;
+    redis.kill().await;
+    let (end, code, took) = open_and_end(&mut ca, "new").await;
+    assert_eq!((end.as_str(), code.as_str()), ("error", "overloaded"));
+    assert!(took < Duration::from_secs(3), "waited {took:?} on Redis");
+    assert_eq!(
+        metric(&a, "muxgate_refusals_total{reason=\"redis_unavailable\"}"),
+        Some(1.0)
+    );
+    // A reconnect is still admitted (refusing it would cut the streams it resumes).
+    let mut again = a.connect("alice").await;
+    let record = finish(&mut ca, run).await.remove("run").unwrap();
+    assert_eq!(record.end_type(), "done");
+    assert_eq!(record.text, expected(prompt, 6));
+    redis.restart().await;
+    wait_metric(&a, "muxgate_redis_up", 1.0).await;
+    assert_eq!(open_and_end(&mut again, "after").await.0, "done");
+}
