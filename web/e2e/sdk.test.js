@@ -2,7 +2,7 @@
 // the official `openai` package (7.x and 6.x) and the AI SDK (`@ai-sdk/openai` `.chat()` and
 // `@ai-sdk/openai-compatible`), in 12 tabs of one user that share ONE WebSocket. The page is
 // e2e/sdk/page.js, bundled here with esbuild. Tests that need the gateway side of issue 12
-// (upstream error details, tool calls) probe for it and skip, saying so, while it is missing.
+// (upstream error details, tool calls) probe for it first and fail, saying which is missing.
 import { after, before, test } from 'node:test'
 import assert from 'node:assert/strict'
 import path from 'node:path'
@@ -167,8 +167,8 @@ test('a user at user_rpm = 2: the third call is a RateLimitError with retry-afte
   } finally { await page.close() }
 })
 
-test('an upstream 400 is a BadRequestError with the upstream\'s code and param', { timeout: 60_000 }, async (t) => {
-  if (can.upstreamErrors) return t.skip(`this gateway does not relay upstream error details yet (issue 12): ${can.upstreamErrors}`)
+test('an upstream 400 is a BadRequestError with the upstream\'s code and param', { timeout: 60_000 }, async () => {
+  assert.equal(can.upstreamErrors, '', 'the gateway relays the upstream error details (issue 12)')
   for (const [version, kind] of [[7, 'openaiOnce'], [6, 'openai']]) {
     // Each its own failure key: the mock fails a key's first request only (fail_times=1).
     const prompt = `too long [[mock fail=400 key=bad${version} fail_code=context_length_exceeded fail_type=invalid_request_error fail_param=messages]]`
@@ -181,8 +181,8 @@ test('an upstream 400 is a BadRequestError with the upstream\'s code and param',
   }
 })
 
-test('tool calls: openai stream().finalChatCompletion() in 7 and 6, names, ids and arguments exact', { timeout: 60_000 }, async (t) => {
-  if (can.tools) return t.skip(`this gateway does not relay tool calls yet (issue 12): ${can.tools}`)
+test('tool calls: openai stream().finalChatCompletion() in 7 and 6, names, ids and arguments exact', { timeout: 60_000 }, async () => {
+  assert.equal(can.tools, '', 'the gateway relays tool calls (issue 12)')
   for (const version of [7, 6]) {
     const run = await runOnce(pages[3], `tools${version}`, 'openaiToolStream', {
       version, model: MODEL, prompt: `Weather in Paris and Tokyo [[mock tools=2 delay_ms=20]]`, tools: ['get_weather', 'get_time'],
@@ -198,8 +198,8 @@ test('tool calls: openai stream().finalChatCompletion() in 7 and 6, names, ids a
   }
 })
 
-test('tool calls: openai runTools() and AI SDK streamText with a tool run the loop against the mock', { timeout: 90_000 }, async (t) => {
-  if (can.tools) return t.skip(`this gateway does not relay tool calls yet (issue 12): ${can.tools}`)
+test('tool calls: openai runTools() and AI SDK streamText with a tool run the loop against the mock', { timeout: 90_000 }, async () => {
+  assert.equal(can.tools, '', 'the gateway relays tool calls (issue 12)')
   const prompt = 'What is the weather in Paris today?'
   const run = await runOnce(pages[4], 'runTools', 'openaiRunTools', { version: 7, model: MODEL, prompt })
   assert.equal(run.error, null, JSON.stringify(run.error))
