@@ -261,15 +261,43 @@ async fn dev_token(State(gw): State<Arc<Gateway>>, Query(q): Query<DevTokenQuery
 
 async fn admin_user(State(gw): State<Arc<Gateway>>, Path(user): Path<String>) -> Response {
     let stats = gw.hub.user_stats(&user).unwrap_or_default();
-    Json(serde_json::json!({
+    let mut view = serde_json::json!({
         "user": user,
         "connections": stats.connections,
         "connections_total": stats.connections_total,
         "live_streams": stats.live_streams,
         "streams": gw.hub.live_stream_ids(&user),
         "spend_today_usd": gw.budgets.user_spent_today(&user),
-    }))
-    .into_response()
+    });
+    let Some(cluster) = &gw.cluster else {
+        return Json(view).into_response();
+    };
+    // Cluster mode: counts and spend of every instance; `streams` and `connections_total`
+    // stay this instance's (the stream ids live where their upstream call runs).
+    view["instance"] = cluster.instance().into();
+    let shared = async {
+        let leases = cluster.user_leases(&user).await?;
+        let spend = gw.budgets.user_spent_today_everywhere(&user).await?;
+        Ok::<_, crate::cluster::Unavailable>((leases, spend))
+    };
+    match shared.await {
+        Ok((leases, spend)) => {
+            view["connections"] = leases.values().map(|l| l.connections).sum::<usize>().into();
+            view["live_streams"] = leases
+                .values()
+                .map(|l| l.live_streams)
+                .sum::<usize>()
+                .into();
+            view["spend_today_usd"] = spend.into();
+            view["instances"] = serde_json::json!(leases);
+            Json(view).into_response()
+        }
+        Err(_) => {
+            view["error"] =
+                "the shared store (Redis) is unavailable: this instance's view only".into();
+            (StatusCode::SERVICE_UNAVAILABLE, Json(view)).into_response()
+        }
+    }
 }
 
 /// Prometheus text; see [`Gateway::metrics_text`].
@@ -312,8 +340,25 @@ async fn admin_users(State(gw): State<Arc<Gateway>>) -> Response {
 /// closes (1001) once the client's new connection has resumed its streams. For rebalancing
 /// users across instances, or draining one user.
 async fn admin_goaway(State(gw): State<Arc<Gateway>>, Path(user): Path<String>) -> Response {
-    Json(serde_json::json!({ "user": user, "connections": gw.hub.goaway_user(&user) }))
-        .into_response()
+    let told = gw.hub.goaway_user(&user);
+    let Some(cluster) = &gw.cluster else {
+        return Json(serde_json::json!({ "user": user, "connections": told })).into_response();
+    };
+    // Every other instance applies it on its own connections when the message reaches it.
+    match cluster.publish_goaway(&user).await {
+        Ok(instances) => Json(serde_json::json!({
+            "user": user, "connections": told, "instances": instances,
+        }))
+        .into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({
+                "user": user, "connections": told, "instances": null,
+                "error": "the shared store (Redis) is unavailable: only this instance's connections were told",
+            })),
+        )
+            .into_response(),
+    }
 }
 
 /// Ready when the config is loaded (it is, or the process would not be serving) and at least
