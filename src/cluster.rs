@@ -591,6 +591,52 @@ impl Cluster {
         Ok(by_instance)
     }
 
+    /// Every user with a lease key in Redis: a connection or stream somewhere in the cluster
+    /// within the last `lease_ms` (the key expires after that). By `SCAN`, so on a Redis
+    /// Cluster it sees the node this instance talks to.
+    pub async fn users_with_leases(&self) -> Result<Vec<String>, Unavailable> {
+        let mut conn = self.conn.clone();
+        let escaped: String = self
+            .prefix
+            .chars()
+            .flat_map(|c| {
+                let escape = matches!(c, '*' | '?' | '[' | ']' | '\\');
+                escape.then_some('\\').into_iter().chain([c])
+            })
+            .collect();
+        let head = format!("{}:{{", self.prefix);
+        let mut users = std::collections::BTreeSet::new();
+        for kind in [LeaseKind::Connection, LeaseKind::Stream] {
+            let tail = format!("}}:{}", kind.key_suffix());
+            let pattern = format!("{escaped}:{{*{tail}");
+            let mut cursor = 0u64;
+            loop {
+                let (next, keys): (u64, Vec<String>) = self
+                    .call(
+                        "read",
+                        redis::cmd("SCAN")
+                            .arg(cursor)
+                            .arg("MATCH")
+                            .arg(&pattern)
+                            .arg("COUNT")
+                            .arg(500)
+                            .query_async(&mut conn),
+                    )
+                    .await?;
+                users.extend(
+                    keys.iter().filter_map(|k| {
+                        k.strip_prefix(&head)?.strip_suffix(&tail).map(String::from)
+                    }),
+                );
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(users.into_iter().collect())
+    }
+
     /// The pub/sub channel of operator goaways. Channels are not keys (Redis Cluster sends
     /// every `PUBLISH` to every node), but it is named like the deployment's global keys.
     fn goaway_channel(&self) -> String {

@@ -449,6 +449,18 @@ async fn admin_views_and_operator_goaway_span_the_cluster() {
     // Only this instance's stream ids: they live where their upstream call runs.
     assert_eq!(va["streams"], json!(["la"]));
     assert_eq!(vb["streams"], json!(["lb"]));
+    // The list, on B, which neither ran the spending stream nor holds A's connection.
+    let all = b.admin("/admin/users").await;
+    assert_eq!(all["connections"], 2, "{all}");
+    assert_eq!(all["live_streams"], 2, "{all}");
+    let users = all["users"].as_array().unwrap();
+    assert_eq!(users.len(), 1, "{all}");
+    assert_eq!(users[0]["user"], "alice");
+    assert_eq!(users[0]["instances"], va["instances"], "{all}");
+    let spend = users[0]["spend_today_usd"].as_f64().unwrap();
+    assert!((spend - 0.0000024).abs() < 1e-12, "{all}");
+    let pro = all["spend_today_usd_by_tier"]["pro"].as_f64().unwrap();
+    assert!((pro - 0.0000024).abs() < 1e-12, "{all}");
 
     // Goaway posted to B reaches A's client through Redis.
     let answer = b.admin_post("/admin/users/alice/goaway").await;
