@@ -688,8 +688,10 @@ mod tests {
         let single = Metrics::new();
         single.set_redis_up(true);
         single.redis_error("take");
+        single.goaway_relayed();
+        let text = single.encode();
         assert!(
-            !single.encode().contains("redis"),
+            !text.contains("redis") && !text.contains("goaways_relayed"),
             "one process: no Redis series"
         );
         let cluster = Metrics::with_redis();
@@ -698,7 +700,9 @@ mod tests {
         cluster.redis_error("take");
         cluster.redis_error("take");
         cluster.redis_fallback("lease_stream");
+        cluster.goaway_relayed();
         let v = parse(&cluster.encode());
+        assert_eq!(get(&v, "muxgate_goaways_relayed_total"), 1.0);
         assert_eq!(get(&v, "muxgate_redis_up"), 1.0);
         assert_eq!(get(&v, "muxgate_redis_errors_total{op=\"take\"}"), 2.0);
         assert_eq!(
