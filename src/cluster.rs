@@ -17,15 +17,18 @@
 //! `EVAL` on `NOSCRIPT` (after a Redis restart flushed the script cache). `fred` does as much
 //! with a larger API and more dependencies than these few scripts need.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use dashmap::DashMap;
+use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Script};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
@@ -258,6 +261,8 @@ impl Drop for Lease {
 /// The shared store: one multiplexed Redis connection, the scripts, this instance's leases,
 /// and the fault policy.
 pub struct Cluster {
+    /// For the pub/sub connection, which the connection manager does not carry.
+    client: redis::Client,
     /// Reconnects by itself (exponential backoff with jitter) on the next call after a failure.
     conn: ConnectionManager,
     prefix: String,
@@ -278,6 +283,29 @@ pub struct Cluster {
     take: Script,
     adjust: Script,
     lease_script: Script,
+    /// Ends the goaway subscriber when the cluster is dropped (it holds no `Arc` on it).
+    stopped: CancellationToken,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stopped.cancel();
+    }
+}
+
+/// One instance's share of a user's leases, as the cluster-wide admin view shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct InstanceLeases {
+    pub connections: usize,
+    pub live_streams: usize,
+}
+
+/// An operator's goaway as published to every instance.
+#[derive(Debug, Serialize, Deserialize)]
+struct GoawayMessage {
+    /// The publishing instance (id and boot number): it applied the goaway itself already.
+    from: String,
+    user: String,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -319,10 +347,11 @@ impl Cluster {
             .set_number_of_retries(3)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
             .map_err(ClusterError::Url)?;
         metrics.set_redis_up(false);
         let cluster = Arc::new(Cluster {
+            client,
             conn,
             prefix: config.key_prefix.clone(),
             instance: format!("{instance_id}/{:08x}", rand::random::<u32>()),
@@ -336,6 +365,7 @@ impl Cluster {
             take: Script::new(TAKE),
             adjust: Script::new(ADJUST),
             lease_script: Script::new(LEASE),
+            stopped: CancellationToken::new(),
         });
         tokio::spawn(renew(Arc::downgrade(&cluster), cluster.lease / 3));
         Ok(cluster)
@@ -522,6 +552,131 @@ impl Cluster {
         })
     }
 
+    /// `user`'s unexpired connection and stream leases across the cluster, by instance (id and
+    /// boot number, as in [`Cluster::instance`]).
+    pub async fn user_leases(
+        &self,
+        user: &str,
+    ) -> Result<BTreeMap<String, InstanceLeases>, Unavailable> {
+        let mut conn = self.conn.clone();
+        let (secs, micros): (u64, u64) = self
+            .call("read", redis::cmd("TIME").query_async(&mut conn))
+            .await?;
+        // A lease's score is its expiry on Redis's clock.
+        let now = secs * 1000 + micros / 1000;
+        let mut by_instance: BTreeMap<String, InstanceLeases> = BTreeMap::new();
+        for kind in [LeaseKind::Connection, LeaseKind::Stream] {
+            let members: Vec<String> = self
+                .call(
+                    "read",
+                    redis::cmd("ZRANGEBYSCORE")
+                        .arg(self.user_key(user, kind.key_suffix()))
+                        .arg(format!("({now}"))
+                        .arg("+inf")
+                        .query_async(&mut conn),
+                )
+                .await?;
+            for member in members {
+                // A member is `{instance}/{n}`; the instance itself holds one `/`.
+                let Some((instance, _)) = member.rsplit_once('/') else {
+                    continue;
+                };
+                let entry = by_instance.entry(instance.to_string()).or_default();
+                match kind {
+                    LeaseKind::Connection => entry.connections += 1,
+                    LeaseKind::Stream => entry.live_streams += 1,
+                }
+            }
+        }
+        Ok(by_instance)
+    }
+
+    /// Every user with a lease key in Redis: a connection or stream somewhere in the cluster
+    /// within the last `lease_ms` (the key expires after that). By `SCAN`, so on a Redis
+    /// Cluster it sees the node this instance talks to.
+    pub async fn users_with_leases(&self) -> Result<Vec<String>, Unavailable> {
+        let mut conn = self.conn.clone();
+        let escaped: String = self
+            .prefix
+            .chars()
+            .flat_map(|c| {
+                let escape = matches!(c, '*' | '?' | '[' | ']' | '\\');
+                escape.then_some('\\').into_iter().chain([c])
+            })
+            .collect();
+        let head = format!("{}:{{", self.prefix);
+        let mut users = std::collections::BTreeSet::new();
+        for kind in [LeaseKind::Connection, LeaseKind::Stream] {
+            let tail = format!("}}:{}", kind.key_suffix());
+            let pattern = format!("{escaped}:{{*{tail}");
+            let mut cursor = 0u64;
+            loop {
+                let (next, keys): (u64, Vec<String>) = self
+                    .call(
+                        "read",
+                        redis::cmd("SCAN")
+                            .arg(cursor)
+                            .arg("MATCH")
+                            .arg(&pattern)
+                            .arg("COUNT")
+                            .arg(500)
+                            .query_async(&mut conn),
+                    )
+                    .await?;
+                users.extend(
+                    keys.iter().filter_map(|k| {
+                        k.strip_prefix(&head)?.strip_suffix(&tail).map(String::from)
+                    }),
+                );
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(users.into_iter().collect())
+    }
+
+    /// The pub/sub channel of operator goaways. Channels are not keys (Redis Cluster sends
+    /// every `PUBLISH` to every node), but it is named like the deployment's global keys.
+    fn goaway_channel(&self) -> String {
+        self.global_key("goaway")
+    }
+
+    /// Publishes an operator's goaway for `user` to every instance; the caller applies it on
+    /// this instance itself. Returns how many instances (this one included) are subscribed
+    /// and received it.
+    pub async fn publish_goaway(&self, user: &str) -> Result<u64, Unavailable> {
+        let message = serde_json::to_string(&GoawayMessage {
+            from: self.instance.clone(),
+            user: user.to_string(),
+        })
+        .expect("a string pair serialises");
+        let mut conn = self.conn.clone();
+        self.call(
+            "publish_goaway",
+            redis::cmd("PUBLISH")
+                .arg(self.goaway_channel())
+                .arg(message)
+                .query_async(&mut conn),
+        )
+        .await
+    }
+
+    /// Starts the task that applies the goaways other instances publish: `apply(user)` on
+    /// each. It resubscribes with backoff after Redis fails, and ends with the cluster.
+    pub fn subscribe_goaways(self: &Arc<Self>, apply: impl Fn(&str) -> usize + Send + 'static) {
+        tokio::spawn(subscribe_goaways(
+            self.client.clone(),
+            self.goaway_channel(),
+            self.instance.clone(),
+            self.metrics.clone(),
+            self.timeout,
+            self.stopped.clone(),
+            apply,
+        ));
+    }
+
     /// Writes every live lease of this instance with a fresh expiry (and its key's), in one
     /// pipeline scored by Redis's clock, so leases lost with a restarted Redis come back too.
     async fn renew_leases(&self) -> Result<(), Unavailable> {
@@ -566,6 +721,67 @@ async fn renew(cluster: Weak<Cluster>, every: Duration) {
         let ok = c.renew_leases().await.is_ok();
         drop(c);
         tokio::time::sleep(if ok { every } else { down_every }).await;
+    }
+}
+
+/// Subscribes to `channel` and applies each goaway published by another instance, until
+/// `stopped`. A goaway published while this instance was not subscribed is lost: PUBLISH's
+/// count, which the operator gets back, shows how many instances heard it.
+async fn subscribe_goaways(
+    client: redis::Client,
+    channel: String,
+    me: String,
+    metrics: Arc<Metrics>,
+    timeout: Duration,
+    stopped: CancellationToken,
+    apply: impl Fn(&str) -> usize,
+) {
+    const MIN_BACKOFF: Duration = Duration::from_millis(50);
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let subscribed = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            RedisResult::Ok(pubsub)
+        };
+        let pubsub = tokio::select! {
+            () = stopped.cancelled() => return,
+            r = tokio::time::timeout(timeout, subscribed) => r,
+        };
+        match pubsub {
+            Ok(Ok(pubsub)) => {
+                backoff = MIN_BACKOFF;
+                let mut messages = pubsub.into_on_message();
+                loop {
+                    let message = tokio::select! {
+                        () = stopped.cancelled() => return,
+                        m = messages.next() => m,
+                    };
+                    // `None`: the connection dropped; resubscribe.
+                    let Some(message) = message else { break };
+                    let Ok(payload) = message.get_payload::<String>() else {
+                        continue;
+                    };
+                    match serde_json::from_str::<GoawayMessage>(&payload) {
+                        Ok(g) if g.from == me => {}
+                        Ok(g) => {
+                            let told = apply(&g.user);
+                            metrics.goaway_relayed();
+                            tracing::info!(user = %g.user, from = %g.from, connections = told, "operator goaway relayed through Redis");
+                        }
+                        Err(e) => tracing::warn!(%e, "ignored a malformed goaway message"),
+                    }
+                }
+                tracing::warn!("the goaway subscription to Redis dropped; resubscribing");
+            }
+            Ok(Err(e)) => tracing::debug!(%e, "goaway subscription failed"),
+            Err(_) => tracing::debug!("goaway subscription timed out"),
+        }
+        tokio::select! {
+            () = stopped.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 

@@ -122,6 +122,11 @@ impl Gateway {
                 (metrics, Some(cluster))
             }
         };
+        let hub = Arc::new(Hub::new());
+        if let Some(cluster) = &cluster {
+            let hub = hub.clone();
+            cluster.subscribe_goaways(move |user| hub.goaway_user(user));
+        }
         // Both tokenizers take a moment to build; not on the first stream's time.
         tokio::task::spawn_blocking(crate::billing::warm_up);
         Ok(Arc::new(Gateway {
@@ -133,7 +138,7 @@ impl Gateway {
             budgets,
             cluster,
             metrics,
-            hub: Arc::new(Hub::new()),
+            hub,
             draining: CancellationToken::new(),
             closing: CancellationToken::new(),
             stream_tasks: TaskTracker::new(),

@@ -189,6 +189,8 @@ pub struct Metrics {
     /// Decisions taken on this instance's own counters because Redis failed (`fail_open`), by
     /// operation.
     redis_fallbacks: Family<OpLabels, Counter>,
+    /// Operator goaways this instance applied on another instance's behalf (cluster mode).
+    goaways_relayed: Counter,
     /// Model names that have a label of their own (see the module docs on cardinality).
     models: DashSet<String>,
     /// `models.len()` without walking the set's shards; may run ahead by a racing insert.
@@ -227,6 +229,7 @@ impl Metrics {
             redis_up: Gauge::default(),
             redis_errors: Family::default(),
             redis_fallbacks: Family::default(),
+            goaways_relayed: Counter::default(),
             models: DashSet::new(),
             model_count: AtomicUsize::new(0),
             registry: Registry::default(),
@@ -418,7 +421,8 @@ impl Metrics {
     }
 
     /// The metrics of a gateway in cluster mode: every metric of [`Metrics::new`], plus
-    /// `muxgate_redis_up` and the Redis error and fallback counters, which a single-process
+    /// `muxgate_redis_up`, the Redis error and fallback counters and the goaways relayed
+    /// through Redis, which a single-process
     /// gateway does not show.
     pub fn with_redis() -> Metrics {
         let mut m = Metrics::new();
@@ -438,6 +442,11 @@ impl Metrics {
             "Decisions taken on this instance's own limits because Redis failed (on_redis_error = fail_open), by operation",
             m.redis_fallbacks.clone(),
         );
+        registry.register(
+            "goaways_relayed",
+            "Operator goaways received through Redis from another instance and applied to this instance's connections",
+            m.goaways_relayed.clone(),
+        );
         m
     }
 
@@ -454,6 +463,11 @@ impl Metrics {
     /// `op` was decided on this instance's own counters because Redis failed.
     pub fn redis_fallback(&self, op: &'static str) {
         self.redis_fallbacks.get_or_create(&OpLabels { op }).inc();
+    }
+
+    /// Counts an operator goaway received through Redis from another instance.
+    pub fn goaway_relayed(&self) {
+        self.goaways_relayed.inc();
     }
 
     /// A stream was refused before reaching an upstream (`muxgate_refusals_total`). `reason`
@@ -674,8 +688,10 @@ mod tests {
         let single = Metrics::new();
         single.set_redis_up(true);
         single.redis_error("take");
+        single.goaway_relayed();
+        let text = single.encode();
         assert!(
-            !single.encode().contains("redis"),
+            !text.contains("redis") && !text.contains("goaways_relayed"),
             "one process: no Redis series"
         );
         let cluster = Metrics::with_redis();
@@ -684,7 +700,9 @@ mod tests {
         cluster.redis_error("take");
         cluster.redis_error("take");
         cluster.redis_fallback("lease_stream");
+        cluster.goaway_relayed();
         let v = parse(&cluster.encode());
+        assert_eq!(get(&v, "muxgate_goaways_relayed_total"), 1.0);
         assert_eq!(get(&v, "muxgate_redis_up"), 1.0);
         assert_eq!(get(&v, "muxgate_redis_errors_total{op=\"take\"}"), 2.0);
         assert_eq!(

@@ -261,15 +261,43 @@ async fn dev_token(State(gw): State<Arc<Gateway>>, Query(q): Query<DevTokenQuery
 
 async fn admin_user(State(gw): State<Arc<Gateway>>, Path(user): Path<String>) -> Response {
     let stats = gw.hub.user_stats(&user).unwrap_or_default();
-    Json(serde_json::json!({
+    let mut view = serde_json::json!({
         "user": user,
         "connections": stats.connections,
         "connections_total": stats.connections_total,
         "live_streams": stats.live_streams,
         "streams": gw.hub.live_stream_ids(&user),
         "spend_today_usd": gw.budgets.user_spent_today(&user),
-    }))
-    .into_response()
+    });
+    let Some(cluster) = &gw.cluster else {
+        return Json(view).into_response();
+    };
+    // Cluster mode: counts and spend of every instance; `streams` and `connections_total`
+    // stay this instance's (the stream ids live where their upstream call runs).
+    view["instance"] = cluster.instance().into();
+    let shared = async {
+        let leases = cluster.user_leases(&user).await?;
+        let spend = gw.budgets.user_spent_today_everywhere(&user).await?;
+        Ok::<_, crate::cluster::Unavailable>((leases, spend))
+    };
+    match shared.await {
+        Ok((leases, spend)) => {
+            view["connections"] = leases.values().map(|l| l.connections).sum::<usize>().into();
+            view["live_streams"] = leases
+                .values()
+                .map(|l| l.live_streams)
+                .sum::<usize>()
+                .into();
+            view["spend_today_usd"] = spend.into();
+            view["instances"] = serde_json::json!(leases);
+            Json(view).into_response()
+        }
+        Err(_) => {
+            view["error"] =
+                "the shared store (Redis) is unavailable: this instance's view only".into();
+            (StatusCode::SERVICE_UNAVAILABLE, Json(view)).into_response()
+        }
+    }
 }
 
 /// Prometheus text; see [`Gateway::metrics_text`].
@@ -298,22 +326,103 @@ async fn admin_users(State(gw): State<Arc<Gateway>>) -> Response {
         })
         .collect();
     let (connections, live_streams) = gw.hub.totals();
-    Json(serde_json::json!({
+    let mut view = serde_json::json!({
         "day": spend.day,
         "connections": connections,
         "live_streams": live_streams,
         "spend_today_usd_by_tier": spend.tiers,
         "users": users,
-    }))
-    .into_response()
+    });
+    let Some(cluster) = &gw.cluster else {
+        return Json(view).into_response();
+    };
+    view["instance"] = cluster.instance().into();
+    match cluster_users(&gw, cluster, spend.users.keys()).await {
+        Ok(cluster_view) => {
+            for (key, value) in cluster_view {
+                view[key] = value;
+            }
+            Json(view).into_response()
+        }
+        Err(_) => {
+            view["error"] =
+                "the shared store (Redis) is unavailable: this instance's view only".into();
+            (StatusCode::SERVICE_UNAVAILABLE, Json(view)).into_response()
+        }
+    }
+}
+
+/// `/admin/users`' fields for the whole cluster: every user with a connection or stream on
+/// some instance (from the leases) or spend on this one, each with its counts by instance and
+/// its shared spend; the totals and the spend by tier from the shared store.
+async fn cluster_users(
+    gw: &Gateway,
+    cluster: &crate::cluster::Cluster,
+    spent_here: impl Iterator<Item = &String>,
+) -> Result<Vec<(&'static str, serde_json::Value)>, crate::cluster::Unavailable> {
+    let mut names: std::collections::BTreeSet<String> =
+        cluster.users_with_leases().await?.into_iter().collect();
+    names.extend(
+        gw.hub
+            .all_user_stats()
+            .into_iter()
+            .map(|(u, _)| u.to_string()),
+    );
+    names.extend(spent_here.cloned());
+    let (mut connections, mut live_streams) = (0, 0);
+    let mut users = Vec::with_capacity(names.len());
+    for user in names {
+        let leases = cluster.user_leases(&user).await?;
+        let c: usize = leases.values().map(|l| l.connections).sum();
+        let s: usize = leases.values().map(|l| l.live_streams).sum();
+        connections += c;
+        live_streams += s;
+        users.push(serde_json::json!({
+            "user": user,
+            "connections": c,
+            "live_streams": s,
+            "instances": leases,
+            "spend_today_usd": gw.budgets.user_spent_today_everywhere(&user).await?,
+        }));
+    }
+    let mut by_tier = serde_json::Map::new();
+    for tier in gw.config.tiers.keys() {
+        let usd = gw.budgets.tier_spent_today_everywhere(tier).await?;
+        if usd > 0.0 {
+            by_tier.insert(tier.clone(), usd.into());
+        }
+    }
+    Ok(vec![
+        ("connections", connections.into()),
+        ("live_streams", live_streams.into()),
+        ("spend_today_usd_by_tier", by_tier.into()),
+        ("users", users.into()),
+    ])
 }
 
 /// Asks every connection of a user to move: each gets `goaway`, takes no new streams, and
 /// closes (1001) once the client's new connection has resumed its streams. For rebalancing
 /// users across instances, or draining one user.
 async fn admin_goaway(State(gw): State<Arc<Gateway>>, Path(user): Path<String>) -> Response {
-    Json(serde_json::json!({ "user": user, "connections": gw.hub.goaway_user(&user) }))
-        .into_response()
+    let told = gw.hub.goaway_user(&user);
+    let Some(cluster) = &gw.cluster else {
+        return Json(serde_json::json!({ "user": user, "connections": told })).into_response();
+    };
+    // Every other instance applies it on its own connections when the message reaches it.
+    match cluster.publish_goaway(&user).await {
+        Ok(instances) => Json(serde_json::json!({
+            "user": user, "connections": told, "instances": instances,
+        }))
+        .into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({
+                "user": user, "connections": told, "instances": null,
+                "error": "the shared store (Redis) is unavailable: only this instance's connections were told",
+            })),
+        )
+            .into_response(),
+    }
 }
 
 /// Ready when the config is loaded (it is, or the process would not be serving) and at least

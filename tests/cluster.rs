@@ -400,3 +400,78 @@ async fn redis_down_fail_closed_refuses_new_streams_with_overloaded_only() {
     wait_metric(&a, "muxgate_redis_up", 1.0).await;
     assert_eq!(open_and_end(&mut again, "after").await.0, "done");
 }
+
+#[tokio::test]
+async fn admin_views_and_operator_goaway_span_the_cluster() {
+    let redis = RedisServer::start().await;
+    let a = instance(&redis, |_| {}, |_| {}).await;
+    let b = instance(&redis, |_| {}, |_| {}).await;
+    let mut ca = a.connect("alice").await;
+    let mut cb = b.connect("alice").await;
+    // Spend on A only: (3 × 0.10 + 5 × 0.42) / 1e6, as in the budget test.
+    ca.open("a1", "a1 [[mock chunks=5]]").await;
+    assert_eq!(ca.collect(&["a1".into()]).await["a1"].end_type(), "done");
+    // One live stream on each instance.
+    ca.open("la", "la [[mock chunks=40 delay_ms=100]]").await;
+    cb.open("lb", "lb [[mock chunks=40 delay_ms=100]]").await;
+    let _ = until_first_delta(&mut ca, &["la"]).await;
+    let _ = until_first_delta(&mut cb, &["lb"]).await;
+    // The finished stream's lease is released asynchronously: bounded retry.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (va, vb) = loop {
+        let va = a.admin("/admin/users/alice").await;
+        let vb = b.admin("/admin/users/alice").await;
+        if va["live_streams"] == 2 && vb["live_streams"] == 2 {
+            break (va, vb);
+        }
+        assert!(Instant::now() < deadline, "{va} {vb}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (ia, ib) = (
+        va["instance"].as_str().unwrap(),
+        vb["instance"].as_str().unwrap(),
+    );
+    assert_ne!(ia, ib);
+    for v in [&va, &vb] {
+        assert_eq!(v["connections"], 2, "{v}");
+        let instances = v["instances"].as_object().unwrap();
+        assert_eq!(instances.len(), 2, "{v}");
+        for i in [ia, ib] {
+            assert_eq!(
+                instances[i],
+                json!({"connections": 1, "live_streams": 1}),
+                "{v}"
+            );
+        }
+        let spend = v["spend_today_usd"].as_f64().unwrap();
+        assert!((spend - 0.0000024).abs() < 1e-12, "{v}");
+    }
+    // Only this instance's stream ids: they live where their upstream call runs.
+    assert_eq!(va["streams"], json!(["la"]));
+    assert_eq!(vb["streams"], json!(["lb"]));
+    // The list, on B, which neither ran the spending stream nor holds A's connection.
+    let all = b.admin("/admin/users").await;
+    assert_eq!(all["connections"], 2, "{all}");
+    assert_eq!(all["live_streams"], 2, "{all}");
+    let users = all["users"].as_array().unwrap();
+    assert_eq!(users.len(), 1, "{all}");
+    assert_eq!(users[0]["user"], "alice");
+    assert_eq!(users[0]["instances"], va["instances"], "{all}");
+    let spend = users[0]["spend_today_usd"].as_f64().unwrap();
+    assert!((spend - 0.0000024).abs() < 1e-12, "{all}");
+    let pro = all["spend_today_usd_by_tier"]["pro"].as_f64().unwrap();
+    assert!((pro - 0.0000024).abs() < 1e-12, "{all}");
+
+    // Goaway posted to B reaches A's client through Redis.
+    let answer = b.admin_post("/admin/users/alice/goaway").await;
+    assert_eq!(
+        answer,
+        json!({"user": "alice", "connections": 1, "instances": 2})
+    );
+    let g = ca.recv_until("goaway", None).await;
+    assert_eq!(g["type"], "goaway", "{g}");
+    let g = cb.recv_until("goaway", None).await;
+    assert_eq!(g["type"], "goaway", "{g}");
+    wait_metric(&a, "muxgate_goaways_relayed_total", 1.0).await;
+    assert_eq!(metric(&b, "muxgate_goaways_relayed_total"), Some(0.0));
+}

@@ -402,6 +402,32 @@ impl Budgets {
         to_usd(self.users.get(user).map_or(0, |s| s.on(day)))
     }
 
+    /// USD `user` has spent today on every instance (cluster mode; else this process's), for
+    /// the admin view. `Err` when Redis does not answer.
+    pub async fn user_spent_today_everywhere(&self, user: &str) -> Result<f64, Unavailable> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(self.user_spent_today(user));
+        };
+        let day = utc_day(self.clock.now());
+        let spent = cluster
+            .counters(&[cluster.user_key(user, &format!("spend:{day}"))])
+            .await?;
+        Ok(to_usd(spent[0]))
+    }
+
+    /// USD the users of `tier` have spent today on every instance (cluster mode; else this
+    /// process's), for the admin view.
+    pub async fn tier_spent_today_everywhere(&self, tier: &str) -> Result<f64, Unavailable> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(self.snapshot().tiers.get(tier).copied().unwrap_or(0.0));
+        };
+        let day = utc_day(self.clock.now());
+        let spent = cluster
+            .counters(&[cluster.tier_key(tier, &format!("spend:{day}"))])
+            .await?;
+        Ok(to_usd(spent[0]))
+    }
+
     /// USD the users of `tier` have spent today.
     #[cfg(test)]
     pub fn tier_spent_today(&self, tier: &str) -> f64 {
