@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{unix_now_ms, AuthError, Claims};
 use crate::cluster::{LeaseKind, LeaseRefused};
 use crate::gateway::Gateway;
-use crate::hub::Registration;
+use crate::hub::{self, Registration};
 use crate::metrics::Metrics;
 use crate::preauth::{Gate, FRAME_HEADER_BYTES};
 use crate::protocol::{
@@ -103,56 +103,43 @@ async fn run_on(
     // Cluster mode: the cap counts the user's connections on every instance first; the hub
     // then counts this instance's (the only count when Redis is unavailable).
     let lease = match &gw.cluster {
-        Some(cluster) => {
-            match cluster
-                .lease(LeaseKind::Connection, &claims.sub, tier.max_connections())
-                .await
-            {
-                Ok(lease) => Some(lease),
-                Err(_) => {
-                    gw.metrics.refused("too_many_connections");
-                    let message = format!(
-                        "at most {} simultaneous connections per user",
-                        tier.max_connections()
-                    );
-                    let frame = protocol::error(None, ErrorCode::TooManyStreams, &message, None);
-                    return refuse(
-                        sink,
-                        source,
-                        Some(frame),
-                        close::TOO_MANY_CONNECTIONS,
-                        "too many connections",
-                    )
-                    .await;
-                }
-            }
-        }
-        None => None,
+        Some(cluster) => cluster
+            .lease(LeaseKind::Connection, &claims.sub, tier.max_connections())
+            .await
+            .map(Some)
+            .map_err(|_| hub::Refusal {
+                code: ErrorCode::TooManyStreams,
+                message: format!(
+                    "at most {} simultaneous connections per user",
+                    tier.max_connections()
+                ),
+            }),
+        None => Ok(None),
     };
-    let registration =
-        match gw
-            .hub
-            .register(&claims.sub, inbox.conn, tier.max_connections(), &gw.metrics)
-        {
-            Ok(mut registration) => {
-                if let Some(lease) = lease {
-                    registration.hold(lease);
-                }
-                registration
-            }
-            Err(refusal) => {
-                gw.metrics.refused("too_many_connections");
-                let frame = protocol::error(None, refusal.code, &refusal.message, None);
-                return refuse(
-                    sink,
-                    source,
-                    Some(frame),
-                    close::TOO_MANY_CONNECTIONS,
-                    "too many connections",
-                )
-                .await;
-            }
-        };
+    let registered = lease.and_then(|lease| {
+        let mut registration =
+            gw.hub
+                .register(&claims.sub, inbox.conn, tier.max_connections(), &gw.metrics)?;
+        if let Some(lease) = lease {
+            registration.hold(lease);
+        }
+        Ok(registration)
+    });
+    let registration = match registered {
+        Ok(registration) => registration,
+        Err(refusal) => {
+            gw.metrics.refused("too_many_connections");
+            let frame = protocol::error(None, refusal.code, &refusal.message, None);
+            return refuse(
+                sink,
+                source,
+                Some(frame),
+                close::TOO_MANY_CONNECTIONS,
+                "too many connections",
+            )
+            .await;
+        }
+    };
     let max_streams = tier.max_streams;
     let span = tracing::info_span!("conn", user = %LogSafe(registration.user()), tier = %LogSafe(&claims.tier));
     let session = Authenticated {
