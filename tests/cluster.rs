@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::redis_server::RedisServer;
-use common::{expected, ids, Client, Event, Harness, StreamRecord};
+use common::{expected, ids, Client, Harness, StreamRecord};
 use muxgate::config::OnLimit;
 use muxgate::config::OnRedisError;
 use muxgate::Config;
@@ -238,12 +238,7 @@ async fn connection_and_stream_caps_count_every_instance() {
     let mut c = b.connect_raw().await;
     c.send(json!({"type":"hello","token":b.token("alice","pro"),"client":"test/1","resume":[]}))
         .await;
-    let e = c.recv().await;
-    assert_eq!(e["code"], "too_many_streams", "{e}");
-    match c.next_event().await {
-        Event::Closed(code) => assert_eq!(code, Some(4429)),
-        Event::Frame(f) => panic!("expected close 4429, got {f}"),
-    }
+    c.expect_too_many_connections().await;
     // One closes on A: B admits one (its lease is released asynchronously: bounded retry).
     a2.close().await;
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -367,12 +367,7 @@ async fn too_many_connections_per_user() {
     let mut c = h.connect_raw().await;
     c.send(json!({"type":"hello","token":h.token("fiona", "free")}))
         .await;
-    let e = c.recv().await;
-    assert_eq!(e["code"], "too_many_streams", "{e}");
-    match c.next_event().await {
-        Event::Closed(code) => assert_eq!(code, Some(4429)),
-        Event::Frame(f) => panic!("expected close 4429, got {f}"),
-    }
+    c.expect_too_many_connections().await;
     // Another user is not affected.
     h.connect_tier("gina", "free").await;
 }

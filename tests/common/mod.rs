@@ -205,6 +205,16 @@ impl Client {
         }
     }
 
+    /// A connection over the user's cap: `too_many_streams`, then close 4429.
+    pub async fn expect_too_many_connections(&mut self) {
+        let e = self.recv().await;
+        assert_eq!(e["code"], "too_many_streams", "{e}");
+        match self.next_event().await {
+            Event::Closed(code) => assert_eq!(code, Some(4429)),
+            Event::Frame(f) => panic!("expected close 4429, got {f}"),
+        }
+    }
+
     /// Reads frames until one of `type` for stream `id` (or any id when None) arrives.
     pub async fn recv_until(&mut self, kind: &str, id: Option<&str>) -> Value {
         loop {

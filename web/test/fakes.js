@@ -453,6 +453,12 @@ export function fakeTabs (n, { gw, locks = new FakeLocks(), shared = true, token
 export const ask = (mux, chunks) => mux.chat({ model: 'm', messages: [{ role: 'user', content: `go chunks=${chunks}` }] })
 export const roles = list => list.map(t => t.mux.role)
 export const closeAll = list => list.forEach(t => t.mux.close())
+/** Hangs a leader tab: it keeps its lock and socket but hears and says nothing on the bus. */
+export function hang (tab) {
+  tab.mux.bus.close()
+  clearInterval(tab.mux.part.hbTimer)
+  tab.mux.running = false
+}
 
 /** Waits for one leader, every other tab a follower, all joined and the socket open. */
 export async function settled (list) {

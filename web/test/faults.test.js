@@ -5,7 +5,8 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import {
-  ask, closeAll, collect, FakeGateway, FakeLocks, fakeAnswer, fakeTabs, fakeToken, roles, settled, until,
+  ask, closeAll, collect, FakeGateway, FakeLocks, fakeAnswer, fakeTabs, fakeToken, hang, roles, settled,
+  until,
 } from './fakes.js'
 
 const tabs = (n, opts = {}) => fakeTabs(n, { stealStaggerMs: 60, ...opts })
@@ -143,9 +144,7 @@ test('a hung leader at 10 tabs costs one steal, not one per tab (even on a slow 
     const streams = others.map(t => ask(t.mux, 150))
     const reads = streams.map(collect)
     await until(() => streams.every(s => s.lastSeq >= 3), { what: 'under way' })
-    leader.mux.bus.close()
-    clearInterval(leader.mux.part.hbTimer)
-    leader.mux.running = false
+    hang(leader)
     const results = await Promise.all(reads)
     results.forEach((r, i) => assert.deepEqual(r, { text: fakeAnswer(streams[i].id, 150), error: null }))
     await sleep(400)
@@ -167,9 +166,7 @@ test('a crashed leader (lock released, no resign) is replaced once, from the loc
     const reads = streams.map(collect)
     await until(() => streams.every(s => s.lastSeq >= 3), { what: 'under way' })
     // a renderer crash: no pagehide, no resign; the browser frees the lock, the socket drops
-    leader.mux.bus.close()
-    clearInterval(leader.mux.part.hbTimer)
-    leader.mux.running = false
+    hang(leader)
     leader.mux.part.owner.socket.disconnect(1006)
     leader.mux.election.releaseHold()
     const results = await Promise.all(reads)

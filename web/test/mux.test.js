@@ -4,7 +4,7 @@ import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import {
   ask, closeAll, collect, collectParts, FAKE_TOOL_USAGE, FakeGateway, fakeAnswer, fakeTabs,
-  fakeToolAnswer, fakeUpstreamError, roles, settled, until,
+  fakeToolAnswer, fakeUpstreamError, hang, roles, settled, until,
 } from './fakes.js'
 
 const tabs = fakeTabs
@@ -164,9 +164,7 @@ test('a hung leader is replaced by a follower that steals the lock', async () =>
     const reads = streams.map(collect)
     await until(() => streams.every(s => s.lastSeq >= 3), { what: 'streams under way' })
     // hang it: it holds the lock and its socket, but hears and says nothing
-    leader.mux.bus.close()
-    clearInterval(leader.mux.part.hbTimer)
-    leader.mux.running = false
+    hang(leader)
     const results = await Promise.all(reads)
     results.forEach((r, i) => assert.deepEqual(r, { text: fakeAnswer(streams[i].id, 120), error: null }))
     assert.equal(roles(others).filter(r => r === 'leader').length, 1)
