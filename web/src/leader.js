@@ -155,9 +155,12 @@ export default class Leader {
     let renew = false
     // A tab behind what was forwarded to it is usually just behind: the frames are on their
     // way. Only once it has read every batch that was posted to it is it really missing some.
+    // Frames already routed to it but still in its outbox (posted at the end of this task)
+    // are a batch on its way too: without them, a join read between a socket message and
+    // that flush looked like a tab that lost frames, and cost a needless new connection.
     const readOf = leader => (read && typeof read[leader] === 'number' ? read[leader] : 0)
     const caughtUp = fromOwner &&
-      (this.posted.get(from) ?? 0) <= readOf(tab.tabId) &&
+      (this.posted.get(from) ?? 0) + (this.outbox.has(from) ? 1 : 0) <= readOf(tab.tabId) &&
       (!this.inherited || (this.inherited.posted[from] ?? 0) <= readOf(this.inherited.from))
     for (const s of list) {
       if (!s || typeof s.id !== 'string' || !s.open) continue

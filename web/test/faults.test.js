@@ -318,3 +318,36 @@ test('a tab of an older shim (no inbox, bus version 1) still gets its frames dur
     results.forEach((r, i) => assert.deepEqual(r, { text: fakeAnswer(streams[i].id, 30), error: null }))
   } finally { closeAll(list); gw.stop() }
 })
+
+test('a join read while frames for that tab wait in the outbox is no reason for a new connection', async () => {
+  // the gateway's own chunks never come (the test feeds the leader its frames), so the order
+  // of socket message, join and outbox flush is the one the browser showed (issue 10, the
+  // third socket of "closing the leader": a join read between a frame and its flush)
+  const gw = new FakeGateway({ chunkMs: 60_000 })
+  const list = tabs(2, { gw })
+  try {
+    await settled(list)
+    const leader = list.find(t => t.mux.role === 'leader')
+    const follower = list.find(t => t !== leader).mux
+    const part = leader.mux.part
+    const s = ask(follower, 5)
+    const batchesRead = () => follower.readFrom.get(leader.mux.tabId) ?? 0
+    await until(() => part.owner.router.get(s.id)?.sent && part.posted.get(follower.tabId) >= 1 &&
+      batchesRead() === part.posted.get(follower.tabId), { what: 'the stream started, its start frame read' })
+    const join = () => ({ t: 'join', v: 2, from: follower.tabId, visible: true, streams: follower.ownStreamList(), read: Object.fromEntries(follower.readFrom) })
+    const sockets = gw.created.length
+    // one socket message: seq 1 is routed (the resume point moves to 1) into the outbox
+    part.owner.onServerFrame({ type: 'delta', id: s.id, seq: 1, text: 'a ' })
+    // and in the same task the follower's join, sent before seq 1 reached it, is read
+    part.onBus(join())
+    await until(() => s.lastSeq === 1, { what: 'seq 1 delivered' })
+    await sleep(30)
+    assert.equal(gw.created.length, sockets, 'no new connection: seq 1 was on its way to the tab')
+    assert.equal(gw.connectionsTotal, 1)
+    // a tab that read that batch and still reports less did lose frames: only a replay helps
+    await until(() => batchesRead() === part.posted.get(follower.tabId), { what: 'the batch read' })
+    part.onBus({ ...join(), streams: [{ id: s.id, after: 0, open: s.openFrame, sent: true }] })
+    await until(() => gw.connectionsTotal === 2, { what: 'a new connection resuming after seq 0' })
+    assert.deepEqual(gw.resumes.at(-1), [{ id: s.id, after: 0 }])
+  } finally { closeAll(list); gw.stop() }
+})
