@@ -187,6 +187,13 @@ export const BUS = Object.freeze({
   connError: 'conn_error',
   /** leader → all: "I am stepping down", with the stream table the next leader resumes. */
   resign: 'resign',
+  /**
+   * leader → the head of its roster (its inbox), first thing when its page goes away, before
+   * the work of stepping down: open the WebSocket you will most likely lead on now. A few
+   * bytes to one tab, so the handshake starts before the `resign` (large, to every tab) is
+   * read. Tabs that do not know it ignore it.
+   */
+  leaving: 'leaving',
 })
 
 /**

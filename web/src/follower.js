@@ -203,6 +203,10 @@ export default class Follower {
       case BUS.resign:
         tab.noteResign(m)
         return
+      case BUS.leaving:
+        // our leader's page is closing and we are next in line: handshake while it steps down
+        if (m.from === tab.leaderId) tab.warmUp()
+        return
       default:
     }
   }

@@ -128,6 +128,15 @@ export default class Leader {
     return roster
   }
 
+  /**
+   * This page is going away: tells the head of the roster (first in the lock's queue too, as
+   * a rule) to open its WebSocket now, while this tab still ends its streams and steps down.
+   */
+  warnSuccessor () {
+    const next = this.roster.list()[1]
+    if (next && this.inboxTabs.has(next)) this.tab.bus.post({ t: BUS.leaving, to: next }, { keep: true })
+  }
+
   /** @param {any} stream a ChatStream of this tab */
   dispatch (stream) { this.owner.dispatch(stream) }
   /** @param {string} id */

@@ -219,6 +219,7 @@ export default class Mux {
   /** Ends this tab's streams (code `closed`), hands the socket to another tab if leader. */
   close () {
     if (this.role === ROLE.closed) return
+    if (this.role === ROLE.leader) this.part?.warnSuccessor()
     this.endOwnStreams(new MuxError(CLIENT_ERROR_CODE.closed, 'the connection was closed by the page'))
     this.suspend(true)
     this.removeLifecycle()
@@ -295,6 +296,7 @@ export default class Mux {
     // socket over, and hold nothing that keeps the page out of the bfcache.
     on(win, 'pagehide', () => {
       if (this.role === ROLE.closed || !this.running) return
+      if (this.role === ROLE.leader) this.part?.warnSuccessor()
       this.endOwnStreams(new MuxError(CLIENT_ERROR_CODE.closed, 'the page was closed or navigated away'))
       this.suspend(true)
     })

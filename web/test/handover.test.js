@@ -76,3 +76,55 @@ test('a follower whose warm socket the next leader does not need closes it when 
     assert.equal(gw.connectionsTotal, 2)
   } finally { closeAll(list); gw.stop() }
 })
+
+/** node's BroadcastChannel, with every `resign` read `ms` late (a large message to every tab). */
+function lateResign (ms) {
+  return class extends BroadcastChannel {
+    set onmessage (fn) {
+      super.onmessage = fn && ((event) => {
+        if (event.data?.t === 'resign') setTimeout(() => fn(event), ms)
+        else fn(event)
+      })
+    }
+
+    get onmessage () { return super.onmessage }
+  }
+}
+
+test('a closing leader tells the head of its roster first: its handshake starts before the resign is read', async () => {
+  const gw = new FakeGateway({ chunkMs: 4 })
+  const locks = new FakeLocks()
+  const list = fakeTabs(4, { gw, locks, BroadcastChannel: lateResign(150) })
+  try {
+    await settled(list)
+    const leader = list.find(t => t.mux.role === 'leader')
+    const streams = list.map(t => ask(t.mux, 80))
+    const reads = streams.map(collect)
+    await until(() => streams.every(s => s.lastSeq >= 5), { what: 'streams under way' })
+    const successor = list.find(t => t.mux.tabId === leader.mux.part.roster.list()[1])
+    let resignReadAt = null
+    const inner = successor.mux.bus.onMessage
+    successor.mux.bus.onMessage = (m) => {
+      if (m.t === 'resign' && resignReadAt === null) resignReadAt = performance.now()
+      inner(m)
+    }
+    // the lock is slow too: only the hint can explain an early socket
+    locks.grantDelayMs = 150
+    const before = gw.created.length
+    const closedAt = performance.now()
+    leader.page.pagehide()
+    const results = await Promise.all(reads)
+    const others = list.filter(t => t !== leader)
+    for (const t of others) {
+      const i = list.indexOf(t)
+      assert.deepEqual(results[i], { text: fakeAnswer(streams[i].id, 80), error: null })
+    }
+    assert.equal(successor.mux.role, 'leader')
+    const opened = gw.created.slice(before)
+    assert.equal(opened.length, 1, 'one socket for the handover')
+    assert.ok(opened[0].hello, 'the hinted socket carried the hello')
+    assert.ok(resignReadAt !== null && opened[0].createdAt < resignReadAt - 100,
+      `opened ${Math.round(opened[0].createdAt - closedAt)} ms after the close, the resign read after ${Math.round(resignReadAt - closedAt)} ms`)
+    assert.equal(gw.connectionsTotal, 2)
+  } finally { closeAll(list); gw.stop() }
+})
