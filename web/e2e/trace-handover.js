@@ -81,9 +81,17 @@ try {
 
 /** Prints the new leader's timeline, then when the survivors heard what, and their pauses. */
 function report (traces, runs, t0) {
-  const who = traces.findIndex(tr => tr.some(([, w]) => w === 'ws:new'))
+  // the tab granted the lock leads; another tab may have opened a warm socket too
+  let who = traces.findIndex(tr => tr.some(([t, w]) => w === 'lock:granted' && t >= t0))
+  if (who < 0) who = traces.findIndex(tr => tr.some(([, w]) => w === 'ws:new'))
   const rel = t => Math.round(t - t0)
   console.log(`new leader: survivor ${who}`)
+  const at = (tr, what) => tr.find(([t, w]) => w === what && t >= t0)?.[0]
+  const opened = at(traces[who], 'ws:new')
+  const open = at(traces[who], 'ws:open')
+  if (opened !== undefined && open !== undefined) console.log(`its WebSocket handshake took ${Math.round(open - opened)} ms`)
+  const others = traces.map((tr, i) => [i, tr.filter(([t, w]) => w === 'ws:new' && t >= t0).length]).filter(([i, n]) => i !== who && n > 0)
+  if (others.length) console.log('other survivors that opened a WebSocket:', others.map(([i, n]) => `${i} (${n})`).join(' '))
   for (const [t, w, x] of traces[who]) {
     if (t - t0 >= 1500 || w === 'bus:join') continue
     if (x && x.at) x.at = rel(x.at)
