@@ -6,11 +6,10 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use common::redis_server::RedisServer;
-use common::{expected, ids, Client, Harness, StreamRecord};
+use common::{expected, finish, ids, until_first_delta, Harness};
 use muxgate::config::OnLimit;
 use muxgate::config::OnRedisError;
 use muxgate::Config;
@@ -35,36 +34,6 @@ async fn instance(
         tweak(c);
     })
     .await
-}
-
-/// Reads the frames of `ids` on `client` until each has sent a delta: the records so far.
-async fn until_first_delta(client: &mut Client, ids: &[&str]) -> HashMap<String, StreamRecord> {
-    let mut records: HashMap<String, StreamRecord> = ids
-        .iter()
-        .map(|id| (id.to_string(), StreamRecord::default()))
-        .collect();
-    while records.values().any(|r| r.deltas == 0) {
-        let f = client.recv().await;
-        if let Some(r) = f["id"].as_str().and_then(|id| records.get_mut(id)) {
-            r.take(f);
-            assert!(r.end.is_none(), "{:?}", r.end);
-        }
-    }
-    records
-}
-
-/// Reads on `client` until every one of `records` has ended.
-async fn finish(
-    client: &mut Client,
-    mut records: HashMap<String, StreamRecord>,
-) -> HashMap<String, StreamRecord> {
-    while records.values().any(|r| r.end.is_none()) {
-        let f = client.recv().await;
-        if let Some(r) = f["id"].as_str().and_then(|id| records.get_mut(id)) {
-            r.take(f);
-        }
-    }
-    records
 }
 
 /// The value of one series in a gateway's `/metrics` text, if present.

@@ -18,6 +18,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod instance;
+pub mod nginx;
 pub mod redis_server;
 
 pub const SECRET: &str = "test-secret-0123456789abcdef";
@@ -322,6 +324,36 @@ impl StreamRecord {
             .and_then(|e| e["code"].as_str())
             .unwrap_or("")
     }
+}
+
+/// Reads the frames of `ids` on `client` until each has sent a delta: the records so far.
+pub async fn until_first_delta(client: &mut Client, ids: &[&str]) -> HashMap<String, StreamRecord> {
+    let mut records: HashMap<String, StreamRecord> = ids
+        .iter()
+        .map(|id| (id.to_string(), StreamRecord::default()))
+        .collect();
+    while records.values().any(|r| r.deltas == 0) {
+        let f = client.recv().await;
+        if let Some(r) = f["id"].as_str().and_then(|id| records.get_mut(id)) {
+            r.take(f);
+            assert!(r.end.is_none(), "{:?}", r.end);
+        }
+    }
+    records
+}
+
+/// Reads on `client` until every one of `records` has ended.
+pub async fn finish(
+    client: &mut Client,
+    mut records: HashMap<String, StreamRecord>,
+) -> HashMap<String, StreamRecord> {
+    while records.values().any(|r| r.end.is_none()) {
+        let f = client.recv().await;
+        if let Some(r) = f["id"].as_str().and_then(|id| records.get_mut(id)) {
+            r.take(f);
+        }
+    }
+    records
 }
 
 /// The exact text the mock sends for `prompt` with `n` chunks (directives stripped).
