@@ -1334,6 +1334,7 @@ fn render(rows: &[Value], out: &mut String) {
             );
         }
     }
+    render_cluster(&streams, out);
     for idle in rows.iter().filter(|r| r["kind"] == "idle") {
         let _ = writeln!(out, "\n### Resident memory of the gateway\n");
         let _ = writeln!(out, "| state | connections | live streams | RSS MiB | fds | per item over previous row | per item over 0 connections |");
@@ -1391,6 +1392,75 @@ fn render(rows: &[Value], out: &mut String) {
             "\nPeak RSS (VmHWM) {:.1} MiB; connections dropped while idle: {}.",
             idle["hwm_kb"].as_f64().unwrap_or(0.0) / 1024.0,
             idle["dropped_while_idle"]
+        );
+    }
+}
+
+/// The cluster phase (`phase: cluster`): each run of cluster mode beside the run of one process
+/// just before it, in alternation, so each ratio compares runs under the same machine load.
+/// `single`/`cluster`: the relay load, CPU per chunk; `open-single`/`open-cluster`: short
+/// streams back to back, the time to first token being mostly the stream's opening.
+fn render_cluster(streams: &[&Value], out: &mut String) {
+    use std::fmt::Write as _;
+    let runs = |label: &str| -> Vec<&Value> {
+        streams
+            .iter()
+            .copied()
+            .filter(|r| r["phase"] == "cluster" && r["label"] == label)
+            .collect()
+    };
+    let pairs =
+        |a: &str, b: &str| -> Vec<(&Value, &Value)> { runs(a).into_iter().zip(runs(b)).collect() };
+    let relay = pairs("single", "cluster");
+    let opens = pairs("open-single", "open-cluster");
+    if relay.is_empty() && opens.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\n### Cluster mode (Redis) against one process, runs alternated\n"
+    );
+    let _ = writeln!(out, "| pair | path | streams | chunks/s (offered) | gateway CPU s / 100k chunks | TTFT p50 ms | TTFT p99 ms | streams | load avg |");
+    let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---|---|");
+    for (i, (a, b)) in relay.iter().chain(&opens).enumerate() {
+        for r in [a, b] {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} ({}) | {} | {} | {} | {} | {} |",
+                i + 1,
+                r["label"].as_str().unwrap_or("?"),
+                r["streams"],
+                f(&r["chunks_per_s"], 0),
+                f(&r["offered_chunks_per_s"], 0),
+                f(&r["server_cpu_s_per_100k"], 3),
+                msv(&r["ttft_us"]["p50"]),
+                msv(&r["ttft_us"]["p99"]),
+                errs(r),
+                r["loadavg"].as_str().unwrap_or("—"),
+            );
+        }
+    }
+    let _ = writeln!(out, "\n| pair | gateway CPU per chunk, cluster ÷ one process | TTFT p50 added by Redis, ms | TTFT p99 added, ms |");
+    let _ = writeln!(out, "|---:|---:|---:|---:|");
+    let added = |a: &Value, b: &Value, q: &str| match (
+        a["ttft_us"][q].as_f64(),
+        b["ttft_us"][q].as_f64(),
+    ) {
+        (Some(x), Some(y)) => format!("{:.3}", (y - x) / 1000.0),
+        _ => "—".into(),
+    };
+    for (i, (a, b)) in relay.iter().chain(&opens).enumerate() {
+        let cpu = if i < relay.len() {
+            ratio(&b["server_cpu_s_per_100k"], &a["server_cpu_s_per_100k"])
+        } else {
+            "—".into()
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {cpu} | {} | {} |",
+            i + 1,
+            added(a, b, "p50"),
+            added(a, b, "p99"),
         );
     }
 }
