@@ -10,12 +10,11 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use super::{http_client, sign, API_KEY, SECRET};
+use super::{admin_request, sign, ADMIN_TOKEN, API_KEY, SECRET};
 
 /// How long a gateway may take to print its listening line (a debug build loads its
 /// tokenizers first).
 const START_WAIT: Duration = Duration::from_secs(60);
-pub const ADMIN_TOKEN: &str = "admin-test-token";
 
 pub struct Instance {
     pub id: String,
@@ -140,31 +139,7 @@ impl Instance {
 
     /// GET an admin route as JSON (directly, not through the load balancer).
     pub async fn admin(&self, path: &str) -> Value {
-        http_client()
-            .get(format!("http://{}{path}", self.addr))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-
-    /// The series of `/metrics` named `series` (with its labels), if present.
-    pub async fn metric(&self, series: &str) -> Option<f64> {
-        let text = http_client()
-            .get(format!("http://{}/metrics", self.addr))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines().find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().unwrap())
-        })
+        admin_request(self.addr, reqwest::Method::GET, path).await
     }
 }
 

@@ -24,6 +24,8 @@ pub mod redis_server;
 
 pub const SECRET: &str = "test-secret-0123456789abcdef";
 pub const API_KEY: &str = "sk-upstream-secret-7f3a9c";
+/// The admin routes' bearer token of every gateway the tests start.
+pub const ADMIN_TOKEN: &str = "admin-test-token";
 /// How long a test waits for any one frame before failing.
 pub const FRAME_WAIT: Duration = Duration::from_secs(10);
 
@@ -62,7 +64,7 @@ impl Harness {
         )];
         config.retry.base_delay_ms = 10;
         config.retry.max_delay_ms = 50;
-        config.admin_token = Some("admin-test-token".into());
+        config.admin_token = Some(ADMIN_TOKEN.into());
         tweak(&mut config);
         let listener = TcpListener::bind(config.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -132,15 +134,7 @@ impl Harness {
     }
 
     async fn admin_call(&self, method: reqwest::Method, path: &str) -> Value {
-        http_client()
-            .request(method, format!("http://{}{path}", self.addr))
-            .bearer_auth("admin-test-token")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        admin_request(self.addr, method, path).await
     }
 
     pub fn shutdown(&mut self) {
@@ -365,6 +359,19 @@ pub fn expected(prompt: &str, n: usize) -> String {
 pub async fn spawn_mock(api_key: Option<&str>) -> mock::MockHandle {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     mock::spawn(listener, api_key.map(str::to_owned))
+        .await
+        .unwrap()
+}
+
+/// An admin route of the gateway at `addr`, with the admin token: its JSON answer.
+pub async fn admin_request(addr: SocketAddr, method: reqwest::Method, path: &str) -> Value {
+    http_client()
+        .request(method, format!("http://{addr}{path}"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
         .await
         .unwrap()
 }
