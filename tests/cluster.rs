@@ -439,3 +439,122 @@ async fn admin_views_and_operator_goaway_span_the_cluster() {
     wait_metric(&a, "muxgate_goaways_relayed_total", 1.0).await;
     assert_eq!(metric(&b, "muxgate_goaways_relayed_total"), Some(0.0));
 }
+
+/// Reads `client`'s frames into `records` (by stream id) until every one of them has sent
+/// `deltas` deltas or ended.
+async fn read_deltas(
+    client: &mut Client,
+    records: &mut HashMap<String, StreamRecord>,
+    deltas: u64,
+) {
+    while records
+        .values()
+        .any(|r| r.deltas < deltas && r.end.is_none())
+    {
+        let f = client.recv().await;
+        if let Some(r) = f["id"].as_str().and_then(|id| records.get_mut(id)) {
+            r.take(f);
+        }
+    }
+}
+
+/// The `resume` list of `hello` that picks `records` up after the last seq each one read.
+fn resume_list(records: &HashMap<String, StreamRecord>) -> serde_json::Value {
+    records
+        .iter()
+        .map(|(id, r)| json!({"id": id, "after": r.last_seq}))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_stream_resumed_on_another_instance_is_relayed_from_its_owner_exactly() {
+    let redis = RedisServer::start().await;
+    let a = instance(&redis, |_| {}, |_| {}).await;
+    let b = instance(&redis, |_| {}, |_| {}).await;
+    let prompt = "relayed across instances [[mock chunks=30 delay_ms=40]]";
+    let mut ca = a.connect("alice").await;
+    // The same answer, read whole on A: what the moved stream must end like.
+    ca.open("ref", prompt).await;
+    let reference = ca.collect(&["ref".into()]).await.remove("ref").unwrap();
+    ca.open("s", prompt).await;
+    let mut records = HashMap::from([("s".to_string(), StreamRecord::default())]);
+    read_deltas(&mut ca, &mut records, 5).await;
+    // The socket drops (no close frame): the client comes back on B.
+    drop(ca);
+    let (mut cb, welcome) = b.connect_resume("alice", resume_list(&records)).await;
+    assert_eq!(welcome["resumed"], json!(["s"]), "{welcome}");
+    let record = finish(&mut cb, records).await.remove("s").unwrap();
+    assert_eq!(
+        record.text,
+        expected(prompt, 30),
+        "exact text, seq contiguous"
+    );
+    assert_eq!(record.end_type(), "done", "{:?}", record.end);
+    let (end, want) = (record.end.unwrap(), reference.end.unwrap());
+    for field in ["usage", "finish_reason", "cost_usd"] {
+        assert_eq!(end[field], want[field], "{field}: {end} vs {want}");
+    }
+    // The upstream's own id for the call A made for this stream (the mock numbers them).
+    assert_eq!(end["completion_id"], "chatcmpl-mock-2", "{end}");
+    assert_eq!(end["seq"], 31);
+    // One upstream call, on A; B only relayed.
+    assert_eq!(a.mock.stats().requests, 2);
+    assert_eq!(b.mock.stats().requests, 0);
+    assert_eq!(metric(&b, "muxgate_cross_instance_relays_total"), Some(1.0));
+    let sent = metric(
+        &a,
+        "muxgate_cross_instance_frames_total{direction=\"sent\"}",
+    )
+    .unwrap();
+    let received = metric(
+        &b,
+        "muxgate_cross_instance_frames_total{direction=\"received\"}",
+    )
+    .unwrap();
+    assert!(sent >= 26.0 && received >= 26.0, "{sent} {received}");
+    // A resume of a stream no instance runs is still `not_found`.
+    let (mut c, welcome) = b
+        .connect_resume("alice", json!([{"id": "nope", "after": 0}]))
+        .await;
+    assert_eq!(welcome["resumed"], json!([]));
+    let e = c.recv_until("error", Some("nope")).await;
+    assert_eq!(e["code"], "not_found", "{e}");
+}
+
+#[tokio::test]
+async fn cancel_on_another_instance_aborts_the_owners_upstream_call() {
+    let redis = RedisServer::start().await;
+    let a = instance(&redis, |_| {}, |_| {}).await;
+    let b = instance(&redis, |_| {}, |_| {}).await;
+    let prompt = "cancel me from afar [[mock chunks=200 delay_ms=50]]";
+    // A stream resumed on B, cancelled there.
+    let mut ca = a.connect("alice").await;
+    ca.open("moved", prompt).await;
+    let mut records = HashMap::from([("moved".to_string(), StreamRecord::default())]);
+    read_deltas(&mut ca, &mut records, 2).await;
+    drop(ca);
+    let (mut cb, welcome) = b.connect_resume("alice", resume_list(&records)).await;
+    assert_eq!(welcome["resumed"], json!(["moved"]), "{welcome}");
+    read_deltas(&mut cb, &mut records, 4).await;
+    cb.send(json!({"type": "cancel", "id": "moved"})).await;
+    let record = finish(&mut cb, records).await.remove("moved").unwrap();
+    assert_eq!(record.error_code(), "cancelled", "{:?}", record.end);
+    assert_eq!(
+        record.end.as_ref().unwrap()["message"],
+        "cancelled by the client"
+    );
+    common::wait_for_mock(&a, "the owner's upstream call aborted", |s| s.aborted == 1).await;
+    // A stream still carried by A's connection, cancelled by the user's socket on B.
+    let mut ca = a.connect("alice").await;
+    ca.open("stay", prompt).await;
+    let stay = until_first_delta(&mut ca, &["stay"]).await;
+    cb.send(json!({"type": "cancel", "id": "stay"})).await;
+    let record = finish(&mut ca, stay).await.remove("stay").unwrap();
+    assert_eq!(record.error_code(), "cancelled", "{:?}", record.end);
+    common::wait_for_mock(&a, "the second upstream call aborted", |s| s.aborted == 2).await;
+    assert!(record.text.len() < expected(prompt, 200).len());
+    // A cancel of a stream no instance runs is still `not_found`.
+    cb.send(json!({"type": "cancel", "id": "nope"})).await;
+    let e = cb.recv_until("error", Some("nope")).await;
+    assert_eq!(e["code"], "not_found", "{e}");
+}
