@@ -6,10 +6,11 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use common::redis_server::RedisServer;
-use common::{expected, finish, ids, until_first_delta, Harness};
+use common::{expected, finish, ids, until_first_delta, Client, Harness, StreamRecord};
 use muxgate::config::OnLimit;
 use muxgate::config::OnRedisError;
 use muxgate::Config;

@@ -10,7 +10,8 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use super::{admin_request, sign, ADMIN_TOKEN, API_KEY, SECRET};
+use super::{admin_request, sign, Client, ADMIN_TOKEN, API_KEY, SECRET};
+use tokio_tungstenite::tungstenite::Message;
 
 /// How long a gateway may take to print its listening line (a debug build loads its
 /// tokenizers first).
@@ -63,7 +64,10 @@ impl Instance {
             .env("MUXGATE_UPSTREAM_BASE_URL", upstream)
             .env("MUXGATE_UPSTREAM_API_KEY", API_KEY)
             .env("MUXGATE_INSTANCE_ID", id)
-            .env("MUXGATE_LOG", "warn")
+            .env(
+                "MUXGATE_LOG",
+                std::env::var("MUXGATE_TEST_LOG").unwrap_or("warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -95,11 +99,48 @@ impl Instance {
         };
         // Its later announcements must find a reader: a closed pipe would fail its writes.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Instance {
+        let instance = Instance {
             id: id.to_string(),
             addr,
             dir,
             child,
+        };
+        instance.warm_up().await;
+        instance
+    }
+
+    /// Runs one stream to its end: the tokenizers load once per process (seconds in a debug
+    /// build, more on a loaded machine) and the first streams would otherwise wait that out,
+    /// past a test's frame timeout. Its upstream request counts in the mock's stats.
+    async fn warm_up(&self) {
+        use futures_util::StreamExt;
+        let run = async {
+            let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", self.addr))
+                .await
+                .unwrap();
+            let mut c = Client { ws };
+            let user = format!("warm-up-{}", self.id);
+            c.send(json!({"type":"hello","token":token(&user, "pro"),"client":"test/1"}))
+                .await;
+            c.open("warm-up", "warm up [[mock chunks=1]]").await;
+            // Read directly: the frames may take longer than FRAME_WAIT here.
+            while let Some(Ok(msg)) = c.ws.next().await {
+                let Message::Text(t) = msg else { continue };
+                let f: Value = serde_json::from_str(&t).unwrap();
+                match f["type"].as_str() {
+                    Some("done") => return c.close().await,
+                    Some("error") => panic!("{}: warm-up {f}", self.id),
+                    _ => {}
+                }
+            }
+            panic!("{}: closed during the warm-up", self.id);
+        };
+        if tokio::time::timeout(START_WAIT, run).await.is_err() {
+            panic!(
+                "{} did not run a first stream within {START_WAIT:?}:\n{}",
+                self.id,
+                self.log()
+            );
         }
     }
 

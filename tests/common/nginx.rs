@@ -163,7 +163,7 @@ fn main_config(prefix: &Path) -> String {
 
 /// The shipped site file with `listen` set to `listen` and the upstream's `server` lines
 /// replaced by one per instance, each keeping the parameters the first one had
-/// (`max_fails`, `fail_timeout`). Fails the test if the file no longer has that shape.
+/// (`max_fails`). Fails the test if the file no longer has that shape.
 pub fn render(shipped: &str, listen: SocketAddr, instances: &[SocketAddr]) -> String {
     let mut out = String::new();
     let (mut in_upstream, mut listens, mut servers_written) = (false, 0, false);
