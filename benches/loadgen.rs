@@ -1317,10 +1317,17 @@ async fn relay_cmd(a: RelayArgs) -> Result<()> {
     let cfg = Arc::new(a.clone());
     let mut tasks = Vec::with_capacity(conns);
     for c in 0..conns {
-        let tok = token(&a.secret, &format!("bench-relay-{c}"), &a.tier)?;
+        // Users (and so stream ids) of their own per run: a cancelled stream of the previous
+        // run is still kept for replay, and reopening its id would be `duplicate_id`.
+        let user = format!("bench-relay-{}-{c}", std::process::id());
+        let tok = token(&a.secret, &user, &a.tier)?;
         let (cfg, ready, window) = (cfg.clone(), ready.clone(), window.clone());
         tasks.push(tokio::spawn(async move {
-            relay_conn(&cfg, tok, c, ready, window).await
+            let out = relay_conn(&cfg, tok, c, ready, window).await;
+            if let Err(e) = &out {
+                eprintln!("relay connection {c}: {e:#}");
+            }
+            out
         }));
     }
     // Every stream is open (and moved) before the window starts; a connection that failed
