@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 /// The instances' config file: a drain longer than the streams below, and the cap on
 /// connections not yet upgraded per client address raised, since behind nginx every client
-/// has nginx's address (README: "Run several instances").
+/// has nginx's address (docs/deploy.md).
 const CONFIG: &str =
     "drain_timeout_ms = 30000\n\n[server]\nmax_pending_connections_per_ip = 1024\n";
 

@@ -64,6 +64,8 @@ impl Instance {
             .env("MUXGATE_UPSTREAM_BASE_URL", upstream)
             .env("MUXGATE_UPSTREAM_API_KEY", API_KEY)
             .env("MUXGATE_INSTANCE_ID", id)
+            // Warnings only, printed when a test fails; MUXGATE_TEST_LOG=info shows each
+            // connection and stream moving when one has to find out why.
             .env(
                 "MUXGATE_LOG",
                 std::env::var("MUXGATE_TEST_LOG").unwrap_or("warn".into()),
