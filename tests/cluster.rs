@@ -718,3 +718,83 @@ async fn the_owners_resume_window_spares_a_relayed_stream_and_runs_again_once_it
     common::wait_for_mock(&a, "the handed-back stream aborted", |s| s.aborted == 1).await;
     assert_eq!(a.mock.stats().completed, 1);
 }
+
+/// Reads `client`'s frames into `records` until a `goaway` arrives.
+async fn until_goaway(
+    client: &mut Client,
+    records: &mut HashMap<String, StreamRecord>,
+) -> serde_json::Value {
+    loop {
+        let f = client.recv().await;
+        if f["type"] == "goaway" {
+            return f;
+        }
+        if let Some(r) = f["id"].as_str().and_then(|id| records.get_mut(id)) {
+            r.take(f);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_draining_instance_runs_its_streams_on_for_clients_that_moved_to_another() {
+    let redis = RedisServer::start().await;
+    let drain = |c: &mut Config| c.drain_timeout_ms = 15_000;
+    let mut a = instance(&redis, |_| {}, drain).await;
+    let b = instance(&redis, |_| {}, drain).await;
+    let all = ids("d", 3);
+    let prompt = |id: &str| format!("{id} survives the restart [[mock chunks=30 delay_ms=60]]");
+    let mut ca = a.connect("alice").await;
+    for id in &all {
+        ca.open(id, &prompt(id)).await;
+    }
+    let mut records: HashMap<String, StreamRecord> = all
+        .iter()
+        .map(|id| (id.clone(), StreamRecord::default()))
+        .collect();
+    read_deltas(&mut ca, &mut records, 2).await;
+    // SIGTERM, as the binary maps it: A stops accepting and says `goaway`.
+    a.shutdown();
+    let goaway = until_goaway(&mut ca, &mut records).await;
+    assert_eq!(goaway["reason"], "shutdown", "{goaway}");
+    drop(ca);
+    let (mut cb, welcome) = b.connect_resume("alice", resume_list(&records)).await;
+    assert_eq!(welcome["resumed"].as_array().unwrap().len(), 3, "{welcome}");
+    let records = finish(&mut cb, records).await;
+    for id in &all {
+        let r = &records[id];
+        assert_eq!(r.end_type(), "done", "{id}: {:?}", r.end);
+        assert_eq!(r.text, expected(&prompt(id), 30), "{id}");
+    }
+    // A's drain waited for the relays, then ended well before its timeout.
+    let server = a.server.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("A's drain ends once its streams and relays have")
+        .unwrap()
+        .unwrap();
+    let stats = a.mock.stats();
+    assert_eq!((stats.completed, stats.aborted), (3, 0), "{stats:?}");
+}
+
+#[tokio::test]
+async fn a_relay_through_a_redis_restart_asks_again_and_loses_no_text() {
+    let mut redis = RedisServer::start().await;
+    let a = instance(&redis, |_| {}, |_| {}).await;
+    let b = instance(&redis, |_| {}, |_| {}).await;
+    let prompt = "relayed through an outage [[mock chunks=60 delay_ms=50]]";
+    let mut ca = a.connect("alice").await;
+    ca.open("r", prompt).await;
+    let mut records = HashMap::from([("r".to_string(), StreamRecord::default())]);
+    read_deltas(&mut ca, &mut records, 2).await;
+    drop(ca);
+    let (mut cb, welcome) = b.connect_resume("alice", resume_list(&records)).await;
+    assert_eq!(welcome["resumed"], json!(["r"]), "{welcome}");
+    read_deltas(&mut cb, &mut records, 10).await;
+    // Redis goes away mid-relay and comes back empty: the messages published meanwhile are
+    // lost, and the mirror asks the owner again from the last frame it has.
+    redis.restart().await;
+    let record = finish(&mut cb, records).await.remove("r").unwrap();
+    assert_eq!(record.end_type(), "done", "{:?}", record.end);
+    assert_eq!(record.text, expected(prompt, 60));
+    assert!(metric(&b, "muxgate_cross_instance_rerequests_total").unwrap() >= 1.0);
+}
