@@ -53,8 +53,9 @@ pub struct ClusterConfig {
     /// Longest wait for one Redis call; past it the call counts as failed. Default 250.
     pub redis_timeout_ms: u64,
     /// How long a connection or live stream keeps counting against its user's caps when the
-    /// instance holding it stops renewing it (it died). Renewed every third of it. Default
-    /// 15000.
+    /// instance holding it stops renewing it (it died), and a stream's owner record with it.
+    /// Renewed every third of it. Also how long either end of a cross-instance relay waits on
+    /// a silent peer before counting it gone. Default 15000.
     pub lease_ms: u64,
 }
 

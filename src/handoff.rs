@@ -57,13 +57,15 @@ const NO_SUCH_STREAM: &str = "no such stream to resume (it ended long ago, never
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 enum Header {
-    /// To the owner: relay `user`'s stream `id` from after key `after` to instance `to`.
+    /// To the owner: relay `user`'s stream `id` from after key `after` to instance `to`,
+    /// whose client wrote the frames through `written`.
     Request {
         relay: u64,
         to: String,
         user: String,
         id: String,
         after: u64,
+        written: u64,
     },
     /// To the mirror: the relay runs.
     Accept { relay: u64, model: String },
@@ -190,9 +192,11 @@ impl Handoff {
                 user,
                 id,
                 after,
+                written,
             } => {
                 let gw = gw.clone();
-                tokio::spawn(async move { serve_request(&gw, relay, to, &user, &id, after).await });
+                let from = (after, written);
+                tokio::spawn(async move { serve_request(&gw, relay, to, &user, &id, from).await });
             }
             Header::Ack {
                 relay,
@@ -262,9 +266,9 @@ impl Handoff {
             tx,
         };
         let model = link
-            .request(&mut rx, after)
+            .request(&mut rx, after, after)
             .await
-            .map_err(|message| not_found(&message))?;
+            .map_err(|e| not_found(e.message()))?;
         let mirror = Stream::mirror(
             id.to_string(),
             user.clone(),
@@ -307,14 +311,16 @@ impl Handoff {
 }
 
 /// The owner's answer to a relay request: attach a remote consumer to the stream and relay it.
+/// `from`: the keys through which the mirror has the frames, and its client wrote them.
 async fn serve_request(
     gw: &Arc<Gateway>,
     relay: u64,
     to: String,
     user: &str,
     id: &str,
-    after: u64,
+    from: (u64, u64),
 ) {
+    let (after, written) = from;
     let Some(handoff) = &gw.handoff else { return };
     let cluster = &handoff.cluster;
     let refuse = |message: String| encode(&Header::Refuse { relay, message }, &[]);
@@ -326,7 +332,7 @@ async fn serve_request(
         return;
     };
     let inbox = Inbox::new();
-    if let Err(gap) = stream.attach(&inbox, after) {
+    if let Err(gap) = stream.attach_written(&inbox, after, written) {
         let message = format!(
             "stream `{id}` can no longer be replayed after seq {after}: the oldest kept is {}",
             gap.oldest_available
@@ -336,7 +342,7 @@ async fn serve_request(
     }
     let consumer = Arc::new(Consumer {
         stream: stream.clone(),
-        acked: AtomicU64::new(after),
+        acked: AtomicU64::new(written),
         detached: AtomicBool::new(false),
         heard: Mutex::new(Instant::now()),
         notify: Notify::new(),
@@ -426,6 +432,22 @@ async fn relay_from_owner(
     handoff.consumers.remove(&relay);
 }
 
+/// Why a relay request got no relay.
+enum Unanswered {
+    /// The owner said no (the stream is gone, or the frames asked for were trimmed).
+    Refused(String),
+    /// No answer: the owner is gone, or Redis or its subscription is down for now.
+    NoAnswer(String),
+}
+
+impl Unanswered {
+    fn message(&self) -> &str {
+        match self {
+            Unanswered::Refused(m) | Unanswered::NoAnswer(m) => m,
+        }
+    }
+}
+
 /// The mirror's link to its owner: the relay in use and how to reach it.
 struct Link {
     handoff: Arc<Handoff>,
@@ -444,13 +466,14 @@ impl Link {
         matches!(self.handoff.cluster.publish_relay(&self.owner, message).await, Ok(n) if n > 0)
     }
 
-    /// Asks the owner to relay the stream from after `after` under a new relay id; the
-    /// stream's model once it accepts, else why not.
+    /// Asks the owner to relay the stream from after `after` (the client here wrote through
+    /// `written`) under a new relay id; the stream's model once it accepts, else why not.
     async fn request(
         &mut self,
         rx: &mut mpsc::Receiver<Inbound>,
         after: u64,
-    ) -> Result<String, String> {
+        written: u64,
+    ) -> Result<String, Unanswered> {
         self.handoff.mirrors.remove(&self.relay);
         self.relay = rand::random::<u64>() | 1;
         self.handoff.mirrors.insert(self.relay, self.tx.clone());
@@ -460,11 +483,12 @@ impl Link {
             user: self.user.to_string(),
             id: self.id.clone(),
             after,
+            written,
         };
         if !self.send(request).await {
-            return Err(format!(
+            return Err(Unanswered::NoAnswer(format!(
                 "{NO_SUCH_STREAM}; the instance running it does not answer"
-            ));
+            )));
         }
         let deadline = Instant::now() + ANSWER_WAIT;
         loop {
@@ -474,14 +498,14 @@ impl Link {
                     return Ok(model)
                 }
                 Ok(Some((Header::Refuse { relay, message }, _))) if relay == self.relay => {
-                    return Err(message)
+                    return Err(Unanswered::Refused(message))
                 }
                 Ok(Some(_)) => continue,
                 Ok(None) | Err(_) => {
-                    return Err(format!(
+                    return Err(Unanswered::NoAnswer(format!(
                         "{NO_SUCH_STREAM}; the instance running it did not answer within {} ms",
                         ANSWER_WAIT.as_millis()
-                    ))
+                    )))
                 }
             }
         }
@@ -511,7 +535,7 @@ async fn relay_to_mirror(
     let mut last_key = after;
     let mut acked = after;
     let mut cancelling = false;
-    let end = loop {
+    let end = 'relay: loop {
         tokio::select! {
             message = rx.recv() => {
                 // The link holds a sender: the queue never closes while this runs.
@@ -549,12 +573,21 @@ async fn relay_to_mirror(
                 if gap {
                     gw.metrics.cross_instance_rerequest();
                     tracing::info!(stream = %mirror.id, after = last_key, "relay messages were lost: asking the owner again");
-                    match link.request(&mut rx, last_key).await {
-                        Ok(_) => {
-                            last_n = 0;
-                            heard = Instant::now();
+                    // Redis may be coming back, or the owner resubscribing: asked again each
+                    // heartbeat while the owner has not been silent for too long.
+                    loop {
+                        match link.request(&mut rx, last_key, acked).await {
+                            Ok(_) => {
+                                last_n = 0;
+                                heard = Instant::now();
+                                break;
+                            }
+                            Err(Unanswered::NoAnswer(message)) if heard.elapsed() > silence => {
+                                break 'relay End::Failed(message)
+                            }
+                            Err(Unanswered::NoAnswer(_)) => tokio::time::sleep(link.handoff.beat).await,
+                            Err(Unanswered::Refused(message)) => break 'relay End::Failed(message),
                         }
-                        Err(message) => break End::Failed(message),
                     }
                 }
             }

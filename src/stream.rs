@@ -282,6 +282,18 @@ impl Stream {
 
     /// Attaches the stream to a connection, which will next pull every frame after `after`.
     pub fn attach(self: &Arc<Self>, inbox: &Arc<Inbox>, after: u64) -> Result<(), ReplayGap> {
+        self.attach_written(inbox, after, after)
+    }
+
+    /// [`Stream::attach`] for a relay to another instance that already has the frames through
+    /// `after` but whose client wrote only those through `written`: the frames in between
+    /// stay in the log (unwritten) until the relay acknowledges them.
+    pub fn attach_written(
+        self: &Arc<Self>,
+        inbox: &Arc<Inbox>,
+        after: u64,
+        written: u64,
+    ) -> Result<(), ReplayGap> {
         let wake = {
             let mut st = self.state.lock();
             if after < st.trimmed_through {
@@ -291,8 +303,8 @@ impl Stream {
             }
             // A mirror's log starts empty after the key it was resumed from.
             let last = st.log.back().map_or(st.trimmed_through, |e| e.key);
-            st.written = after.min(last);
-            st.pulled = st.written;
+            st.pulled = after.min(last);
+            st.written = written.min(st.pulled).max(st.trimmed_through);
             st.attached = Some(Attachment {
                 inbox: inbox.clone(),
                 scheduled: false,
