@@ -54,6 +54,9 @@ enum Cmd {
     Idle(IdleArgs),
     /// Markdown tables from the JSON lines of one run.
     Report(ReportArgs),
+    /// Long streams opened on one instance and read on another (cluster mode): what relaying a
+    /// chunk between instances costs, against reading them where they run.
+    Relay(RelayArgs),
     /// The gateway library served with TCP_NODELAY on accepted sockets: an A/B of the first
     /// suggested optimisation without touching `src/` (config from the environment, as
     /// `muxgate serve`; no graceful drain).
@@ -160,6 +163,46 @@ struct IdleArgs {
 }
 
 #[derive(Args, Clone)]
+struct RelayArgs {
+    /// ws://HOST:PORT/v1/ws of the instance that opens (owns) the streams.
+    #[arg(long)]
+    owner_url: String,
+    /// ws://HOST:PORT/v1/ws of the instance the clients move to; without it they stay on the
+    /// owner (the local baseline).
+    #[arg(long)]
+    reader_url: Option<String>,
+    #[arg(long)]
+    label: String,
+    /// Concurrent streams, all open for the whole window (no stream ends inside it).
+    #[arg(long)]
+    streams: usize,
+    #[arg(long, default_value_t = 10)]
+    per_conn: usize,
+    #[arg(long, default_value_t = 50)]
+    delay_ms: u64,
+    #[arg(long, default_value_t = 15.0)]
+    duration_s: f64,
+    /// Seconds after every stream has moved, before measuring.
+    #[arg(long, default_value_t = 3.0)]
+    warmup_s: f64,
+    #[arg(long, default_value = "mock-model")]
+    model: String,
+    #[arg(long, env = "MUXGATE_JWT_SECRET", hide_env_values = true)]
+    secret: String,
+    #[arg(long, default_value = "pro")]
+    tier: String,
+    /// The gateway processes whose CPU is summed (owner and reader).
+    #[arg(long)]
+    server_pid: Vec<u32>,
+    #[arg(long, default_value_t = 100)]
+    clk_tck: u64,
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long, default_value = "{}")]
+    tag: String,
+}
+
+#[derive(Args, Clone)]
 struct ReportArgs {
     /// The JSON lines written by `stream` and `idle`.
     results: PathBuf,
@@ -180,6 +223,7 @@ fn main() -> Result<()> {
         Cmd::Stream(a) => rt.block_on(stream_cmd(a)),
         Cmd::Idle(a) => rt.block_on(idle_cmd(a)),
         Cmd::Report(a) => report_cmd(&a),
+        Cmd::Relay(a) => rt.block_on(relay_cmd(a)),
         Cmd::GatewayNodelay(a) => rt.block_on(gateway_nodelay(a)),
     }
 }
@@ -658,13 +702,24 @@ type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn ws_connect(url: &str, token: &str, deadline: Instant) -> Result<Ws> {
+    ws_connect_resuming(url, token, &json!([]), deadline).await
+}
+
+/// A connection whose `hello` resumes `resume` (`[{"id", "after"}]`).
+async fn ws_connect_resuming(
+    url: &str,
+    token: &str,
+    resume: &Value,
+    deadline: Instant,
+) -> Result<Ws> {
     let (mut ws, _) = timeout_at(
         deadline,
         tokio_tungstenite::connect_async_with_config(url, None, true),
     )
     .await
     .context("connect timed out")??;
-    let hello = json!({"type": "hello", "token": token, "client": "muxgate-loadgen/0.1"});
+    let hello =
+        json!({"type": "hello", "token": token, "client": "muxgate-loadgen/0.1", "resume": resume});
     ws.send(Message::Text(hello.to_string().into())).await?;
     loop {
         let msg = timeout_at(deadline, ws.next())
@@ -1157,6 +1212,183 @@ async fn idle_conn(
 // ---------------------------------------------------------------------------------------
 // `report`
 
+// ---------------------------------------------------------------------------------------
+// `relay`
+
+/// One connection's streams, opened on the owner and, with a reader, resumed there after their
+/// first chunk (the owner connection closed), then read through the window. Returns the
+/// chunks read in the window and whether every stream's seq stayed contiguous.
+async fn relay_conn(
+    a: &RelayArgs,
+    token: String,
+    conn: usize,
+    ready: Arc<tokio::sync::Barrier>,
+    window: Arc<tokio::sync::RwLock<Option<(Instant, Instant)>>>,
+) -> Result<(u64, bool)> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut ws = ws_connect(&a.owner_url, &token, deadline).await?;
+    let n = a.per_conn.min(a.streams - conn * a.per_conn);
+    // Long enough that no stream ends inside the run: the window measures the relay alone.
+    let total_s = a.warmup_s + a.duration_s + 120.0;
+    let chunks = (total_s * 1000.0 / a.delay_ms.max(1) as f64).ceil() as u64;
+    for i in 0..n {
+        let open = json!({"type": "open", "id": format!("{i}:1"), "model": a.model,
+            "messages": [{"role": "user", "content": format!("relay {conn}/{i} [[mock chunks={chunks} delay_ms={}]]", a.delay_ms)}]});
+        ws.send(Message::Text(open.to_string().into())).await?;
+    }
+    let mut last = vec![0u64; n];
+    let mut ok = true;
+    // Reads one frame; records its seq. Returns false when the connection ended.
+    async fn read(ws: &mut Ws, last: &mut [u64], ok: &mut bool, deadline: Instant) -> Result<u64> {
+        let msg = timeout_at(deadline, ws.next())
+            .await
+            .context("no frame in time")?;
+        let text = match msg {
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(_)) => return Ok(0),
+            other => bail!("connection ended: {other:?}"),
+        };
+        let f: Frame<'_> = serde_json::from_str(text.as_str())?;
+        match f.kind.as_ref() {
+            "delta" => {
+                let i: usize =
+                    f.id.as_deref()
+                        .and_then(|id| id.split(':').next())
+                        .and_then(|s| s.parse().ok())
+                        .context("delta id")?;
+                let seq = f.seq.context("delta seq")?;
+                *ok &= seq == last[i] + 1;
+                last[i] = seq;
+                Ok(1)
+            }
+            "error" | "done" => bail!("a stream ended early: {}", text.as_str()),
+            _ => Ok(0),
+        }
+    }
+    while last.iter().any(|&s| s == 0) {
+        read(&mut ws, &mut last, &mut ok, deadline).await?;
+    }
+    if let Some(reader) = &a.reader_url {
+        let resume: Vec<Value> = last
+            .iter()
+            .enumerate()
+            .map(|(i, s)| json!({"id": format!("{i}:1"), "after": s}))
+            .collect();
+        let moved = ws_connect_resuming(reader, &token, &json!(resume), deadline).await?;
+        let _ = std::mem::replace(&mut ws, moved).close(None).await;
+    }
+    ready.wait().await;
+    let (warm, end) = loop {
+        if let Some(w) = *window.read().await {
+            break w;
+        }
+        read(&mut ws, &mut last, &mut ok, deadline).await?;
+    };
+    let mut in_window = 0;
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        let got = read(&mut ws, &mut last, &mut ok, end + Duration::from_secs(10)).await?;
+        if Instant::now() >= warm && Instant::now() < end {
+            in_window += got;
+        }
+    }
+    for i in 0..n {
+        let cancel = json!({"type": "cancel", "id": format!("{i}:1")});
+        let _ = ws.feed(Message::Text(cancel.to_string().into())).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), ws.flush()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
+    Ok((in_window, ok))
+}
+
+async fn relay_cmd(a: RelayArgs) -> Result<()> {
+    if a.streams == 0 || a.streams > 5_000 || a.duration_s > 120.0 || a.warmup_s > 60.0 {
+        bail!("--streams in 1..=5000, --duration-s ≤ 120, --warmup-s ≤ 60");
+    }
+    let tag: Value = serde_json::from_str(&a.tag).context("--tag must be a JSON object")?;
+    let per = a.per_conn.clamp(1, 32);
+    let a = RelayArgs { per_conn: per, ..a };
+    let conns = a.streams.div_ceil(per);
+    let ready = Arc::new(tokio::sync::Barrier::new(conns + 1));
+    let window = Arc::new(tokio::sync::RwLock::new(None));
+    let cfg = Arc::new(a.clone());
+    let mut tasks = Vec::with_capacity(conns);
+    for c in 0..conns {
+        // Users (and so stream ids) of their own per run: a cancelled stream of the previous
+        // run is still kept for replay, and reopening its id would be `duplicate_id`.
+        let user = format!("bench-relay-{}-{c}", std::process::id());
+        let tok = token(&a.secret, &user, &a.tier)?;
+        let (cfg, ready, window) = (cfg.clone(), ready.clone(), window.clone());
+        tasks.push(tokio::spawn(async move {
+            let out = relay_conn(&cfg, tok, c, ready, window).await;
+            if let Err(e) = &out {
+                eprintln!("relay connection {c}: {e:#}");
+            }
+            out
+        }));
+    }
+    // Every stream is open (and moved) before the window starts; a connection that failed
+    // before getting there ends the run here, bounded.
+    tokio::time::timeout(Duration::from_secs(90), ready.wait())
+        .await
+        .context("the streams did not all open and move within 90 s")?;
+    let warm = Instant::now() + Duration::from_secs_f64(a.warmup_s);
+    let end = warm + Duration::from_secs_f64(a.duration_s);
+    *window.write().await = Some((warm, end));
+    let cpu = |pids: &[u32]| pids.iter().map(|p| tree_cpu_ticks(*p)).sum::<u64>();
+    sleep_until(warm).await;
+    let c0 = cpu(&a.server_pid);
+    let t0 = Instant::now();
+    sleep_until(end).await;
+    let c1 = cpu(&a.server_pid);
+    let window_s = t0.elapsed().as_secs_f64();
+    let (mut chunks, mut seq_ok, mut errors) = (0u64, true, Vec::new());
+    for t in tasks {
+        match t.await? {
+            Ok((n, ok)) => {
+                chunks += n;
+                seq_ok &= ok;
+            }
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    let cpu_s = c1.saturating_sub(c0) as f64 / a.clk_tck as f64;
+    let mut result = json!({
+        "kind": "relay",
+        "label": a.label,
+        "streams": a.streams,
+        "conns": conns,
+        "delay_ms": a.delay_ms,
+        "moved": a.reader_url.is_some(),
+        "window_s": window_s,
+        "chunks_window": chunks,
+        "chunks_per_s": chunks as f64 / window_s,
+        "offered_chunks_per_s": a.streams as f64 * 1000.0 / a.delay_ms.max(1) as f64,
+        "server_cpu_s": cpu_s,
+        "server_cpu_s_per_100k": (chunks > 0).then(|| cpu_s / chunks as f64 * 1e5),
+        "seq_ok": seq_ok,
+        "errors": errors,
+    });
+    if let (Some(obj), Value::Object(extra)) = (result.as_object_mut(), tag) {
+        obj.extend(extra);
+    }
+    emit(&result, a.out.as_ref())?;
+    eprintln!(
+        "{:>12} K={:<5} {:>8.0} chunks/s | gateways' cpu {} s/100k | seq ok {seq_ok} | errors {}",
+        a.label,
+        a.streams,
+        chunks as f64 / window_s,
+        result["server_cpu_s_per_100k"]
+            .as_f64()
+            .map_or("-".into(), |v| format!("{v:.3}")),
+        result["errors"].as_array().map_or(0, Vec::len),
+    );
+    Ok(())
+}
+
 fn report_cmd(a: &ReportArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.results)
         .with_context(|| format!("cannot read {}", a.results.display()))?;
@@ -1334,6 +1566,7 @@ fn render(rows: &[Value], out: &mut String) {
             );
         }
     }
+    render_cluster(rows, out);
     for idle in rows.iter().filter(|r| r["kind"] == "idle") {
         let _ = writeln!(out, "\n### Resident memory of the gateway\n");
         let _ = writeln!(out, "| state | connections | live streams | RSS MiB | fds | per item over previous row | per item over 0 connections |");
@@ -1392,5 +1625,111 @@ fn render(rows: &[Value], out: &mut String) {
             idle["hwm_kb"].as_f64().unwrap_or(0.0) / 1024.0,
             idle["dropped_while_idle"]
         );
+    }
+}
+
+/// The cluster phase (`phase: cluster`): each run of cluster mode beside the run of one process
+/// just before it, in alternation, so each ratio compares runs under the same machine load.
+/// `single`/`cluster`: the relay load, CPU per chunk; `open-single`/`open-cluster`: short
+/// streams back to back, the time to first token being mostly the stream's opening.
+fn render_cluster(rows: &[Value], out: &mut String) {
+    use std::fmt::Write as _;
+    let runs = |label: &str| -> Vec<&Value> {
+        rows.iter()
+            .filter(|r| r["phase"] == "cluster" && r["label"] == label)
+            .collect()
+    };
+    let pairs =
+        |a: &str, b: &str| -> Vec<(&Value, &Value)> { runs(a).into_iter().zip(runs(b)).collect() };
+    let relay = pairs("single", "cluster");
+    let opens = pairs("open-single", "open-cluster");
+    if relay.is_empty() && opens.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\n### Cluster mode (Redis) against one process, runs alternated\n"
+    );
+    let _ = writeln!(out, "| pair | path | streams | chunks/s (offered) | gateway CPU s / 100k chunks | TTFT p50 ms | TTFT p99 ms | streams | load avg |");
+    let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---|---|");
+    for (i, (a, b)) in relay.iter().chain(&opens).enumerate() {
+        for r in [a, b] {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} ({}) | {} | {} | {} | {} | {} |",
+                i + 1,
+                r["label"].as_str().unwrap_or("?"),
+                r["streams"],
+                f(&r["chunks_per_s"], 0),
+                f(&r["offered_chunks_per_s"], 0),
+                f(&r["server_cpu_s_per_100k"], 3),
+                msv(&r["ttft_us"]["p50"]),
+                msv(&r["ttft_us"]["p99"]),
+                errs(r),
+                r["loadavg"].as_str().unwrap_or("—"),
+            );
+        }
+    }
+    let _ = writeln!(out, "\n| pair | gateway CPU per chunk, cluster ÷ one process | TTFT p50 added by Redis, ms | TTFT p99 added, ms |");
+    let _ = writeln!(out, "|---:|---:|---:|---:|");
+    let added = |a: &Value, b: &Value, q: &str| match (
+        a["ttft_us"][q].as_f64(),
+        b["ttft_us"][q].as_f64(),
+    ) {
+        (Some(x), Some(y)) => format!("{:.3}", (y - x) / 1000.0),
+        _ => "—".into(),
+    };
+    for (i, (a, b)) in relay.iter().chain(&opens).enumerate() {
+        let cpu = if i < relay.len() {
+            ratio(&b["server_cpu_s_per_100k"], &a["server_cpu_s_per_100k"])
+        } else {
+            "—".into()
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {cpu} | {} | {} |",
+            i + 1,
+            added(a, b, "p50"),
+            added(a, b, "p99"),
+        );
+    }
+    let relays = pairs("relay-local", "relay-remote");
+    if relays.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\n### A chunk relayed between instances (long streams opened on A; read on A, or moved to B)\n");
+    let _ = writeln!(out, "| pair | read | streams | chunks/s (offered) | both gateways' CPU s / 100k chunks | seq contiguous | errors | added per chunk, µs | remote ÷ local |");
+    let _ = writeln!(out, "|---:|---|---:|---:|---:|---|---|---:|---:|");
+    for (i, (local, remote)) in relays.iter().enumerate() {
+        let added = match (
+            local["server_cpu_s_per_100k"].as_f64(),
+            remote["server_cpu_s_per_100k"].as_f64(),
+        ) {
+            (Some(l), Some(r)) => format!("{:.2}", (r - l) * 10.0),
+            _ => "—".into(),
+        };
+        for (r, what) in [(local, "on A"), (remote, "on B")] {
+            let last = r["label"] == "relay-remote";
+            let _ = writeln!(
+                out,
+                "| {} | {what} | {} | {} ({}) | {} | {} | {} | {} | {} |",
+                i + 1,
+                r["streams"],
+                f(&r["chunks_per_s"], 0),
+                f(&r["offered_chunks_per_s"], 0),
+                f(&r["server_cpu_s_per_100k"], 3),
+                r["seq_ok"],
+                r["errors"].as_array().map_or(0, Vec::len),
+                if last { added.clone() } else { String::new() },
+                if last {
+                    ratio(
+                        &remote["server_cpu_s_per_100k"],
+                        &local["server_cpu_s_per_100k"],
+                    )
+                } else {
+                    String::new()
+                },
+            );
+        }
     }
 }

@@ -53,8 +53,9 @@ pub struct ClusterConfig {
     /// Longest wait for one Redis call; past it the call counts as failed. Default 250.
     pub redis_timeout_ms: u64,
     /// How long a connection or live stream keeps counting against its user's caps when the
-    /// instance holding it stops renewing it (it died). Renewed every third of it. Default
-    /// 15000.
+    /// instance holding it stops renewing it (it died), and a stream's owner record with it.
+    /// Renewed every third of it. Also how long either end of a cross-instance relay waits on
+    /// a silent peer before counting it gone. Default 15000.
     pub lease_ms: u64,
 }
 
@@ -177,7 +178,8 @@ return 1
 
 /// Adds lease `ARGV[1]` to the sorted set `KEYS[1]` (member → expiry, Redis time in ms) for
 /// `ARGV[3]` ms, after dropping expired ones, unless the set already holds `ARGV[2]` live
-/// members. Returns 1 when taken, 0 when full.
+/// members. Returns 1 when taken, 0 when full. A stream's lease also records its owner: with
+/// `KEYS[2]`, sets it to `ARGV[4]` for as long, in the same call (no round trip more).
 const LEASE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -190,6 +192,27 @@ if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
 end
 redis.call('ZADD', KEYS[1], now + ms, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ms)
+if KEYS[2] then
+  redis.call('SET', KEYS[2], ARGV[4], 'PX', ms)
+end
+return 1
+";
+
+/// Renews the owner record `KEYS[1]` as `ARGV[1]` for `ARGV[2]` ms, or writes it back after
+/// Redis lost it, unless another instance has since recorded a stream of the same id.
+const RENEW_OWNER: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v == false or v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return 1
+";
+
+/// Deletes the owner record `KEYS[1]` if it still names `ARGV[1]`.
+const RELEASE_OWNER: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+end
 return 1
 ";
 
@@ -231,6 +254,61 @@ pub struct Lease {
     cluster: Arc<Cluster>,
     key: String,
     member: String,
+    /// A stream's: the record naming this instance as its owner.
+    owner: Option<OwnerRecord>,
+}
+
+impl Lease {
+    /// The stream's owner record, to be kept past the lease: a finished stream stays
+    /// resumable (so findable from other instances) for the resume window.
+    pub fn take_owner(&mut self) -> Option<OwnerRecord> {
+        self.owner.take()
+    }
+}
+
+/// The record `{prefix}:{user}:owner:{stream}` naming this instance as the one running the
+/// stream's upstream call, so another instance where its client resumes finds where to relay
+/// it from. Renewed with the leases; deleted (if still ours) when dropped, and expires within
+/// `lease_ms` if this instance dies, after which a resume elsewhere gets `not_found`.
+pub struct OwnerRecord {
+    cluster: Arc<Cluster>,
+    key: String,
+}
+
+impl Drop for OwnerRecord {
+    fn drop(&mut self) {
+        let last = self
+            .cluster
+            .owners
+            .remove_if_mut(&self.key, |_, n| {
+                *n -= 1;
+                *n == 0
+            })
+            .is_some();
+        let Some(runtime) = last
+            .then(tokio::runtime::Handle::try_current)
+            .and_then(Result::ok)
+        else {
+            return;
+        };
+        let cluster = self.cluster.clone();
+        let key = std::mem::take(&mut self.key);
+        // If this fails the record expires by itself within `lease_ms`.
+        runtime.spawn(async move {
+            let mut conn = cluster.conn.clone();
+            let _ = cluster
+                .call(
+                    "release",
+                    redis::cmd("EVAL")
+                        .arg(RELEASE_OWNER)
+                        .arg(1)
+                        .arg(&key)
+                        .arg(&cluster.instance)
+                        .query_async::<i64>(&mut conn),
+                )
+                .await;
+        });
+    }
 }
 
 impl Drop for Lease {
@@ -279,6 +357,9 @@ pub struct Cluster {
     /// This instance's live leases by member, with their key: renewed together, and written
     /// back after Redis lost them (restart without persistence), so caps become exact again.
     leases: DashMap<String, String>,
+    /// This instance's owner records by key, each with the number of streams naming it (a
+    /// finished stream lingering and a new one reusing its id): renewed with the leases.
+    owners: DashMap<String, u32>,
     next_lease: AtomicU64,
     take: Script,
     adjust: Script,
@@ -361,6 +442,7 @@ impl Cluster {
             metrics,
             up: AtomicBool::new(true),
             leases: DashMap::new(),
+            owners: DashMap::new(),
             next_lease: AtomicU64::new(0),
             take: Script::new(TAKE),
             adjust: Script::new(ADJUST),
@@ -511,14 +593,16 @@ impl Cluster {
     /// Takes one of `user`'s `max` leases of `kind` across instances. Redis unavailable: a
     /// connection is always admitted (on the instance's own cap, which the hub checks), a
     /// stream as the policy says; a lease taken that way is written to Redis by the renewal
-    /// once it is back.
+    /// once it is back. A stream's lease (`stream` its id) records this instance as its owner.
     pub async fn lease(
         self: &Arc<Self>,
         kind: LeaseKind,
         user: &str,
         max: usize,
+        stream: Option<&str>,
     ) -> Result<Lease, LeaseRefused> {
         let key = self.user_key(user, kind.key_suffix());
+        let owner_key = stream.map(|id| self.owner_key(user, id));
         let member = format!(
             "{}/{}",
             self.instance,
@@ -531,6 +615,9 @@ impl Cluster {
             .arg(&member)
             .arg(max)
             .arg(self.lease.as_millis() as u64);
+        if let Some(owner_key) = &owner_key {
+            invocation.key(owner_key).arg(&self.instance);
+        }
         match self
             .call(kind.op(), invocation.invoke_async::<i64>(&mut conn))
             .await
@@ -545,11 +632,67 @@ impl Cluster {
             }
         }
         self.leases.insert(member.clone(), key.clone());
+        let owner = owner_key.map(|key| {
+            *self.owners.entry(key.clone()).or_insert(0) += 1;
+            OwnerRecord {
+                cluster: self.clone(),
+                key,
+            }
+        });
         Ok(Lease {
             cluster: self.clone(),
             key,
             member,
+            owner,
         })
+    }
+
+    /// The key naming the instance that runs `user`'s stream `id`.
+    fn owner_key(&self, user: &str, id: &str) -> String {
+        self.user_key(user, &format!("owner:{id}"))
+    }
+
+    /// The instance (id and boot number) running `user`'s stream `id`, if one recorded it and
+    /// has renewed the record within `lease_ms`.
+    pub async fn owner_of(&self, user: &str, id: &str) -> Result<Option<String>, Unavailable> {
+        let mut conn = self.conn.clone();
+        self.call(
+            "read",
+            redis::cmd("GET")
+                .arg(self.owner_key(user, id))
+                .query_async(&mut conn),
+        )
+        .await
+    }
+
+    /// The pub/sub channel where `instance` hears about the streams it relays to or from
+    /// other instances.
+    fn relay_channel(&self, instance: &str) -> String {
+        self.global_key(&format!("relay:{instance}"))
+    }
+
+    /// Publishes `message` to `instance`'s relay channel; how many subscribers got it (0: that
+    /// instance is gone, or its subscription is down for now).
+    pub async fn publish_relay(
+        &self,
+        instance: &str,
+        message: Vec<u8>,
+    ) -> Result<u64, Unavailable> {
+        let mut conn = self.conn.clone();
+        self.call(
+            "relay",
+            redis::cmd("PUBLISH")
+                .arg(self.relay_channel(instance))
+                .arg(message)
+                .query_async(&mut conn),
+        )
+        .await
+    }
+
+    /// How long an instance relaying a stream may go without a message from its peer before
+    /// the peer counts as gone: the leases' own lifetime.
+    pub fn peer_silence(&self) -> Duration {
+        self.lease
     }
 
     /// `user`'s unexpired connection and stream leases across the cluster, by instance (id and
@@ -663,17 +806,23 @@ impl Cluster {
         .await
     }
 
-    /// Starts the task that applies the goaways other instances publish: `apply(user)` on
-    /// each. It resubscribes with backoff after Redis fails, and ends with the cluster.
-    pub fn subscribe_goaways(self: &Arc<Self>, apply: impl Fn(&str) -> usize + Send + 'static) {
-        tokio::spawn(subscribe_goaways(
+    /// Starts the task that applies the goaways other instances publish (`apply(user)` on
+    /// each) and hands every message on this instance's relay channel to `relay`. It
+    /// resubscribes with backoff after Redis fails, and ends with the cluster.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        apply: impl Fn(&str) -> usize + Send + 'static,
+        relay: impl Fn(&[u8]) + Send + 'static,
+    ) {
+        tokio::spawn(subscribe(
             self.client.clone(),
-            self.goaway_channel(),
+            [self.goaway_channel(), self.relay_channel(&self.instance)],
             self.instance.clone(),
             self.metrics.clone(),
             self.timeout,
             self.stopped.clone(),
             apply,
+            relay,
         ));
     }
 
@@ -707,6 +856,21 @@ impl Cluster {
             self.call("renew", pipe.query_async::<()>(&mut conn))
                 .await?;
         }
+        let owners: Vec<String> = self.owners.iter().map(|e| e.key().clone()).collect();
+        for chunk in owners.chunks(512) {
+            let mut pipe = redis::pipe();
+            for key in chunk {
+                pipe.cmd("EVAL")
+                    .arg(RENEW_OWNER)
+                    .arg(1)
+                    .arg(key)
+                    .arg(&self.instance)
+                    .arg(ms)
+                    .ignore();
+            }
+            self.call("renew", pipe.query_async::<()>(&mut conn))
+                .await?;
+        }
         Ok(())
     }
 }
@@ -724,24 +888,30 @@ async fn renew(cluster: Weak<Cluster>, every: Duration) {
     }
 }
 
-/// Subscribes to `channel` and applies each goaway published by another instance, until
-/// `stopped`. A goaway published while this instance was not subscribed is lost: PUBLISH's
-/// count, which the operator gets back, shows how many instances heard it.
-async fn subscribe_goaways(
+/// Subscribes to the goaway channel and this instance's relay channel, applies each goaway
+/// published by another instance and hands relay messages to `relay`, until `stopped`. A
+/// goaway published while this instance was not subscribed is lost: PUBLISH's count, which
+/// the operator gets back, shows how many instances heard it. A relay message lost so is
+/// noticed by its relay (numbered messages and heartbeats) and asked for again.
+#[allow(clippy::too_many_arguments)]
+async fn subscribe(
     client: redis::Client,
-    channel: String,
+    channels: [String; 2],
     me: String,
     metrics: Arc<Metrics>,
     timeout: Duration,
     stopped: CancellationToken,
     apply: impl Fn(&str) -> usize,
+    relay: impl Fn(&[u8]),
 ) {
+    let [goaway_channel, relay_channel] = channels;
     const MIN_BACKOFF: Duration = Duration::from_millis(50);
     let mut backoff = MIN_BACKOFF;
     loop {
         let subscribed = async {
             let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
+            pubsub.subscribe(&goaway_channel).await?;
+            pubsub.subscribe(&relay_channel).await?;
             RedisResult::Ok(pubsub)
         };
         let pubsub = tokio::select! {
@@ -759,6 +929,10 @@ async fn subscribe_goaways(
                     };
                     // `None`: the connection dropped; resubscribe.
                     let Some(message) = message else { break };
+                    if message.get_channel_name() == relay_channel {
+                        relay(message.get_payload_bytes());
+                        continue;
+                    }
                     let Ok(payload) = message.get_payload::<String>() else {
                         continue;
                     };
@@ -772,10 +946,12 @@ async fn subscribe_goaways(
                         Err(e) => tracing::warn!(%e, "ignored a malformed goaway message"),
                     }
                 }
-                tracing::warn!("the goaway subscription to Redis dropped; resubscribing");
+                tracing::warn!(
+                    "the subscription to Redis (goaways, relays) dropped; resubscribing"
+                );
             }
-            Ok(Err(e)) => tracing::debug!(%e, "goaway subscription failed"),
-            Err(_) => tracing::debug!("goaway subscription timed out"),
+            Ok(Err(e)) => tracing::debug!(%e, "subscription to Redis failed"),
+            Err(_) => tracing::debug!("subscription to Redis timed out"),
         }
         tokio::select! {
             () = stopped.cancelled() => return,

@@ -18,6 +18,7 @@ use crate::auth::{AuthError, Authenticator, Claims};
 use crate::billing::Budgets;
 use crate::cluster::{self, Cluster, ClusterError};
 use crate::config::{Config, ProviderConfig};
+use crate::handoff::Handoff;
 use crate::hub::{Hub, UserStats};
 use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
@@ -55,6 +56,9 @@ pub struct Gateway {
     /// Cluster mode (`redis_url` set): the Redis store the limits, budgets and per-user caps of
     /// every instance share. `None`: one process, everything in memory.
     pub(crate) cluster: Option<Arc<Cluster>>,
+    /// Cluster mode: streams relayed between this instance and others, for clients that
+    /// resumed them away from the instance running them.
+    pub(crate) handoff: Option<Arc<Handoff>>,
     /// The Prometheus registry; behind an `Arc` so a connection's writer task holds only it.
     pub(crate) metrics: Arc<Metrics>,
     /// Streams and connections by user: limits, resume after a reconnect, admin views. Behind
@@ -123,13 +127,10 @@ impl Gateway {
             }
         };
         let hub = Arc::new(Hub::new());
-        if let Some(cluster) = &cluster {
-            let hub = hub.clone();
-            cluster.subscribe_goaways(move |user| hub.goaway_user(user));
-        }
+        let handoff = cluster.clone().map(|c| Arc::new(Handoff::new(c)));
         // Both tokenizers take a moment to build; not on the first stream's time.
         tokio::task::spawn_blocking(crate::billing::warm_up);
-        Ok(Arc::new(Gateway {
+        let gw = Arc::new(Gateway {
             config,
             auth,
             upstreams,
@@ -137,6 +138,7 @@ impl Gateway {
             limits,
             budgets,
             cluster,
+            handoff,
             metrics,
             hub,
             draining: CancellationToken::new(),
@@ -145,7 +147,17 @@ impl Gateway {
             sessions: TaskTracker::new(),
             simulated,
             ephemeral_secret,
-        }))
+        });
+        if let Some(cluster) = &gw.cluster {
+            let hub = gw.hub.clone();
+            // Weak: the subscription ends with the cluster, which the gateway holds.
+            let weak = Arc::downgrade(&gw);
+            cluster.subscribe(
+                move |user| hub.goaway_user(user),
+                move |message| Handoff::on_message(&weak, message),
+            );
+        }
+        Ok(gw)
     }
 
     /// The configuration it runs with: the loaded one, plus the simulated provider in dev mode.

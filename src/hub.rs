@@ -225,6 +225,38 @@ impl Hub {
         }
     }
 
+    /// Registers a mirror (cluster mode: a stream another instance runs, relayed here for its
+    /// client), counted in the user's live streams here like the stream it mirrors. It
+    /// replaces a finished stream or a mirror being handed back under the same id, never a
+    /// live stream. No cap is checked: a resume moves a stream the caps already count.
+    pub fn adopt(&self, mirror: &Arc<Stream>) -> Result<(), Refusal> {
+        let key = (mirror.user.clone(), mirror.id.clone());
+        let mut entry = self.users.entry(mirror.user.clone()).or_default();
+        match self.streams.entry(key) {
+            Entry::Occupied(e) if !e.get().is_finished() && !e.get().is_handed_back() => {
+                Err(Refusal {
+                    code: ErrorCode::DuplicateId,
+                    message: format!("stream `{}` is already live", mirror.id),
+                })
+            }
+            e => {
+                entry.stats.live_streams += 1;
+                e.insert(mirror.clone());
+                Ok(())
+            }
+        }
+    }
+
+    /// Forgets a mirror that ends here without its stream ending: handed back to its owner,
+    /// or resumed elsewhere.
+    pub fn abandon(&self, mirror: &Arc<Stream>) {
+        self.unregister(mirror);
+        if let Some(mut entry) = self.users.get_mut(&mirror.user) {
+            entry.stats.live_streams = entry.stats.live_streams.saturating_sub(1);
+        }
+        self.prune(&mirror.user);
+    }
+
     pub fn get(&self, user: &Arc<str>, id: &str) -> Option<Arc<Stream>> {
         self.streams
             .get(&(user.clone(), id.to_string()))
@@ -319,14 +351,14 @@ impl Hub {
         let mut ids: Vec<String> = self
             .streams
             .iter()
-            .filter(|s| &*s.key().0 == user && !s.is_finished())
+            .filter(|s| &*s.key().0 == user && !s.is_finished() && !s.is_mirror())
             .map(|s| s.key().1.clone())
             .collect();
         ids.sort();
         ids
     }
 
-    /// Every stream still running (for shutdown).
+    /// Every stream still running, mirrors included (for shutdown).
     pub fn live_streams(&self) -> Vec<Arc<Stream>> {
         self.streams
             .iter()

@@ -32,6 +32,8 @@
 //! - `relay`: a stream's task: limits, queue, upstream call, retries, fallbacks, frames.
 //! - `tiers`: each plan's priority, limits and caps, resolved once at `hello`.
 //! - `cluster`: cluster mode: the limits, budgets and caps several instances share in Redis.
+//! - `handoff`: cluster mode: a stream relayed from the instance running it to the one its
+//!   client resumed on, through Redis pub/sub.
 //! - `limits`: token buckets per user, tier and process (requests and tokens per minute).
 //! - `retry`: the retry policy of an upstream call (eligibility, full-jitter backoff).
 //! - `scheduler`: per-provider upstream slots and the priority queue with aging.
@@ -58,6 +60,7 @@ mod breaker;
 mod cluster;
 pub mod config;
 mod gateway;
+mod handoff;
 mod hub;
 mod limits;
 mod metrics;

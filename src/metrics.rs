@@ -136,6 +136,11 @@ struct OpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TokenLabels {
     model: String,
     tier: String,
@@ -191,6 +196,13 @@ pub struct Metrics {
     redis_fallbacks: Family<OpLabels, Counter>,
     /// Operator goaways this instance applied on another instance's behalf (cluster mode).
     goaways_relayed: Counter,
+    /// Streams relayed here from the instance running them, for a client that resumed here.
+    cross_instance_relays: Counter,
+    /// Relays asked for again after a lost message.
+    cross_instance_rerequests: Counter,
+    /// Frames relayed between instances, by direction (`sent` by the owner, `received` by
+    /// the mirror).
+    cross_instance_frames: Family<DirectionLabels, Counter>,
     /// Model names that have a label of their own (see the module docs on cardinality).
     models: DashSet<String>,
     /// `models.len()` without walking the set's shards; may run ahead by a racing insert.
@@ -230,6 +242,9 @@ impl Metrics {
             redis_errors: Family::default(),
             redis_fallbacks: Family::default(),
             goaways_relayed: Counter::default(),
+            cross_instance_relays: Counter::default(),
+            cross_instance_rerequests: Counter::default(),
+            cross_instance_frames: Family::default(),
             models: DashSet::new(),
             model_count: AtomicUsize::new(0),
             registry: Registry::default(),
@@ -447,6 +462,21 @@ impl Metrics {
             "Operator goaways received through Redis from another instance and applied to this instance's connections",
             m.goaways_relayed.clone(),
         );
+        registry.register(
+            "cross_instance_relays",
+            "Streams relayed to this instance from the instance running them, for a client that resumed them here",
+            m.cross_instance_relays.clone(),
+        );
+        registry.register(
+            "cross_instance_rerequests",
+            "Cross-instance relays asked for again after a lost message (a gap in their numbering)",
+            m.cross_instance_rerequests.clone(),
+        );
+        registry.register(
+            "cross_instance_frames",
+            "Stream frames relayed between instances, by direction: sent by the instance running the stream, received by the one relaying it to its client",
+            m.cross_instance_frames.clone(),
+        );
         m
     }
 
@@ -468,6 +498,32 @@ impl Metrics {
     /// Counts an operator goaway received through Redis from another instance.
     pub fn goaway_relayed(&self) {
         self.goaways_relayed.inc();
+    }
+
+    /// Counts a stream relayed here from the instance running it.
+    pub fn cross_instance_relay(&self) {
+        self.cross_instance_relays.inc();
+    }
+
+    /// Counts a relay asked for again after a lost message.
+    pub fn cross_instance_rerequest(&self) {
+        self.cross_instance_rerequests.inc();
+    }
+
+    /// Counts `n` frames published to another instance.
+    pub fn cross_instance_frames_sent(&self, n: u64) {
+        self.cross_instance_frames
+            .get_or_create(&DirectionLabels { direction: "sent" })
+            .inc_by(n);
+    }
+
+    /// Counts `n` frames received from another instance.
+    pub fn cross_instance_frames_received(&self, n: u64) {
+        self.cross_instance_frames
+            .get_or_create(&DirectionLabels {
+                direction: "received",
+            })
+            .inc_by(n);
     }
 
     /// A stream was refused before reaching an upstream (`muxgate_refusals_total`). `reason`
@@ -680,6 +736,9 @@ mod tests {
         m.set_redis_up(true);
         m.redis_error("take");
         m.redis_fallback("take");
+        m.cross_instance_relay();
+        m.cross_instance_rerequest();
+        m.cross_instance_frames_sent(1);
         (conn, live)
     }
 
@@ -689,9 +748,12 @@ mod tests {
         single.set_redis_up(true);
         single.redis_error("take");
         single.goaway_relayed();
+        single.cross_instance_relay();
         let text = single.encode();
         assert!(
-            !text.contains("redis") && !text.contains("goaways_relayed"),
+            !text.contains("redis")
+                && !text.contains("goaways_relayed")
+                && !text.contains("cross_instance"),
             "one process: no Redis series"
         );
         let cluster = Metrics::with_redis();
@@ -701,8 +763,27 @@ mod tests {
         cluster.redis_error("take");
         cluster.redis_fallback("lease_stream");
         cluster.goaway_relayed();
+        cluster.cross_instance_relay();
+        cluster.cross_instance_frames_sent(3);
+        cluster.cross_instance_frames_received(2);
         let v = parse(&cluster.encode());
         assert_eq!(get(&v, "muxgate_goaways_relayed_total"), 1.0);
+        assert_eq!(get(&v, "muxgate_cross_instance_relays_total"), 1.0);
+        assert_eq!(get(&v, "muxgate_cross_instance_rerequests_total"), 0.0);
+        assert_eq!(
+            get(
+                &v,
+                "muxgate_cross_instance_frames_total{direction=\"sent\"}"
+            ),
+            3.0
+        );
+        assert_eq!(
+            get(
+                &v,
+                "muxgate_cross_instance_frames_total{direction=\"received\"}"
+            ),
+            2.0
+        );
         assert_eq!(get(&v, "muxgate_redis_up"), 1.0);
         assert_eq!(get(&v, "muxgate_redis_errors_total{op=\"take\"}"), 2.0);
         assert_eq!(

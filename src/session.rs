@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{unix_now_ms, AuthError, Claims};
-use crate::cluster::{LeaseKind, LeaseRefused};
+use crate::cluster::{Lease, LeaseKind, LeaseRefused};
 use crate::gateway::Gateway;
 use crate::hub::{self, Registration};
 use crate::metrics::Metrics;
@@ -104,7 +104,12 @@ async fn run_on(
     // then counts this instance's (the only count when Redis is unavailable).
     let lease = match &gw.cluster {
         Some(cluster) => cluster
-            .lease(LeaseKind::Connection, &claims.sub, tier.max_connections())
+            .lease(
+                LeaseKind::Connection,
+                &claims.sub,
+                tier.max_connections(),
+                None,
+            )
             .await
             .map(Some)
             .map_err(|_| hub::Refusal {
@@ -238,7 +243,28 @@ async fn serve(
     // Resumed streams are attached first, so `welcome.resumed` lists exactly the streams that
     // will replay. Their frames wait in the inbox: the writer starts only after `welcome` is in
     // the control queue, and always empties that queue first, so `welcome` comes first.
-    let (found, missing) = lookup_resumes(&gw, &user, &resume, max_streams);
+    let Lookup {
+        mut found,
+        absent,
+        mut missing,
+    } = lookup_resumes(&gw, &user, &resume, max_streams);
+    // Cluster mode: the streams this instance does not have may run on another; each is
+    // asked of its owner at once, before `welcome` says which streams resumed.
+    let remote = absent.iter().map(|r| async {
+        match &gw.handoff {
+            Some(handoff) => handoff
+                .resume(&gw, &user, &r.id, r.after)
+                .await
+                .map(|mirror| (mirror, r.after)),
+            None => Err(no_such_stream(&r.id)),
+        }
+    });
+    for result in futures_util::future::join_all(remote).await {
+        match result {
+            Ok(mirror) => found.push(mirror),
+            Err(frame) => missing.push(frame),
+        }
+    }
     let mut resumed: Vec<String> = Vec::with_capacity(found.len());
     let mut refused = Vec::new();
     for (stream, after) in found {
@@ -313,12 +339,12 @@ async fn serve(
     let window = Duration::from_millis(gw.config.session.resume_window_ms);
     for stream in attached.into_values() {
         if let Some(epoch) = stream.detach(inbox.conn) {
-            tokio::spawn(async move {
-                tokio::time::sleep(window).await;
-                if stream.detached_since(epoch) {
-                    stream.cancel(CancelReason::ResumeExpired);
-                }
-            });
+            if stream.is_mirror() {
+                // Its resume window runs where its upstream call does: hand it back now.
+                stream.cancel(CancelReason::ResumeExpired);
+            } else {
+                stream.expire_unless_resumed(epoch, window);
+            }
         }
     }
     drop(registration);
@@ -394,30 +420,50 @@ async fn handshake(
     }
 }
 
-/// Splits `hello.resume` into the streams found and `not_found` frames for the rest.
-fn lookup_resumes(
+/// The `not_found` answer to a resume of a stream no instance has.
+fn no_such_stream(id: &str) -> Utf8Bytes {
+    let id_field = protocol::valid_stream_id(id).then_some(id);
+    protocol::error(
+        id_field,
+        ErrorCode::NotFound,
+        "no such stream to resume (it ended long ago, never existed, or belonged to a gateway that restarted)",
+        None,
+    )
+}
+
+/// This instance's stream `id` of `user`, if it has one to resume or cancel: not a mirror
+/// being handed back to the instance that runs it (that one is asked again).
+fn local_stream(gw: &Gateway, user: &Arc<str>, id: &str) -> Option<Arc<Stream>> {
+    gw.hub.get(user, id).filter(|s| !s.is_handed_back())
+}
+
+/// `hello.resume`, looked up in this instance's hub.
+struct Lookup<'r> {
+    /// Streams found here, with the key to resume after.
+    found: Vec<(Arc<Stream>, u64)>,
+    /// Streams this instance does not have (another may, in cluster mode).
+    absent: Vec<&'r ResumeRequest>,
+    /// Error frames to answer (more than `max_streams` listed).
+    missing: Vec<Utf8Bytes>,
+}
+
+/// Splits `hello.resume` into the streams found here, those absent, and error frames.
+fn lookup_resumes<'r>(
     gw: &Gateway,
     user: &Arc<str>,
-    resume: &[ResumeRequest],
+    resume: &'r [ResumeRequest],
     max_streams: usize,
-) -> (Vec<(Arc<Stream>, u64)>, Vec<Utf8Bytes>) {
+) -> Lookup<'r> {
     let mut found: Vec<(Arc<Stream>, u64)> = Vec::new();
+    let mut absent: Vec<&ResumeRequest> = Vec::new();
     let mut missing = Vec::new();
     for r in resume.iter().take(max_streams) {
-        if found.iter().any(|(s, _)| s.id == r.id) {
+        if found.iter().any(|(s, _)| s.id == r.id) || absent.iter().any(|a| a.id == r.id) {
             continue;
         }
-        match gw.hub.get(user, &r.id) {
+        match local_stream(gw, user, &r.id) {
             Some(stream) => found.push((stream, r.after)),
-            None => {
-                let id = protocol::valid_stream_id(&r.id).then_some(r.id.as_str());
-                missing.push(protocol::error(
-                    id,
-                    ErrorCode::NotFound,
-                    "no such stream to resume (it ended long ago, never existed, or belonged to a gateway that restarted)",
-                    None,
-                ));
-            }
+            None => absent.push(r),
         }
     }
     if resume.len() > max_streams {
@@ -428,7 +474,11 @@ fn lookup_resumes(
             None,
         ));
     }
-    (found, missing)
+    Lookup {
+        found,
+        absent,
+        missing,
+    }
 }
 
 struct Connection {
@@ -649,16 +699,19 @@ impl Connection {
                 .await
             }
             ClientFrame::Cancel { id } => {
-                match self
-                    .gw
-                    .hub
-                    .get(&self.user, &id)
-                    .filter(|s| !s.is_finished())
-                {
+                let local = local_stream(&self.gw, &self.user, &id).filter(|s| !s.is_finished());
+                let forwarded = match (&local, &self.gw.handoff) {
+                    (None, Some(handoff)) => handoff.cancel(&self.user, &id).await,
+                    _ => false,
+                };
+                match local {
                     Some(stream) => {
                         stream.cancel(CancelReason::Client);
                         ControlFlow::Continue(())
                     }
+                    // The instance running it aborts it; its end reaches whichever
+                    // connection carries the stream.
+                    None if forwarded => ControlFlow::Continue(()),
                     None => {
                         let id = protocol::valid_stream_id(&id).then_some(id.as_str());
                         self.send(protocol::error(
@@ -791,8 +844,11 @@ pub(crate) async fn open_stream(
         gw.config.session.stream_buffer_bytes,
     );
     // Cluster mode: the user's live streams on every instance count against the cap.
-    let lease = match &gw.cluster {
-        Some(cluster) => match cluster.lease(LeaseKind::Stream, user, max_streams).await {
+    let mut lease = match &gw.cluster {
+        Some(cluster) => match cluster
+            .lease(LeaseKind::Stream, user, max_streams, Some(&req.id))
+            .await
+        {
             Ok(lease) => Some(lease),
             Err(LeaseRefused::Full) => {
                 gw.metrics.refused("too_many_streams");
@@ -830,6 +886,14 @@ pub(crate) async fn open_stream(
             let outcome = relay::run(job).await;
             tracing::info!(?outcome, "stream ended");
             hub.finished(&task_stream, linger, retain);
+            // The owner record outlives the lease: the finished stream stays resumable, from
+            // any instance, for the resume window.
+            if let Some(owner) = lease.as_mut().and_then(Lease::take_owner) {
+                tokio::spawn(async move {
+                    tokio::time::sleep(linger).await;
+                    drop(owner);
+                });
+            }
             drop(lease);
         },
         span,

@@ -44,6 +44,10 @@ pub struct Stream {
     /// Stops the task; the reason is set first.
     cancel: CancellationToken,
     cancel_reason: Mutex<Option<CancelReason>>,
+    /// Set on a mirror (cluster mode: a stream whose upstream call runs on another instance,
+    /// relayed here for a client that resumed it here): woken at every completed write, so the
+    /// relay can tell the owner how far the client has read.
+    mirror: Option<Notify>,
 }
 
 struct State {
@@ -101,6 +105,17 @@ pub struct ReplayGap {
 
 impl Stream {
     pub fn new(id: String, user: Arc<str>, model: String, buffer_cap: usize) -> Arc<Self> {
+        Stream::build(id, user, model, buffer_cap, None, 0)
+    }
+
+    fn build(
+        id: String,
+        user: Arc<str>,
+        model: String,
+        buffer_cap: usize,
+        mirror: Option<Notify>,
+        trimmed_through: u64,
+    ) -> Arc<Self> {
         Arc::new(Stream {
             id,
             user,
@@ -109,7 +124,7 @@ impl Stream {
             state: Mutex::new(State {
                 log: VecDeque::new(),
                 bytes: 0,
-                trimmed_through: 0,
+                trimmed_through,
                 pulled: 0,
                 written: 0,
                 queued: None,
@@ -121,7 +136,59 @@ impl Stream {
             space: Notify::new(),
             cancel: CancellationToken::new(),
             cancel_reason: Mutex::new(None),
+            mirror,
         })
+    }
+
+    /// A mirror of a stream another instance runs, whose frames will be pushed here from key
+    /// `after + 1` on: a resume from before `after` has a gap, as if the log were trimmed there.
+    pub fn mirror(
+        id: String,
+        user: Arc<str>,
+        model: String,
+        buffer_cap: usize,
+        after: u64,
+    ) -> Arc<Self> {
+        Stream::build(id, user, model, buffer_cap, Some(Notify::new()), after)
+    }
+
+    /// Whether this is a mirror of a stream another instance runs.
+    pub fn is_mirror(&self) -> bool {
+        self.mirror.is_some()
+    }
+
+    /// A mirror: waits until a write to its connection completed since the last call.
+    pub async fn mirror_written(&self) {
+        match &self.mirror {
+            Some(progress) => progress.notified().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// A mirror whose client left (or whose instance shuts down): its relay is handing the
+    /// stream back to its owner, and a resume must ask the owner again.
+    pub fn is_handed_back(&self) -> bool {
+        self.is_mirror()
+            && !self.is_finished()
+            && matches!(
+                self.cancel_reason(),
+                Some(CancelReason::ResumeExpired | CancelReason::Shutdown)
+            )
+    }
+
+    /// Highest key written to the attached connection (or to the last one, once detached).
+    pub fn written_through(&self) -> u64 {
+        self.state.lock().written
+    }
+
+    /// Detaches the stream from whatever connection carries it (its client resumed it
+    /// elsewhere). That connection stops getting its frames, as after a local resume.
+    pub fn release(&self) {
+        let mut st = self.state.lock();
+        st.attached = None;
+        st.start = None;
+        st.queued = None;
+        st.detach_epoch += 1;
     }
 
     /// Appends a replayable frame, waiting while the log is full of unwritten frames.
@@ -168,6 +235,19 @@ impl Stream {
         }
     }
 
+    /// A mirror's frame, appended without waiting for room: its owner sends no more than its
+    /// own log holds unwritten (it lets frames go only once the client here wrote them), so
+    /// that log's bound is this one's too; a relay blocked here could not hear its owner.
+    pub fn push_relayed(self: &Arc<Self>, key: u64, frame: Utf8Bytes) {
+        let wake = {
+            let mut st = self.state.lock();
+            st.trim(self.buffer_cap);
+            st.append(key, frame);
+            st.schedule()
+        };
+        self.wake(wake);
+    }
+
     /// Appends the stream's last frame (`done` or `error`), without waiting for room: a stream
     /// must always be able to end.
     pub fn finish(self: &Arc<Self>, key: u64, frame: Utf8Bytes) {
@@ -202,6 +282,18 @@ impl Stream {
 
     /// Attaches the stream to a connection, which will next pull every frame after `after`.
     pub fn attach(self: &Arc<Self>, inbox: &Arc<Inbox>, after: u64) -> Result<(), ReplayGap> {
+        self.attach_written(inbox, after, after)
+    }
+
+    /// [`Stream::attach`] for a relay to another instance that already has the frames through
+    /// `after` but whose client wrote only those through `written`: the frames in between
+    /// stay in the log (unwritten) until the relay acknowledges them.
+    pub fn attach_written(
+        self: &Arc<Self>,
+        inbox: &Arc<Inbox>,
+        after: u64,
+        written: u64,
+    ) -> Result<(), ReplayGap> {
         let wake = {
             let mut st = self.state.lock();
             if after < st.trimmed_through {
@@ -209,9 +301,10 @@ impl Stream {
                     oldest_available: st.trimmed_through + 1,
                 });
             }
-            let last = st.log.back().map_or(0, |e| e.key);
-            st.written = after.min(last);
-            st.pulled = st.written;
+            // A mirror's log starts empty after the key it was resumed from.
+            let last = st.log.back().map_or(st.trimmed_through, |e| e.key);
+            st.pulled = after.min(last);
+            st.written = written.min(st.pulled).max(st.trimmed_through);
             st.attached = Some(Attachment {
                 inbox: inbox.clone(),
                 scheduled: false,
@@ -246,6 +339,18 @@ impl Stream {
             .attached
             .as_ref()
             .is_some_and(|a| a.inbox.conn == conn)
+    }
+
+    /// Starts the resume window of a detach that returned `epoch`: the stream is cancelled
+    /// unless a connection (here or on another instance) resumes it within `window`.
+    pub fn expire_unless_resumed(self: &Arc<Self>, epoch: u64, window: std::time::Duration) {
+        let stream = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(window).await;
+            if stream.detached_since(epoch) {
+                stream.cancel(CancelReason::ResumeExpired);
+            }
+        });
     }
 
     /// Whether the stream is still detached since the detach that returned `epoch`.
@@ -300,6 +405,32 @@ impl Stream {
         st.written = through.min(st.pulled);
         drop(st);
         self.space.notify_one();
+        if let Some(progress) = &self.mirror {
+            progress.notify_one();
+        }
+    }
+
+    /// Like [`Stream::pull`], for a relay to another instance: only the replayable frames (no
+    /// `queued`, no `start`: a resumed stream gets neither), each with its key.
+    pub fn pull_keyed(&self, conn: u64, out: &mut Vec<(u64, Utf8Bytes)>) -> Pulled {
+        let mut st = self.state.lock();
+        match &mut st.attached {
+            Some(a) if a.inbox.conn == conn => a.scheduled = false,
+            _ => return Pulled::NotMine,
+        }
+        st.queued = None;
+        st.start = None;
+        let pulled = st.pulled;
+        let from = st.log.partition_point(|e| e.key <= pulled);
+        out.extend(st.log.range(from..).map(|e| (e.key, e.frame.clone())));
+        if let Some(last) = st.log.back() {
+            st.pulled = st.pulled.max(last.key);
+        }
+        if st.finished {
+            Pulled::Finished
+        } else {
+            Pulled::Open
+        }
     }
 
     /// Tells the task to stop. The first reason given wins.

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::redis_server::RedisServer;
-use common::{expected, ids, Client, Harness, StreamRecord};
+use common::{expected, finish, ids, until_first_delta, Client, Harness, StreamRecord};
 use muxgate::config::OnLimit;
 use muxgate::config::OnRedisError;
 use muxgate::Config;
@@ -35,36 +35,6 @@ async fn instance(
         tweak(c);
     })
     .await
-}
-
-/// Reads the frames of `ids` on `client` until each has sent a delta: the records so far.
-async fn until_first_delta(client: &mut Client, ids: &[&str]) -> HashMap<String, StreamRecord> {
-    let mut records: HashMap<String, StreamRecord> = ids
-        .iter()
-        .map(|id| (id.to_string(), StreamRecord::default()))
-        .collect();
-    while records.values().any(|r| r.deltas == 0) {
-        let f = client.recv().await;
-        if let Some(r) = f["id"].as_str().and_then(|id| records.get_mut(id)) {
-            r.take(f);
-            assert!(r.end.is_none(), "{:?}", r.end);
-        }
-    }
-    records
-}
-
-/// Reads on `client` until every one of `records` has ended.
-async fn finish(
-    client: &mut Client,
-    mut records: HashMap<String, StreamRecord>,
-) -> HashMap<String, StreamRecord> {
-    while records.values().any(|r| r.end.is_none()) {
-        let f = client.recv().await;
-        if let Some(r) = f["id"].as_str().and_then(|id| records.get_mut(id)) {
-            r.take(f);
-        }
-    }
-    records
 }
 
 /// The value of one series in a gateway's `/metrics` text, if present.
@@ -469,4 +439,332 @@ async fn admin_views_and_operator_goaway_span_the_cluster() {
     assert_eq!(g["type"], "goaway", "{g}");
     wait_metric(&a, "muxgate_goaways_relayed_total", 1.0).await;
     assert_eq!(metric(&b, "muxgate_goaways_relayed_total"), Some(0.0));
+}
+
+/// Reads `client`'s frames into `records` (by stream id) until every one of them has sent
+/// `deltas` deltas or ended.
+async fn read_deltas(
+    client: &mut Client,
+    records: &mut HashMap<String, StreamRecord>,
+    deltas: u64,
+) {
+    while records
+        .values()
+        .any(|r| r.deltas < deltas && r.end.is_none())
+    {
+        let f = client.recv().await;
+        if let Some(r) = f["id"].as_str().and_then(|id| records.get_mut(id)) {
+            r.take(f);
+        }
+    }
+}
+
+/// The `resume` list of `hello` that picks `records` up after the last seq each one read.
+fn resume_list(records: &HashMap<String, StreamRecord>) -> serde_json::Value {
+    records
+        .iter()
+        .map(|(id, r)| json!({"id": id, "after": r.last_seq}))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_stream_resumed_on_another_instance_is_relayed_from_its_owner_exactly() {
+    let redis = RedisServer::start().await;
+    let a = instance(&redis, |_| {}, |_| {}).await;
+    let b = instance(&redis, |_| {}, |_| {}).await;
+    let prompt = "relayed across instances [[mock chunks=30 delay_ms=40]]";
+    let mut ca = a.connect("alice").await;
+    // The same answer, read whole on A: what the moved stream must end like.
+    ca.open("ref", prompt).await;
+    let reference = ca.collect(&["ref".into()]).await.remove("ref").unwrap();
+    ca.open("s", prompt).await;
+    let mut records = HashMap::from([("s".to_string(), StreamRecord::default())]);
+    read_deltas(&mut ca, &mut records, 5).await;
+    // The socket drops (no close frame): the client comes back on B.
+    drop(ca);
+    let (mut cb, welcome) = b.connect_resume("alice", resume_list(&records)).await;
+    assert_eq!(welcome["resumed"], json!(["s"]), "{welcome}");
+    let record = finish(&mut cb, records).await.remove("s").unwrap();
+    assert_eq!(
+        record.text,
+        expected(prompt, 30),
+        "exact text, seq contiguous"
+    );
+    assert_eq!(record.end_type(), "done", "{:?}", record.end);
+    let (end, want) = (record.end.unwrap(), reference.end.unwrap());
+    for field in ["usage", "finish_reason", "cost_usd"] {
+        assert_eq!(end[field], want[field], "{field}: {end} vs {want}");
+    }
+    // The upstream's own id for the call A made for this stream (the mock numbers them).
+    assert_eq!(end["completion_id"], "chatcmpl-mock-2", "{end}");
+    assert_eq!(end["seq"], 31);
+    // One upstream call, on A; B only relayed.
+    assert_eq!(a.mock.stats().requests, 2);
+    assert_eq!(b.mock.stats().requests, 0);
+    assert_eq!(metric(&b, "muxgate_cross_instance_relays_total"), Some(1.0));
+    let sent = metric(
+        &a,
+        "muxgate_cross_instance_frames_total{direction=\"sent\"}",
+    )
+    .unwrap();
+    let received = metric(
+        &b,
+        "muxgate_cross_instance_frames_total{direction=\"received\"}",
+    )
+    .unwrap();
+    assert!(sent >= 26.0 && received >= 26.0, "{sent} {received}");
+    // A resume of a stream no instance runs is still `not_found`.
+    let (mut c, welcome) = b
+        .connect_resume("alice", json!([{"id": "nope", "after": 0}]))
+        .await;
+    assert_eq!(welcome["resumed"], json!([]));
+    let e = c.recv_until("error", Some("nope")).await;
+    assert_eq!(e["code"], "not_found", "{e}");
+}
+
+#[tokio::test]
+async fn cancel_on_another_instance_aborts_the_owners_upstream_call() {
+    let redis = RedisServer::start().await;
+    let a = instance(&redis, |_| {}, |_| {}).await;
+    let b = instance(&redis, |_| {}, |_| {}).await;
+    let prompt = "cancel me from afar [[mock chunks=200 delay_ms=50]]";
+    // A stream resumed on B, cancelled there.
+    let mut ca = a.connect("alice").await;
+    ca.open("moved", prompt).await;
+    let mut records = HashMap::from([("moved".to_string(), StreamRecord::default())]);
+    read_deltas(&mut ca, &mut records, 2).await;
+    drop(ca);
+    let (mut cb, welcome) = b.connect_resume("alice", resume_list(&records)).await;
+    assert_eq!(welcome["resumed"], json!(["moved"]), "{welcome}");
+    read_deltas(&mut cb, &mut records, 4).await;
+    cb.send(json!({"type": "cancel", "id": "moved"})).await;
+    let record = finish(&mut cb, records).await.remove("moved").unwrap();
+    assert_eq!(record.error_code(), "cancelled", "{:?}", record.end);
+    assert_eq!(
+        record.end.as_ref().unwrap()["message"],
+        "cancelled by the client"
+    );
+    common::wait_for_mock(&a, "the owner's upstream call aborted", |s| s.aborted == 1).await;
+    // A stream still carried by A's connection, cancelled by the user's socket on B.
+    let mut ca = a.connect("alice").await;
+    ca.open("stay", prompt).await;
+    let stay = until_first_delta(&mut ca, &["stay"]).await;
+    cb.send(json!({"type": "cancel", "id": "stay"})).await;
+    let record = finish(&mut ca, stay).await.remove("stay").unwrap();
+    assert_eq!(record.error_code(), "cancelled", "{:?}", record.end);
+    common::wait_for_mock(&a, "the second upstream call aborted", |s| s.aborted == 2).await;
+    assert!(record.text.len() < expected(prompt, 200).len());
+    // A cancel of a stream no instance runs is still `not_found`.
+    cb.send(json!({"type": "cancel", "id": "nope"})).await;
+    let e = cb.recv_until("error", Some("nope")).await;
+    assert_eq!(e["code"], "not_found", "{e}");
+}
+
+#[tokio::test]
+async fn several_streams_of_one_user_resume_on_another_instance_at_once() {
+    let redis = RedisServer::start().await;
+    let a = instance(&redis, |_| {}, |_| {}).await;
+    let b = instance(&redis, |_| {}, |_| {}).await;
+    let all = ids("m", 6);
+    let prompt = |id: &str| format!("{id} moves with its user [[mock chunks=25 delay_ms=40]]");
+    let mut ca = a.connect("alice").await;
+    for id in &all {
+        ca.open(id, &prompt(id)).await;
+    }
+    let mut records: HashMap<String, StreamRecord> = all
+        .iter()
+        .map(|id| (id.clone(), StreamRecord::default()))
+        .collect();
+    read_deltas(&mut ca, &mut records, 3).await;
+    drop(ca);
+    let (mut cb, welcome) = b.connect_resume("alice", resume_list(&records)).await;
+    let mut resumed: Vec<String> = welcome["resumed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    resumed.sort();
+    assert_eq!(resumed, all, "{welcome}");
+    let records = finish(&mut cb, records).await;
+    for id in &all {
+        let r = &records[id];
+        assert_eq!(r.end_type(), "done", "{id}: {:?}", r.end);
+        assert_eq!(r.text, expected(&prompt(id), 25), "{id}");
+    }
+    assert_eq!(metric(&b, "muxgate_cross_instance_relays_total"), Some(6.0));
+    assert_eq!(a.mock.stats().requests, 6);
+}
+
+#[tokio::test]
+async fn a_slow_reader_on_the_relaying_instance_backpressures_the_owners_upstream() {
+    let redis = RedisServer::start().await;
+    let cap = 64 * 1024;
+    let slow = |c: &mut Config| {
+        c.session.stream_buffer_bytes = 64 * 1024;
+        c.session.write_timeout_ms = 60_000;
+        c.session.heartbeat_ms = 60_000;
+    };
+    let a = instance(&redis, |_| {}, slow).await;
+    let b = instance(&redis, |_| {}, slow).await;
+    let n = 10_000u64;
+    let mut ca = a.connect("alice").await;
+    // The upstream waits before its first part, so the stream moves to B before A wrote
+    // anything to a socket nobody reads any more (a resume cannot replay what A's log let go).
+    ca.open(
+        "big",
+        &format!("big [[mock chunks={n} chunk_bytes=4096 stall_ms=1500]]"),
+    )
+    .await;
+    common::wait_for_mock(&a, "the upstream call began", |s| s.in_flight == 1).await;
+    drop(ca);
+    let records = HashMap::from([("big".to_string(), StreamRecord::default())]);
+    let (mut cb, welcome) = b.connect_resume("alice", resume_list(&records)).await;
+    assert_eq!(welcome["resumed"], json!(["big"]), "{welcome}");
+    // Stop reading on B. Its socket buffers fill, then the mirror's log, then the owner's
+    // log, and A stops reading its upstream: the mock cannot send everything.
+    let buffered = |h: &Harness| {
+        muxgate::test_support::stream_buffered_bytes(&h.gw, "alice", "big").unwrap_or(0)
+    };
+    common::wait_for_mock(&a, "the upstream began sending", |s| s.chunks_sent > 0).await;
+    let mut sent_before = u64::MAX;
+    let mut still = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Paused: no chunk sent for 1.5 s.
+    while still < 3 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let sent = a.mock.stats().chunks_sent;
+        // Both logs stay near their cap (the mirror's holds at most what the owner lets go
+        // unwritten on top of its own written frames) the whole time.
+        assert!(buffered(&a) <= cap + 8192, "A's log: {}", buffered(&a));
+        assert!(buffered(&b) <= 2 * cap + 8192, "B's log: {}", buffered(&b));
+        still = if sent == sent_before { still + 1 } else { 0 };
+        assert!(Instant::now() < deadline, "the upstream never paused");
+        sent_before = sent;
+    }
+    assert!(
+        sent_before < n / 2,
+        "the upstream ran ahead of a stalled client: {sent_before}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        a.mock.stats().chunks_sent,
+        sent_before,
+        "paused, not trickling"
+    );
+    // Read again: every chunk arrives, in order, once.
+    let record = finish(&mut cb, records).await.remove("big").unwrap();
+    assert_eq!(record.end_type(), "done", "{:?}", record.end);
+    assert_eq!(record.deltas, n);
+}
+
+#[tokio::test]
+async fn the_owners_resume_window_spares_a_relayed_stream_and_runs_again_once_it_is_handed_back() {
+    let redis = RedisServer::start().await;
+    let window = |c: &mut Config| c.session.resume_window_ms = 400;
+    let a = instance(&redis, |_| {}, window).await;
+    let b = instance(&redis, |_| {}, window).await;
+    // Runs for ~2.5 s, far past A's 400 ms window, while relayed to B.
+    let prompt = "outlives the window [[mock chunks=25 delay_ms=100]]";
+    let mut ca = a.connect("alice").await;
+    ca.open("kept", prompt).await;
+    ca.open("back", "handed back [[mock chunks=100 delay_ms=100]]")
+        .await;
+    let mut records: HashMap<String, StreamRecord> = ["kept", "back"]
+        .iter()
+        .map(|id| (id.to_string(), StreamRecord::default()))
+        .collect();
+    read_deltas(&mut ca, &mut records, 1).await;
+    drop(ca);
+    let (mut cb, welcome) = b.connect_resume("alice", resume_list(&records)).await;
+    assert_eq!(welcome["resumed"].as_array().unwrap().len(), 2, "{welcome}");
+    let kept = HashMap::from([("kept".to_string(), records.remove("kept").unwrap())]);
+    let kept = finish(&mut cb, kept).await.remove("kept").unwrap();
+    assert_eq!(kept.end_type(), "done", "{:?}", kept.end);
+    assert_eq!(kept.text, expected(prompt, 25));
+    assert_eq!(a.mock.stats().aborted, 0, "A's window aborted nothing");
+    // The client leaves B too: B hands `back` to A, whose window runs out and aborts it.
+    drop(cb);
+    common::wait_for_mock(&a, "the handed-back stream aborted", |s| s.aborted == 1).await;
+    assert_eq!(a.mock.stats().completed, 1);
+}
+
+/// Reads `client`'s frames into `records` until a `goaway` arrives.
+async fn until_goaway(
+    client: &mut Client,
+    records: &mut HashMap<String, StreamRecord>,
+) -> serde_json::Value {
+    loop {
+        let f = client.recv().await;
+        if f["type"] == "goaway" {
+            return f;
+        }
+        if let Some(r) = f["id"].as_str().and_then(|id| records.get_mut(id)) {
+            r.take(f);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_draining_instance_runs_its_streams_on_for_clients_that_moved_to_another() {
+    let redis = RedisServer::start().await;
+    let drain = |c: &mut Config| c.drain_timeout_ms = 15_000;
+    let mut a = instance(&redis, |_| {}, drain).await;
+    let b = instance(&redis, |_| {}, drain).await;
+    let all = ids("d", 3);
+    let prompt = |id: &str| format!("{id} survives the restart [[mock chunks=30 delay_ms=60]]");
+    let mut ca = a.connect("alice").await;
+    for id in &all {
+        ca.open(id, &prompt(id)).await;
+    }
+    let mut records: HashMap<String, StreamRecord> = all
+        .iter()
+        .map(|id| (id.clone(), StreamRecord::default()))
+        .collect();
+    read_deltas(&mut ca, &mut records, 2).await;
+    // SIGTERM, as the binary maps it: A stops accepting and says `goaway`.
+    a.shutdown();
+    let goaway = until_goaway(&mut ca, &mut records).await;
+    assert_eq!(goaway["reason"], "shutdown", "{goaway}");
+    drop(ca);
+    let (mut cb, welcome) = b.connect_resume("alice", resume_list(&records)).await;
+    assert_eq!(welcome["resumed"].as_array().unwrap().len(), 3, "{welcome}");
+    let records = finish(&mut cb, records).await;
+    for id in &all {
+        let r = &records[id];
+        assert_eq!(r.end_type(), "done", "{id}: {:?}", r.end);
+        assert_eq!(r.text, expected(&prompt(id), 30), "{id}");
+    }
+    // A's drain waited for the relays, then ended well before its timeout.
+    let server = a.server.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("A's drain ends once its streams and relays have")
+        .unwrap()
+        .unwrap();
+    let stats = a.mock.stats();
+    assert_eq!((stats.completed, stats.aborted), (3, 0), "{stats:?}");
+}
+
+#[tokio::test]
+async fn a_relay_through_a_redis_restart_asks_again_and_loses_no_text() {
+    let mut redis = RedisServer::start().await;
+    let a = instance(&redis, |_| {}, |_| {}).await;
+    let b = instance(&redis, |_| {}, |_| {}).await;
+    let prompt = "relayed through an outage [[mock chunks=60 delay_ms=50]]";
+    let mut ca = a.connect("alice").await;
+    ca.open("r", prompt).await;
+    let mut records = HashMap::from([("r".to_string(), StreamRecord::default())]);
+    read_deltas(&mut ca, &mut records, 2).await;
+    drop(ca);
+    let (mut cb, welcome) = b.connect_resume("alice", resume_list(&records)).await;
+    assert_eq!(welcome["resumed"], json!(["r"]), "{welcome}");
+    read_deltas(&mut cb, &mut records, 10).await;
+    // Redis goes away mid-relay and comes back empty: the messages published meanwhile are
+    // lost, and the mirror asks the owner again from the last frame it has.
+    redis.restart().await;
+    let record = finish(&mut cb, records).await.remove("r").unwrap();
+    assert_eq!(record.end_type(), "done", "{:?}", record.end);
+    assert_eq!(record.text, expected(prompt, 60));
+    assert!(metric(&b, "muxgate_cross_instance_rerequests_total").unwrap() >= 1.0);
 }

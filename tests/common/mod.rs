@@ -18,10 +18,14 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod instance;
+pub mod nginx;
 pub mod redis_server;
 
 pub const SECRET: &str = "test-secret-0123456789abcdef";
 pub const API_KEY: &str = "sk-upstream-secret-7f3a9c";
+/// The admin routes' bearer token of every gateway the tests start.
+pub const ADMIN_TOKEN: &str = "admin-test-token";
 /// How long a test waits for any one frame before failing.
 pub const FRAME_WAIT: Duration = Duration::from_secs(10);
 
@@ -60,7 +64,7 @@ impl Harness {
         )];
         config.retry.base_delay_ms = 10;
         config.retry.max_delay_ms = 50;
-        config.admin_token = Some("admin-test-token".into());
+        config.admin_token = Some(ADMIN_TOKEN.into());
         tweak(&mut config);
         let listener = TcpListener::bind(config.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -130,15 +134,7 @@ impl Harness {
     }
 
     async fn admin_call(&self, method: reqwest::Method, path: &str) -> Value {
-        http_client()
-            .request(method, format!("http://{}{path}", self.addr))
-            .bearer_auth("admin-test-token")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        admin_request(self.addr, method, path).await
     }
 
     pub fn shutdown(&mut self) {
@@ -324,6 +320,36 @@ impl StreamRecord {
     }
 }
 
+/// Reads the frames of `ids` on `client` until each has sent a delta: the records so far.
+pub async fn until_first_delta(client: &mut Client, ids: &[&str]) -> HashMap<String, StreamRecord> {
+    let mut records: HashMap<String, StreamRecord> = ids
+        .iter()
+        .map(|id| (id.to_string(), StreamRecord::default()))
+        .collect();
+    while records.values().any(|r| r.deltas == 0) {
+        let f = client.recv().await;
+        if let Some(r) = f["id"].as_str().and_then(|id| records.get_mut(id)) {
+            r.take(f);
+            assert!(r.end.is_none(), "{:?}", r.end);
+        }
+    }
+    records
+}
+
+/// Reads on `client` until every one of `records` has ended.
+pub async fn finish(
+    client: &mut Client,
+    mut records: HashMap<String, StreamRecord>,
+) -> HashMap<String, StreamRecord> {
+    while records.values().any(|r| r.end.is_none()) {
+        let f = client.recv().await;
+        if let Some(r) = f["id"].as_str().and_then(|id| records.get_mut(id)) {
+            r.take(f);
+        }
+    }
+    records
+}
+
 /// The exact text the mock sends for `prompt` with `n` chunks (directives stripped).
 pub fn expected(prompt: &str, n: usize) -> String {
     mock::word_chunks(prompt, n).concat()
@@ -333,6 +359,19 @@ pub fn expected(prompt: &str, n: usize) -> String {
 pub async fn spawn_mock(api_key: Option<&str>) -> mock::MockHandle {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     mock::spawn(listener, api_key.map(str::to_owned))
+        .await
+        .unwrap()
+}
+
+/// An admin route of the gateway at `addr`, with the admin token: its JSON answer.
+pub async fn admin_request(addr: SocketAddr, method: reqwest::Method, path: &str) -> Value {
+    http_client()
+        .request(method, format!("http://{addr}{path}"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
         .await
         .unwrap()
 }

@@ -69,8 +69,10 @@ export function freePort () {
   })
 }
 
-const children = new Set()
-process.on('exit', () => { for (const c of children) try { c.kill('SIGKILL') } catch {} })
+// Every child still running when node exits, with the signal that ends it: SIGKILL, except
+// nginx's master, which must be asked (SIGTERM) so that it stops its workers too.
+const children = new Map()
+process.on('exit', () => { for (const [c, signal] of children) try { c.kill(signal) } catch {} })
 
 /** Spawns `BIN args`, resolves once stdout prints a line matching `ready`. */
 function startProcess (args, env, ready, { timeoutMs = 15_000 } = {}) {
@@ -78,7 +80,7 @@ function startProcess (args, env, ready, { timeoutMs = 15_000 } = {}) {
     throw new Error(`gateway binary not found at ${BIN}: build it (cargo build) or set MUXGATE_BIN`)
   }
   const proc = spawn(BIN, args, { env: { ...process.env, MUXGATE_LOG: process.env.MUXGATE_LOG ?? 'warn', ...env }, stdio: ['ignore', 'pipe', 'pipe'] })
-  children.add(proc)
+  children.set(proc, 'SIGKILL')
   let stderr = ''
   proc.stderr.on('data', d => { stderr = (stderr + d).slice(-8000) })
   const exited = new Promise(resolve => proc.on('exit', (code, signal) => { children.delete(proc); resolve({ code, signal }) }))
@@ -134,7 +136,7 @@ export async function startMock () {
  * (default web/) is what it serves at `/`: the measurement script points it at a copy of an
  * older shim to compare. `config` is TOML added to the gateway's config file (tiers, limits).
  */
-export async function startGateway ({ port, mockUrl, drainMs = 2000, staticDir = WEB_DIR, config: extra = '' }) {
+export async function startGateway ({ port, mockUrl, drainMs = 2000, staticDir = WEB_DIR, config: extra = '', env = {} }) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'muxgate-e2e-'))
   const config = path.join(dir, 'muxgate.toml')
   fs.writeFileSync(config, `drain_timeout_ms = ${drainMs}\n${extra}`)
@@ -146,6 +148,7 @@ export async function startGateway ({ port, mockUrl, drainMs = 2000, staticDir =
     MUXGATE_DEV: 'true',
     MUXGATE_JWT_SECRET: JWT_SECRET,
     MUXGATE_STATIC_DIR: staticDir,
+    ...env,
   }, /muxgate: listening on (http:\/\/\S+)/)
   return {
     url: p.url,
@@ -194,8 +197,12 @@ on_limit = "wait"
 max_wait_ms = 5000
 `
 
-/** Mock + gateway; `restartGateway()` brings the gateway back on the same port. */
-export async function startStack ({ staticDir, config } = {}) {
+/**
+ * Mock + gateway; `restartGateway()` brings the gateway back on the same port. With
+ * `cluster: true`, see startCluster instead.
+ */
+export async function startStack ({ staticDir, config, cluster = false } = {}) {
+  if (cluster) return startCluster({ staticDir, config })
   const mock = await startMock()
   const port = await freePort()
   const stack = { mock, gateway: await startGateway({ port, mockUrl: mock.url, staticDir, config }) }
@@ -209,6 +216,163 @@ export async function startStack ({ staticDir, config } = {}) {
     await mock.stop()
   }
   return stack
+}
+
+/**
+ * Spawns a helper server (redis-server, nginx) and resolves once `port` accepts connections.
+ * `stopSignal` is what ends it; `install` names the Debian package to install when missing.
+ */
+async function startDaemon (bin, args, { port, stopSignal, install, timeoutMs = 10_000 }) {
+  const proc = spawn(bin, args, { stdio: ['ignore', 'ignore', 'pipe'] })
+  let stderr = ''
+  proc.stderr.on('data', d => { stderr = (stderr + d).slice(-4000) })
+  const exited = new Promise(resolve => proc.on('exit', (code, signal) => { children.delete(proc); resolve({ code, signal }) }))
+  const failed = new Promise((resolve, reject) => {
+    proc.on('error', err => reject(err.code === 'ENOENT'
+      ? new Error(`${bin} is missing: install Debian's \`${install}\` package (apt-get install ${install})`)
+      : err))
+    exited.then(({ code, signal }) => reject(new Error(`${bin} exited early (${code ?? signal})\n${stderr}`)))
+  })
+  failed.catch(() => {})
+  children.set(proc, stopSignal)
+  const connects = () => new Promise(resolve => {
+    const s = net.connect(port, '127.0.0.1', () => { s.destroy(); resolve(true) })
+    s.on('error', () => resolve(false))
+  })
+  const end = Date.now() + timeoutMs
+  while (!(await Promise.race([connects(), failed]))) {
+    if (Date.now() > end) { proc.kill('SIGKILL'); throw new Error(`${bin} did not listen on ${port} in ${timeoutMs} ms\n${stderr}`) }
+    await sleep(50)
+  }
+  return {
+    async stop () {
+      if (proc.exitCode !== null || proc.signalCode !== null) return
+      proc.kill(stopSignal)
+      const t = setTimeout(() => proc.kill('SIGKILL'), 10_000)
+      await exited
+      clearTimeout(t)
+    },
+  }
+}
+
+/** A redis-server on a free loopback port, with no persistence, in a temporary directory. */
+export async function startRedis () {
+  const port = await freePort()
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'muxgate-e2e-redis-'))
+  const redis = await startDaemon('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', dir],
+    { port, stopSignal: 'SIGKILL', install: 'redis-server' })
+  return { url: `redis://127.0.0.1:${port}/`, stop: redis.stop }
+}
+
+/** The operators' nginx file, as shipped (tests/common/nginx.rs runs the same file). */
+export const NGINX_CONFIG = path.resolve(WEB_DIR, '..', 'deploy', 'nginx.conf')
+
+/**
+ * The shipped nginx file with `listen` set to `port` on loopback and the `server` lines of
+ * `upstream muxgate` replaced by one per instance port, with the first one's parameters.
+ */
+export function renderNginx (shipped, port, instancePorts) {
+  const out = []
+  let inUpstream = false
+  let serversWritten = false
+  let listens = 0
+  for (const line of shipped.split('\n')) {
+    const code = line.trim()
+    if (code.startsWith('upstream muxgate {')) inUpstream = true
+    else if (inUpstream && code === '}') inUpstream = false
+    else if (inUpstream && code.startsWith('server ')) {
+      if (!serversWritten) {
+        const params = code.replace(/;$/, '').split(/\s+/).slice(2).join(' ')
+        for (const p of instancePorts) out.push(`    server 127.0.0.1:${p} ${params};`)
+        serversWritten = true
+      }
+      continue
+    } else if (code.startsWith('listen ')) {
+      listens++
+      out.push(`    listen 127.0.0.1:${port};`)
+      continue
+    }
+    out.push(line)
+  }
+  assert.ok(serversWritten && listens === 1, `${NGINX_CONFIG} no longer has one \`listen\` and \`server\` lines in \`upstream muxgate\``)
+  return out.join('\n')
+}
+
+/** nginx on a free loopback port, running the shipped file in front of `instancePorts`. */
+export async function startNginx (instancePorts) {
+  const port = await freePort()
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'muxgate-e2e-nginx-'))
+  // nginx's workers run as `nobody` when it starts as root: they must reach the prefix.
+  fs.chmodSync(dir, 0o755)
+  fs.writeFileSync(path.join(dir, 'muxgate.conf'), renderNginx(fs.readFileSync(NGINX_CONFIG, 'utf8'), port, instancePorts))
+  fs.writeFileSync(path.join(dir, 'nginx.conf'), `daemon off;
+worker_processes 1;
+pid ${dir}/nginx.pid;
+error_log ${dir}/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log ${dir}/access.log;
+    client_body_temp_path ${dir}/client_body;
+    proxy_temp_path ${dir}/proxy;
+    fastcgi_temp_path ${dir}/fastcgi;
+    uwsgi_temp_path ${dir}/uwsgi;
+    scgi_temp_path ${dir}/scgi;
+    include ${dir}/muxgate.conf;
+}
+`)
+  // Debian installs it in /usr/sbin, off a user's PATH.
+  const bin = process.env.NGINX ?? (fs.existsSync('/usr/sbin/nginx') ? '/usr/sbin/nginx' : 'nginx')
+  const nginx = await startDaemon(bin, ['-p', dir, '-c', path.join(dir, 'nginx.conf'), '-e', path.join(dir, 'error.log')],
+    { port, stopSignal: 'SIGTERM', install: 'nginx' })
+  return {
+    url: `http://127.0.0.1:${port}`,
+    errorLog: () => fs.readFileSync(path.join(dir, 'error.log'), 'utf8'),
+    stop: nginx.stop,
+  }
+}
+
+/**
+ * Two gateways in cluster mode on one redis-server behind nginx (the shipped deploy/nginx.conf),
+ * relaying to one mock: `stack.url` is nginx's, `stack.gateways` the instances (ids gw-a, gw-b),
+ * `stack.gateway` the first (for its admin views, which are cluster-wide). The drain is long
+ * (30 s) so a SIGTERMed instance's streams finish while their clients move.
+ */
+export async function startCluster ({ staticDir, config } = {}) {
+  const mock = await startMock()
+  const redis = await startRedis()
+  const ids = ['gw-a', 'gw-b']
+  const ports = await Promise.all(ids.map(() => freePort()))
+  const gateways = await Promise.all(ids.map((id, i) => startGateway({
+    port: ports[i],
+    mockUrl: mock.url,
+    staticDir,
+    drainMs: 30_000,
+    // behind nginx every client has nginx's address
+    config: `${config ?? ''}\n[server]\nmax_pending_connections_per_ip = 1024\n`,
+    env: { MUXGATE_REDIS_URL: redis.url, MUXGATE_INSTANCE_ID: id },
+  }).then(g => Object.assign(g, { id }))))
+  const nginx = await startNginx(ports)
+  return {
+    mock,
+    redis,
+    nginx,
+    gateways,
+    gateway: gateways[0],
+    url: nginx.url,
+    /** The gateway holding `user`'s one connection, from the cluster-wide admin view of a live one. */
+    async holding (user) {
+      const live = gateways.find(g => g.proc.exitCode === null && g.proc.signalCode === null)
+      const view = await live.admin(user)
+      const held = Object.entries(view.instances ?? {}).filter(([, l]) => l.connections === 1).map(([key]) => key.split('/')[0])
+      return held.length === 1 ? gateways.find(g => g.id === held[0]) : null
+    },
+    async stop () {
+      await nginx.stop()
+      await Promise.all(gateways.map(g => g.stop('SIGKILL')))
+      await redis.stop()
+      await mock.stop()
+    },
+  }
 }
 
 /** A TCP proxy to `port`, so a test can cut every connection as a network failure would. */
