@@ -73,7 +73,7 @@ impl Workers {
     }
 
     /// How many workers there are.
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.handles.len()
     }
 
@@ -108,7 +108,7 @@ mod tests {
     #[test]
     fn tasks_run_on_their_worker_thread() {
         let workers = Workers::start(2).expect("workers");
-        assert_eq!(workers.len(), 2);
+        assert_eq!(workers.count(), 2);
         let mut seen = Vec::new();
         for _ in 0..4 {
             let (tx, rx) = std::sync::mpsc::channel();
