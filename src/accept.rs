@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::ServerConfig;
 use crate::preauth::{Gate, PreAuth, PreAuthIo};
+use crate::workers::Workers;
 
 /// How long connections cut at the deadline get to go.
 const ABORT_GRACE: Duration = Duration::from_millis(500);
@@ -59,12 +60,14 @@ impl HttpConnections {
 }
 
 /// Accepts and serves connections until `shutdown` resolves; the listener is closed then.
-/// `websockets` tracks the upgraded connections, counted against `max_connections`.
+/// `websockets` tracks the upgraded connections, counted against `max_connections`. With
+/// `workers`, each connection is served on the next worker's runtime, else on this one.
 pub async fn serve_until(
     listener: TcpListener,
     app: Router,
     config: &ServerConfig,
     websockets: TaskTracker,
+    workers: Option<&Workers>,
     shutdown: impl Future<Output = ()>,
 ) -> HttpConnections {
     let mut http = http1::Builder::new();
@@ -98,32 +101,72 @@ pub async fn serve_until(
         // Frames are small and latency-bound: without TCP_NODELAY, Nagle's algorithm holds a
         // stream's first token until the client's delayed ACK (~40 ms).
         let _ = tcp.set_nodelay(true);
-        let (io, gate) = PreAuthIo::new(tcp);
-        let service = WithGate {
-            app: TowerToHyperService::new(app.clone()),
-            gate,
+        let connection = Connection {
+            http: http.clone(),
+            app: app.clone(),
+            graceful: conns.graceful.clone(),
+            abort: conns.abort.clone(),
+            guard,
         };
-        let conn = http
-            .serve_connection(TokioIo::new(io), service)
-            .with_upgrades();
-        let graceful = conns.graceful.clone();
-        let abort = conns.abort.clone();
-        conns.tasks.spawn(async move {
-            // Held until the connection ends or is upgraded: an upgraded connection's future
-            // completes once the socket is handed to the WebSocket.
-            let _guard = guard;
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                () = graceful.cancelled() => conn.as_mut().graceful_shutdown(),
+        let Some(workers) = workers else {
+            conns.tasks.spawn(connection.serve(tcp));
+            continue;
+        };
+        // Handed over as a plain socket: a tokio socket stays registered with the reactor of
+        // the runtime that made it, and would wake this thread for every read.
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not hand a connection to a worker");
+                continue;
             }
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                () = abort.cancelled() => {}
-            }
-        });
+        };
+        conns.tasks.spawn_on(
+            async move {
+                match TcpStream::from_std(tcp) {
+                    Ok(tcp) => connection.serve(tcp).await,
+                    Err(e) => tracing::warn!(error = %e, "could not hand a connection to a worker"),
+                }
+            },
+            workers.next(),
+        );
     }
     conns
+}
+
+/// One accepted connection, ready to be served on whichever runtime it was handed to.
+struct Connection {
+    http: http1::Builder,
+    app: Router,
+    graceful: CancellationToken,
+    abort: CancellationToken,
+    /// Held until the connection ends or is upgraded: an upgraded connection's future
+    /// completes once the socket is handed to the WebSocket.
+    guard: PendingGuard,
+}
+
+impl Connection {
+    async fn serve(self, tcp: TcpStream) {
+        let _guard = self.guard;
+        let (io, gate) = PreAuthIo::new(tcp);
+        let service = WithGate {
+            app: TowerToHyperService::new(self.app),
+            gate,
+        };
+        let conn = self
+            .http
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            () = self.graceful.cancelled() => conn.as_mut().graceful_shutdown(),
+        }
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            () = self.abort.cancelled() => {}
+        }
+    }
 }
 
 /// The app, with the connection's pre-`hello` read budget in every request's extensions: the

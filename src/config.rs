@@ -174,6 +174,21 @@ pub struct ServerConfig {
     /// The same, per client IP address. Behind a reverse proxy every client shares the proxy's
     /// address: raise it (or set it equal to `max_pending_connections`). Default 64.
     pub max_pending_connections_per_ip: usize,
+    /// Threads serving connections, each a single-threaded runtime that keeps a connection,
+    /// its streams and their upstream reads together, so a relayed chunk never wakes another
+    /// thread (see `src/workers.rs`). 0 means one per CPU the process may use (`taskset` and
+    /// cgroup limits count). Default 0. Env `MUXGATE_WORKERS`.
+    pub workers: usize,
+}
+
+impl ServerConfig {
+    /// `workers` resolved: how many worker threads, and upstream pools per provider, there are.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            0 => crate::workers::default_count(),
+            n => n,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -184,6 +199,7 @@ impl Default for ServerConfig {
             max_connections: 20_000,
             max_pending_connections: 1_024,
             max_pending_connections_per_ip: 64,
+            workers: 0,
         }
     }
 }
@@ -465,6 +481,12 @@ impl Config {
         if let Some(v) = get("MUXGATE_PUBLIC_ORIGINS") {
             self.server.public_origins = origin_list(&v);
         }
+        if let Some(v) = get("MUXGATE_WORKERS") {
+            self.server.workers = v.trim().parse().map_err(|_| ConfigError::Env {
+                name: "MUXGATE_WORKERS",
+                message: format!("`{v}` is not a number of threads (0: one per CPU)"),
+            })?;
+        }
         if let Some(v) = get("MUXGATE_ADMIN_TOKEN") {
             self.admin_token = Some(v);
         }
@@ -548,6 +570,9 @@ impl Config {
             return invalid(
                 "server.header_read_timeout_ms and the server connection limits must be > 0".into(),
             );
+        }
+        if e.workers > 1024 {
+            return invalid("server.workers must be at most 1024 (0: one per CPU)".into());
         }
         if self.retry.max_attempts == 0 {
             return invalid("retry.max_attempts must be at least 1".into());
@@ -684,9 +709,11 @@ mod tests {
             "MUXGATE_PUBLIC_ORIGINS" => Some("https://gw.example/".to_string()),
             "MUXGATE_REDIS_URL" => Some("redis://127.0.0.1:6379/0".to_string()),
             "MUXGATE_INSTANCE_ID" => Some("gw-a".to_string()),
+            "MUXGATE_WORKERS" => Some("3".to_string()),
             _ => None,
         };
         let c = Config::load_with_env(None, &env).expect("env");
+        assert_eq!(c.server.worker_count(), 3);
         assert_eq!(c.redis_url.as_deref(), Some("redis://127.0.0.1:6379/0"));
         assert_eq!(c.cluster.instance_id.as_deref(), Some("gw-a"));
         assert!(!c.is_dev());

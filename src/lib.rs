@@ -9,7 +9,7 @@
 //! # Public API
 //! The crate root holds what an embedder or the `muxgate` binary uses: [`Gateway`] (the shared
 //! state: [`Gateway::start`], and a few methods an operator wants too: tokens, per-user
-//! counters, the metrics text), [`app`] and [`serve`] to run it, [`Authenticator`] and
+//! counters, the metrics text), [`app`] and [`serve`] (or [`serve_on`] with [`Workers`]) to run it, [`Authenticator`] and
 //! [`Claims`] to mint and check tokens without a gateway, and [`Config`]. Two modules are public
 //! on purpose: [`config`], every section of the configuration, so it can be built in code, and
 //! [`mock`], the mock upstream that `muxgate mock-upstream` runs. Every other module is private;
@@ -47,6 +47,7 @@
 //! - `openai`: the OpenAI-compatible HTTP front end (`/v1/chat/completions`, `/v1/models`),
 //!   each request one stream, encoded as `docs/openai-compat.md` says.
 //! - `server`: the router, its handlers and graceful shutdown.
+//! - `workers`: the worker threads, one single-threaded runtime each, that serve connections.
 //! - `accept`: the accept loop: header-read timeout, connection caps, shutdown by a deadline.
 //! - `preauth`: the read budget of a WebSocket that has not said `hello` yet.
 //! - [`mock`]: the OpenAI-compatible mock upstream (tests, benchmarks, offline demo): its
@@ -78,6 +79,7 @@ mod sse;
 mod stream;
 mod tiers;
 mod upstream;
+mod workers;
 
 #[doc(hidden)]
 pub mod test_support;
@@ -86,4 +88,5 @@ pub use auth::{AuthError, Authenticator, Claims};
 pub use config::Config;
 pub use gateway::{Gateway, StartError};
 pub use hub::UserStats;
-pub use server::{app, serve};
+pub use server::{app, serve, serve_on};
+pub use workers::Workers;

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
-use muxgate::{mock, Authenticator, Config, Gateway};
+use muxgate::{mock, Authenticator, Config, Gateway, Workers};
 
 #[derive(Parser)]
 #[command(
@@ -54,7 +54,18 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
+    // The gateway's own runtime only accepts and runs background tasks: its connections are
+    // served on the worker threads `serve` starts (see `muxgate::Workers`). The mock upstream
+    // keeps tokio's work-stealing runtime.
+    let serving = matches!(cli.command, None | Some(Command::Serve));
+    let runtime = if serving {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Runtime::new()
+    };
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("muxgate: cannot start the runtime: {e}");
@@ -108,6 +119,8 @@ async fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let workers =
+        Workers::start(config.server.worker_count()).context("cannot start the workers")?;
     let gw = Gateway::start(config).await?;
     if gw.config().is_dev() {
         let upstream = match gw.simulated_upstream() {
@@ -125,7 +138,7 @@ async fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         ));
     }
     announce(&format!("muxgate: listening on http://{addr}"));
-    muxgate::serve(listener, gw, shutdown_signal()).await?;
+    muxgate::serve_on(listener, gw, &workers, shutdown_signal()).await?;
     Ok(())
 }
 

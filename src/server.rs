@@ -25,6 +25,7 @@ use crate::metrics;
 use crate::preauth::PreAuth;
 use crate::protocol::SUBPROTOCOL;
 use crate::session;
+use crate::workers::Workers;
 
 /// The gateway's routes.
 pub fn app(gw: Arc<Gateway>) -> Router {
@@ -137,11 +138,33 @@ pub async fn serve(
     gw: Arc<Gateway>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(listener, gw, None, shutdown).await
+}
+
+/// As [`serve`], with each connection served whole (its streams and their upstream reads
+/// too) on one of `workers`' threads, so a relayed chunk wakes no other thread. How the
+/// binary runs; `serve` keeps everything on the caller's runtime.
+pub async fn serve_on(
+    listener: TcpListener,
+    gw: Arc<Gateway>,
+    workers: &Workers,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_with(listener, gw, Some(workers), shutdown).await
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    gw: Arc<Gateway>,
+    workers: Option<&Workers>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let http = accept::serve_until(
         listener,
         app(gw.clone()),
         &gw.config.server,
         gw.sessions.clone(),
+        workers,
         shutdown,
     )
     .await;

@@ -36,8 +36,9 @@ pub struct Provider {
     redactor: Arc<Redactor>,
     max_event_bytes: usize,
     /// Built once per provider so keep-alive connections (and HTTP/2 where offered) are
-    /// reused by every stream.
-    client: reqwest::Client,
+    /// reused by every stream; one per worker thread (see [`crate::workers`]), so a pooled
+    /// connection's task runs on the thread of the streams that read it.
+    clients: Vec<reqwest::Client>,
     models: Vec<String>,
     pub first_token_timeout: Duration,
     pub idle_timeout: Duration,
@@ -63,6 +64,7 @@ impl Upstreams {
         let redactor = Arc::new(Redactor::new(
             config.providers.iter().filter_map(|p| p.api_key.as_deref()),
         ));
+        let pools = config.server.worker_count();
         let providers = config
             .providers
             .iter()
@@ -73,6 +75,7 @@ impl Upstreams {
                     &config.breaker,
                     &config.upstream,
                     redactor.clone(),
+                    pools,
                 )
                 .map(Arc::new)
             })
@@ -122,22 +125,27 @@ impl Provider {
         breaker: &BreakerConfig,
         limits: &UpstreamConfig,
         redactor: Arc<Redactor>,
+        pools: usize,
     ) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(c.connect_timeout_ms))
-            .pool_max_idle_per_host(c.pool_max_idle_per_host)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .tcp_nodelay(true)
-            .tcp_keepalive(Duration::from_secs(30))
-            .user_agent(concat!("muxgate/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        let clients = (0..pools.max(1))
+            .map(|_| {
+                reqwest::Client::builder()
+                    .connect_timeout(Duration::from_millis(c.connect_timeout_ms))
+                    .pool_max_idle_per_host(c.pool_max_idle_per_host)
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .tcp_nodelay(true)
+                    .tcp_keepalive(Duration::from_secs(30))
+                    .user_agent(concat!("muxgate/", env!("CARGO_PKG_VERSION")))
+                    .build()
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Provider {
             name: c.name.clone(),
             url: format!("{}/chat/completions", c.base_url.trim_end_matches('/')),
             api_key: c.api_key.clone(),
             redactor,
             max_event_bytes: limits.max_event_bytes,
-            client,
+            clients,
             models: c.models.clone(),
             first_token_timeout: Duration::from_millis(c.first_token_timeout_ms),
             idle_timeout: Duration::from_millis(c.idle_timeout_ms),
@@ -149,8 +157,8 @@ impl Provider {
     /// Posts one streaming chat-completions request and checks status and content type
     /// before anything is streamed.
     pub async fn open(&self, body: Bytes) -> Result<EventStream, UpstreamError> {
-        let mut req = self
-            .client
+        let client = &self.clients[crate::workers::current().unwrap_or(0) % self.clients.len()];
+        let mut req = client
             .post(&self.url)
             .header(CONTENT_TYPE, "application/json")
             .header("accept", "text/event-stream")

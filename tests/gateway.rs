@@ -757,3 +757,64 @@ async fn a_reader_too_slow_for_the_write_timeout_is_closed_4408_and_can_resume()
         }
     }
 }
+
+/// The binary's way of serving (`muxgate::serve_on`): each connection, its streams and their
+/// upstream reads on one worker thread. Streams on several connections, so on both workers,
+/// arrive exact; a stream resumed on a connection served by the other worker loses nothing.
+#[tokio::test]
+async fn streams_on_worker_threads_are_exact_and_resume_across_workers() {
+    let h = Harness::start_on_workers(2, |_| {}).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(h.connect("alice").await);
+    }
+    for (n, c) in clients.iter_mut().enumerate() {
+        for j in 0..4 {
+            c.open(
+                &format!("t{n}:{j}"),
+                &format!("q{n}-{j} [[mock chunks=30 delay_ms=2]]"),
+            )
+            .await;
+        }
+    }
+    for (n, c) in clients.iter_mut().enumerate() {
+        let ids: Vec<String> = (0..4).map(|j| format!("t{n}:{j}")).collect();
+        let records = c.collect(&ids).await;
+        for (j, id) in ids.iter().enumerate() {
+            let r = &records[id];
+            assert_eq!(r.end_type(), "done", "{id}: {:?}", r.end);
+            assert_eq!(r.text, expected(&format!("q{n}-{j}"), 30), "{id}");
+        }
+    }
+
+    // Connections go to the workers in turn: this is the fourth (worker 1), the resume below
+    // the fifth (worker 0), so the stream's task stays on one worker and its frames go out
+    // through the other's writer.
+    let mut c = h.connect("bob").await;
+    c.open("r:1", "resume [[mock chunks=60 delay_ms=5]]").await;
+    let mut record = StreamRecord::default();
+    while record.last_seq < 10 {
+        let f = c.recv().await;
+        if f["id"] == "r:1" {
+            record.take(f);
+        }
+    }
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let resume = json!([{"id":"r:1","after":record.last_seq}]);
+    let (mut c, welcome) = h.connect_resume("bob", resume).await;
+    assert_eq!(welcome["resumed"], json!(["r:1"]));
+    while record.end.is_none() {
+        let f = c.recv().await;
+        if f["id"] == "r:1" {
+            record.take(f);
+        }
+    }
+    assert_eq!(record.end_type(), "done");
+    assert_eq!(record.text, expected("resume", 60));
+    assert_eq!(
+        h.mock.stats().requests,
+        13,
+        "resume never re-asks the upstream"
+    );
+}

@@ -45,6 +45,16 @@ impl Harness {
     /// Starts the mock upstream (requiring [`API_KEY`]) and a gateway relaying to it, after
     /// `tweak` has adjusted the config.
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Harness {
+        Harness::start_on(None, tweak).await
+    }
+
+    /// As [`Harness::start_with`], with the gateway serving its connections on `workers`
+    /// worker threads (`muxgate::serve_on`), as the binary does.
+    pub async fn start_on_workers(workers: usize, tweak: impl FnOnce(&mut Config)) -> Harness {
+        Harness::start_on(Some(workers), tweak).await
+    }
+
+    async fn start_on(workers: Option<usize>, tweak: impl FnOnce(&mut Config)) -> Harness {
         // The tokenizers load once per process; a debug build takes seconds for it, which the
         // first stream of a test would otherwise wait out (past FRAME_WAIT on a loaded machine).
         tokio::task::spawn_blocking(muxgate::test_support::warm_up)
@@ -65,14 +75,27 @@ impl Harness {
         config.retry.base_delay_ms = 10;
         config.retry.max_delay_ms = 50;
         config.admin_token = Some(ADMIN_TOKEN.into());
+        if let Some(n) = workers {
+            config.server.workers = n;
+        }
         tweak(&mut config);
         let listener = TcpListener::bind(config.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let gw = Gateway::start(config).await.unwrap();
         let (tx, rx) = oneshot::channel();
-        let server = tokio::spawn(muxgate::serve(listener, gw.clone(), async move {
+        let shutdown = async move {
             let _ = rx.await;
-        }));
+        };
+        let server = match workers {
+            None => tokio::spawn(muxgate::serve(listener, gw.clone(), shutdown)),
+            Some(n) => {
+                let workers = muxgate::Workers::start(n).unwrap();
+                let gw = gw.clone();
+                tokio::spawn(
+                    async move { muxgate::serve_on(listener, gw, &workers, shutdown).await },
+                )
+            }
+        };
         Harness {
             gw,
             addr,
