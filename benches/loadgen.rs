@@ -12,9 +12,12 @@
 //!   LiteLLM). Records time to first token and inter-chunk gaps in HDR histograms, relayed
 //!   chunks in the measurement window, and utime+stime of the server and mock processes from
 //!   `/proc`. Appends one JSON line to `--out`.
-//! - `idle`: opens up to N idle connections in steps, reading the gateway's RSS at each step,
-//!   then opens live streams on some of them and reads RSS again. Appends one JSON line.
-//! - `report`: turns the JSON lines of one run into the markdown tables of the doc.
+//! - `idle`: reads the gateway's RSS before anything connects, then opens up to N idle
+//!   connections in steps, reading RSS at each step, then opens live streams on some of them
+//!   and reads RSS again. Appends one JSON line.
+//! - `report`: turns the JSON lines of one run into the markdown tables of the doc; for
+//!   `scripts/bench --hotpath`, first issue 15's summary (CPU per chunk ÷ nginx's, pinned TTFT,
+//!   idle RSS; two builds side by side).
 //!
 //! Run with no arguments (as `cargo test --all-targets` does) it does nothing and exits 0.
 
