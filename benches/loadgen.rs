@@ -12,9 +12,12 @@
 //!   LiteLLM). Records time to first token and inter-chunk gaps in HDR histograms, relayed
 //!   chunks in the measurement window, and utime+stime of the server and mock processes from
 //!   `/proc`. Appends one JSON line to `--out`.
-//! - `idle`: opens up to N idle connections in steps, reading the gateway's RSS at each step,
-//!   then opens live streams on some of them and reads RSS again. Appends one JSON line.
-//! - `report`: turns the JSON lines of one run into the markdown tables of the doc.
+//! - `idle`: reads the gateway's RSS before anything connects, then opens up to N idle
+//!   connections in steps, reading RSS at each step, then opens live streams on some of them
+//!   and reads RSS again. Appends one JSON line.
+//! - `report`: turns the JSON lines of one run into the markdown tables of the doc; for
+//!   `scripts/bench --hotpath`, first issue 15's summary (CPU per chunk ÷ nginx's, pinned TTFT,
+//!   idle RSS; two builds side by side).
 //!
 //! Run with no arguments (as `cargo test --all-targets` does) it does nothing and exits 0.
 
@@ -144,7 +147,8 @@ struct IdleArgs {
     /// Connection counts at which RSS is read, ascending.
     #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000")]
     steps: Vec<usize>,
-    /// Live-stream counts (one per connection, on the first connections) at which RSS is read.
+    /// Live-stream counts (one per connection, on the first connections) at which RSS is read;
+    /// `0` alone reads none.
     #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
     live: Vec<usize>,
     /// Handshakes in flight at once while ramping.
@@ -160,6 +164,9 @@ struct IdleArgs {
     model: String,
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Extra JSON fields for the result line, e.g. '{"phase":"hp-idle","label":"muxgate"}'.
+    #[arg(long, default_value = "{}")]
+    tag: String,
 }
 
 #[derive(Args, Clone)]
@@ -981,7 +988,13 @@ async fn idle_cmd(a: IdleArgs) -> Result<()> {
     if max_conns > 20_000 {
         bail!("at most 20000 connections");
     }
+    let tag: Value = serde_json::from_str(&a.tag).context("--tag must be a JSON object")?;
     let settle = Duration::from_millis(a.settle_ms);
+    // Before anything connects: what an operator sees of a freshly started gateway (a lazy
+    // table would show up in the reading after the warm-up stream instead).
+    sleep_until(Instant::now() + settle).await;
+    let rss_fresh = status_kb(a.server_pid, "VmRSS:");
+    eprintln!("idle: before the first connection, gateway RSS {rss_fresh} kB");
     let connected = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
     let live_started = Arc::new(AtomicUsize::new(0));
@@ -1068,7 +1081,7 @@ async fn idle_cmd(a: IdleArgs) -> Result<()> {
     let idle_rss = status_kb(a.server_pid, "VmRSS:");
     let mut live_out = Vec::new();
     let mut opened = 0usize;
-    for &target in &a.live {
+    for &target in a.live.iter().filter(|n| **n > 0) {
         let target = target.min(senders.len());
         for tx in &senders[opened..target] {
             let _ = tx.send(ConnCmd::OpenLive).await;
@@ -1105,8 +1118,9 @@ async fn idle_cmd(a: IdleArgs) -> Result<()> {
     for t in tasks {
         let _ = timeout_at(close_deadline, t).await;
     }
-    let result = json!({
+    let mut result = json!({
         "kind": "idle",
+        "rss_fresh_kb": rss_fresh,
         "rss0_kb": rss0,
         "steps": steps_out,
         "idle_rss_kb": idle_rss,
@@ -1114,6 +1128,9 @@ async fn idle_cmd(a: IdleArgs) -> Result<()> {
         "hwm_kb": hwm,
         "dropped_while_idle": dropped.load(Ordering::Relaxed),
     });
+    if let (Some(obj), Value::Object(extra)) = (result.as_object_mut(), tag) {
+        obj.extend(extra);
+    }
     emit(&result, a.out.as_ref())
 }
 
@@ -1452,6 +1469,7 @@ const LABELS: [&str; 4] = ["direct", "muxgate", "muxgate-nodelay", "litellm"];
 
 fn render(rows: &[Value], out: &mut String) {
     use std::fmt::Write as _;
+    render_hotpath(rows, out);
     let streams: Vec<&Value> = rows.iter().filter(|r| r["kind"] == "stream").collect();
     let side: Vec<&Value> = streams
         .iter()
@@ -1568,9 +1586,22 @@ fn render(rows: &[Value], out: &mut String) {
     }
     render_cluster(rows, out);
     for idle in rows.iter().filter(|r| r["kind"] == "idle") {
-        let _ = writeln!(out, "\n### Resident memory of the gateway\n");
+        let _ = writeln!(
+            out,
+            "\n### Resident memory of the gateway{}\n",
+            idle["label"]
+                .as_str()
+                .map_or(String::new(), |l| format!(" ({l})"))
+        );
         let _ = writeln!(out, "| state | connections | live streams | RSS MiB | fds | per item over previous row | per item over 0 connections |");
         let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+        if let Some(fresh) = idle["rss_fresh_kb"].as_f64() {
+            let _ = writeln!(
+                out,
+                "| fresh, before the first connection | 0 | 0 | {:.1} | — | — | — |",
+                fresh / 1024.0
+            );
+        }
         let rss0 = idle["rss0_kb"].as_f64().unwrap_or(0.0);
         let mut prev: Option<(f64, f64)> = None;
         let mut conns_max = 0.0;
@@ -1732,4 +1763,318 @@ fn render_cluster(rows: &[Value], out: &mut String) {
             );
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// `scripts/bench --hotpath`: issue 15's figures in one block
+
+/// The gateway paths of a hot-path run: the build measured and, when given, the one it is
+/// compared with. Their order is the summary's column order after nginx / direct.
+const HOTPATH_GATEWAYS: [(&str, &str); 2] = [("muxgate-before", "before"), ("muxgate", "after")];
+
+/// Summed over every round of one path, so rounds interleaved with the other paths count as
+/// one longer run (CPU readings are whole clock ticks: more chunks, less rounding).
+#[derive(Default)]
+struct Pooled {
+    cpu_s: f64,
+    chunks: f64,
+    runs: u64,
+    /// Streams that failed, came back short, or were left unfinished, over all rounds.
+    bad_streams: u64,
+}
+
+impl Pooled {
+    fn of(rows: &[&Value], phase: &str, label: &str, k: u64) -> Option<Pooled> {
+        let mut p = Pooled::default();
+        for r in rows.iter().filter(|r| {
+            r["phase"] == phase && r["label"] == label && r["streams"].as_u64() == Some(k)
+        }) {
+            p.cpu_s += r["server_cpu_s"].as_f64()?;
+            p.chunks += r["chunks_window"].as_f64().unwrap_or(0.0);
+            p.runs += 1;
+            p.bad_streams += ["streams_err", "streams_short", "unfinished"]
+                .iter()
+                .map(|k| r[*k].as_u64().unwrap_or(0))
+                .sum::<u64>();
+        }
+        (p.runs > 0 && p.chunks > 0.0).then_some(p)
+    }
+
+    /// CPU milliseconds per 1,000 relayed chunks (the issue's unit).
+    fn ms_per_1000(&self) -> f64 {
+        self.cpu_s / self.chunks * 1e6
+    }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+fn times(x: Option<f64>) -> String {
+    x.filter(|v| v.is_finite())
+        .map_or("—".into(), |v| format!("{v:.2}×"))
+}
+
+fn num(x: Option<f64>, digits: usize) -> String {
+    x.filter(|v| v.is_finite())
+        .map_or("—".into(), |v| format!("{v:.digits$}"))
+}
+
+fn render_hotpath(rows: &[Value], out: &mut String) {
+    use std::fmt::Write as _;
+    let hp: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r["phase"].as_str().is_some_and(|p| p.starts_with("hp-")))
+        .collect();
+    if hp.is_empty() {
+        return;
+    }
+    let gateways: Vec<(&str, &str)> = HOTPATH_GATEWAYS
+        .into_iter()
+        .filter(|(label, _)| hp.iter().any(|r| r["label"] == *label))
+        .collect();
+    let rounds = hp
+        .iter()
+        .filter_map(|r| r["round"].as_u64())
+        .max()
+        .unwrap_or(1);
+    let _ = writeln!(
+        out,
+        "### Issue 15: hot path ({rounds} interleaved rounds)\n"
+    );
+    let mut head = String::from("| metric | target | nginx / direct |");
+    let mut rule = String::from("|---|---|---:|");
+    for (_, col) in &gateways {
+        head.push_str(&format!(" {col} |"));
+        rule.push_str("---:|");
+    }
+    if gateways.len() == 2 {
+        head.push_str(" after ÷ before |");
+        rule.push_str("---:|");
+    }
+    let _ = writeln!(out, "{head}\n{rule}");
+    let mut row = |metric: &str, target: &str, base: String, vals: Vec<Option<f64>>, digits| {
+        let mut line = format!("| {metric} | {target} | {base} |");
+        for v in &vals {
+            line.push_str(&format!(" {} |", num(*v, digits)));
+        }
+        if let [Some(before), Some(after)] = vals[..] {
+            line.push_str(&format!(" {} |", times(Some(after / before))));
+        } else if vals.len() == 2 {
+            line.push_str(" — |");
+        }
+        let _ = writeln!(out, "{line}");
+    };
+
+    // CPU per relayed chunk against nginx, pooled over the rounds.
+    let mut bad = Vec::new();
+    let shapes: Vec<(&str, u64, String)> = {
+        let mut v: Vec<(&str, u64, String)> = Vec::new();
+        let mut ks: Vec<u64> = hp
+            .iter()
+            .filter(|r| r["phase"] == "hp-ratio")
+            .filter_map(|r| r["streams"].as_u64())
+            .collect();
+        ks.sort_unstable();
+        ks.dedup();
+        for k in ks {
+            v.push(("hp-ratio", k, format!("{k} streams")));
+        }
+        if let Some(r) = hp.iter().find(|r| r["phase"] == "hp-issue") {
+            let k = r["streams"].as_u64().unwrap_or(0);
+            v.push((
+                "hp-issue",
+                k,
+                format!("issue's shape: {k} streams, {} ms apart", r["delay_ms"]),
+            ));
+        }
+        v
+    };
+    for (phase, k, name) in &shapes {
+        let per_conn = hp
+            .iter()
+            .find(|r| {
+                r["phase"] == *phase && r["target"] == "ws" && r["streams"].as_u64() == Some(*k)
+            })
+            .and_then(|r| Some(r["streams"].as_f64()? / r["conns"].as_f64()?));
+        let nginx = Pooled::of(&hp, phase, "nginx", *k);
+        let gws: Vec<Option<Pooled>> = gateways
+            .iter()
+            .map(|(label, _)| Pooled::of(&hp, phase, label, *k))
+            .collect();
+        for (label, p) in std::iter::once(("nginx", &nginx))
+            .chain(gateways.iter().map(|(l, _)| *l).zip(gws.iter()))
+        {
+            if let Some(p) = p.as_ref().filter(|p| p.bad_streams > 0) {
+                bad.push(format!(
+                    "{label} at {name}: {} streams failed, short or unfinished",
+                    p.bad_streams
+                ));
+            }
+        }
+        let nginx_ms = nginx.as_ref().map(Pooled::ms_per_1000);
+        row(
+            &format!(
+                "CPU ms per 1,000 relayed chunks, {name} ({} per WebSocket)",
+                num(per_conn, 0)
+            ),
+            "—",
+            num(nginx_ms, 1),
+            gws.iter()
+                .map(|p| p.as_ref().map(Pooled::ms_per_1000))
+                .collect(),
+            1,
+        );
+        row(
+            &format!("… ÷ nginx's, {name}"),
+            "≤ 1.25",
+            "1.00".into(),
+            gws.iter()
+                .map(|p| Some(p.as_ref()?.ms_per_1000() / nginx_ms?))
+                .collect(),
+            2,
+        );
+    }
+
+    // Added TTFT with the gateway pinned: each round against its own direct run.
+    let pinned: Vec<&Value> = hp
+        .iter()
+        .copied()
+        .filter(|r| r["phase"] == "hp-pinned")
+        .collect();
+    if !pinned.is_empty() {
+        let k = pinned[0]["streams"].as_u64().unwrap_or(0);
+        for (q, target) in [("p99", "< 1"), ("p50", "—")] {
+            let direct: Vec<f64> = pinned
+                .iter()
+                .filter(|r| r["label"] == "direct")
+                .filter_map(|r| r["ttft_us"][q].as_f64())
+                .collect();
+            let added = |label: &str| -> Vec<f64> {
+                pinned
+                    .iter()
+                    .filter(|r| r["label"] == label)
+                    .filter_map(|r| {
+                        let d = pinned
+                            .iter()
+                            .find(|d| d["label"] == "direct" && d["round"] == r["round"])?;
+                        Some((r["ttft_us"][q].as_f64()? - d["ttft_us"][q].as_f64()?) / 1000.0)
+                    })
+                    .collect()
+            };
+            row(
+                &format!("added TTFT {q} ms over direct, {k} streams, gateway pinned to core 0 (median of rounds)"),
+                target,
+                format!("{} (direct's own)", num(median(direct).map(|v| v / 1000.0), 3)),
+                gateways.iter().map(|(l, _)| median(added(l))).collect(),
+                3,
+            );
+        }
+        for r in &pinned {
+            let n = ["streams_err", "streams_short", "unfinished"]
+                .iter()
+                .map(|k| r[*k].as_u64().unwrap_or(0))
+                .sum::<u64>();
+            if n > 0 {
+                bad.push(format!(
+                    "{} pinned, round {}: {n} streams failed, short or unfinished",
+                    r["label"].as_str().unwrap_or("?"),
+                    r["round"]
+                ));
+            }
+        }
+    }
+
+    // Memory of a fresh gateway.
+    let idle = |label: &str| {
+        hp.iter()
+            .find(|r| r["phase"] == "hp-idle" && r["label"] == label)
+    };
+    if gateways.iter().any(|(l, _)| idle(l).is_some()) {
+        let mib = |key: &'static str| {
+            gateways
+                .iter()
+                .map(|(l, _)| Some(idle(l)?[key].as_f64()? / 1024.0))
+                .collect::<Vec<_>>()
+        };
+        row(
+            "idle RSS MiB before the first connection",
+            "≤ 20 MB (19.1 MiB)",
+            "—".into(),
+            mib("rss_fresh_kb"),
+            1,
+        );
+        row(
+            "idle RSS MiB after one stream (lazy tables loaded)",
+            "—",
+            "—".into(),
+            mib("rss0_kb"),
+            1,
+        );
+        let per_conn = |r: &Value| -> Option<(f64, f64)> {
+            let last = r["steps"].as_array()?.last()?;
+            let n = last["conns"].as_f64().filter(|n| *n > 0.0)?;
+            Some((n, (last["rss_kb"].as_f64()? - r["rss0_kb"].as_f64()?) / n))
+        };
+        let conns = gateways
+            .iter()
+            .find_map(|(l, _)| per_conn(idle(l)?))
+            .map_or(0.0, |(n, _)| n);
+        row(
+            &format!("KiB per idle connection ({conns:.0} connections)"),
+            "≤ 16",
+            "—".into(),
+            gateways
+                .iter()
+                .map(|(l, _)| Some(per_conn(idle(l)?)?.1))
+                .collect(),
+            1,
+        );
+    }
+    if bad.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nEvery stream of every run was complete (all chunks, in order, none unfinished)."
+        );
+    } else {
+        let _ = writeln!(out, "\nNot clean: {}.", bad.join("; "));
+    }
+
+    // Every run, so a reader can see the spread between rounds.
+    let _ = writeln!(out, "\n#### Runs, in the order they ran\n");
+    let _ = writeln!(out, "| round | phase | streams | path | conns | CPU ms / 1,000 chunks | chunks/s (offered) | TTFT p50 ms | TTFT p99 ms | gap p99 ms | streams | load avg |");
+    let _ = writeln!(
+        out,
+        "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|"
+    );
+    for r in hp.iter().filter(|r| r["kind"] == "stream") {
+        let cpu = r["server_cpu_s"]
+            .as_f64()
+            .zip(r["chunks_window"].as_f64().filter(|c| *c > 0.0))
+            .map(|(s, c)| s / c * 1e6);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} | {} | {} | {} |",
+            r["round"],
+            r["phase"].as_str().unwrap_or("?").trim_start_matches("hp-"),
+            r["streams"],
+            r["label"].as_str().unwrap_or("?"),
+            r["conns"],
+            num(cpu, 1),
+            f(&r["chunks_per_s"], 0),
+            f(&r["offered_chunks_per_s"], 0),
+            msv(&r["ttft_us"]["p50"]),
+            msv(&r["ttft_us"]["p99"]),
+            msv(&r["gap_us"]["p99"]),
+            errs(r),
+            r["loadavg"].as_str().unwrap_or("—"),
+        );
+    }
+    let _ = writeln!(out);
 }
