@@ -38,6 +38,11 @@ pub struct LimitsConfig {
     pub default_max_tokens: u64,
     /// Per-user requests per minute, overriding the tier's `user_rpm`. Default none.
     pub user_rpm: BTreeMap<String, u32>,
+    /// Bytes of a request's prompt the tokenizer reads for its reservation; the rest counts one
+    /// token per byte, an upper bound (and so the bill for the prompt if the upstream sends no
+    /// `usage`). Bounds the tokenizer's CPU per request. Default 1048576 (1 MiB, the default
+    /// `session.max_frame_bytes`: every prompt a default frame can carry is counted exactly).
+    pub prompt_count_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -47,6 +52,7 @@ impl Default for LimitsConfig {
             global_tpm: 10_000_000,
             default_max_tokens: 1024,
             user_rpm: BTreeMap::new(),
+            prompt_count_bytes: 1 << 20,
         }
     }
 }
