@@ -40,8 +40,9 @@ pub struct LimitsConfig {
     pub user_rpm: BTreeMap<String, u32>,
     /// Bytes of a request's prompt the tokenizer reads for its reservation; the rest counts one
     /// token per byte, an upper bound (and so the bill for the prompt if the upstream sends no
-    /// `usage`). Bounds the tokenizer's CPU per request. Default 1048576 (1 MiB, the default
-    /// `session.max_frame_bytes`: every prompt a default frame can carry is counted exactly).
+    /// `usage`). Bounds the tokenizer's CPU per request: a long piece of one repeated character
+    /// costs up to ~2 CPU-s per MiB to merge, prose ~30 ms. Default 262144 (256 KiB, some 64k
+    /// tokens of prose counted exactly).
     pub prompt_count_bytes: usize,
 }
 
@@ -52,7 +53,7 @@ impl Default for LimitsConfig {
             global_tpm: 10_000_000,
             default_max_tokens: 1024,
             user_rpm: BTreeMap::new(),
-            prompt_count_bytes: 1 << 20,
+            prompt_count_bytes: 256 << 10,
         }
     }
 }

@@ -165,6 +165,9 @@ async fn hostile_prompts_do_not_stall_a_healthy_stream() {
         // well below what counting a 1 MB prompt takes on an async worker in a debug build.
         c.session.heartbeat_ms = 2_000;
         c.tiers.get_mut("pro").unwrap().user_rpm = 10_000;
+        // The whole 1 MB name through the tokenizer (the default allowance would count most of
+        // it a token per byte, unread): what is tested is where the tokenizer runs.
+        c.limits.prompt_count_bytes = 1 << 20;
     })
     .await;
     let mut healthy = h.connect("alice").await;

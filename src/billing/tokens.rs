@@ -11,9 +11,10 @@
 //! runs of punctuation or of whitespace) with a DFA, linear in the text; then each piece is
 //! merged pair by pair, lowest rank first, into tokens. The merges are the costly part, and
 //! what text makes them costly is the client's choice (a megabyte-long piece of one repeated
-//! character), so a prompt is merged for at most `limits.prompt_count_bytes` and the rest is
-//! counted at one token per byte: no token is shorter than a byte, so the count stays an upper
-//! bound and never lets a prompt through under its real size.
+//! character), so a prompt is merged for at most `limits.prompt_count_bytes`, in pieces of at
+//! most 4 KiB, and the rest (and any longer piece) is counted at one token per byte: no token is
+//! shorter than a byte, so the count stays an upper bound and never lets a prompt through under
+//! its real size.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -61,9 +62,14 @@ const REPLY_PRIMING: u64 = 3;
 
 /// Pieces shorter than this are merged by rescanning a short vector after every merge, as
 /// `tiktoken` does (cache-friendly, quadratic in the piece); longer ones with a heap, in
-/// O(n log n). `tiktoken` switches at 100 bytes; lower here, so that a prompt made of 99-byte
-/// pieces costs a merge-heavy client no more per byte than one long piece.
-const SMALL_PIECE: usize = 32;
+/// O(n log n). 100 bytes, as `tiktoken`: `examples/token_count.rs` measured 99-byte pieces at
+/// half the cost through the vector as through the heap.
+const SMALL_PIECE: usize = 100;
+
+/// In a bounded count ([`count_prompt`]), a piece longer than this counts a token per byte,
+/// unmerged: merging one long piece costs far more per byte than prose (a megabyte of one
+/// repeated character, ~1 CPU-s), and honest text has few pieces this long.
+const MAX_BOUNDED_PIECE: usize = 4096;
 
 static CL100K_RANKS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cl100k_base.ranks"));
 static O200K_RANKS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/o200k_base.ranks"));
@@ -259,6 +265,8 @@ struct Counter {
     tokenizer: Option<&'static Tokenizer>,
     /// Bytes the tokenizer may still merge; past them, text counts a token per byte.
     left: usize,
+    /// Longest piece merged; a longer one counts a token per byte.
+    max_piece: usize,
     /// Bytes merged into tokens.
     merged: usize,
     /// Bytes counted a token each, unread: past `left`, or with no tokenizer loaded.
@@ -267,10 +275,16 @@ struct Counter {
 }
 
 impl Counter {
+    /// A counter merging at most `max_merged` bytes; with `usize::MAX`, an exact one.
     fn new(model: &str, max_merged: usize) -> Self {
         Counter {
             tokenizer: tokenizer(encoding_for_model(model)),
             left: max_merged,
+            max_piece: if max_merged == usize::MAX {
+                usize::MAX
+            } else {
+                MAX_BOUNDED_PIECE
+            },
             merged: 0,
             bounded: 0,
             scratch: Vec::new(),
@@ -279,23 +293,30 @@ impl Counter {
 
     fn count(&mut self, text: &str) -> u64 {
         let mut tokens = 0;
-        let mut done = 0;
+        let mut read = 0;
         if let Some(tokenizer) = self.tokenizer {
             if self.left > 0 {
                 for (start, end) in tokenizer.pieces(text) {
-                    if end - start > self.left {
+                    let len = end - start;
+                    if len > self.left {
                         self.left = 0;
                         break;
                     }
-                    self.left -= end - start;
+                    read = end;
+                    if len > self.max_piece {
+                        // Byte-level BPE never makes more tokens than bytes.
+                        self.bounded += len;
+                        tokens += len as u64;
+                        continue;
+                    }
+                    self.left -= len;
+                    self.merged += len;
                     tokens += tokenizer.merge(&text.as_bytes()[start..end], &mut self.scratch);
-                    done = end;
                 }
-                self.merged += done;
             }
         }
-        // Byte-level BPE never makes more tokens than bytes: an upper bound for what is left.
-        let rest = text.len() - done;
+        // What is left unread: a token per byte, an upper bound as above.
+        let rest = text.len() - read;
         self.bounded += rest;
         tokens + rest as u64
     }
@@ -395,9 +416,10 @@ pub struct PromptCount {
 
 /// The prompt tokens of a request's `messages` and tool definitions (`params.tools`, `Null`
 /// for none), as [`count_prompt_tokens`] and [`count_tools_tokens`] count them, but merging at
-/// most `max_merged` bytes of text: what lies beyond counts a token per byte, so the result is
-/// exact for a prompt within the allowance and an upper bound past it, and no prompt costs
-/// more than `max_merged` bytes of merging.
+/// most `max_merged` bytes of text, in pieces of at most 4 KiB (`MAX_BOUNDED_PIECE`): what lies
+/// beyond, and any longer piece, counts a token per byte, so the result is exact for a prompt
+/// within the allowance and an upper bound past it, and no prompt costs more than `max_merged`
+/// bytes of merging short pieces.
 pub fn count_prompt(
     model: &str,
     messages: &[Value],
@@ -729,6 +751,7 @@ mod tests {
             let mut counter = Counter {
                 tokenizer: Some(ours),
                 left: usize::MAX,
+                max_piece: usize::MAX,
                 merged: 0,
                 bounded: 0,
                 scratch: Vec::new(),
@@ -768,6 +791,17 @@ mod tests {
                 "{max_merged}: {count:?}"
             );
         }
+        // Within the allowance but one piece longer than MAX_BOUNDED_PIECE: that piece counts a
+        // token per byte, unmerged, and the prose after it is still merged.
+        let count = count_prompt("gpt-4o", &messages, &tools, 1 << 20);
+        assert_eq!(count.bounded, 256 * 1024, "{count:?}");
+        assert!(count.merged < 1024, "{count:?}");
+        assert!(count.tokens >= exact, "{count:?} < {exact}");
+        let prose = [json!({"role": "user", "content": "one short piece after another"})];
+        assert_eq!(
+            count_prompt("gpt-4o", &prose, &Value::Null, 1 << 20).tokens,
+            count_prompt_tokens("gpt-4o", &prose)
+        );
         // The text before the flood fits a small allowance: counted exactly, not by its bytes.
         let small = count_prompt("gpt-4o", &messages[..1], &Value::Null, 100);
         assert_eq!(small.tokens, count_prompt_tokens("gpt-4o", &messages[..1]));
