@@ -41,7 +41,7 @@ pub struct LimitsConfig {
     /// Bytes of a request's prompt the tokenizer reads for its reservation; the rest counts one
     /// token per byte, an upper bound (and so the bill for the prompt if the upstream sends no
     /// `usage`). Bounds the tokenizer's CPU per request: a long piece of one repeated character
-    /// costs up to ~2 CPU-s per MiB to merge, prose ~30 ms. Default 262144 (256 KiB, some 64k
+    /// costs up to ~0.8 CPU-s per MiB to merge, prose ~30 ms. Default 262144 (256 KiB, some 64k
     /// tokens of prose counted exactly).
     pub prompt_count_bytes: usize,
 }

@@ -68,7 +68,7 @@ const SMALL_PIECE: usize = 100;
 
 /// In a bounded count ([`count_prompt`]), a piece longer than this counts a token per byte,
 /// unmerged: merging one long piece costs far more per byte than prose (a megabyte of one
-/// repeated character, ~1 CPU-s), and honest text has few pieces this long.
+/// repeated character, 0.3–0.8 CPU-s), and honest text has few pieces this long.
 const MAX_BOUNDED_PIECE: usize = 4096;
 
 static CL100K_RANKS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cl100k_base.ranks"));
