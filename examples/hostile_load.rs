@@ -18,6 +18,11 @@
 //!   hello timeout. Default N = 20.
 //! - `retained N`: one pro user runs N streams one after another, each with ~1 MiB of frames,
 //!   and leaves them finished within the resume window. Default N = 100.
+//! - `idle`: the RSS (anonymous and file-backed apart) before the first connection, then after
+//!   one connection's first stream, whose prompt is counted (issue 15: the tokenizer tables).
+//! - `prompt N`: one enterprise user (5M tokens a minute) opens N streams one after another, each with a prompt of one
+//!   ~1 MiB run of `!` (one pre-tokenizer piece: the merges' worst case), which the gateway
+//!   counts for the reservation before calling the upstream. Default N = 10.
 //!
 //! Loopback only; every scenario is bounded in count and in time (120 s).
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
@@ -67,6 +72,23 @@ impl Gateway {
         let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
         let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
         (rss, ticks as f64 / 100.0)
+    }
+
+    /// VmRSS, RssAnon and RssFile in MiB, as one line.
+    fn memory(&self) -> String {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        ["VmRSS", "RssAnon", "RssFile"]
+            .iter()
+            .map(|key| {
+                let kib: f64 = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&format!("{key}:")))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                    .unwrap();
+                format!("{key} {:.1} MiB", kib / 1024.0)
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     async fn connect(&self, user: &str, tier: &str) -> Ws {
@@ -260,6 +282,47 @@ async fn retained(binary: &str, n: usize) {
     );
 }
 
+async fn idle(binary: &str) {
+    let gw = start(binary).await;
+    let before = gw.memory();
+    let mut ws = gw.connect("idle", "pro").await;
+    let outcomes = open_all(&mut ws, 1, 1, |_| {
+        json!({"type":"open","id":"first","model":"gpt-4o",
+            "messages":[{"role":"user","content":"Count me, then answer. [[mock chunks=3]]"}]})
+    })
+    .await;
+    // Let the allocator settle as `start` does.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    println!("idle: before the first connection: {before}");
+    println!(
+        "idle: after one stream ({outcomes:?}), its connection open: {}",
+        gw.memory()
+    );
+}
+
+async fn prompt(binary: &str, n: usize) {
+    let gw = start(binary).await;
+    let mut ws = gw.connect("prompt", "enterprise").await;
+    // Under the 1 MiB frame limit with the frame's JSON around it.
+    let flood = "!".repeat((1 << 20) - 4096);
+    let (rss0, cpu0) = gw.usage();
+    let t = Instant::now();
+    let outcomes = open_all(&mut ws, n, 1, |i| {
+        json!({"type":"open","id":format!("p{i}"),"model":"m","max_tokens":1,
+            "messages":[{"role":"user","content":format!("{flood} [[mock chunks=1]]")}]})
+    })
+    .await;
+    let (rss1, cpu1) = gw.usage();
+    println!(
+        "prompt: {n} opens with a ~1 MiB run of one character ({outcomes:?}) in {:.1} s; CPU {:.2} s ({:.3} CPU-s each); RSS {} -> {} KiB",
+        t.elapsed().as_secs_f64(),
+        cpu1 - cpu0,
+        (cpu1 - cpu0) / n as f64,
+        rss0,
+        rss1
+    );
+}
+
 async fn preauth(binary: &str, n: usize) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let gw = start(binary).await;
@@ -323,7 +386,7 @@ async fn preauth(binary: &str, n: usize) {
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(binary) = args.first() else {
-        eprintln!("usage: hostile_load BINARY [refused N] [bigname N] [preauth N] [retained N]");
+        eprintln!("usage: hostile_load BINARY [refused N] [bigname N] [preauth N] [retained N] [idle] [prompt N]");
         std::process::exit(2);
     };
     let mut rest: Vec<(String, Option<usize>)> = Vec::new();
@@ -349,6 +412,8 @@ async fn main() {
                 "bigname" => bigname(binary, n.unwrap_or(10).min(100)).await,
                 "preauth" => preauth(binary, n.unwrap_or(20).min(100)).await,
                 "retained" => retained(binary, n.unwrap_or(100).min(500)).await,
+                "idle" => idle(binary).await,
+                "prompt" => prompt(binary, n.unwrap_or(10).min(100)).await,
                 other => panic!("unknown scenario {other}"),
             }
         };

@@ -38,6 +38,12 @@ pub struct LimitsConfig {
     pub default_max_tokens: u64,
     /// Per-user requests per minute, overriding the tier's `user_rpm`. Default none.
     pub user_rpm: BTreeMap<String, u32>,
+    /// Bytes of a request's prompt the tokenizer reads for its reservation; the rest counts one
+    /// token per byte, an upper bound (and so the bill for the prompt if the upstream sends no
+    /// `usage`). Bounds the tokenizer's CPU per request: a long piece of one repeated character
+    /// costs up to ~0.8 CPU-s per MiB to merge, prose ~30 ms. Default 262144 (256 KiB, some 64k
+    /// tokens of prose counted exactly).
+    pub prompt_count_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -47,6 +53,7 @@ impl Default for LimitsConfig {
             global_tpm: 10_000_000,
             default_max_tokens: 1024,
             user_rpm: BTreeMap::new(),
+            prompt_count_bytes: 256 << 10,
         }
     }
 }

@@ -186,6 +186,8 @@ pub struct Metrics {
     ws_sent_bytes: Counter,
     tokenizer_bytes: Counter,
     tokenizer_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// Prompt bytes past `limits.prompt_count_bytes`, reserved at a token per byte unread.
+    tokenizer_bounded_bytes: Counter,
     /// 1 while the last call to the shared store (Redis, cluster mode) succeeded; 0 after one
     /// failed or timed out. Absent from the output in single-process mode.
     redis_up: Gauge,
@@ -238,6 +240,7 @@ impl Metrics {
             ws_sent_bytes: Counter::default(),
             tokenizer_bytes: Counter::default(),
             tokenizer_seconds: Counter::default(),
+            tokenizer_bounded_bytes: Counter::default(),
             redis_up: Gauge::default(),
             redis_errors: Family::default(),
             redis_fallbacks: Family::default(),
@@ -332,13 +335,18 @@ impl Metrics {
         );
         registry.register(
             "tokenizer_bytes",
-            "Bytes of text run through the tokenizer: prompts of admitted streams, and completions the upstream sent no usage for",
+            "Bytes of text run through the tokenizer: prompts of admitted streams (up to limits.prompt_count_bytes each), and completions the upstream sent no usage for",
             m.tokenizer_bytes.clone(),
         );
         registry.register(
             "tokenizer_seconds",
             "Time spent in the tokenizer, on its bounded pool of blocking threads",
             m.tokenizer_seconds.clone(),
+        );
+        registry.register(
+            "tokenizer_bounded_bytes",
+            "Prompt bytes past limits.prompt_count_bytes, not run through the tokenizer but counted one token per byte (an upper bound)",
+            m.tokenizer_bounded_bytes.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -601,6 +609,12 @@ impl Metrics {
         self.tokenizer_seconds.inc_by(took.as_secs_f64());
     }
 
+    /// `bytes` of a prompt were counted a token per byte, past the tokenizer's allowance
+    /// (`muxgate_tokenizer_bounded_bytes_total`): how often reservations are upper bounds.
+    pub fn tokens_bounded(&self, bytes: usize) {
+        self.tokenizer_bounded_bytes.inc_by(bytes as u64);
+    }
+
     /// The text exposition of every metric, for `GET /metrics` with [`CONTENT_TYPE`].
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
@@ -733,6 +747,7 @@ mod tests {
         m.set_breaker_state("openai", 1);
         m.frames_sent(5, 1234);
         m.tokenized(10, Duration::from_millis(1));
+        m.tokens_bounded(5);
         m.set_redis_up(true);
         m.redis_error("take");
         m.redis_fallback("take");
@@ -1072,7 +1087,7 @@ mod tests {
                 families.insert(name.to_string(), kind.to_string());
             }
         }
-        assert_eq!(families.len(), 18, "{families:#?}");
+        assert_eq!(families.len(), 19, "{families:#?}");
         for (name, kind) in &families {
             assert!(name.starts_with("muxgate_"), "{name}");
             match kind.as_str() {

@@ -283,24 +283,24 @@ pub async fn run(job: Job) -> Outcome {
     outcome
 }
 
-/// Counts the prompt's tokens, off the async threads (see [`billing::count_off_runtime`]): the
-/// tokenizer costs up to 0.6 CPU-s per MiB of hostile text, in any string field.
+/// Counts the prompt's tokens for the reservation, off the async threads (see
+/// [`billing::count_off_runtime`]), merging at most `limits.prompt_count_bytes` of its text:
+/// past that, an upper bound (see [`billing::count_prompt`]), so one frame buys a bounded amount
+/// of tokenizer CPU whatever its text.
 async fn prompt_tokens(gw: &Gateway, req: &OpenRequest) -> u64 {
     let tools = req.params.get("tools").cloned().unwrap_or_default();
+    let max_merged = gw.config.limits.prompt_count_bytes;
     let counted = billing::count_off_runtime(
         || (req.model.clone(), req.messages.clone(), tools),
-        |(model, messages, tools)| {
-            let tokens = billing::count_prompt_tokens(&model, &messages)
-                + billing::count_tools_tokens(&model, &tools);
-            let bytes = billing::prompt_text_bytes(&messages)
-                + billing::prompt_text_bytes(std::slice::from_ref(&tools));
-            (tokens, bytes)
+        move |(model, messages, tools)| {
+            billing::count_prompt(&model, &messages, &tools, max_merged)
         },
     )
     .await;
-    counted.map_or(0, |((tokens, bytes), took)| {
-        gw.metrics.tokenized(bytes, took);
-        tokens
+    counted.map_or(0, |(count, took)| {
+        gw.metrics.tokenized(count.merged, took);
+        gw.metrics.tokens_bounded(count.bounded);
+        count.tokens
     })
 }
 

@@ -11,7 +11,8 @@ use crate::gateway::Gateway;
 
 pub use crate::auth::{unix_now, unix_now_ms};
 pub use crate::billing::{
-    cost_usd, count_prompt_tokens, count_tokens, count_tools_tokens, warm_up,
+    cost_usd, count_prompt, count_prompt_tokens, count_tokens, count_tools_tokens, warm_up,
+    PromptCount,
 };
 pub use crate::protocol::{delta_parts, parse_client_frame, ClientFrame};
 pub use crate::redact::Redactor;

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use muxgate::test_support::{cost_usd, count_prompt_tokens, count_tokens};
+use muxgate::test_support::{cost_usd, count_prompt, count_prompt_tokens, count_tokens};
 use serde_json::{json, Value};
 
 /// The deepseek-v3.2 price from the seed: $0.10 in, $0.42 out per million tokens.
@@ -214,5 +214,80 @@ async fn a_tier_budget_covers_all_its_users() {
     assert_eq!(
         a.recv_until("error", Some("a2")).await["code"],
         "budget_exceeded"
+    );
+}
+
+/// Issue 15: the prompt counted for the reservation is merged for at most
+/// `limits.prompt_count_bytes` (the tokenizer's work per request is bounded: counted here as
+/// `muxgate_tokenizer_bytes_total`, not timed); the rest counts a token per byte. The bill is
+/// the upstream's `usage` when it sends one, and without it the bounded count, which is never
+/// below the exact one.
+#[tokio::test]
+async fn prompt_counting_is_bounded_and_never_under_counts() {
+    const ALLOWANCE: usize = 4096;
+    let h = Harness::start_with(|c| c.limits.prompt_count_bytes = ALLOWANCE).await;
+    let mut c = h.connect("alice").await;
+    // One 200 kB piece of one repeated character: the merges' worst case.
+    let flood = "!".repeat(200_000);
+
+    let prompt = format!("{flood} [[mock chunks=3]]");
+    c.open("u", &prompt).await;
+    let done = c.recv_until("done", Some("u")).await;
+    // The mock's usage: prompt = words in the messages, completion = chunks.
+    assert_eq!(
+        done["usage"],
+        json!({"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}),
+        "{done}"
+    );
+    assert!(done.get("usage_estimated").is_none(), "{done}");
+    let m = scrape_metrics(&h).await;
+    let merged = metric(&m, "muxgate_tokenizer_bytes_total");
+    let bounded = metric(&m, "muxgate_tokenizer_bounded_bytes_total");
+    assert!(merged <= ALLOWANCE as f64, "{merged}");
+    assert!(bounded >= (prompt.len() - ALLOWANCE) as f64, "{bounded}");
+
+    // Cancelled: no usage, so the gateway bills its own count of the prompt.
+    let prompt = format!("{flood} cancel me [[mock chunks=100000 delay_ms=5]]");
+    c.open("cx", &prompt).await;
+    let mut text = String::new();
+    let mut deltas = 0;
+    loop {
+        let f = c.recv().await;
+        if f["id"] != "cx" {
+            continue;
+        }
+        match f["type"].as_str().unwrap() {
+            "delta" => {
+                text.push_str(f["text"].as_str().unwrap());
+                deltas += 1;
+                if deltas == 3 {
+                    c.send(json!({"type":"cancel","id":"cx"})).await;
+                }
+            }
+            "error" => {
+                assert_eq!(f["code"], "cancelled");
+                break;
+            }
+            _ => {}
+        }
+    }
+    let messages = [json!({"role":"user","content":prompt})];
+    let exact = count_prompt_tokens("deepseek-v3.2", &messages);
+    let bounded_count = count_prompt("deepseek-v3.2", &messages, &Value::Null, ALLOWANCE);
+    assert!(bounded_count.tokens > exact, "{bounded_count:?} vs {exact}");
+    let m = scrape_metrics(&h).await;
+    assert_eq!(
+        metric(&m, "muxgate_tokens_total{model=\"deepseek-v3.2\",tier=\"pro\",kind=\"prompt\",estimated=\"true\"}"),
+        bounded_count.tokens as f64
+    );
+    assert_eq!(
+        metric(&m, "muxgate_tokens_total{model=\"deepseek-v3.2\",tier=\"pro\",kind=\"completion\",estimated=\"true\"}"),
+        count_tokens("deepseek-v3.2", &text) as f64
+    );
+    // This prompt's allowance, and the completion, which is counted whole (it is the bill).
+    let merged_now = metric(&m, "muxgate_tokenizer_bytes_total");
+    assert!(
+        merged_now <= merged + (ALLOWANCE + text.len()) as f64,
+        "{merged_now} after {merged}"
     );
 }

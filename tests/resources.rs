@@ -89,11 +89,14 @@ async fn a_slow_consumer_resumes_with_nothing_lost() {
 }
 
 /// A prompt whose `name` is `bytes` long: short `content`, so the old size check (over
-/// `content` only) counted it on an async worker. One repeated character is the tokenizer's
-/// worst case.
+/// `content` only) counted it on an async worker. Runs of one repeated character are the
+/// tokenizer's worst case; 4,000 bytes each, so that every run is merged (a longer piece counts
+/// a token per byte, unmerged, since issue 15).
 fn big_name_open(id: &str, bytes: usize) -> serde_json::Value {
+    let mut name = format!("{} ", "a".repeat(3_999)).repeat(bytes / 4_000 + 1);
+    name.truncate(bytes);
     json!({"type":"open","id":id,"model":"deepseek-v3.2",
-        "messages":[{"role":"user","name":"a".repeat(bytes),"content":"hi [[mock chunks=2]]"}]})
+        "messages":[{"role":"user","name":name,"content":"hi [[mock chunks=2]]"}]})
 }
 
 fn metric(text: &str, name: &str) -> f64 {
@@ -165,6 +168,9 @@ async fn hostile_prompts_do_not_stall_a_healthy_stream() {
         // well below what counting a 1 MB prompt takes on an async worker in a debug build.
         c.session.heartbeat_ms = 2_000;
         c.tiers.get_mut("pro").unwrap().user_rpm = 10_000;
+        // The whole 1 MB name through the tokenizer (the default allowance would count most of
+        // it a token per byte, unmerged): what is tested is where the tokenizer runs.
+        c.limits.prompt_count_bytes = 1 << 20;
     })
     .await;
     let mut healthy = h.connect("alice").await;

@@ -1,18 +1,31 @@
 //! Token counts, for a stream whose upstream sends no `usage` and for the reservation made
-//! before the upstream call: a real BPE tokenizer (`tiktoken-rs`), its rank files compiled into
-//! the binary, run off the async workers in a bounded pool and warmed up at start.
+//! before the upstream call: byte-pair encoding exactly as OpenAI's `tiktoken` does it, over
+//! vocabularies compiled into the binary as flat tables (`ranks`), run off the async workers in
+//! a bounded pool.
 //!
 //! OpenAI's models get their own encoding; every other model is counted with `cl100k_base`, an
 //! estimate (Claude, Gemini and DeepSeek tokenizers differ by some percent), which is why a
 //! counted figure is always labelled `estimated` in the metrics.
+//!
+//! Two stages, as in `tiktoken`: a pre-tokenizer splits the text into pieces (words, numbers,
+//! runs of punctuation or of whitespace) with a DFA, linear in the text; then each piece is
+//! merged pair by pair, lowest rank first, into tokens. The merges are the costly part, and
+//! what text makes them costly is the client's choice (a megabyte-long piece of one repeated
+//! character), so a prompt is merged for at most `limits.prompt_count_bytes`, in pieces of at
+//! most 4 KiB, and the rest (and any longer piece) is counted at one token per byte: no token is
+//! shorter than a byte, so the count stays an upper bound and never lets a prompt through under
+//! its real size.
 
-use std::collections::HashSet;
-use std::fmt;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
+use regex_automata::meta::Regex;
+use regex_automata::{Anchored, Input};
 use serde_json::Value;
-use tiktoken_rs::CoreBPE;
+
+use super::ranks::Ranks;
 
 /// The BPE encoding used to count a model's tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -47,24 +60,265 @@ const TOKENS_PER_NAME: u64 = 1;
 /// Every reply is primed with `<|start|>assistant<|message|>`.
 const REPLY_PRIMING: u64 = 3;
 
-/// When the pre-tokenizer's backtracking gives up on pathological input (a huge run of
-/// whitespace, say), the text is counted in slices of this size instead.
-const SLICE_BYTES: usize = 16 * 1024;
+/// Pieces shorter than this are merged by rescanning a short vector after every merge, as
+/// `tiktoken` does (cache-friendly, quadratic in the piece); longer ones with a heap, in
+/// O(n log n). 100 bytes, as `tiktoken`: `examples/token_count.rs` measured 99-byte pieces at
+/// half the cost through the vector as through the heap.
+const SMALL_PIECE: usize = 100;
 
-static CL100K: LazyLock<Option<CoreBPE>> =
-    LazyLock::new(|| load("cl100k_base", tiktoken_rs::cl100k_base));
-static O200K: LazyLock<Option<CoreBPE>> =
-    LazyLock::new(|| load("o200k_base", tiktoken_rs::o200k_base));
+/// In a bounded count ([`count_prompt`]), a piece longer than this counts a token per byte,
+/// unmerged: merging one long piece costs far more per byte than prose (a megabyte of one
+/// repeated character, 0.3–0.8 CPU-s), and honest text has few pieces this long.
+const MAX_BOUNDED_PIECE: usize = 4096;
 
-fn load<E: fmt::Display>(name: &str, build: fn() -> Result<CoreBPE, E>) -> Option<CoreBPE> {
-    match build() {
-        Ok(bpe) => Some(bpe),
+static CL100K_RANKS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cl100k_base.ranks"));
+static O200K_RANKS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/o200k_base.ranks"));
+
+/// `tiktoken`'s split patterns, with its one look-ahead, `\s+(?!\S)`, rewritten for a DFA
+/// (which has no look-around) as in GitHub's `bpe-openai`: `\s+$` joins the first pattern, and
+/// `\s+\s` is a pattern of its own whose last character is given back after a match. Patterns
+/// are tried in order at the same start, so the split is the one `tiktoken` makes.
+const CL100K_SPLIT: [&str; 3] = [
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+$",
+    r"\s+\s",
+    r"\s+",
+];
+const O200K_SPLIT: [&str; 3] = [
+    concat!(
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+$",
+    ),
+    r"\s+\s",
+    r"\s+",
+];
+/// Which of the split patterns ends in a look-ahead character (the second).
+const LOOKAHEAD: [bool; 3] = [false, true, false];
+
+/// One encoding: its vocabulary and its pre-tokenizer.
+struct Tokenizer {
+    ranks: Ranks<'static>,
+    split: Regex,
+}
+
+static CL100K: LazyLock<Option<Tokenizer>> =
+    LazyLock::new(|| load("cl100k_base", CL100K_RANKS, &CL100K_SPLIT));
+static O200K: LazyLock<Option<Tokenizer>> =
+    LazyLock::new(|| load("o200k_base", O200K_RANKS, &O200K_SPLIT));
+
+fn load(name: &str, table: &'static [u8], split: &[&str]) -> Option<Tokenizer> {
+    // Both are compiled in, so a failure here means a broken build: counting falls back to the
+    // other encoding (or to bytes, an upper bound), and a broken build fails the unit tests.
+    let Some(ranks) = Ranks::parse(table) else {
+        tracing::error!(encoding = name, "tokenizer table is not readable");
+        return None;
+    };
+    match Regex::new_many(split) {
+        Ok(split) => Some(Tokenizer { ranks, split }),
         Err(err) => {
-            // The ranks are compiled in, so this means a broken build; counting falls back to
-            // the other encoding, and a broken build is caught by the unit tests.
-            tracing::error!(encoding = name, error = %err, "tokenizer failed to load");
+            tracing::error!(encoding = name, error = %err, "tokenizer split pattern failed to build");
             None
         }
+    }
+}
+
+impl Tokenizer {
+    /// The pieces of `text`, as `(start, end)` byte offsets, in order and covering it whole.
+    fn pieces<'t>(&'t self, text: &'t str) -> impl Iterator<Item = (usize, usize)> + 't {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let found = self
+                .split
+                .find(Input::new(text).range(at..).anchored(Anchored::Yes))?;
+            let start = at;
+            let mut end = found.end();
+            if LOOKAHEAD[found.pattern().as_usize()] {
+                // `\s+\s` matches at least two characters; the last is the look-ahead.
+                let last = text[start..end]
+                    .chars()
+                    .next_back()
+                    .map_or(1, char::len_utf8);
+                end -= last;
+            }
+            at = end;
+            Some((start, end))
+        })
+    }
+
+    /// Tokens `piece` merges into.
+    fn merge(&self, piece: &[u8], scratch: &mut Vec<(usize, u32)>) -> u64 {
+        if piece.len() <= 1 || self.ranks.get(piece).is_some() {
+            return piece.len().min(1) as u64;
+        }
+        if piece.len() < SMALL_PIECE {
+            merge_small(&self.ranks, piece, scratch)
+        } else {
+            merge_large(&self.ranks, piece)
+        }
+    }
+}
+
+/// `tiktoken`'s `_byte_pair_merge`, counting only: `parts[i]` is a token's start and the rank
+/// of the pair starting there; the lowest rank merges first, the leftmost on a tie.
+fn merge_small(ranks: &Ranks<'_>, piece: &[u8], parts: &mut Vec<(usize, u32)>) -> u64 {
+    parts.clear();
+    let mut min = (u32::MAX, usize::MAX);
+    for i in 0..piece.len() - 1 {
+        let rank = ranks.get(&piece[i..i + 2]).unwrap_or(u32::MAX);
+        if rank < min.0 {
+            min = (rank, i);
+        }
+        parts.push((i, rank));
+    }
+    parts.push((piece.len() - 1, u32::MAX));
+    parts.push((piece.len(), u32::MAX));
+    // The pair at `i` once `parts[i + 1]` is gone: from `parts[i]` to `parts[i + 3]`.
+    let pair_after_merge = |parts: &[(usize, u32)], i: usize| {
+        if i + 3 < parts.len() {
+            ranks
+                .get(&piece[parts[i].0..parts[i + 3].0])
+                .unwrap_or(u32::MAX)
+        } else {
+            u32::MAX
+        }
+    };
+    while min.0 != u32::MAX {
+        let i = min.1;
+        if i > 0 {
+            parts[i - 1].1 = pair_after_merge(parts, i - 1);
+        }
+        parts[i].1 = pair_after_merge(parts, i);
+        parts.remove(i + 1);
+        min = (u32::MAX, usize::MAX);
+        for (i, &(_, rank)) in parts[..parts.len() - 1].iter().enumerate() {
+            if rank < min.0 {
+                min = (rank, i);
+            }
+        }
+    }
+    (parts.len() - 1) as u64
+}
+
+/// `tiktoken`'s `_byte_pair_merge_large`, counting only: the same merges in the same order,
+/// found with a heap of candidate pairs over a linked list of tokens.
+fn merge_large(ranks: &Ranks<'_>, piece: &[u8]) -> u64 {
+    /// The token starting at a byte: where it ends, the one before it, and the pair it would
+    /// make with the next (its end and rank; `u32::MAX` for none or a stale one).
+    struct Token {
+        prev: usize,
+        end: usize,
+        next_end: usize,
+        next_rank: u32,
+    }
+    let n = piece.len();
+    let mut tokens: Vec<Token> = (0..n)
+        .map(|i| Token {
+            prev: i.wrapping_sub(1),
+            end: i + 1,
+            next_end: i + 2,
+            next_rank: u32::MAX,
+        })
+        .collect();
+    // Lowest rank first, then leftmost.
+    let mut heap = BinaryHeap::with_capacity(n);
+    for i in 0..n - 1 {
+        if let Some(rank) = ranks.get(&piece[i..i + 2]) {
+            heap.push(Reverse((rank, i)));
+            tokens[i].next_rank = rank;
+        }
+    }
+    let mut count = n as u64;
+    while let Some(Reverse((rank, left))) = heap.pop() {
+        if rank != tokens[left].next_rank {
+            continue; // stale: one of its two tokens has merged since
+        }
+        let right = tokens[left].end;
+        let right_end = tokens[left].next_end;
+        let after = tokens[right].next_end;
+        tokens[left].end = right_end;
+        tokens[right].next_rank = u32::MAX;
+        count -= 1;
+        let mut candidate = |tokens: &mut Vec<Token>, start: usize, next_end: usize| {
+            tokens[start].next_end = next_end;
+            tokens[start].next_rank = u32::MAX;
+            if next_end <= n {
+                if let Some(rank) = ranks.get(&piece[start..next_end]) {
+                    heap.push(Reverse((rank, start)));
+                    tokens[start].next_rank = rank;
+                }
+            }
+        };
+        candidate(&mut tokens, left, after);
+        if right_end < n {
+            tokens[right_end].prev = left;
+        }
+        if left > 0 {
+            let prev = tokens[left].prev;
+            candidate(&mut tokens, prev, right_end);
+        }
+    }
+    count
+}
+
+/// Counting one request's text: how much the tokenizer may still merge, and what it did.
+struct Counter {
+    tokenizer: Option<&'static Tokenizer>,
+    /// Bytes the tokenizer may still merge; past them, text counts a token per byte.
+    left: usize,
+    /// Longest piece merged; a longer one counts a token per byte.
+    max_piece: usize,
+    /// Bytes merged into tokens.
+    merged: usize,
+    /// Bytes counted a token each, unread: past `left`, or with no tokenizer loaded.
+    bounded: usize,
+    scratch: Vec<(usize, u32)>,
+}
+
+impl Counter {
+    /// A counter merging at most `max_merged` bytes; with `usize::MAX`, an exact one.
+    fn new(model: &str, max_merged: usize) -> Self {
+        Counter {
+            tokenizer: tokenizer(encoding_for_model(model)),
+            left: max_merged,
+            max_piece: if max_merged == usize::MAX {
+                usize::MAX
+            } else {
+                MAX_BOUNDED_PIECE
+            },
+            merged: 0,
+            bounded: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    fn count(&mut self, text: &str) -> u64 {
+        let mut tokens = 0;
+        let mut read = 0;
+        if let Some(tokenizer) = self.tokenizer {
+            if self.left > 0 {
+                for (start, end) in tokenizer.pieces(text) {
+                    let len = end - start;
+                    if len > self.left {
+                        self.left = 0;
+                        break;
+                    }
+                    read = end;
+                    if len > self.max_piece {
+                        // Byte-level BPE never makes more tokens than bytes.
+                        self.bounded += len;
+                        tokens += len as u64;
+                        continue;
+                    }
+                    self.left -= len;
+                    self.merged += len;
+                    tokens += tokenizer.merge(&text.as_bytes()[start..end], &mut self.scratch);
+                }
+            }
+        }
+        // What is left unread: a token per byte, an upper bound as above.
+        let rest = text.len() - read;
+        self.bounded += rest;
+        tokens + rest as u64
     }
 }
 
@@ -77,7 +331,7 @@ static COUNTING: LazyLock<tokio::sync::Semaphore> = LazyLock::new(|| {
 
 /// Runs `count` (a tokenizer call) over what `input` copies out, on a blocking thread, once
 /// one of the process's few counting permits is free; `None` if the blocking task failed.
-/// Never tokenize on an async worker thread: a megabyte of adversarial text costs ~0.6 CPU-s
+/// Never tokenize on an async worker thread: even bounded, a prompt's count takes milliseconds
 /// and would stall every connection that worker serves. `input` runs only once the permit is
 /// held, so the permits bound both the CPU and the memory (the copies of the text) counting
 /// takes at once; callers wait in line, first come first served. Returns what `count` returned
@@ -101,22 +355,9 @@ where
     .ok()
 }
 
-/// Bytes of every string in `messages`: what [`count_prompt_tokens`] runs the tokenizer over,
-/// near enough (it also counts the JSON of unusual structures).
-pub fn prompt_text_bytes(messages: &[Value]) -> usize {
-    fn walk(v: &Value) -> usize {
-        match v {
-            Value::String(s) => s.len(),
-            Value::Array(items) => items.iter().map(walk).sum(),
-            Value::Object(fields) => fields.values().map(walk).sum(),
-            _ => 0,
-        }
-    }
-    messages.iter().map(walk).sum()
-}
-
-/// Builds both encoders now rather than on the first stream that needs one. Takes a few hundred
-/// milliseconds of CPU: call it from `tokio::task::spawn_blocking` at startup.
+/// Builds both split patterns now rather than on the first stream that needs one (a few
+/// milliseconds; the vocabularies are read in place and need no building). Call it from
+/// `tokio::task::spawn_blocking` at startup.
 pub fn warm_up() {
     LazyLock::force(&CL100K);
     LazyLock::force(&O200K);
@@ -141,7 +382,7 @@ pub fn encoding_for_model(model: &str) -> Encoding {
     }
 }
 
-fn encoder(encoding: Encoding) -> Option<&'static CoreBPE> {
+fn tokenizer(encoding: Encoding) -> Option<&'static Tokenizer> {
     let (wanted, other) = match encoding {
         Encoding::Cl100kBase => (&CL100K, &O200K),
         Encoding::O200kBase => (&O200K, &CL100K),
@@ -150,97 +391,92 @@ fn encoder(encoding: Encoding) -> Option<&'static CoreBPE> {
 }
 
 /// Tokens in `text` as `model`'s tokenizer would count them (see `encoding_for_model`; for
-/// non-OpenAI models an estimate). Special-token markers such as `<|endoftext|>` in the text
-/// are counted as the plain text they are, as the API does for message content.
+/// non-OpenAI models an estimate), exactly, however long the text. Special-token markers such
+/// as `<|endoftext|>` in the text are counted as the plain text they are, as the API does for
+/// message content.
 ///
-/// Cost, measured in release builds: 25–45 ms per MiB of prose, up to 0.6 s per MiB of
-/// adversarial text (a long run of one character). Call it through `count_off_runtime`, never
-/// on an async worker thread. Count a
-/// completion once at the end, not chunk by chunk: that would also miscount the tokens that
-/// span chunk boundaries.
+/// Cost, measured in release builds (`examples/token_count.rs`): linear in the text, up to
+/// tens of milliseconds per MiB. Call it through `count_off_runtime`, never on an async worker
+/// thread. Count a completion once at the end, not chunk by chunk: that would also miscount the
+/// tokens that span chunk boundaries.
 pub fn count_tokens(model: &str, text: &str) -> u64 {
-    count_with(encoder(encoding_for_model(model)), text)
+    Counter::new(model, usize::MAX).count(text)
 }
 
-fn count_with(bpe: Option<&CoreBPE>, text: &str) -> u64 {
-    if text.is_empty() {
-        return 0;
-    }
-    let Some(bpe) = bpe else {
-        // Both encoders failed to load (see `load`). Byte-level BPE never makes more tokens than
-        // bytes, so this bounds the count from above instead of guessing it.
-        return text.len() as u64;
-    };
-    match encode_len(bpe, text) {
-        Some(n) => n,
-        None => count_in_slices(bpe, text),
-    }
+/// A request's prompt, counted for its reservation by [`count_prompt`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PromptCount {
+    /// Prompt tokens: exact when `bounded` is 0, else an upper bound.
+    pub tokens: u64,
+    /// Bytes the tokenizer read and merged: the work the count cost.
+    pub merged: usize,
+    /// Bytes past the tokenizer's allowance, counted a token per byte without being read.
+    pub bounded: usize,
 }
 
-fn encode_len(bpe: &CoreBPE, text: &str) -> Option<u64> {
-    // `encode` reports a regex failure where `encode_ordinary` panics on it; with no special
-    // token allowed, both encode exactly the same tokens.
-    bpe.encode(text, &HashSet::new())
-        .ok()
-        .map(|(tokens, _)| tokens.len() as u64)
-}
-
-/// Counts `text` in slices of at most [`SLICE_BYTES`], cut at character boundaries. Only the
-/// tokens spanning a cut are miscounted (by one or two each), which is close enough for input
-/// that defeats the tokenizer as a whole.
-fn count_in_slices(bpe: &CoreBPE, text: &str) -> u64 {
-    let mut total = 0;
-    let mut rest = text;
-    while !rest.is_empty() {
-        let mut cut = rest.len().min(SLICE_BYTES);
-        while !rest.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        let (slice, tail) = rest.split_at(cut);
-        total += encode_len(bpe, slice).unwrap_or(slice.len() as u64);
-        rest = tail;
+/// The prompt tokens of a request's `messages` and tool definitions (`params.tools`, `Null`
+/// for none), as [`count_prompt_tokens`] and [`count_tools_tokens`] count them, but merging at
+/// most `max_merged` bytes of text, in pieces of at most 4 KiB (`MAX_BOUNDED_PIECE`): what lies
+/// beyond, and any longer piece, counts a token per byte, so the result is exact for a prompt
+/// within the allowance and an upper bound past it, and no prompt costs more than `max_merged`
+/// bytes of merging short pieces.
+pub fn count_prompt(
+    model: &str,
+    messages: &[Value],
+    tools: &Value,
+    max_merged: usize,
+) -> PromptCount {
+    let mut counter = Counter::new(model, max_merged);
+    let tokens =
+        prompt_tokens_with(&mut counter, messages) + tools_tokens_with(&mut counter, tools);
+    PromptCount {
+        tokens,
+        merged: counter.merged,
+        bounded: counter.bounded,
     }
-    total
 }
 
 /// Prompt tokens of a chat completion request's `messages`, by OpenAI's counting rule: 3
 /// framing tokens per message, the tokens of each of its string fields (role, content, name,
 /// tool call id…), 1 more for a `name`, and 3 priming the reply. Content given as parts counts
 /// its text parts; images, audio and files are not text and count 0. Tool calls count their
-/// function name and arguments. An estimate for non-OpenAI models, and as costly per byte, as
-/// [`count_tokens`] is.
+/// function name and arguments. Exact, with no allowance (see [`count_prompt`]); an estimate
+/// for non-OpenAI models.
 pub fn count_prompt_tokens(model: &str, messages: &[Value]) -> u64 {
-    let bpe = encoder(encoding_for_model(model));
-    let count = |s: &str| count_with(bpe, s);
+    prompt_tokens_with(&mut Counter::new(model, usize::MAX), messages)
+}
+
+fn prompt_tokens_with(counter: &mut Counter, messages: &[Value]) -> u64 {
     let mut total = REPLY_PRIMING;
     for message in messages {
         total += TOKENS_PER_MESSAGE;
         let Some(fields) = message.as_object() else {
-            total += count(&message.to_string());
+            total += counter.count(&message.to_string());
             continue;
         };
         for (key, value) in fields {
             total += match (key.as_str(), value) {
-                (_, Value::String(s)) => count(s),
-                ("content", Value::Array(parts)) => parts
-                    .iter()
-                    .map(|part| {
-                        ["text", "refusal"]
-                            .iter()
-                            .filter_map(|k| part.get(k).and_then(Value::as_str))
-                            .map(count)
-                            .sum::<u64>()
-                    })
-                    .sum(),
+                (_, Value::String(s)) => counter.count(s),
+                ("content", Value::Array(parts)) => {
+                    let mut sum = 0;
+                    for part in parts {
+                        for k in ["text", "refusal"] {
+                            if let Some(s) = part.get(k).and_then(Value::as_str) {
+                                sum += counter.count(s);
+                            }
+                        }
+                    }
+                    sum
+                }
                 ("tool_calls", Value::Array(calls)) => calls
                     .iter()
-                    .map(|call| function_tokens(call.get("function"), &count))
+                    .map(|call| function_tokens(counter, call.get("function")))
                     .sum(),
-                ("function_call", call) => function_tokens(Some(call), &count),
+                ("function_call", call) => function_tokens(counter, Some(call)),
                 (_, Value::Null | Value::Bool(_) | Value::Number(_)) => 0,
                 // Any other structure reaches the model as text of some form: its JSON is the
                 // closest stand-in.
-                (_, other) => count(&other.to_string()),
+                (_, other) => counter.count(&other.to_string()),
             };
             if key == "name" {
                 total += TOKENS_PER_NAME;
@@ -254,22 +490,28 @@ pub fn count_prompt_tokens(model: &str, messages: &[Value]) -> u64 {
 /// text the provider renders from their schemas (OpenAI's is not published); their compact
 /// JSON is the closest stand-in, and errs high rather than letting tools go uncounted.
 pub fn count_tools_tokens(model: &str, tools: &Value) -> u64 {
+    tools_tokens_with(&mut Counter::new(model, usize::MAX), tools)
+}
+
+fn tools_tokens_with(counter: &mut Counter, tools: &Value) -> u64 {
     match tools {
         Value::Null => 0,
         Value::Array(items) if items.is_empty() => 0,
-        tools => count_tokens(model, &tools.to_string()),
+        tools => counter.count(&tools.to_string()),
     }
 }
 
-fn function_tokens(function: Option<&Value>, count: &impl Fn(&str) -> u64) -> u64 {
+fn function_tokens(counter: &mut Counter, function: Option<&Value>) -> u64 {
     let Some(function) = function else {
         return 0;
     };
-    ["name", "arguments"]
-        .iter()
-        .filter_map(|k| function.get(k).and_then(Value::as_str))
-        .map(count)
-        .sum()
+    let mut sum = 0;
+    for k in ["name", "arguments"] {
+        if let Some(s) = function.get(k).and_then(Value::as_str) {
+            sum += counter.count(s);
+        }
+    }
+    sum
 }
 
 #[cfg(test)]
@@ -394,28 +636,175 @@ mod tests {
     }
 
     #[test]
-    fn pathological_input_does_not_panic() {
-        // A 1 MiB run of spaces is the known input on which the pre-tokenizer's backtracking
-        // gives up (where `encode_ordinary` would panic); it is counted in slices instead.
+    fn pathological_input_is_counted_whole() {
+        // A 1 MiB run of spaces is the input on which `tiktoken-rs`'s backtracking pre-tokenizer
+        // gives up; the DFA splits it like any other: one piece of all but the last space, then
+        // " x".
         let text = " ".repeat(1 << 20) + "x";
-        let bpe = encoder(Encoding::Cl100kBase).expect("loaded");
-        assert_eq!(encode_len(bpe, &text), None);
         let n = count_tokens("gpt-4", &text);
+        let run = count_tokens("gpt-4", &" ".repeat((1 << 20) - 1));
+        assert_eq!(n, run + count_tokens("gpt-4", " x"));
         assert!(n > 0 && n <= text.len() as u64, "{n}");
     }
 
     #[test]
-    fn slices_cut_at_char_boundaries() {
-        let bpe = encoder(Encoding::O200kBase).expect("loaded");
-        let text = "漢字".repeat(SLICE_BYTES);
-        let n = count_in_slices(bpe, &text);
-        assert!(n > 0 && n <= text.len() as u64);
+    fn both_encoders_load_from_the_binary() {
+        warm_up();
+        let cl100k = CL100K.as_ref().expect("cl100k_base");
+        let o200k = O200K.as_ref().expect("o200k_base");
+        assert_eq!(cl100k.ranks.len(), 100_256);
+        assert_eq!(o200k.ranks.len(), 199_998);
+        assert_eq!(cl100k.ranks.get(b"hello"), Some(15339));
+    }
+
+    /// Text meant to reach every branch of the split patterns and of both merge loops: prose in
+    /// several scripts, code, JSON, contractions in both cases, digits, whitespace of every
+    /// kind at every position, long runs, and pseudo-random characters and tokens.
+    fn corpus(ranks: &Ranks<'_>) -> Vec<String> {
+        let mut texts: Vec<String> = [
+            "Hello, world! I'm here; you'll see. THEY'RE HERE, isn'T it? We'VE 'll 's",
+            "fn main() {\n    println!(\"{}\", 1 + 2);\n}\n\n\n",
+            r#"{"role":"user","content":"What's the weather in Paris?","n":12345678}"#,
+            "Les élèves ont été là. Ünïcödé façade — naïve “quotes” …",
+            "ひらがなカタカナ漢字、中文字符，한국어 텍스트. Русский текст! العربية",
+            "emoji 👍🏽👨‍👩‍👧 and combining e\u{301} a\u{308}\u{308} ZWJ\u{200d}x",
+            "  leading\ttabs\t\t and trailing   ",
+            "a\r\nb\r\n\r\n  \n \n\tc\u{a0}\u{a0}d\u{3000}e   \n",
+            "1234567890 12 3.14159 1,000,000 ٣٤٥ ⅫⅩ",
+            "   ",
+            " ",
+            "\n",
+            "x",
+            "<|endoftext|> <|fim_prefix|> <|endofprompt|>",
+            "CamelCaseWordsAndALLCAPSWords mixedCASEwords ǅungla ǈ",
+            "!!!???...,,,;;;::: ----- ===== ##### //// \\\\ ****",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for (c, n) in [
+            ('a', 5000),
+            (' ', 3000),
+            ('!', 999),
+            ('1', 100),
+            ('\n', 300),
+            ('é', 700),
+        ] {
+            texts.push(std::iter::repeat_n(c, n).collect());
+        }
+        texts.push("ab ".repeat(2000));
+        texts.push("\t \n".repeat(500));
+        // A fixed-seed LCG: the same corpus every run.
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |bound: u64| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 33) % bound
+        };
+        let ranges: [(u32, u32); 6] = [
+            (0x20, 0x7f),
+            (0xa0, 0x250),
+            (0x370, 0x530),
+            (0x3040, 0x3100),
+            (0x4e00, 0x4f00),
+            (0x1f300, 0x1f650),
+        ];
+        for _ in 0..40 {
+            let mut text = String::new();
+            while text.len() < 2000 {
+                let (lo, hi) = ranges[next(ranges.len() as u64) as usize];
+                let c = char::from_u32(lo + next(u64::from(hi - lo)) as u32).unwrap_or(' ');
+                text.push(c);
+                if next(6) == 0 {
+                    text.push([' ', '\n', '\t', '\''][next(4) as usize]);
+                }
+            }
+            texts.push(text);
+        }
+        // Concatenated random tokens, as `bpe`'s own equivalence tests do: the merges then
+        // have to find the token boundaries again.
+        for _ in 0..40 {
+            let mut bytes = Vec::new();
+            while bytes.len() < 4000 {
+                bytes.extend_from_slice(ranks.token(next(ranks.len() as u64) as u32));
+            }
+            texts.push(String::from_utf8_lossy(&bytes).into_owned());
+        }
+        texts
     }
 
     #[test]
-    fn both_encoders_load_from_the_crate() {
-        warm_up();
-        assert!(CL100K.is_some());
-        assert!(O200K.is_some());
+    fn counts_match_tiktoken() {
+        for (name, ours, reference) in [
+            (
+                "cl100k_base",
+                CL100K.as_ref().expect("cl100k_base"),
+                tiktoken_rs::cl100k_base().expect("tiktoken-rs cl100k_base"),
+            ),
+            (
+                "o200k_base",
+                O200K.as_ref().expect("o200k_base"),
+                tiktoken_rs::o200k_base().expect("tiktoken-rs o200k_base"),
+            ),
+        ] {
+            let mut counter = Counter {
+                tokenizer: Some(ours),
+                left: usize::MAX,
+                max_piece: usize::MAX,
+                merged: 0,
+                bounded: 0,
+                scratch: Vec::new(),
+            };
+            for text in corpus(&ours.ranks) {
+                let want = reference.encode_ordinary(&text).len() as u64;
+                assert_eq!(counter.count(&text), want, "{name}: {text:?}");
+            }
+            assert_eq!(counter.bounded, 0);
+        }
+    }
+
+    #[test]
+    fn prompt_count_is_bounded() {
+        let messages = [
+            json!({"role": "system", "content": "You are terse."}),
+            json!({"role": "user", "content": "!".repeat(256 * 1024)}),
+            json!({"role": "user", "content": "and then some prose after the flood"}),
+        ];
+        let tools = json!([{"type": "function", "function": {"name": "f"}}]);
+        let exact = count_prompt_tokens("gpt-4o", &messages) + count_tools_tokens("gpt-4o", &tools);
+
+        // Within the allowance: exact, and all of it read.
+        let whole = count_prompt("gpt-4o", &messages, &tools, usize::MAX);
+        assert_eq!(whole.tokens, exact);
+        assert_eq!(whole.bounded, 0);
+        assert!(whole.merged > 256 * 1024, "{whole:?}");
+
+        // Past it: never more than the allowance merged, never fewer tokens than the exact count.
+        for max_merged in [0, 1, 100, 4096, 64 * 1024] {
+            let count = count_prompt("gpt-4o", &messages, &tools, max_merged);
+            assert!(count.merged <= max_merged, "{max_merged}: {count:?}");
+            assert!(count.bounded > 0, "{max_merged}: {count:?}");
+            assert!(count.tokens >= exact, "{max_merged}: {count:?} < {exact}");
+            assert!(
+                count.tokens <= exact + count.bounded as u64,
+                "{max_merged}: {count:?}"
+            );
+        }
+        // Within the allowance but one piece longer than MAX_BOUNDED_PIECE: that piece counts a
+        // token per byte, unmerged, and the prose after it is still merged.
+        let count = count_prompt("gpt-4o", &messages, &tools, 1 << 20);
+        assert_eq!(count.bounded, 256 * 1024, "{count:?}");
+        assert!(count.merged < 1024, "{count:?}");
+        assert!(count.tokens >= exact, "{count:?} < {exact}");
+        let prose = [json!({"role": "user", "content": "one short piece after another"})];
+        assert_eq!(
+            count_prompt("gpt-4o", &prose, &Value::Null, 1 << 20).tokens,
+            count_prompt_tokens("gpt-4o", &prose)
+        );
+        // The text before the flood fits a small allowance: counted exactly, not by its bytes.
+        let small = count_prompt("gpt-4o", &messages[..1], &Value::Null, 100);
+        assert_eq!(small.tokens, count_prompt_tokens("gpt-4o", &messages[..1]));
+        assert_eq!(small.bounded, 0);
     }
 }
