@@ -1282,7 +1282,7 @@ async fn relay_conn(
             _ => Ok(0),
         }
     }
-    while last.iter().any(|&s| s == 0) {
+    while last.contains(&0) {
         read(&mut ws, &mut last, &mut ok, deadline).await?;
     }
     if let Some(reader) = &a.reader_url {
