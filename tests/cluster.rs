@@ -467,6 +467,18 @@ fn resume_list(records: &HashMap<String, StreamRecord>) -> serde_json::Value {
         .collect()
 }
 
+/// The client's socket on one instance drops (no close frame) and alice comes back on `to`,
+/// resuming every stream of `records` after the last frame she read: the new socket and its
+/// `welcome`.
+async fn move_to(
+    to: &Harness,
+    from: Client,
+    records: &HashMap<String, StreamRecord>,
+) -> (Client, serde_json::Value) {
+    drop(from);
+    to.connect_resume("alice", resume_list(records)).await
+}
+
 #[tokio::test]
 async fn a_stream_resumed_on_another_instance_is_relayed_from_its_owner_exactly() {
     let redis = RedisServer::start().await;
@@ -481,8 +493,7 @@ async fn a_stream_resumed_on_another_instance_is_relayed_from_its_owner_exactly(
     let mut records = HashMap::from([("s".to_string(), StreamRecord::default())]);
     read_deltas(&mut ca, &mut records, 5).await;
     // The socket drops (no close frame): the client comes back on B.
-    drop(ca);
-    let (mut cb, welcome) = b.connect_resume("alice", resume_list(&records)).await;
+    let (mut cb, welcome) = move_to(&b, ca, &records).await;
     assert_eq!(welcome["resumed"], json!(["s"]), "{welcome}");
     let record = finish(&mut cb, records).await.remove("s").unwrap();
     assert_eq!(
@@ -533,8 +544,7 @@ async fn cancel_on_another_instance_aborts_the_owners_upstream_call() {
     ca.open("moved", prompt).await;
     let mut records = HashMap::from([("moved".to_string(), StreamRecord::default())]);
     read_deltas(&mut ca, &mut records, 2).await;
-    drop(ca);
-    let (mut cb, welcome) = b.connect_resume("alice", resume_list(&records)).await;
+    let (mut cb, welcome) = move_to(&b, ca, &records).await;
     assert_eq!(welcome["resumed"], json!(["moved"]), "{welcome}");
     read_deltas(&mut cb, &mut records, 4).await;
     cb.send(json!({"type": "cancel", "id": "moved"})).await;
@@ -576,8 +586,7 @@ async fn several_streams_of_one_user_resume_on_another_instance_at_once() {
         .map(|id| (id.clone(), StreamRecord::default()))
         .collect();
     read_deltas(&mut ca, &mut records, 3).await;
-    drop(ca);
-    let (mut cb, welcome) = b.connect_resume("alice", resume_list(&records)).await;
+    let (mut cb, welcome) = move_to(&b, ca, &records).await;
     let mut resumed: Vec<String> = welcome["resumed"]
         .as_array()
         .unwrap()
@@ -617,9 +626,8 @@ async fn a_slow_reader_on_the_relaying_instance_backpressures_the_owners_upstrea
     )
     .await;
     common::wait_for_mock(&a, "the upstream call began", |s| s.in_flight == 1).await;
-    drop(ca);
     let records = HashMap::from([("big".to_string(), StreamRecord::default())]);
-    let (mut cb, welcome) = b.connect_resume("alice", resume_list(&records)).await;
+    let (mut cb, welcome) = move_to(&b, ca, &records).await;
     assert_eq!(welcome["resumed"], json!(["big"]), "{welcome}");
     // Stop reading on B. Its socket buffers fill, then the mirror's log, then the owner's
     // log, and A stops reading its upstream: the mock cannot send everything.
@@ -675,8 +683,7 @@ async fn the_owners_resume_window_spares_a_relayed_stream_and_runs_again_once_it
         .map(|id| (id.to_string(), StreamRecord::default()))
         .collect();
     read_deltas(&mut ca, &mut records, 1).await;
-    drop(ca);
-    let (mut cb, welcome) = b.connect_resume("alice", resume_list(&records)).await;
+    let (mut cb, welcome) = move_to(&b, ca, &records).await;
     assert_eq!(welcome["resumed"].as_array().unwrap().len(), 2, "{welcome}");
     let kept = HashMap::from([("kept".to_string(), records.remove("kept").unwrap())]);
     let kept = finish(&mut cb, kept).await.remove("kept").unwrap();
@@ -726,8 +733,7 @@ async fn a_draining_instance_runs_its_streams_on_for_clients_that_moved_to_anoth
     a.shutdown();
     let goaway = until_goaway(&mut ca, &mut records).await;
     assert_eq!(goaway["reason"], "shutdown", "{goaway}");
-    drop(ca);
-    let (mut cb, welcome) = b.connect_resume("alice", resume_list(&records)).await;
+    let (mut cb, welcome) = move_to(&b, ca, &records).await;
     assert_eq!(welcome["resumed"].as_array().unwrap().len(), 3, "{welcome}");
     let records = finish(&mut cb, records).await;
     for id in &all {
@@ -756,8 +762,7 @@ async fn a_relay_through_a_redis_restart_asks_again_and_loses_no_text() {
     ca.open("r", prompt).await;
     let mut records = HashMap::from([("r".to_string(), StreamRecord::default())]);
     read_deltas(&mut ca, &mut records, 2).await;
-    drop(ca);
-    let (mut cb, welcome) = b.connect_resume("alice", resume_list(&records)).await;
+    let (mut cb, welcome) = move_to(&b, ca, &records).await;
     assert_eq!(welcome["resumed"], json!(["r"]), "{welcome}");
     read_deltas(&mut cb, &mut records, 10).await;
     // Redis goes away mid-relay and comes back empty: the messages published meanwhile are
