@@ -44,28 +44,7 @@ async fn metrics_count_exactly_what_went_through() {
     // Cancelled mid-way: billed for the prompt and what was generated, counted by tokenizer.
     let prompt = "cancel me [[mock chunks=100000 delay_ms=5]]";
     c.open("cx", prompt).await;
-    let mut text = String::new();
-    let mut deltas = 0;
-    loop {
-        let f = c.recv().await;
-        if f["id"] != "cx" {
-            continue;
-        }
-        match f["type"].as_str().unwrap() {
-            "delta" => {
-                text.push_str(f["text"].as_str().unwrap());
-                deltas += 1;
-                if deltas == 10 {
-                    c.send(json!({"type":"cancel","id":"cx"})).await;
-                }
-            }
-            "error" => {
-                assert_eq!(f["code"], "cancelled");
-                break;
-            }
-            _ => {}
-        }
-    }
+    let text = cancel_after(&mut c, "cx", 10).await;
     let messages = vec![json!({"role":"user","content":prompt})];
     let cx_prompt = count_prompt_tokens("deepseek-v3.2", &messages);
     let cx_completion = count_tokens("deepseek-v3.2", &text);
@@ -249,28 +228,7 @@ async fn prompt_counting_is_bounded_and_never_under_counts() {
     // Cancelled: no usage, so the gateway bills its own count of the prompt.
     let prompt = format!("{flood} cancel me [[mock chunks=100000 delay_ms=5]]");
     c.open("cx", &prompt).await;
-    let mut text = String::new();
-    let mut deltas = 0;
-    loop {
-        let f = c.recv().await;
-        if f["id"] != "cx" {
-            continue;
-        }
-        match f["type"].as_str().unwrap() {
-            "delta" => {
-                text.push_str(f["text"].as_str().unwrap());
-                deltas += 1;
-                if deltas == 3 {
-                    c.send(json!({"type":"cancel","id":"cx"})).await;
-                }
-            }
-            "error" => {
-                assert_eq!(f["code"], "cancelled");
-                break;
-            }
-            _ => {}
-        }
-    }
+    let text = cancel_after(&mut c, "cx", 3).await;
     let messages = [json!({"role":"user","content":prompt})];
     let exact = count_prompt_tokens("deepseek-v3.2", &messages);
     let bounded_count = count_prompt("deepseek-v3.2", &messages, &Value::Null, ALLOWANCE);
@@ -290,4 +248,31 @@ async fn prompt_counting_is_bounded_and_never_under_counts() {
         merged_now <= merged + (ALLOWANCE + text.len()) as f64,
         "{merged_now} after {merged}"
     );
+}
+
+/// Reads stream `id` on `c`, cancels it after its `deltas`-th delta, and returns the text it
+/// sent before its `cancelled` end.
+async fn cancel_after(c: &mut common::Client, id: &str, deltas: usize) -> String {
+    let mut text = String::new();
+    let mut seen = 0;
+    loop {
+        let f = c.recv().await;
+        if f["id"] != id {
+            continue;
+        }
+        match f["type"].as_str().unwrap() {
+            "delta" => {
+                text.push_str(f["text"].as_str().unwrap());
+                seen += 1;
+                if seen == deltas {
+                    c.send(json!({"type": "cancel", "id": id})).await;
+                }
+            }
+            "error" => {
+                assert_eq!(f["code"], "cancelled");
+                return text;
+            }
+            _ => {}
+        }
+    }
 }
