@@ -48,6 +48,10 @@ async fn gateway(redis_port: u16, upstream: &str) -> (Arc<Gateway>, String) {
         None,
     )];
     config.redis_url = Some(format!("redis://127.0.0.1:{redis_port}/"));
+    // Long streams back to back: no tier limit should refuse one.
+    for tier in config.tiers.values_mut() {
+        tier.tpm = 1 << 40;
+    }
     let listener = TcpListener::bind(config.listen).await.unwrap();
     let url = format!("ws://{}/v1/ws", listener.local_addr().unwrap());
     let gw = Gateway::start(config).await.unwrap();
