@@ -479,6 +479,23 @@ async fn move_to(
     to.connect_resume("alice", resume_list(records)).await
 }
 
+/// Alice opens stream `id` on her socket `on_a`, reads `deltas` of it, and moves to `to`
+/// (see [`move_to`]), which must resume it: the new socket and the stream's record so far.
+async fn open_then_move(
+    to: &Harness,
+    mut on_a: Client,
+    id: &str,
+    prompt: &str,
+    deltas: u64,
+) -> (Client, HashMap<String, StreamRecord>) {
+    on_a.open(id, prompt).await;
+    let mut records = HashMap::from([(id.to_string(), StreamRecord::default())]);
+    read_deltas(&mut on_a, &mut records, deltas).await;
+    let (cb, welcome) = move_to(to, on_a, &records).await;
+    assert_eq!(welcome["resumed"], json!([id]), "{welcome}");
+    (cb, records)
+}
+
 #[tokio::test]
 async fn a_stream_resumed_on_another_instance_is_relayed_from_its_owner_exactly() {
     let redis = RedisServer::start().await;
@@ -489,12 +506,8 @@ async fn a_stream_resumed_on_another_instance_is_relayed_from_its_owner_exactly(
     // The same answer, read whole on A: what the moved stream must end like.
     ca.open("ref", prompt).await;
     let reference = ca.collect(&["ref".into()]).await.remove("ref").unwrap();
-    ca.open("s", prompt).await;
-    let mut records = HashMap::from([("s".to_string(), StreamRecord::default())]);
-    read_deltas(&mut ca, &mut records, 5).await;
-    // The socket drops (no close frame): the client comes back on B.
-    let (mut cb, welcome) = move_to(&b, ca, &records).await;
-    assert_eq!(welcome["resumed"], json!(["s"]), "{welcome}");
+    // After 5 deltas the socket drops (no close frame): the client comes back on B.
+    let (mut cb, records) = open_then_move(&b, ca, "s", prompt, 5).await;
     let record = finish(&mut cb, records).await.remove("s").unwrap();
     assert_eq!(
         record.text,
@@ -540,12 +553,8 @@ async fn cancel_on_another_instance_aborts_the_owners_upstream_call() {
     let b = instance(&redis, |_| {}, |_| {}).await;
     let prompt = "cancel me from afar [[mock chunks=200 delay_ms=50]]";
     // A stream resumed on B, cancelled there.
-    let mut ca = a.connect("alice").await;
-    ca.open("moved", prompt).await;
-    let mut records = HashMap::from([("moved".to_string(), StreamRecord::default())]);
-    read_deltas(&mut ca, &mut records, 2).await;
-    let (mut cb, welcome) = move_to(&b, ca, &records).await;
-    assert_eq!(welcome["resumed"], json!(["moved"]), "{welcome}");
+    let ca = a.connect("alice").await;
+    let (mut cb, mut records) = open_then_move(&b, ca, "moved", prompt, 2).await;
     read_deltas(&mut cb, &mut records, 4).await;
     cb.send(json!({"type": "cancel", "id": "moved"})).await;
     let record = finish(&mut cb, records).await.remove("moved").unwrap();
@@ -758,12 +767,8 @@ async fn a_relay_through_a_redis_restart_asks_again_and_loses_no_text() {
     let a = instance(&redis, |_| {}, |_| {}).await;
     let b = instance(&redis, |_| {}, |_| {}).await;
     let prompt = "relayed through an outage [[mock chunks=60 delay_ms=50]]";
-    let mut ca = a.connect("alice").await;
-    ca.open("r", prompt).await;
-    let mut records = HashMap::from([("r".to_string(), StreamRecord::default())]);
-    read_deltas(&mut ca, &mut records, 2).await;
-    let (mut cb, welcome) = move_to(&b, ca, &records).await;
-    assert_eq!(welcome["resumed"], json!(["r"]), "{welcome}");
+    let ca = a.connect("alice").await;
+    let (mut cb, mut records) = open_then_move(&b, ca, "r", prompt, 2).await;
     read_deltas(&mut cb, &mut records, 10).await;
     // Redis goes away mid-relay and comes back empty: the messages published meanwhile are
     // lost, and the mirror asks the owner again from the last frame it has.
