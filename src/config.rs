@@ -315,7 +315,10 @@ pub struct ProviderConfig {
     /// Streams this provider runs at once; the rest queue by priority. Default 50 (the seed's).
     #[serde(default = "default_max_concurrent")]
     pub max_concurrent: usize,
-    /// Idle keep-alive connections kept per host. Default 64.
+    /// Idle keep-alive connections kept per host, by each worker (each has its own pool).
+    /// Past it, a connection freed when a stream ends is closed, and a later stream pays a new
+    /// TCP handshake: at thousands of streams per provider, raise it toward `max_concurrent`
+    /// divided by the workers. Default 64.
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle_per_host: usize,
     /// The API key itself, resolved from `api_key_env` or `MUXGATE_UPSTREAM_API_KEY` at load.
