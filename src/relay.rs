@@ -283,20 +283,26 @@ pub async fn run(job: Job) -> Outcome {
     outcome
 }
 
-/// Counts the prompt's tokens for the reservation, off the async threads (see
-/// [`billing::count_off_runtime`]), merging at most `limits.prompt_count_bytes` of its text:
-/// past that, an upper bound (see [`billing::count_prompt`]), so one frame buys a bounded amount
-/// of tokenizer CPU whatever its text.
+/// Counts the prompt's tokens for the reservation, merging at most `limits.prompt_count_bytes`
+/// of its text: past that, an upper bound (see [`billing::count_prompt`]), so one frame buys a
+/// bounded amount of tokenizer CPU whatever its text. A short prompt is counted here (see
+/// [`billing::count_small_prompt`]), a longer one off the async threads (see
+/// [`billing::count_off_runtime`]).
 async fn prompt_tokens(gw: &Gateway, req: &OpenRequest) -> u64 {
-    let tools = req.params.get("tools").cloned().unwrap_or_default();
     let max_merged = gw.config.limits.prompt_count_bytes;
-    let counted = billing::count_off_runtime(
-        || (req.model.clone(), req.messages.clone(), tools),
-        move |(model, messages, tools)| {
-            billing::count_prompt(&model, &messages, &tools, max_merged)
-        },
-    )
-    .await;
+    let tools = req.params.get("tools").unwrap_or(&Value::Null);
+    let counted = match billing::count_small_prompt(&req.model, &req.messages, tools, max_merged) {
+        Some(counted) => Some(counted),
+        None => {
+            billing::count_off_runtime(
+                || (req.model.clone(), req.messages.clone(), tools.clone()),
+                move |(model, messages, tools)| {
+                    billing::count_prompt(&model, &messages, &tools, max_merged)
+                },
+            )
+            .await
+        }
+    };
     counted.map_or(0, |(count, took)| {
         gw.metrics.tokenized(count.merged, took);
         gw.metrics.tokens_bounded(count.bounded);

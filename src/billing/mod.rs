@@ -17,6 +17,6 @@ mod tokens;
 pub use budgets::{BudgetConfig, BudgetRefused, Budgets};
 pub use settlement::{cost_usd, Price, Settlement};
 pub use tokens::{
-    count_off_runtime, count_prompt, count_prompt_tokens, count_tokens, count_tools_tokens,
-    warm_up, PromptCount,
+    count_off_runtime, count_prompt, count_prompt_tokens, count_small_prompt, count_tokens,
+    count_tools_tokens, warm_up, PromptCount,
 };

@@ -1,7 +1,7 @@
 //! Token counts, for a stream whose upstream sends no `usage` and for the reservation made
 //! before the upstream call: byte-pair encoding exactly as OpenAI's `tiktoken` does it, over
 //! vocabularies compiled into the binary as flat tables (`ranks`), run off the async workers in
-//! a bounded pool.
+//! a bounded pool (a short prompt excepted: counting it costs less than the trip there).
 //!
 //! OpenAI's models get their own encoding; every other model is counted with `cl100k_base`, an
 //! estimate (Claude, Gemini and DeepSeek tokenizers differ by some percent), which is why a
@@ -331,8 +331,9 @@ static COUNTING: LazyLock<tokio::sync::Semaphore> = LazyLock::new(|| {
 
 /// Runs `count` (a tokenizer call) over what `input` copies out, on a blocking thread, once
 /// one of the process's few counting permits is free; `None` if the blocking task failed.
-/// Never tokenize on an async worker thread: even bounded, a prompt's count takes milliseconds
-/// and would stall every connection that worker serves. `input` runs only once the permit is
+/// Never tokenize a long text on an async worker thread: even bounded, a prompt's count can take
+/// milliseconds and would stall every connection that worker serves (a short prompt is the
+/// exception, see [`count_small_prompt`]). `input` runs only once the permit is
 /// held, so the permits bound both the CPU and the memory (the copies of the text) counting
 /// takes at once; callers wait in line, first come first served. Returns what `count` returned
 /// and the time it ran.
@@ -353,6 +354,64 @@ where
     })
     .await
     .ok()
+}
+
+/// Prompts with at most this many bytes of text (strings and keys of `messages` and `tools`)
+/// are counted on the async worker opening the stream, by [`count_small_prompt`]. Merging this
+/// much costs microseconds for ordinary text and about 0.15 ms for the costliest text measured
+/// (`examples/token_count.rs`: 4 KiB pieces of punctuation, 36 ms per 255 KiB merged), the
+/// order of what a blocking thread's round trip costs on a busy core anyway.
+pub const SMALL_PROMPT_BYTES: usize = 1024;
+
+/// [`count_prompt`] on the calling thread, with the time it took, for a prompt of at most
+/// [`SMALL_PROMPT_BYTES`] of text; `None` for a larger one, to be counted through
+/// [`count_off_runtime`]. Handing a short prompt to a blocking thread cost more than counting
+/// it: the blocking thread and the worker take turns on the CPU, and the stream waits for the
+/// worker's queue of ready tasks on the way back, and behind every other stream for the
+/// process's counting permits. Deciding costs at most [`SMALL_PROMPT_BYTES`] steps, whatever
+/// the prompt's size.
+pub fn count_small_prompt(
+    model: &str,
+    messages: &[Value],
+    tools: &Value,
+    max_merged: usize,
+) -> Option<(PromptCount, Duration)> {
+    let mut left = SMALL_PROMPT_BYTES;
+    if !messages.iter().all(|m| text_within(m, &mut left)) || !text_within(tools, &mut left) {
+        return None;
+    }
+    let started = std::time::Instant::now();
+    let count = count_prompt(model, messages, tools, max_merged);
+    Some((count, started.elapsed()))
+}
+
+/// Takes the bytes of `value`'s strings and keys from `left`, and at least one per value (so
+/// an array of a million `null`s is not small either); `false` once `left` runs out, without
+/// walking further. serde_json's recursion limit bounds the depth.
+fn text_within(value: &Value, left: &mut usize) -> bool {
+    match value {
+        Value::String(s) => take(left, s.len()),
+        // Counted through their JSON text: a number's is at most about 24 bytes.
+        Value::Number(_) | Value::Bool(_) | Value::Null => take(left, 24),
+        Value::Array(items) => take(left, 1) && items.iter().all(|v| text_within(v, left)),
+        Value::Object(fields) => {
+            take(left, 1)
+                && fields
+                    .iter()
+                    .all(|(k, v)| take(left, k.len()) && text_within(v, left))
+        }
+    }
+}
+
+/// Takes `n` from `left`; `false` (and `left` unchanged) when it has less.
+fn take(left: &mut usize, n: usize) -> bool {
+    match left.checked_sub(n) {
+        Some(rest) => {
+            *left = rest;
+            true
+        }
+        None => false,
+    }
 }
 
 /// Builds both split patterns now rather than on the first stream that needs one (a few
@@ -806,5 +865,45 @@ mod tests {
         let small = count_prompt("gpt-4o", &messages[..1], &Value::Null, 100);
         assert_eq!(small.tokens, count_prompt_tokens("gpt-4o", &messages[..1]));
         assert_eq!(small.bounded, 0);
+    }
+
+    #[test]
+    fn small_prompts_are_counted_in_place_and_large_ones_are_not() {
+        let tools = json!([{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+        let messages = [
+            json!({"role": "system", "content": "You are terse."}),
+            json!({"role": "user", "content": "What is the weather in Lyon?", "name": "ann"}),
+        ];
+        let (count, _took) =
+            count_small_prompt("gpt-4o", &messages, &tools, 256 * 1024).expect("small");
+        assert_eq!(count, count_prompt("gpt-4o", &messages, &tools, 256 * 1024));
+        assert_eq!(
+            count.tokens,
+            count_prompt_tokens("gpt-4o", &messages) + count_tools_tokens("gpt-4o", &tools)
+        );
+        // The configured allowance still applies to a small prompt.
+        let (count, _) = count_small_prompt("gpt-4o", &messages, &tools, 10).expect("small");
+        assert_eq!(count, count_prompt("gpt-4o", &messages, &tools, 10));
+        assert!(count.bounded > 0, "{count:?}");
+
+        // Exactly at the limit and one byte past it: an object costs 1, its keys and strings
+        // their bytes, `[]` 1, a literal 24.
+        let empty = json!({"role": "", "content": ""});
+        let base = SMALL_PROMPT_BYTES - 1 - "role".len() - "content".len() - 1;
+        let at = [json!({"role": "", "content": "a".repeat(base)})];
+        assert!(count_small_prompt("gpt-4o", &at, &json!([]), usize::MAX).is_some());
+        assert!(count_small_prompt("gpt-4o", &at, &Value::Null, usize::MAX).is_none());
+        let past = [json!({"role": "", "content": "a".repeat(base + 1)})];
+        assert!(count_small_prompt("gpt-4o", &past, &json!([]), usize::MAX).is_none());
+        let long_key = [json!({"role": "", "content": "", "x".repeat(SMALL_PROMPT_BYTES): 1})];
+        assert!(count_small_prompt("gpt-4o", &long_key, &Value::Null, usize::MAX).is_none());
+        let long_tools = json!([{"name": "f".repeat(SMALL_PROMPT_BYTES)}]);
+        assert!(count_small_prompt("gpt-4o", &[empty.clone()], &long_tools, usize::MAX).is_none());
+        // Many values with no text are not small either.
+        let nulls = [json!({"role": "user", "content": vec![Value::Null; SMALL_PROMPT_BYTES]})];
+        assert!(count_small_prompt("gpt-4o", &nulls, &Value::Null, usize::MAX).is_none());
+        let many = vec![empty; SMALL_PROMPT_BYTES];
+        assert!(count_small_prompt("gpt-4o", &many, &Value::Null, usize::MAX).is_none());
     }
 }
