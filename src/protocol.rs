@@ -185,6 +185,8 @@ pub enum ClientFrame {
         token: String,
         client: Option<String>,
         resume: Vec<ResumeRequest>,
+        /// Extension: the client reads several frames per WebSocket message (a JSON array).
+        batch: bool,
     },
     Open(OpenRequest),
     Cancel {
@@ -222,6 +224,8 @@ struct HelloFrame {
     client: Option<String>,
     #[serde(default)]
     resume: Vec<ResumeRequest>,
+    #[serde(default)]
+    batch: bool,
 }
 
 #[derive(Deserialize)]
@@ -260,6 +264,7 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
                 token: f.token,
                 client: f.client,
                 resume: f.resume,
+                batch: f.batch,
             })
         }
         "open" => {
@@ -390,6 +395,10 @@ enum ServerFrame<'a> {
         resumed: &'a [String],
         /// Extension: the hello token's expiry (Unix seconds); `refresh` before it.
         exp: u64,
+        /// Extension: echoes `hello.batch`; absent for a client that did not ask, so a v1
+        /// client's `welcome` is unchanged.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        batch: bool,
     },
     /// Extension: a `refresh` was accepted; the connection now expires at `exp`.
     Refreshed {
@@ -454,6 +463,7 @@ fn encode(frame: &ServerFrame<'_>) -> Utf8Bytes {
         .into()
 }
 
+#[allow(clippy::too_many_arguments)] // one per `welcome` field: a struct would only rename them
 pub fn welcome(
     session: &str,
     user: &str,
@@ -462,6 +472,7 @@ pub fn welcome(
     limits: &WelcomeLimits,
     resumed: &[String],
     exp: u64,
+    batch: bool,
 ) -> Utf8Bytes {
     encode(&ServerFrame::Welcome {
         session,
@@ -471,6 +482,7 @@ pub fn welcome(
         limits,
         resumed,
         exp,
+        batch,
     })
 }
 
@@ -952,6 +964,7 @@ mod tests {
                     id: "t1:7".into(),
                     after: 17
                 }],
+                batch: false,
             }
         );
         let f = parse_client_frame(

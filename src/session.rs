@@ -78,7 +78,11 @@ async fn run_on(
     if let (Ok(_), Some(gate)) = (&hello, &gate) {
         gate.lift();
     }
-    let (claims, resume) = match hello {
+    let Hello {
+        claims,
+        resume,
+        batch,
+    } = match hello {
         Ok(hello) => hello,
         Err(Refusal::Unauthorized(message)) => {
             let frame = protocol::error(None, ErrorCode::Unauthorized, &message, None);
@@ -154,6 +158,7 @@ async fn run_on(
         max_streams,
         resume,
         exp: claims.exp,
+        batch,
     };
     tracing::Instrument::instrument(serve(gw, sink, source, session), span).await;
 }
@@ -217,6 +222,8 @@ struct Authenticated {
     resume: Vec<ResumeRequest>,
     /// The hello token's `exp`, Unix seconds.
     exp: u64,
+    /// The client asked for several frames per message (`hello.batch`).
+    batch: bool,
 }
 
 /// An accepted connection, from `welcome` to the detach of its streams.
@@ -233,6 +240,7 @@ async fn serve(
         max_streams,
         resume,
         exp,
+        batch,
     } = session;
     let user = registration.user().clone();
     let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
@@ -297,6 +305,7 @@ async fn serve(
         &limits,
         &resumed,
         exp,
+        batch,
     );
     let _ = control.send(Control::Frame(welcome)).await;
     let writer = tokio::spawn(write_loop(
@@ -307,6 +316,7 @@ async fn serve(
         conn_end.clone(),
         Duration::from_millis(s.heartbeat_ms),
         Duration::from_millis(s.write_timeout_ms),
+        batch,
     ));
     for frame in refused.into_iter().chain(missing) {
         let _ = control.send(Control::Frame(frame)).await;
@@ -365,12 +375,19 @@ enum Refusal {
     Gone,
 }
 
+/// An accepted `hello`.
+struct Hello {
+    claims: Claims,
+    resume: Vec<ResumeRequest>,
+    batch: bool,
+}
+
 /// Waits for `hello` and checks its token.
 async fn handshake(
     gw: &Gateway,
     source: &mut impl MessageSource,
     gate: Option<&Gate>,
-) -> Result<(Claims, Vec<ResumeRequest>), Refusal> {
+) -> Result<Hello, Refusal> {
     let unauthorized = |m: &str| Refusal::Unauthorized(m.to_string());
     let max_hello = gw.config.session.max_hello_bytes;
     let too_large = || format!("the `hello` frame is over max_hello_bytes ({max_hello})");
@@ -406,12 +423,21 @@ async fn handshake(
         return Err(Refusal::Unauthorized(too_large()));
     }
     match protocol::parse_client_frame(&first) {
-        Ok(ClientFrame::Hello { token, resume, .. }) => {
+        Ok(ClientFrame::Hello {
+            token,
+            resume,
+            batch,
+            ..
+        }) => {
             let claims = gw
                 .auth
                 .verify(&token)
                 .map_err(|e| Refusal::Unauthorized(e.to_string()))?;
-            Ok((claims, resume))
+            Ok(Hello {
+                claims,
+                resume,
+                batch,
+            })
         }
         Ok(_) => Err(unauthorized("the first frame must be `hello`")),
         Err(e) => Err(Refusal::Unauthorized(format!(
@@ -926,6 +952,7 @@ async fn write_loop(
     conn_end: CancellationToken,
     heartbeat: Duration,
     write_timeout: Duration,
+    batch: bool,
 ) -> WriteEnd {
     let mut ready = Vec::new();
     let mut frames = Vec::new();
@@ -939,11 +966,11 @@ async fn write_loop(
             msg = control.recv() => match msg {
                 Some(Control::Frame(frame)) => {
                     frames.push(frame);
-                    write(&mut sink, &mut frames, write_timeout, &metrics).await
+                    write(&mut sink, &mut frames, write_timeout, &metrics, batch).await
                 }
                 Some(Control::Close(code, reason)) => {
                     pull_ready(&inbox, &mut ready, &mut frames, &mut pulled);
-                    let written = write(&mut sink, &mut frames, write_timeout, &metrics).await;
+                    let written = write(&mut sink, &mut frames, write_timeout, &metrics, batch).await;
                     report_written(&inbox, &mut pulled, written.is_ok());
                     let _ = tokio::time::timeout(write_timeout, sink.send(close_message(code, reason))).await;
                     break WriteEnd::Done;
@@ -952,7 +979,7 @@ async fn write_loop(
             },
             _ = inbox.notify.notified() => {
                 pull_ready(&inbox, &mut ready, &mut frames, &mut pulled);
-                let written = write(&mut sink, &mut frames, write_timeout, &metrics).await;
+                let written = write(&mut sink, &mut frames, write_timeout, &metrics, batch).await;
                 report_written(&inbox, &mut pulled, written.is_ok());
                 written
             }
@@ -1020,12 +1047,47 @@ fn report_written(inbox: &Inbox, pulled: &mut Vec<(Arc<Stream>, u64)>, completed
     }
 }
 
-/// Writes and flushes `frames` (emptying it) within `timeout`.
+/// Extension `batch`: the most bytes of frames packed into one WebSocket message, so that a
+/// replay of many streams is a few messages a client parses in bounded pieces. A frame over it
+/// goes alone.
+const BATCH_MAX_BYTES: usize = 64 * 1024;
+
+/// Packs `frames[..]`'s next run into one message: the frame itself when it is alone (what a
+/// v1 reader expects), else a JSON array of the frames in order, up to [`BATCH_MAX_BYTES`].
+/// Returns the message and how many frames it holds.
+fn pack(frames: &[Utf8Bytes]) -> (Utf8Bytes, usize) {
+    let mut size = 1;
+    let mut n = 0;
+    for frame in frames {
+        if n > 0 && size + frame.len() + 1 > BATCH_MAX_BYTES {
+            break;
+        }
+        size += frame.len() + 1;
+        n += 1;
+    }
+    if n <= 1 {
+        return (frames[0].clone(), 1);
+    }
+    let mut array = String::with_capacity(size);
+    array.push('[');
+    for (i, frame) in frames[..n].iter().enumerate() {
+        if i > 0 {
+            array.push(',');
+        }
+        array.push_str(frame);
+    }
+    array.push(']');
+    (array.into(), n)
+}
+
+/// Writes and flushes `frames` (emptying it) within `timeout`; with `batch`, several frames
+/// to a message.
 async fn write(
     sink: &mut impl MessageSink,
     frames: &mut Vec<Utf8Bytes>,
     timeout: Duration,
     metrics: &Metrics,
+    batch: bool,
 ) -> Result<(), WriteEnd> {
     if frames.is_empty() {
         return Ok(());
@@ -1033,8 +1095,17 @@ async fn write(
     let count = frames.len() as u64;
     let bytes: usize = frames.iter().map(|f| f.len()).sum();
     let result = tokio::time::timeout(timeout, async {
-        for frame in frames.drain(..) {
-            sink.feed(Message::Text(frame)).await?;
+        if batch {
+            let mut rest = &frames[..];
+            while !rest.is_empty() {
+                let (message, n) = pack(rest);
+                rest = &rest[n..];
+                sink.feed(Message::Text(message)).await?;
+            }
+        } else {
+            for frame in frames.drain(..) {
+                sink.feed(Message::Text(frame)).await?;
+            }
         }
         sink.flush().await
     })
@@ -1359,8 +1430,40 @@ mod tests {
             conn_end.clone(),
             Duration::from_secs(3_600),
             write_timeout,
+            false,
         ));
         (control, conn_end, task)
+    }
+
+    #[test]
+    fn batch_packs_runs_of_frames_into_arrays_and_leaves_a_lone_frame_bare() {
+        let one = protocol::delta("a", 1, "x");
+        assert_eq!(pack(std::slice::from_ref(&one)), (one.clone(), 1));
+        let frames: Vec<Utf8Bytes> = (1..=3).map(|seq| protocol::delta("a", seq, "x")).collect();
+        let (message, n) = pack(&frames);
+        assert_eq!(n, 3);
+        let parsed: Vec<Value> = serde_json::from_str(&message).unwrap();
+        let want: Vec<Value> = frames
+            .iter()
+            .map(|f| serde_json::from_str(f).unwrap())
+            .collect();
+        assert_eq!(parsed, want);
+        // A run stops before the frame that would take it past the cap; that frame starts the
+        // next message, and a frame over the cap on its own goes alone, bare.
+        let big = protocol::delta("b", 1, &"y".repeat(BATCH_MAX_BYTES / 2));
+        let huge = protocol::delta("c", 1, &"z".repeat(BATCH_MAX_BYTES));
+        let run = [
+            one.clone(),
+            big.clone(),
+            big.clone(),
+            huge.clone(),
+            one.clone(),
+        ];
+        let (first, n) = pack(&run);
+        assert_eq!(n, 2);
+        assert!(first.len() <= BATCH_MAX_BYTES);
+        assert_eq!(pack(&run[2..]).1, 1);
+        assert_eq!(pack(&run[3..]), (huge, 1));
     }
 
     /// A stream attached to `inbox` whose log holds exactly `frames` deltas of this size, and

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use serde_json::json;
+use serde_json::{json, Value};
 
 #[tokio::test]
 async fn fifty_concurrent_streams_on_one_socket_get_exact_text() {
@@ -408,6 +408,89 @@ async fn resume_after_a_drop_has_no_gap_and_no_duplicate() {
         2,
         "resume never re-asks the upstream"
     );
+}
+
+/// Three streams run to their end on a socket that dropped; a new connection says `hello`
+/// (with `extra` fields) resuming them all from the start, and the replay is read message by
+/// message: the `welcome`, then every message as received.
+async fn replay_of_three_finished_streams(extra: Value) -> (Value, Vec<Value>) {
+    let h = Harness::start().await;
+    let mut c = h.connect("alice").await;
+    let ids = ids("b", 3);
+    for id in &ids {
+        c.open(id, &format!("{id} [[mock chunks=20]]")).await;
+    }
+    c.recv_until("start", None).await;
+    drop(c);
+    wait_for_mock(&h, "all three completed", |s| s.completed == 3).await;
+    let mut c = h.connect_raw().await;
+    let resume: Vec<Value> = ids.iter().map(|id| json!({"id": id, "after": 0})).collect();
+    let mut hello = json!({"type":"hello","token":h.token("alice","pro"),"resume":resume});
+    for (k, v) in extra.as_object().unwrap() {
+        hello[k] = v.clone();
+    }
+    c.send(hello).await;
+    let welcome = c.recv_message().await;
+    let mut messages = Vec::new();
+    let mut ended = 0;
+    while ended < 3 {
+        let m = c.recv_message().await;
+        let frames = m.as_array().cloned().unwrap_or_else(|| vec![m.clone()]);
+        ended += frames.iter().filter(|f| f["type"] == "done").count();
+        messages.push(m);
+    }
+    (welcome, messages)
+}
+
+/// The frames of `messages`, arrays flattened, checked whole per stream.
+fn check_three_replayed(messages: &[Value]) {
+    let mut records: std::collections::HashMap<String, StreamRecord> = Default::default();
+    for m in messages {
+        let frames = m.as_array().cloned().unwrap_or_else(|| vec![m.clone()]);
+        for f in frames {
+            assert!(
+                f.is_object(),
+                "a frame is an object, never a nested array: {f}"
+            );
+            let id = f["id"].as_str().unwrap().to_string();
+            records.entry(id).or_default().take(f);
+        }
+    }
+    for id in ids("b", 3) {
+        let r = &records[&id];
+        assert_eq!(r.end_type(), "done", "{id}");
+        assert_eq!(r.text, expected(&id, 20), "{id}");
+    }
+}
+
+#[tokio::test]
+async fn a_batch_hello_gets_the_replay_in_arrays_of_frames_in_order() {
+    let (welcome, messages) = replay_of_three_finished_streams(json!({"batch": true})).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    assert_eq!(welcome["batch"], true, "{welcome}");
+    check_three_replayed(&messages);
+    // 63 frames were ready when the writer started: a handful of messages, not one per frame
+    let arrays: Vec<usize> = messages
+        .iter()
+        .filter_map(|m| m.as_array().map(Vec::len))
+        .collect();
+    assert!(arrays.iter().any(|&n| n > 1), "{messages:?}");
+    assert!(
+        arrays.iter().all(|&n| n > 1),
+        "an array holds 2 frames or more"
+    );
+    assert!(messages.len() < 63, "{} messages", messages.len());
+}
+
+#[tokio::test]
+async fn a_hello_without_batch_gets_one_frame_per_message_as_in_v1() {
+    for extra in [json!({}), json!({"batch": false})] {
+        let (welcome, messages) = replay_of_three_finished_streams(extra).await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        assert!(welcome.get("batch").is_none(), "{welcome}");
+        assert!(messages.iter().all(Value::is_object), "{messages:?}");
+        check_three_replayed(&messages);
+    }
 }
 
 #[tokio::test]

@@ -50,6 +50,8 @@ export function closeWarm (ws) {
  * @property {() => Array<{id: string, after: number}>} resume  streams to resume, asked at each hello
  * @property {(frame: any) => void} onWelcome
  * @property {(frame: any) => void} onFrame  every other server frame (streams, connection errors)
+ * @property {() => void} [onBatchEnd]  the frames of one batched message were all given to
+ *   `onFrame` (only on a connection welcomed with `batch`): what they routed can go out now
  * @property {(state: string) => void} onState
  * @property {(error: MuxError) => void} onFatal  the socket gave up (token refused, or a close
  *   code after which the gateway says not to reconnect: 1002, 1007, 1009, 4400, 4429); `connect()` tries again
@@ -106,6 +108,11 @@ export default class Socket {
     this.cachedExpiry = null
     /** The token function's call in flight, if any. */
     this.pendingToken = null
+    /**
+     * Within one message of a batched connection: `onBatchEnd` follows its last frame, so
+     * what its frames route need not wait for a task of its own.
+     */
+    this.delivering = false
     /** Limits from `welcome`. */
     this.limits = {}
     /** Unix seconds at which the live connection's token expires, if known. */
@@ -195,10 +202,12 @@ export default class Socket {
       this.hooks.onFatal(new MuxError(ERROR_CODE.badRequest, `cannot open ${this.url}: ${err.message}`))
       return
     }
-    const rec = { ws, token, welcomed: false, pingTimer: undefined, pendingPing: null, refreshing: null, lastError: null }
+    const rec = { ws, token, welcomed: false, batch: false, pingTimer: undefined, pendingPing: null, refreshing: null, lastError: null }
     this.conn = rec
     const hello = () => {
-      ws.send(JSON.stringify({ type: FRAME.hello, token, client: CLIENT_NAME, resume: this.hooks.resume() }))
+      // batch: the gateway may pack the frames of one write into a JSON array (one message,
+      // one task here, instead of one per frame); an older gateway ignores the field
+      ws.send(JSON.stringify({ type: FRAME.hello, token, client: CLIENT_NAME, resume: this.hooks.resume(), batch: true }))
     }
     if (ws.readyState === 1) hello()
     else ws.onopen = hello
@@ -217,19 +226,38 @@ export default class Socket {
     return null
   }
 
-  /** @param {any} rec @param {string} data */
+  /**
+   * One WebSocket message: a frame, or (on a connection welcomed with `batch`) an array of
+   * frames in the order the gateway wrote them.
+   * @param {any} rec @param {string} data
+   */
   onMessage (rec, data) {
-    let frame
+    let parsed
     try {
-      frame = JSON.parse(data)
+      parsed = JSON.parse(data)
     } catch {
       return
     }
+    const array = Array.isArray(parsed)
+    const frames = array ? parsed : [parsed]
+    const batch = array || rec.batch
+    this.delivering = batch
+    try {
+      for (const frame of frames) this.onServerFrame(rec, frame)
+    } finally {
+      this.delivering = false
+      if (batch) this.hooks.onBatchEnd?.()
+    }
+  }
+
+  /** @param {any} rec @param {any} frame */
+  onServerFrame (rec, frame) {
     if (!frame || typeof frame.type !== 'string') return
     switch (frame.type) {
       case FRAME.welcome:
         if (rec !== this.conn) return
         rec.welcomed = true
+        rec.batch = frame.batch === true
         this.everWelcomed = true
         this.reconnectTimer.reset()
         this.limits = frame.limits ?? {}

@@ -162,10 +162,16 @@ export const fakeUpstreamError = (id, status) => ({
  * - `refresh` (docs/protocol.md extension): `knowsRefresh: false` answers it like an older
  *   gateway (bad_request); tokens (see `fakeToken`) expire: an `open` after `exp` is refused,
  *   and `tokenGraceMs` after `exp` the connection is closed with 4401.
+ * - `batch` (docs/protocol.md extension): a hello with `batch: true` is welcomed with it, and
+ *   the frames sent in one task then go out as one message (an array when there are several),
+ *   as the gateway packs one write; `knowsBatch: false` is an older gateway (one frame each).
  */
 export class FakeGateway {
-  constructor ({ chunkMs = 5, maxConnections = Infinity, knowsRefresh = true, tokenGraceMs = 60_000 } = {}) {
+  constructor ({ chunkMs = 5, maxConnections = Infinity, knowsRefresh = true, knowsBatch = true, tokenGraceMs = 60_000 } = {}) {
     this.chunkMs = chunkMs
+    this.knowsBatch = knowsBatch
+    /** Messages delivered to the tabs: [frame count, is an array]. */
+    this.messages = []
     this.maxConnections = maxConnections
     this.knowsRefresh = knowsRefresh
     this.tokenGraceMs = tokenGraceMs
@@ -230,6 +236,7 @@ export class FakeGateway {
       }
       ws.hello = true
       ws.claims = claims
+      ws.batch = this.knowsBatch && msg.batch === true
       this.expireAt(ws, claims.exp)
       this.connectionsTotal++
       const resumed = []
@@ -241,6 +248,7 @@ export class FakeGateway {
       this.resumes.push(msg.resume ?? [])
       const welcome = { type: 'welcome', session: `s${this.connectionsTotal}`, user: 'u', tier: 'pro', heartbeat_ms: 15000, limits: { max_streams: 32, max_frame_bytes: 1048576 }, resumed: resumed.map(r => r.id) }
       if (claims.exp !== null) welcome.exp = claims.exp
+      if (ws.batch) welcome.batch = true
       this.frame(ws, welcome)
       for (const id of missing) this.frame(ws, { type: 'error', id, code: 'not_found', message: 'no such stream' })
       for (const r of resumed) {
@@ -355,6 +363,9 @@ class FakeSocket {
     this.protocol = protocol
     this.readyState = 0
     this.hello = false
+    this.batch = false
+    /** Frames sent in this task (a batched connection), delivered at its end. */
+    this.pending = null
     this.createdAt = performance.now()
     gw.sockets.add(this)
     gw.created.push(this)
@@ -374,8 +385,25 @@ class FakeSocket {
   }
 
   deliver (frame) {
-    const data = JSON.stringify(frame)
-    setTimeout(() => { if (this.readyState === 1 || frame.type === 'error') this.onmessage?.({ data }) })
+    if (!this.batch || frame.type === 'welcome') {
+      const data = JSON.stringify(frame)
+      setTimeout(() => {
+        if (this.readyState !== 1 && frame.type !== 'error') return
+        this.gw.messages.push([1, false])
+        this.onmessage?.({ data })
+      })
+      return
+    }
+    // one write: what was sent in this task goes out together
+    if (this.pending) return this.pending.push(frame)
+    this.pending = [frame]
+    setTimeout(() => {
+      const frames = this.pending.filter(f => this.readyState === 1 || f.type === 'error')
+      this.pending = null
+      if (frames.length === 0) return
+      this.gw.messages.push([frames.length, frames.length > 1])
+      this.onmessage?.({ data: JSON.stringify(frames.length === 1 ? frames[0] : frames) })
+    })
   }
 
   close (code = 1000, reason = '') {
