@@ -944,6 +944,7 @@ enum WriteEnd {
 }
 
 /// Writes control frames, stream frames and pings until the connection ends.
+#[allow(clippy::too_many_arguments)] // the connection's parts and rules, each used once here
 async fn write_loop(
     metrics: Arc<Metrics>,
     mut sink: impl MessageSink,
