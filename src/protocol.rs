@@ -199,6 +199,11 @@ pub enum ClientFrame {
     Refresh {
         token: String,
     },
+    /// Extension: `hello.resume` on a connection already authenticated (a warm standby socket
+    /// taking over a closed one's streams without a new handshake).
+    Resume {
+        resume: Vec<ResumeRequest>,
+    },
 }
 
 /// The `open` frame: one logical stream to run.
@@ -226,6 +231,11 @@ struct HelloFrame {
     resume: Vec<ResumeRequest>,
     #[serde(default)]
     batch: bool,
+}
+
+#[derive(Deserialize)]
+struct ResumeFrame {
+    resume: Vec<ResumeRequest>,
 }
 
 #[derive(Deserialize)]
@@ -278,6 +288,10 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
         "refresh" => {
             let f: RefreshFrame = serde_json::from_str(text).map_err(|e| bad("refresh", e))?;
             Ok(ClientFrame::Refresh { token: f.token })
+        }
+        "resume" => {
+            let f: ResumeFrame = serde_json::from_str(text).map_err(|e| bad("resume", e))?;
+            Ok(ClientFrame::Resume { resume: f.resume })
         }
         "ping" => {
             let f: PingFrame = serde_json::from_str(text).map_err(|e| bad("ping", e))?;
@@ -381,6 +395,9 @@ impl UpstreamDetail {
 pub struct WelcomeLimits {
     pub max_streams: usize,
     pub max_frame_bytes: usize,
+    /// Extension: the user's simultaneous connections (the tier's cap), so a client can tell
+    /// whether one more socket (a warm standby) would push a real one over it.
+    pub max_connections: usize,
 }
 
 #[derive(Serialize)]
@@ -403,6 +420,10 @@ enum ServerFrame<'a> {
     /// Extension: a `refresh` was accepted; the connection now expires at `exp`.
     Refreshed {
         exp: u64,
+    },
+    /// Extension: the answer to a `resume` frame, before the replay of the streams it lists.
+    Resumed {
+        resumed: &'a [String],
     },
     Queued {
         id: &'a str,
@@ -484,6 +505,10 @@ pub fn welcome(
         exp,
         batch,
     })
+}
+
+pub fn resumed(resumed: &[String]) -> Utf8Bytes {
+    encode(&ServerFrame::Resumed { resumed })
 }
 
 pub fn refreshed(exp: u64) -> Utf8Bytes {
@@ -981,6 +1006,28 @@ mod tests {
         assert_eq!(
             parse_client_frame(r#"{"type":"ping","ts":5}"#).expect("ping"),
             ClientFrame::Ping { ts: Value::from(5) }
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"resume","resume":[{"id":"a","after":3},{"id":"b"}]}"#)
+                .expect("resume"),
+            ClientFrame::Resume {
+                resume: vec![
+                    ResumeRequest {
+                        id: "a".into(),
+                        after: 3
+                    },
+                    ResumeRequest {
+                        id: "b".into(),
+                        after: 0
+                    },
+                ],
+            }
+        );
+        let e = parse_client_frame(r#"{"type":"resume"}"#).expect_err("resume without a list");
+        assert!(e.0.starts_with("bad `resume` frame"), "{e}");
+        assert_eq!(
+            resumed(&["a".to_string()]).as_str(),
+            r#"{"type":"resumed","resumed":["a"]}"#
         );
         assert!(parse_client_frame("not json").is_err());
         assert!(parse_client_frame(r#"{"id":"x"}"#).is_err());

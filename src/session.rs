@@ -51,6 +51,10 @@ impl<T: futures_util::Stream<Item = Result<Message, axum::Error>> + Unpin + Send
 
 enum Control {
     Frame(Utf8Bytes),
+    /// Extension `resume` on a live connection: the writer attaches the streams itself, so the
+    /// `resumed` frame goes out before any frame of their replay (it is their only puller),
+    /// then the error frames.
+    Resume(Vec<(Arc<Stream>, u64)>, Vec<Utf8Bytes>),
     /// Write what is pending, then close with this code.
     Close(u16, &'static str),
 }
@@ -251,51 +255,13 @@ async fn serve(
     // Resumed streams are attached first, so `welcome.resumed` lists exactly the streams that
     // will replay. Their frames wait in the inbox: the writer starts only after `welcome` is in
     // the control queue, and always empties that queue first, so `welcome` comes first.
-    let Lookup {
-        mut found,
-        absent,
-        mut missing,
-    } = lookup_resumes(&gw, &user, &resume, max_streams);
-    // Cluster mode: the streams this instance does not have may run on another; each is
-    // asked of its owner at once, before `welcome` says which streams resumed.
-    let remote = absent.iter().map(|r| async {
-        match &gw.handoff {
-            Some(handoff) => handoff
-                .resume(&gw, &user, &r.id, r.after)
-                .await
-                .map(|mirror| (mirror, r.after)),
-            None => Err(no_such_stream(&r.id)),
-        }
-    });
-    for result in futures_util::future::join_all(remote).await {
-        match result {
-            Ok(mirror) => found.push(mirror),
-            Err(frame) => missing.push(frame),
-        }
-    }
-    let mut resumed: Vec<String> = Vec::with_capacity(found.len());
-    let mut refused = Vec::new();
-    for (stream, after) in found {
-        match stream.attach(&inbox, after) {
-            Ok(()) => resumed.push(stream.id.clone()),
-            Err(gap) => {
-                let message = format!(
-                    "stream `{}` can no longer be replayed after seq {after}: the oldest kept is {}",
-                    stream.id, gap.oldest_available
-                );
-                refused.push(protocol::error(
-                    Some(&stream.id),
-                    ErrorCode::NotFound,
-                    &message,
-                    None,
-                ));
-            }
-        }
-    }
+    let (found, missing) = find_resumes(&gw, &user, &resume, max_streams).await;
+    let (resumed, refused) = attach_resumed(&inbox, found);
     let s = &gw.config.session;
     let limits = WelcomeLimits {
         max_streams,
         max_frame_bytes: s.max_frame_bytes,
+        max_connections: tier.max_connections(),
     };
     let welcome = protocol::welcome(
         &session_id,
@@ -505,6 +471,67 @@ fn lookup_resumes<'r>(
         absent,
         missing,
     }
+}
+
+/// The streams a `resume` list names, with the key to resume after, and the error frames for
+/// those no instance has (or past `max_streams`).
+async fn find_resumes(
+    gw: &Arc<Gateway>,
+    user: &Arc<str>,
+    resume: &[ResumeRequest],
+    max_streams: usize,
+) -> (Vec<(Arc<Stream>, u64)>, Vec<Utf8Bytes>) {
+    let Lookup {
+        mut found,
+        absent,
+        mut missing,
+    } = lookup_resumes(gw, user, resume, max_streams);
+    // Cluster mode: the streams this instance does not have may run on another; each is
+    // asked of its owner at once, before the answer says which streams resumed.
+    let remote = absent.iter().map(|r| async {
+        match &gw.handoff {
+            Some(handoff) => handoff
+                .resume(gw, user, &r.id, r.after)
+                .await
+                .map(|mirror| (mirror, r.after)),
+            None => Err(no_such_stream(&r.id)),
+        }
+    });
+    for result in futures_util::future::join_all(remote).await {
+        match result {
+            Ok(mirror) => found.push(mirror),
+            Err(frame) => missing.push(frame),
+        }
+    }
+    (found, missing)
+}
+
+/// Attaches `found` to `inbox` (moving any attached to another connection): the ids that will
+/// replay, and a `not_found` frame for each whose frames after the key are no longer kept.
+fn attach_resumed(
+    inbox: &Arc<Inbox>,
+    found: Vec<(Arc<Stream>, u64)>,
+) -> (Vec<String>, Vec<Utf8Bytes>) {
+    let mut resumed: Vec<String> = Vec::with_capacity(found.len());
+    let mut refused = Vec::new();
+    for (stream, after) in found {
+        match stream.attach(inbox, after) {
+            Ok(()) => resumed.push(stream.id.clone()),
+            Err(gap) => {
+                let message = format!(
+                    "stream `{}` can no longer be replayed after seq {after}: the oldest kept is {}",
+                    stream.id, gap.oldest_available
+                );
+                refused.push(protocol::error(
+                    Some(&stream.id),
+                    ErrorCode::NotFound,
+                    &message,
+                    None,
+                ));
+            }
+        }
+    }
+    (resumed, refused)
 }
 
 struct Connection {
@@ -751,6 +778,27 @@ impl Connection {
                 }
             }
             ClientFrame::Open(req) => self.open(req).await,
+            ClientFrame::Resume { resume } => self.resume(resume).await,
+        }
+    }
+
+    /// Extension `resume`: `hello.resume` on this connection, answered by a `resumed` frame.
+    async fn resume(&mut self, resume: Vec<ResumeRequest>) -> ControlFlow<()> {
+        if self.draining {
+            // Its streams are to leave this connection, not join it.
+            return self
+                .send(protocol::error(
+                    None,
+                    ErrorCode::Overloaded,
+                    "this connection is draining after `goaway`: resume on a new connection",
+                    None,
+                ))
+                .await;
+        }
+        let (found, missing) = find_resumes(&self.gw, &self.user, &resume, self.max_streams).await;
+        match self.control.send(Control::Resume(found, missing)).await {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(_) => ControlFlow::Break(()),
         }
     }
 
@@ -967,6 +1015,12 @@ async fn write_loop(
             msg = control.recv() => match msg {
                 Some(Control::Frame(frame)) => {
                     frames.push(frame);
+                    write(&mut sink, &mut frames, write_timeout, &metrics, batch).await
+                }
+                Some(Control::Resume(found, missing)) => {
+                    let (resumed, refused) = attach_resumed(&inbox, found);
+                    frames.push(protocol::resumed(&resumed));
+                    frames.extend(refused.into_iter().chain(missing));
                     write(&mut sink, &mut frames, write_timeout, &metrics, batch).await
                 }
                 Some(Control::Close(code, reason)) => {
