@@ -47,8 +47,10 @@ export default class Leader {
    * @param {{leader: string|null, roster: string[], resign: any}} previous what this tab
    *   knew of the last leader
    * @param {WebSocket|null} warm a WebSocket opened for the first hello
+   * @param {{ws: WebSocket, token: string, welcome: any}|null} [standby] a welcomed connection
+   *   the streams are resumed on instead (see Standby)
    */
-  start (how, previous, warm) {
+  start (how, previous, warm, standby = null) {
     const tab = this.tab
     this.epoch = nextEpoch(tab.maxEpochN, tab.tabId)
     tab.maxEpochN = this.epoch.n
@@ -57,6 +59,7 @@ export default class Leader {
     tab.lastResign = null
     this.owner = new SocketOwner(tab, {
       warm,
+      standby,
       forward: (to, frame) => this.forward(to, frame),
       onChange: () => this.broadcastStatus(),
       onConnectionError: error => tab.bus.post({ t: BUS.connError, error: error.toJSON() }),

@@ -124,6 +124,11 @@ export default class Socket {
      * The first `open()` sends its hello on it instead of opening another.
      */
     this.warm = opts.warm ?? null
+    /**
+     * A connection another part of this tab already welcomed (see Standby): the first
+     * `open()` moves the streams onto it with a `resume` frame instead of a new handshake.
+     */
+    this.standby = opts.standby ?? null
     const backoff = { baseMs: opts.backoffBaseMs, maxMs: opts.backoffMaxMs }
     this.reconnectTimer = new Timer(() => this.open(), tries => backoffDelay(tries, backoff, this.random))
   }
@@ -147,6 +152,7 @@ export default class Socket {
     this.reconnectTimer.cancel()
     this.stopRefresh()
     closeWarm(this.takeWarm())
+    closeWarm(this.takeStandby()?.ws ?? null)
     for (const rec of [this.conn, this.old]) if (rec) this.drop(rec, code, reason)
     this.conn = null
     this.old = null
@@ -181,6 +187,11 @@ export default class Socket {
 
   async open () {
     if (this.stopped || this.conn) return
+    const standby = this.takeStandby()
+    if (standby) {
+      this.adopt(standby)
+      return
+    }
     const attempt = ++this.attempt
     this.setState(this.everWelcomed ? CONNECTION.reconnecting : CONNECTION.connecting)
     let token
@@ -214,6 +225,40 @@ export default class Socket {
     ws.onmessage = (event) => this.onMessage(rec, event.data)
     ws.onclose = (event) => this.onClose(rec, event.code, event.reason)
     ws.onerror = () => {} // a close event follows
+  }
+
+  /** The standby connection if still open (else closes it), and forgets it. */
+  takeStandby () {
+    const standby = this.standby
+    this.standby = null
+    if (!standby) return null
+    if (standby.ws.readyState === 1) return standby
+    closeWarm(standby.ws)
+    return null
+  }
+
+  /**
+   * Takes a welcomed connection over: `resume` asks for every stream at once, and its answer
+   * (`resumed`) stands for the `welcome` of a new connection.
+   * @param {{ws: WebSocket, token: string, welcome: any}} standby
+   */
+  adopt ({ ws, token, welcome }) {
+    this.attempt++
+    this.setState(this.everWelcomed ? CONNECTION.reconnecting : CONNECTION.connecting)
+    const rec = { ws, token, welcomed: false, batch: welcome.batch === true, resuming: welcome, pingTimer: undefined, pendingPing: null, refreshing: null, lastError: null }
+    this.conn = rec
+    ws.onmessage = (event) => this.onMessage(rec, event.data)
+    ws.onclose = (event) => this.onClose(rec, event.code, event.reason)
+    ws.onerror = () => {}
+    ws.send(JSON.stringify({ type: FRAME.resume, resume: this.hooks.resume() }))
+  }
+
+  /** A `resume` was not answered with `resumed` (an older gateway): say hello on a new socket. */
+  abandonResume (rec) {
+    rec.resuming = null
+    this.drop(rec, CLOSE_CODE.normal, 'resume not supported')
+    if (this.conn === rec) this.conn = null
+    this.open()
   }
 
   /** The warm WebSocket if it may still open (else closes it), and forgets it. */
@@ -255,23 +300,12 @@ export default class Socket {
     if (!frame || typeof frame.type !== 'string') return
     switch (frame.type) {
       case FRAME.welcome:
-        if (rec !== this.conn) return
-        rec.welcomed = true
-        rec.batch = frame.batch === true
-        this.everWelcomed = true
-        this.reconnectTimer.reset()
-        this.limits = frame.limits ?? {}
-        this.expiry = typeof frame.exp === 'number' ? frame.exp : jwtExpiry(rec.token)
-        this.scheduleRefresh()
-        if (typeof frame.heartbeat_ms === 'number' && frame.heartbeat_ms > 0) this.heartbeatMs = frame.heartbeat_ms
-        this.startHeartbeat(rec)
-        if (this.old) {
-          // the new connection's resume took the streams over
-          this.drop(this.old, CLOSE_CODE.normal, 'resumed on a new connection')
-          this.old = null
-        }
-        this.setState(CONNECTION.open)
-        this.hooks.onWelcome(frame)
+        if (rec !== this.conn || rec.resuming) return
+        this.onWelcomed(rec, frame)
+        return
+      case FRAME.resumed:
+        if (rec !== this.conn || !rec.resuming) return
+        this.onWelcomed(rec, { ...rec.resuming, resumed: Array.isArray(frame.resumed) ? frame.resumed : [] })
         return
       case FRAME.pong:
         rec.pendingPing = null
@@ -292,6 +326,11 @@ export default class Socket {
       case FRAME.error:
         if (frame.id === null || frame.id === undefined) {
           rec.lastError = frame
+          if (rec.resuming && rec === this.conn) {
+            // `bad_request` from a gateway without `resume`, or `overloaded` from one draining
+            this.abandonResume(rec)
+            return
+          }
           if (rec.refreshing && (frame.code === ERROR_CODE.unauthorized || frame.code === ERROR_CODE.badRequest)) {
             // the answer to our `refresh`: refused, or a gateway without `refresh`. The new
             // token is cached; a new connection with it takes the streams over.
@@ -305,6 +344,26 @@ export default class Socket {
       default:
         this.hooks.onFrame(frame)
     }
+  }
+
+  /** `rec` is welcomed (or its `resume` answered): streams may go out on it. */
+  onWelcomed (rec, frame) {
+    rec.welcomed = true
+    rec.batch = frame.batch === true
+    this.everWelcomed = true
+    this.reconnectTimer.reset()
+    this.limits = frame.limits ?? {}
+    this.expiry = typeof frame.exp === 'number' ? frame.exp : jwtExpiry(rec.token)
+    this.scheduleRefresh()
+    if (typeof frame.heartbeat_ms === 'number' && frame.heartbeat_ms > 0) this.heartbeatMs = frame.heartbeat_ms
+    this.startHeartbeat(rec)
+    if (this.old) {
+      // the new connection's resume took the streams over
+      this.drop(this.old, CLOSE_CODE.normal, 'resumed on a new connection')
+      this.old = null
+    }
+    this.setState(CONNECTION.open)
+    this.hooks.onWelcome(frame)
   }
 
   /** Arms the timer that renews the token before it expires (token functions only). */
@@ -360,6 +419,12 @@ export default class Socket {
       return
     }
     if (rec !== this.conn) return
+    if (rec.resuming && !this.stopped) {
+      // the standby died before it was answered: no reason to wait before a new socket
+      this.conn = null
+      this.open()
+      return
+    }
     this.conn = null
     this.stopRefresh()
     if (this.stopped) {
