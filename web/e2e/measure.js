@@ -71,7 +71,7 @@ function leaderSettle (logs, t0) {
 
 async function closed (stack) {
   const N = 30
-  return withTabs({ base: stack.gateway.url, user: newUser('closed'), n: N }, async ({ pages, li, user }) => {
+  return withTabs({ base: stack.gateway.url, user: newUser('closed'), n: N, standby: true }, async ({ pages, li, user }) => {
     const shape = { chunks: 60, delayMs: 80 }
     const prompts = await startAll(pages, 'closed', shape)
     await underWay(pages, 'closed', 8)
@@ -95,7 +95,7 @@ async function closed (stack) {
 
 async function crashed (stack) {
   const N = 30
-  return withTabs({ base: stack.gateway.url, user: newUser('crashed'), n: N }, async ({ context, pages, li, user }) => {
+  return withTabs({ base: stack.gateway.url, user: newUser('crashed'), n: N, standby: true }, async ({ context, pages, li, user }) => {
     const shape = { chunks: 80, delayMs: 80 }
     const prompts = await startAll(pages, 'crashed', shape, new Set([li]))
     const rest = pages.filter((_, i) => i !== li)
