@@ -185,6 +185,8 @@ pub enum ClientFrame {
         token: String,
         client: Option<String>,
         resume: Vec<ResumeRequest>,
+        /// Extension: the client reads several frames per WebSocket message (a JSON array).
+        batch: bool,
     },
     Open(OpenRequest),
     Cancel {
@@ -196,6 +198,11 @@ pub enum ClientFrame {
     /// A new token for the same user and tier, before the current one expires.
     Refresh {
         token: String,
+    },
+    /// Extension: `hello.resume` on a connection already authenticated (a warm standby socket
+    /// taking over a closed one's streams without a new handshake).
+    Resume {
+        resume: Vec<ResumeRequest>,
     },
 }
 
@@ -221,6 +228,13 @@ struct HelloFrame {
     #[serde(default)]
     client: Option<String>,
     #[serde(default)]
+    resume: Vec<ResumeRequest>,
+    #[serde(default)]
+    batch: bool,
+}
+
+#[derive(Deserialize)]
+struct ResumeFrame {
     resume: Vec<ResumeRequest>,
 }
 
@@ -260,6 +274,7 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
                 token: f.token,
                 client: f.client,
                 resume: f.resume,
+                batch: f.batch,
             })
         }
         "open" => {
@@ -273,6 +288,10 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
         "refresh" => {
             let f: RefreshFrame = serde_json::from_str(text).map_err(|e| bad("refresh", e))?;
             Ok(ClientFrame::Refresh { token: f.token })
+        }
+        "resume" => {
+            let f: ResumeFrame = serde_json::from_str(text).map_err(|e| bad("resume", e))?;
+            Ok(ClientFrame::Resume { resume: f.resume })
         }
         "ping" => {
             let f: PingFrame = serde_json::from_str(text).map_err(|e| bad("ping", e))?;
@@ -376,6 +395,9 @@ impl UpstreamDetail {
 pub struct WelcomeLimits {
     pub max_streams: usize,
     pub max_frame_bytes: usize,
+    /// Extension: the user's simultaneous connections (the tier's cap), so a client can tell
+    /// whether one more socket (a warm standby) would push a real one over it.
+    pub max_connections: usize,
 }
 
 #[derive(Serialize)]
@@ -390,10 +412,18 @@ enum ServerFrame<'a> {
         resumed: &'a [String],
         /// Extension: the hello token's expiry (Unix seconds); `refresh` before it.
         exp: u64,
+        /// Extension: echoes `hello.batch`; absent for a client that did not ask, so a v1
+        /// client's `welcome` is unchanged.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        batch: bool,
     },
     /// Extension: a `refresh` was accepted; the connection now expires at `exp`.
     Refreshed {
         exp: u64,
+    },
+    /// Extension: the answer to a `resume` frame, before the replay of the streams it lists.
+    Resumed {
+        resumed: &'a [String],
     },
     Queued {
         id: &'a str,
@@ -454,6 +484,7 @@ fn encode(frame: &ServerFrame<'_>) -> Utf8Bytes {
         .into()
 }
 
+#[allow(clippy::too_many_arguments)] // one per `welcome` field: a struct would only rename them
 pub fn welcome(
     session: &str,
     user: &str,
@@ -462,6 +493,7 @@ pub fn welcome(
     limits: &WelcomeLimits,
     resumed: &[String],
     exp: u64,
+    batch: bool,
 ) -> Utf8Bytes {
     encode(&ServerFrame::Welcome {
         session,
@@ -471,7 +503,12 @@ pub fn welcome(
         limits,
         resumed,
         exp,
+        batch,
     })
+}
+
+pub fn resumed(resumed: &[String]) -> Utf8Bytes {
+    encode(&ServerFrame::Resumed { resumed })
 }
 
 pub fn refreshed(exp: u64) -> Utf8Bytes {
@@ -952,6 +989,7 @@ mod tests {
                     id: "t1:7".into(),
                     after: 17
                 }],
+                batch: false,
             }
         );
         let f = parse_client_frame(
@@ -968,6 +1006,28 @@ mod tests {
         assert_eq!(
             parse_client_frame(r#"{"type":"ping","ts":5}"#).expect("ping"),
             ClientFrame::Ping { ts: Value::from(5) }
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"resume","resume":[{"id":"a","after":3},{"id":"b"}]}"#)
+                .expect("resume"),
+            ClientFrame::Resume {
+                resume: vec![
+                    ResumeRequest {
+                        id: "a".into(),
+                        after: 3
+                    },
+                    ResumeRequest {
+                        id: "b".into(),
+                        after: 0
+                    },
+                ],
+            }
+        );
+        let e = parse_client_frame(r#"{"type":"resume"}"#).expect_err("resume without a list");
+        assert!(e.0.starts_with("bad `resume` frame"), "{e}");
+        assert_eq!(
+            resumed(&["a".to_string()]).as_str(),
+            r#"{"type":"resumed","resumed":["a"]}"#
         );
         assert!(parse_client_frame("not json").is_err());
         assert!(parse_client_frame(r#"{"id":"x"}"#).is_err());

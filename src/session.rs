@@ -51,6 +51,10 @@ impl<T: futures_util::Stream<Item = Result<Message, axum::Error>> + Unpin + Send
 
 enum Control {
     Frame(Utf8Bytes),
+    /// Extension `resume` on a live connection: the writer attaches the streams itself, so the
+    /// `resumed` frame goes out before any frame of their replay (it is their only puller),
+    /// then the error frames.
+    Resume(Vec<(Arc<Stream>, u64)>, Vec<Utf8Bytes>),
     /// Write what is pending, then close with this code.
     Close(u16, &'static str),
 }
@@ -78,7 +82,11 @@ async fn run_on(
     if let (Ok(_), Some(gate)) = (&hello, &gate) {
         gate.lift();
     }
-    let (claims, resume) = match hello {
+    let Hello {
+        claims,
+        resume,
+        batch,
+    } = match hello {
         Ok(hello) => hello,
         Err(Refusal::Unauthorized(message)) => {
             let frame = protocol::error(None, ErrorCode::Unauthorized, &message, None);
@@ -154,6 +162,7 @@ async fn run_on(
         max_streams,
         resume,
         exp: claims.exp,
+        batch,
     };
     tracing::Instrument::instrument(serve(gw, sink, source, session), span).await;
 }
@@ -217,6 +226,8 @@ struct Authenticated {
     resume: Vec<ResumeRequest>,
     /// The hello token's `exp`, Unix seconds.
     exp: u64,
+    /// The client asked for several frames per message (`hello.batch`).
+    batch: bool,
 }
 
 /// An accepted connection, from `welcome` to the detach of its streams.
@@ -233,6 +244,7 @@ async fn serve(
         max_streams,
         resume,
         exp,
+        batch,
     } = session;
     let user = registration.user().clone();
     let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
@@ -243,51 +255,13 @@ async fn serve(
     // Resumed streams are attached first, so `welcome.resumed` lists exactly the streams that
     // will replay. Their frames wait in the inbox: the writer starts only after `welcome` is in
     // the control queue, and always empties that queue first, so `welcome` comes first.
-    let Lookup {
-        mut found,
-        absent,
-        mut missing,
-    } = lookup_resumes(&gw, &user, &resume, max_streams);
-    // Cluster mode: the streams this instance does not have may run on another; each is
-    // asked of its owner at once, before `welcome` says which streams resumed.
-    let remote = absent.iter().map(|r| async {
-        match &gw.handoff {
-            Some(handoff) => handoff
-                .resume(&gw, &user, &r.id, r.after)
-                .await
-                .map(|mirror| (mirror, r.after)),
-            None => Err(no_such_stream(&r.id)),
-        }
-    });
-    for result in futures_util::future::join_all(remote).await {
-        match result {
-            Ok(mirror) => found.push(mirror),
-            Err(frame) => missing.push(frame),
-        }
-    }
-    let mut resumed: Vec<String> = Vec::with_capacity(found.len());
-    let mut refused = Vec::new();
-    for (stream, after) in found {
-        match stream.attach(&inbox, after) {
-            Ok(()) => resumed.push(stream.id.clone()),
-            Err(gap) => {
-                let message = format!(
-                    "stream `{}` can no longer be replayed after seq {after}: the oldest kept is {}",
-                    stream.id, gap.oldest_available
-                );
-                refused.push(protocol::error(
-                    Some(&stream.id),
-                    ErrorCode::NotFound,
-                    &message,
-                    None,
-                ));
-            }
-        }
-    }
+    let (found, missing) = find_resumes(&gw, &user, &resume, max_streams).await;
+    let (resumed, refused) = attach_resumed(&inbox, found);
     let s = &gw.config.session;
     let limits = WelcomeLimits {
         max_streams,
         max_frame_bytes: s.max_frame_bytes,
+        max_connections: tier.max_connections(),
     };
     let welcome = protocol::welcome(
         &session_id,
@@ -297,6 +271,7 @@ async fn serve(
         &limits,
         &resumed,
         exp,
+        batch,
     );
     let _ = control.send(Control::Frame(welcome)).await;
     let writer = tokio::spawn(write_loop(
@@ -307,6 +282,7 @@ async fn serve(
         conn_end.clone(),
         Duration::from_millis(s.heartbeat_ms),
         Duration::from_millis(s.write_timeout_ms),
+        batch,
     ));
     for frame in refused.into_iter().chain(missing) {
         let _ = control.send(Control::Frame(frame)).await;
@@ -365,12 +341,19 @@ enum Refusal {
     Gone,
 }
 
+/// An accepted `hello`.
+struct Hello {
+    claims: Claims,
+    resume: Vec<ResumeRequest>,
+    batch: bool,
+}
+
 /// Waits for `hello` and checks its token.
 async fn handshake(
     gw: &Gateway,
     source: &mut impl MessageSource,
     gate: Option<&Gate>,
-) -> Result<(Claims, Vec<ResumeRequest>), Refusal> {
+) -> Result<Hello, Refusal> {
     let unauthorized = |m: &str| Refusal::Unauthorized(m.to_string());
     let max_hello = gw.config.session.max_hello_bytes;
     let too_large = || format!("the `hello` frame is over max_hello_bytes ({max_hello})");
@@ -406,12 +389,21 @@ async fn handshake(
         return Err(Refusal::Unauthorized(too_large()));
     }
     match protocol::parse_client_frame(&first) {
-        Ok(ClientFrame::Hello { token, resume, .. }) => {
+        Ok(ClientFrame::Hello {
+            token,
+            resume,
+            batch,
+            ..
+        }) => {
             let claims = gw
                 .auth
                 .verify(&token)
                 .map_err(|e| Refusal::Unauthorized(e.to_string()))?;
-            Ok((claims, resume))
+            Ok(Hello {
+                claims,
+                resume,
+                batch,
+            })
         }
         Ok(_) => Err(unauthorized("the first frame must be `hello`")),
         Err(e) => Err(Refusal::Unauthorized(format!(
@@ -479,6 +471,67 @@ fn lookup_resumes<'r>(
         absent,
         missing,
     }
+}
+
+/// The streams a `resume` list names, with the key to resume after, and the error frames for
+/// those no instance has (or past `max_streams`).
+async fn find_resumes(
+    gw: &Arc<Gateway>,
+    user: &Arc<str>,
+    resume: &[ResumeRequest],
+    max_streams: usize,
+) -> (Vec<(Arc<Stream>, u64)>, Vec<Utf8Bytes>) {
+    let Lookup {
+        mut found,
+        absent,
+        mut missing,
+    } = lookup_resumes(gw, user, resume, max_streams);
+    // Cluster mode: the streams this instance does not have may run on another; each is
+    // asked of its owner at once, before the answer says which streams resumed.
+    let remote = absent.iter().map(|r| async {
+        match &gw.handoff {
+            Some(handoff) => handoff
+                .resume(gw, user, &r.id, r.after)
+                .await
+                .map(|mirror| (mirror, r.after)),
+            None => Err(no_such_stream(&r.id)),
+        }
+    });
+    for result in futures_util::future::join_all(remote).await {
+        match result {
+            Ok(mirror) => found.push(mirror),
+            Err(frame) => missing.push(frame),
+        }
+    }
+    (found, missing)
+}
+
+/// Attaches `found` to `inbox` (moving any attached to another connection): the ids that will
+/// replay, and a `not_found` frame for each whose frames after the key are no longer kept.
+fn attach_resumed(
+    inbox: &Arc<Inbox>,
+    found: Vec<(Arc<Stream>, u64)>,
+) -> (Vec<String>, Vec<Utf8Bytes>) {
+    let mut resumed: Vec<String> = Vec::with_capacity(found.len());
+    let mut refused = Vec::new();
+    for (stream, after) in found {
+        match stream.attach(inbox, after) {
+            Ok(()) => resumed.push(stream.id.clone()),
+            Err(gap) => {
+                let message = format!(
+                    "stream `{}` can no longer be replayed after seq {after}: the oldest kept is {}",
+                    stream.id, gap.oldest_available
+                );
+                refused.push(protocol::error(
+                    Some(&stream.id),
+                    ErrorCode::NotFound,
+                    &message,
+                    None,
+                ));
+            }
+        }
+    }
+    (resumed, refused)
 }
 
 struct Connection {
@@ -725,6 +778,27 @@ impl Connection {
                 }
             }
             ClientFrame::Open(req) => self.open(req).await,
+            ClientFrame::Resume { resume } => self.resume(resume).await,
+        }
+    }
+
+    /// Extension `resume`: `hello.resume` on this connection, answered by a `resumed` frame.
+    async fn resume(&mut self, resume: Vec<ResumeRequest>) -> ControlFlow<()> {
+        if self.draining {
+            // Its streams are to leave this connection, not join it.
+            return self
+                .send(protocol::error(
+                    None,
+                    ErrorCode::Overloaded,
+                    "this connection is draining after `goaway`: resume on a new connection",
+                    None,
+                ))
+                .await;
+        }
+        let (found, missing) = find_resumes(&self.gw, &self.user, &resume, self.max_streams).await;
+        match self.control.send(Control::Resume(found, missing)).await {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(_) => ControlFlow::Break(()),
         }
     }
 
@@ -918,6 +992,7 @@ enum WriteEnd {
 }
 
 /// Writes control frames, stream frames and pings until the connection ends.
+#[allow(clippy::too_many_arguments)] // the connection's parts and rules, each used once here
 async fn write_loop(
     metrics: Arc<Metrics>,
     mut sink: impl MessageSink,
@@ -926,6 +1001,7 @@ async fn write_loop(
     conn_end: CancellationToken,
     heartbeat: Duration,
     write_timeout: Duration,
+    batch: bool,
 ) -> WriteEnd {
     let mut ready = Vec::new();
     let mut frames = Vec::new();
@@ -939,11 +1015,17 @@ async fn write_loop(
             msg = control.recv() => match msg {
                 Some(Control::Frame(frame)) => {
                     frames.push(frame);
-                    write(&mut sink, &mut frames, write_timeout, &metrics).await
+                    write(&mut sink, &mut frames, write_timeout, &metrics, batch).await
+                }
+                Some(Control::Resume(found, missing)) => {
+                    let (resumed, refused) = attach_resumed(&inbox, found);
+                    frames.push(protocol::resumed(&resumed));
+                    frames.extend(refused.into_iter().chain(missing));
+                    write(&mut sink, &mut frames, write_timeout, &metrics, batch).await
                 }
                 Some(Control::Close(code, reason)) => {
                     pull_ready(&inbox, &mut ready, &mut frames, &mut pulled);
-                    let written = write(&mut sink, &mut frames, write_timeout, &metrics).await;
+                    let written = write(&mut sink, &mut frames, write_timeout, &metrics, batch).await;
                     report_written(&inbox, &mut pulled, written.is_ok());
                     let _ = tokio::time::timeout(write_timeout, sink.send(close_message(code, reason))).await;
                     break WriteEnd::Done;
@@ -952,7 +1034,7 @@ async fn write_loop(
             },
             _ = inbox.notify.notified() => {
                 pull_ready(&inbox, &mut ready, &mut frames, &mut pulled);
-                let written = write(&mut sink, &mut frames, write_timeout, &metrics).await;
+                let written = write(&mut sink, &mut frames, write_timeout, &metrics, batch).await;
                 report_written(&inbox, &mut pulled, written.is_ok());
                 written
             }
@@ -1020,12 +1102,47 @@ fn report_written(inbox: &Inbox, pulled: &mut Vec<(Arc<Stream>, u64)>, completed
     }
 }
 
-/// Writes and flushes `frames` (emptying it) within `timeout`.
+/// Extension `batch`: the most bytes of frames packed into one WebSocket message, so that a
+/// replay of many streams is a few messages a client parses in bounded pieces. A frame over it
+/// goes alone.
+const BATCH_MAX_BYTES: usize = 64 * 1024;
+
+/// Packs `frames[..]`'s next run into one message: the frame itself when it is alone (what a
+/// v1 reader expects), else a JSON array of the frames in order, up to [`BATCH_MAX_BYTES`].
+/// Returns the message and how many frames it holds.
+fn pack(frames: &[Utf8Bytes]) -> (Utf8Bytes, usize) {
+    let mut size = 1;
+    let mut n = 0;
+    for frame in frames {
+        if n > 0 && size + frame.len() + 1 > BATCH_MAX_BYTES {
+            break;
+        }
+        size += frame.len() + 1;
+        n += 1;
+    }
+    if n <= 1 {
+        return (frames[0].clone(), 1);
+    }
+    let mut array = String::with_capacity(size);
+    array.push('[');
+    for (i, frame) in frames[..n].iter().enumerate() {
+        if i > 0 {
+            array.push(',');
+        }
+        array.push_str(frame);
+    }
+    array.push(']');
+    (array.into(), n)
+}
+
+/// Writes and flushes `frames` (emptying it) within `timeout`; with `batch`, several frames
+/// to a message.
 async fn write(
     sink: &mut impl MessageSink,
     frames: &mut Vec<Utf8Bytes>,
     timeout: Duration,
     metrics: &Metrics,
+    batch: bool,
 ) -> Result<(), WriteEnd> {
     if frames.is_empty() {
         return Ok(());
@@ -1033,8 +1150,17 @@ async fn write(
     let count = frames.len() as u64;
     let bytes: usize = frames.iter().map(|f| f.len()).sum();
     let result = tokio::time::timeout(timeout, async {
-        for frame in frames.drain(..) {
-            sink.feed(Message::Text(frame)).await?;
+        if batch {
+            let mut rest = &frames[..];
+            while !rest.is_empty() {
+                let (message, n) = pack(rest);
+                rest = &rest[n..];
+                sink.feed(Message::Text(message)).await?;
+            }
+        } else {
+            for frame in frames.drain(..) {
+                sink.feed(Message::Text(frame)).await?;
+            }
         }
         sink.flush().await
     })
@@ -1359,8 +1485,40 @@ mod tests {
             conn_end.clone(),
             Duration::from_secs(3_600),
             write_timeout,
+            false,
         ));
         (control, conn_end, task)
+    }
+
+    #[test]
+    fn batch_packs_runs_of_frames_into_arrays_and_leaves_a_lone_frame_bare() {
+        let one = protocol::delta("a", 1, "x");
+        assert_eq!(pack(std::slice::from_ref(&one)), (one.clone(), 1));
+        let frames: Vec<Utf8Bytes> = (1..=3).map(|seq| protocol::delta("a", seq, "x")).collect();
+        let (message, n) = pack(&frames);
+        assert_eq!(n, 3);
+        let parsed: Vec<Value> = serde_json::from_str(&message).unwrap();
+        let want: Vec<Value> = frames
+            .iter()
+            .map(|f| serde_json::from_str(f).unwrap())
+            .collect();
+        assert_eq!(parsed, want);
+        // A run stops before the frame that would take it past the cap; that frame starts the
+        // next message, and a frame over the cap on its own goes alone, bare.
+        let big = protocol::delta("b", 1, &"y".repeat(BATCH_MAX_BYTES / 2));
+        let huge = protocol::delta("c", 1, &"z".repeat(BATCH_MAX_BYTES));
+        let run = [
+            one.clone(),
+            big.clone(),
+            big.clone(),
+            huge.clone(),
+            one.clone(),
+        ];
+        let (first, n) = pack(&run);
+        assert_eq!(n, 2);
+        assert!(first.len() <= BATCH_MAX_BYTES);
+        assert_eq!(pack(&run[2..]).1, 1);
+        assert_eq!(pack(&run[3..]), (huge, 1));
     }
 
     /// A stream attached to `inbox` whose log holds exactly `frames` deltas of this size, and

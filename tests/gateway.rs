@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use serde_json::json;
+use serde_json::{json, Value};
 
 #[tokio::test]
 async fn fifty_concurrent_streams_on_one_socket_get_exact_text() {
@@ -408,6 +408,89 @@ async fn resume_after_a_drop_has_no_gap_and_no_duplicate() {
         2,
         "resume never re-asks the upstream"
     );
+}
+
+/// Three streams run to their end on a socket that dropped; a new connection says `hello`
+/// (with `extra` fields) resuming them all from the start, and the replay is read message by
+/// message: the `welcome`, then every message as received.
+async fn replay_of_three_finished_streams(extra: Value) -> (Value, Vec<Value>) {
+    let h = Harness::start().await;
+    let mut c = h.connect("alice").await;
+    let ids = ids("b", 3);
+    for id in &ids {
+        c.open(id, &format!("{id} [[mock chunks=20]]")).await;
+    }
+    c.recv_until("start", None).await;
+    drop(c);
+    wait_for_mock(&h, "all three completed", |s| s.completed == 3).await;
+    let mut c = h.connect_raw().await;
+    let resume: Vec<Value> = ids.iter().map(|id| json!({"id": id, "after": 0})).collect();
+    let mut hello = json!({"type":"hello","token":h.token("alice","pro"),"resume":resume});
+    for (k, v) in extra.as_object().unwrap() {
+        hello[k] = v.clone();
+    }
+    c.send(hello).await;
+    let welcome = c.recv_message().await;
+    let mut messages = Vec::new();
+    let mut ended = 0;
+    while ended < 3 {
+        let m = c.recv_message().await;
+        let frames = m.as_array().cloned().unwrap_or_else(|| vec![m.clone()]);
+        ended += frames.iter().filter(|f| f["type"] == "done").count();
+        messages.push(m);
+    }
+    (welcome, messages)
+}
+
+/// The frames of `messages`, arrays flattened, checked whole per stream.
+fn check_three_replayed(messages: &[Value]) {
+    let mut records: std::collections::HashMap<String, StreamRecord> = Default::default();
+    for m in messages {
+        let frames = m.as_array().cloned().unwrap_or_else(|| vec![m.clone()]);
+        for f in frames {
+            assert!(
+                f.is_object(),
+                "a frame is an object, never a nested array: {f}"
+            );
+            let id = f["id"].as_str().unwrap().to_string();
+            records.entry(id).or_default().take(f);
+        }
+    }
+    for id in ids("b", 3) {
+        let r = &records[&id];
+        assert_eq!(r.end_type(), "done", "{id}");
+        assert_eq!(r.text, expected(&id, 20), "{id}");
+    }
+}
+
+#[tokio::test]
+async fn a_batch_hello_gets_the_replay_in_arrays_of_frames_in_order() {
+    let (welcome, messages) = replay_of_three_finished_streams(json!({"batch": true})).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    assert_eq!(welcome["batch"], true, "{welcome}");
+    check_three_replayed(&messages);
+    // 63 frames were ready when the writer started: a handful of messages, not one per frame
+    let arrays: Vec<usize> = messages
+        .iter()
+        .filter_map(|m| m.as_array().map(Vec::len))
+        .collect();
+    assert!(arrays.iter().any(|&n| n > 1), "{messages:?}");
+    assert!(
+        arrays.iter().all(|&n| n > 1),
+        "an array holds 2 frames or more"
+    );
+    assert!(messages.len() < 63, "{} messages", messages.len());
+}
+
+#[tokio::test]
+async fn a_hello_without_batch_gets_one_frame_per_message_as_in_v1() {
+    for extra in [json!({}), json!({"batch": false})] {
+        let (welcome, messages) = replay_of_three_finished_streams(extra).await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        assert!(welcome.get("batch").is_none(), "{welcome}");
+        assert!(messages.iter().all(Value::is_object), "{messages:?}");
+        check_three_replayed(&messages);
+    }
 }
 
 #[tokio::test]
@@ -817,4 +900,157 @@ async fn streams_on_worker_threads_are_exact_and_resume_across_workers() {
         13,
         "resume never re-asks the upstream"
     );
+}
+
+/// Reads `c` until stream `id` has sent `last_seq >= n`, into `r`.
+async fn read_until_seq(c: &mut Client, id: &str, r: &mut StreamRecord, n: u64) {
+    while r.last_seq < n {
+        let f = c.recv().await;
+        if f["id"] == id {
+            r.take(f);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_resume_frame_on_a_live_connection_takes_over_a_dropped_connections_streams() {
+    let h = Harness::start_with(|c| c.tiers.get_mut("pro").unwrap().max_connections = 3).await;
+    let mut leader = h.connect("alice").await;
+    // The warm standby: authenticated before the leader's socket dies, resumes nothing yet.
+    let (mut standby, welcome) = h.connect_resume("alice", json!([])).await;
+    assert_eq!(welcome["limits"]["max_connections"], 3, "{welcome}");
+    leader
+        .open("w1", "warm [[mock chunks=60 delay_ms=5]]")
+        .await;
+    leader
+        .open("w2", "standby [[mock chunks=40 delay_ms=5]]")
+        .await;
+    let mut first = StreamRecord::default();
+    let mut second = StreamRecord::default();
+    while first.last_seq < 10 || second.last_seq < 3 {
+        let f = leader.recv().await;
+        match f["id"].as_str() {
+            Some("w1") => first.take(f),
+            Some("w2") => second.take(f),
+            _ => {}
+        }
+    }
+    drop(leader); // the socket dies without a close handshake
+    standby
+        .send(json!({"type":"resume","resume":[
+            {"id":"w1","after":first.last_seq},
+            {"id":"w2","after":second.last_seq},
+            {"id":"ghost","after":0}]}))
+        .await;
+    // `resumed` comes before any frame of the replay.
+    let answer = standby.recv().await;
+    assert_eq!(answer["type"], "resumed", "{answer}");
+    let mut resumed: Vec<String> = serde_json::from_value(answer["resumed"].clone()).unwrap();
+    resumed.sort();
+    assert_eq!(resumed, vec!["w1", "w2"]);
+    let mut ghost_seen = false;
+    while first.end.is_none() || second.end.is_none() {
+        let f = standby.recv().await;
+        match f["id"].as_str() {
+            Some("w1") => first.take(f),
+            Some("w2") => second.take(f),
+            Some("ghost") => {
+                assert_eq!(
+                    (f["type"].as_str(), f["code"].as_str()),
+                    (Some("error"), Some("not_found")),
+                    "{f}"
+                );
+                ghost_seen = true;
+            }
+            _ => panic!("unexpected frame {f}"),
+        }
+    }
+    assert!(ghost_seen);
+    assert_eq!(first.text, expected("warm", 60));
+    assert_eq!(second.text, expected("standby", 40));
+    assert_eq!((first.end_type(), second.end_type()), ("done", "done"));
+    assert_eq!(
+        h.mock.stats().requests,
+        2,
+        "resume never re-asks the upstream"
+    );
+    // The connection goes on as before: a new stream on it runs as usual.
+    standby.open("w3", "after [[mock chunks=5]]").await;
+    let records = standby.collect(&["w3".to_string()]).await;
+    assert_eq!(records["w3"].text, expected("after", 5));
+}
+
+#[tokio::test]
+async fn a_resume_frame_of_unknown_ids_answers_resumed_empty_then_not_found() {
+    let h = Harness::start().await;
+    let mut c = h.connect("alice").await;
+    c.send(json!({"type":"resume","resume":[{"id":"nope","after":4}]}))
+        .await;
+    let answer = c.recv().await;
+    assert_eq!(answer, json!({"type":"resumed","resumed":[]}));
+    let e = c.recv().await;
+    assert_eq!(
+        (e["type"].as_str(), e["id"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("nope"), Some("not_found")),
+        "{e}"
+    );
+    // Another user's stream is not found either, exactly as for `hello.resume`.
+    let mut bob = h.connect("bob").await;
+    bob.open("bobs", "private [[mock chunks=30 delay_ms=5]]")
+        .await;
+    bob.recv_until("delta", Some("bobs")).await;
+    c.send(json!({"type":"resume","resume":[{"id":"bobs"}]}))
+        .await;
+    assert_eq!(c.recv().await, json!({"type":"resumed","resumed":[]}));
+    let e = c.recv().await;
+    assert_eq!(
+        (e["id"].as_str(), e["code"].as_str()),
+        (Some("bobs"), Some("not_found")),
+        "{e}"
+    );
+    // ... and stays where it was.
+    bob.recv_until("done", Some("bobs")).await;
+    // A malformed `resume` is a bad frame, and the connection survives it.
+    c.send(json!({"type":"resume"})).await;
+    let e = c.recv().await;
+    assert_eq!(e["code"], "bad_request", "{e}");
+    c.send(json!({"type":"ping","ts":1})).await;
+    assert_eq!(c.recv().await["type"], "pong");
+}
+
+#[tokio::test]
+async fn a_resume_frame_moves_a_stream_attached_to_another_live_connection() {
+    let h = Harness::start().await;
+    let mut old = h.connect("alice").await;
+    let mut new = h.connect("alice").await;
+    old.open("mv", "moving [[mock chunks=80 delay_ms=10]]")
+        .await;
+    let mut r = StreamRecord::default();
+    read_until_seq(&mut old, "mv", &mut r, 5).await;
+    new.send(json!({"type":"resume","resume":[{"id":"mv","after":r.last_seq}]}))
+        .await;
+    assert_eq!(new.recv().await, json!({"type":"resumed","resumed":["mv"]}));
+    // The new connection carries it from `after` on; the old one may still deliver what it
+    // had pulled before the move (kept by seq, as the shim does), and never its end.
+    while r.end.is_none() {
+        let f = new.recv().await;
+        if f["seq"].as_u64().is_some_and(|s| s <= r.last_seq) {
+            continue;
+        }
+        r.take(f);
+    }
+    assert_eq!(r.text, expected("moving", 80));
+    assert_eq!(r.end_type(), "done");
+    old.send(json!({"type":"ping","ts":"after"})).await;
+    loop {
+        let f = old.recv().await;
+        if f["type"] == "pong" {
+            break;
+        }
+        assert_ne!(
+            f["type"], "done",
+            "the old connection got the end of a moved stream: {f}"
+        );
+    }
+    assert_eq!(h.gw.user_stats("alice").unwrap().connections, 2);
 }

@@ -224,6 +224,23 @@ impl Client {
         }
     }
 
+    /// The next text message as JSON, whatever its shape: one frame or (after `hello.batch`)
+    /// an array of frames. Fails the test after [`FRAME_WAIT`] or on close.
+    pub async fn recv_message(&mut self) -> Value {
+        loop {
+            let msg = tokio::time::timeout(FRAME_WAIT, self.ws.next())
+                .await
+                .expect("no message within FRAME_WAIT");
+            match msg {
+                Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                    panic!("connection closed while a message was expected")
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
     /// A connection over the user's cap: `too_many_streams`, then close 4429.
     pub async fn expect_too_many_connections(&mut self) {
         let e = self.recv().await;

@@ -80,7 +80,8 @@ async function devToken () {
   return (await res.json()).token
 }
 
-const mux = connect({ url: params.get('ws') || '/v1/ws', token: fixedToken || devToken })
+// `standby=0`: no standby connection (the browser tests that count the leader's sockets)
+const mux = connect({ url: params.get('ws') || '/v1/ws', token: fixedToken || devToken, standby: params.get('standby') !== '0' })
 // for the browser tests and the curious: the page's one handle on the shared socket
 window.muxgateDemo = { mux }
 

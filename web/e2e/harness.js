@@ -445,17 +445,18 @@ export async function openTabs (context, url, n) {
 /**
  * The start every browser test repeats, as one fixture: a fresh browser (running
  * `initScript` in each page), `n` tabs of the demo signed in as `user` at `base`, and unless
- * `shared` is false, one leader shared by all. Calls `body` with the pages, the statuses, the
+ * `shared` is false, one leader shared by all; `standby: false` turns the shim's standby
+ * connection off (the tests that count the leader's sockets). Calls `body` with the pages, the statuses, the
  * leader's index `li` (-1 without one) and `user`; closes the browser after, whatever happens.
  * @template T
- * @param {{base: string, user: string, n: number, initScript?: Function, shared?: boolean}} setup
+ * @param {{base: string, user: string, n: number, initScript?: Function, shared?: boolean, standby?: boolean}} setup
  * @param {(tabs: {context: any, pages: any[], status: any[], li: number, user: string}) => Promise<T>} body
  * @returns {Promise<T>}
  */
-export async function withTabs ({ base, user, n, initScript, shared = true }, body) {
+export async function withTabs ({ base, user, n, initScript, shared = true, standby = false }, body) {
   const { context, close } = await launchBrowser({ initScript })
   try {
-    const pages = await openTabs(context, demoUrl(base, user), n)
+    const pages = await openTabs(context, demoUrl(base, user, { standby }), n)
     const status = shared ? await waitShared(pages) : await statuses(pages)
     const li = status.findIndex(s => s.role === 'leader')
     return await body({ context, pages, status, li, user })
@@ -719,7 +720,7 @@ let userSeq = 0
 export const userNamer = prefix => tag => `${prefix}-${tag}-${process.pid}-${++userSeq}`
 
 /** The demo page, signed in as `user`. */
-export const demoUrl = (base, user) => `${base}/?user=${encodeURIComponent(user)}`
+export const demoUrl = (base, user, { standby = false } = {}) => `${base}/?user=${encodeURIComponent(user)}${standby ? '' : '&standby=0'}`
 
 /** Starts one stream per tab (except those in `skip`), each with its own prompt; returns the prompts. */
 export async function startAll (pages, key, shape, skip = new Set()) {

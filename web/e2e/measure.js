@@ -71,10 +71,12 @@ function leaderSettle (logs, t0) {
 
 async function closed (stack) {
   const N = 30
-  return withTabs({ base: stack.gateway.url, user: newUser('closed'), n: N }, async ({ pages, li, user }) => {
+  return withTabs({ base: stack.gateway.url, user: newUser('closed'), n: N, standby: true }, async ({ pages, li, user }) => {
     const shape = { chunks: 60, delayMs: 80 }
     const prompts = await startAll(pages, 'closed', shape)
     await underWay(pages, 'closed', 8)
+    // with the standby, the next leader's connection is open before the close
+    const before = (await stack.gateway.admin(user)).connections_total
     const t0 = Date.now()
     await pages[li].close({ runBeforeUnload: true })
     const rest = pages.filter((_, i) => i !== li)
@@ -88,14 +90,14 @@ async function closed (stack) {
       longestPauseMs: Math.round(Math.max(...gaps)),
       medianPauseMs: Math.round(median(gaps)),
       exact: exactCount(runs, restPrompts, shape.chunks), of: rest.length,
-      socketsOpenedByHandover: stats.connections_total - 1,
+      socketsOpenedByHandover: stats.connections_total - before,
     }
   })
 }
 
 async function crashed (stack) {
   const N = 30
-  return withTabs({ base: stack.gateway.url, user: newUser('crashed'), n: N }, async ({ context, pages, li, user }) => {
+  return withTabs({ base: stack.gateway.url, user: newUser('crashed'), n: N, standby: true }, async ({ context, pages, li, user }) => {
     const shape = { chunks: 80, delayMs: 80 }
     const prompts = await startAll(pages, 'crashed', shape, new Set([li]))
     const rest = pages.filter((_, i) => i !== li)
@@ -142,16 +144,22 @@ async function fallback (stack) {
 }
 
 async function cpuAt (stack, N) {
-  return withTabs({ base: stack.gateway.url, user: newUser(`cpu${N}`), n: N }, async ({ context, pages }) => {
+  return withTabs({ base: stack.gateway.url, user: newUser(`cpu${N}`), n: N }, async ({ context, pages, li }) => {
     const cdps = await Promise.all(pages.map(async p => { const c = await context.newCDPSession(p); await c.send('Performance.enable'); return c }))
     // TaskDuration: wall time of the renderers' main-thread tasks (the issue's figure);
     // ThreadTime: their main threads' CPU time, less swollen when 30 renderers share 2 cores
     const taskSeconds = async () => {
       const all = await Promise.all(cdps.map(c => c.send('Performance.getMetrics')))
-      const sum = name => all.map(m => m.metrics.find(x => x.name === name)?.value ?? 0).reduce((a, b) => a + b, 0)
-      return { task: sum('TaskDuration'), thread: sum('ThreadTime') }
+      const of = (m, name) => m.metrics.find(x => x.name === name)?.value ?? 0
+      const sum = name => all.map(m => of(m, name)).reduce((a, b) => a + b, 0)
+      return { task: sum('TaskDuration'), thread: sum('ThreadTime'), leaderTask: of(all[li], 'TaskDuration'), at: performance.now() }
     }
     await sleep(1000)
+    // the tabs idle (heartbeats, acks, timers): what they cost per second regardless of chunks
+    const idle0 = await taskSeconds()
+    await sleep(2000)
+    const idle1 = await taskSeconds()
+    const idleTaskPerS = (idle1.task - idle0.task) / ((idle1.at - idle0.at) / 1000)
     const shape = { chunks: 100, delayMs: 50 }
     const before = await taskSeconds()
     await startAll(pages, 'cpu', shape)
@@ -159,11 +167,17 @@ async function cpuAt (stack, N) {
     const after = await taskSeconds()
     const chunks = runs.reduce((a, r) => a + (r?.deltas ?? 0), 0)
     await Promise.all(cdps.map(c => c.detach().catch(() => {})))
+    const task = after.task - before.task
+    const leaderTask = after.leaderTask - before.leaderTask
     return {
       tabs: N, chunks,
-      taskMs: Math.round((after.task - before.task) * 1000),
-      taskUsPerChunk: Math.round((after.task - before.task) * 1e6 / chunks),
+      taskMs: Math.round(task * 1000),
+      taskUsPerChunk: Math.round(task * 1e6 / chunks),
       threadUsPerChunk: Math.round((after.thread - before.thread) * 1e6 / chunks),
+      // where it goes: the leader's tasks, the followers', and the idle rate over the run
+      leaderUsPerChunk: Math.round(leaderTask * 1e6 / chunks),
+      followersUsPerChunk: Math.round((task - leaderTask) * 1e6 / chunks),
+      periodicUsPerChunk: Math.round(idleTaskPerS * ((after.at - before.at) / 1000) * 1e6 / chunks),
     }
   })
 }
@@ -178,6 +192,12 @@ async function cpu (stack) {
     cpuUsPerChunk6: six.threadUsPerChunk,
     cpuUsPerChunk30: thirty.threadUsPerChunk,
     cpuRatio30to6: Number((thirty.threadUsPerChunk / six.threadUsPerChunk).toFixed(2)),
+    leaderUsPerChunk6: six.leaderUsPerChunk,
+    leaderUsPerChunk30: thirty.leaderUsPerChunk,
+    followersUsPerChunk6: six.followersUsPerChunk,
+    followersUsPerChunk30: thirty.followersUsPerChunk,
+    periodicUsPerChunk6: six.periodicUsPerChunk,
+    periodicUsPerChunk30: thirty.periodicUsPerChunk,
     six,
     thirty,
   }

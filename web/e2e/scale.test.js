@@ -35,6 +35,24 @@ test('30 tabs: closing the leader mid-stream, the 29 others finish exact on ONE 
   })
 })
 
+test('30 tabs with the standby connection: closing the leader mid-stream, the next leader resumes on its standby (no new socket), the 29 others exact', T, async () => {
+  await withTabs({ base: stack.gateway.url, user: newUser('standby-closes'), n: TABS, standby: true }, async ({ pages, li, user }) => {
+    const shape = { chunks: 60, delayMs: 80 }
+    const prompts = await startAll(pages, 'standby', shape)
+    await underWay(pages, 'standby', 5)
+    await waitFor(async () => (await stack.gateway.admin(user)).connections === 2, { what: 'the leader and the next one\'s standby' })
+    assert.equal((await stack.gateway.admin(user)).connections_total, 2)
+    await pages[li].close({ runBeforeUnload: true })
+    const rest = pages.filter((_, i) => i !== li)
+    const runs = await waitRuns(rest, 'standby')
+    assertExact(runs, prompts.filter((_, i) => i !== li), shape.chunks, rest.keys())
+    await waitShared(rest, 'a new leader shared by the 29 remaining tabs')
+    await waitFor(async () => (await stack.gateway.admin(user)).connections === 2, { what: 'the new leader and the new head\'s standby' })
+    const stats = await stack.gateway.admin(user)
+    assert.equal(stats.connections_total, 3, 'the old leader, the standby it handed over on, the new head\'s standby: no socket for the handover itself')
+  })
+})
+
 test('30 tabs: the leader\'s renderer crashes (Page.crash): one new leader, at most 3 sockets, text exact', T, async () => {
   await withTabs({ base: stack.gateway.url, user: newUser('leader-crashes'), n: TABS }, async ({ context, pages, li, user }) => {
     const shape = { chunks: 80, delayMs: 80 }

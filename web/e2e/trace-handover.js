@@ -2,7 +2,8 @@
 // init script (lock grants, bus messages read, the new socket's open, welcome and replay),
 // printed as a timeline relative to the moment the leader's page was closed.
 //
-//   node e2e/trace-handover.js [--tabs 30]
+//   node e2e/trace-handover.js [--tabs 30] [--static DIR]
+import path from 'node:path'
 import { readRun, sleep, startAll, startStack, underWay, userNamer, withTabs } from './harness.js'
 
 const args = process.argv.slice(2)
@@ -60,7 +61,8 @@ function instrument () {
   } catch {}
 }
 
-const stack = await startStack()
+const staticDir = args.includes('--static') ? path.resolve(args[args.indexOf('--static') + 1]) : undefined // another shim, as in measure.js
+const stack = await startStack({ staticDir })
 try {
   await withTabs({ base: stack.gateway.url, user: userNamer('trace')('closed'), n: N, initScript: instrument }, async ({ pages, li }) => {
     const shape = { chunks: 60, delayMs: 80 }

@@ -3,13 +3,15 @@
 // timers) per chunk, and a CPU profile of the leader and one follower over 2 s. This is
 // the "which tasks run per chunk" view behind measure.js's TaskDuration figure.
 //
-//   node e2e/wakeups.js [--tabs 6,30] [--no-profile]
+//   node e2e/wakeups.js [--tabs 6,30] [--no-profile] [--static DIR]
+import path from 'node:path'
 import { readRun, sleep, startAll, startStack, underWay, userNamer, withTabs } from './harness.js'
 
 const args = process.argv.slice(2)
 const opt = (name, dflt) => { const i = args.indexOf(`--${name}`); return i >= 0 ? args[i + 1] : dflt }
 const sizes = opt('tabs', '6,30').split(',').map(Number)
 const profile = !args.includes('--no-profile')
+const staticDir = opt('static', undefined) && path.resolve(opt('static')) // another shim, as in measure.js
 
 /** Runs in every page before the shim: counts what wakes the page in window.__wakeups. */
 function instrument () {
@@ -54,7 +56,7 @@ function topFunctions (p, n = 8) {
   return [...self].sort((a, b) => b[1] - a[1]).slice(0, n).map(([k, ms]) => `${k} ${ms.toFixed(1)} ms`).join(', ')
 }
 
-const stack = await startStack()
+const stack = await startStack({ staticDir })
 try {
   for (const N of sizes) {
     await withTabs({ base: stack.gateway.url, user: userNamer('wakeups')(`n${N}`), n: N, initScript: instrument }, async ({ context, pages, li }) => {

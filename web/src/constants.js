@@ -25,6 +25,8 @@ export const FRAME = Object.freeze({
   ping: 'ping',
   /** a new token for the live connection (protocol extension `refresh`) */
   refresh: 'refresh',
+  /** streams moved onto this welcomed connection (protocol extension `resume`) */
+  resume: 'resume',
   // server → client
   welcome: 'welcome',
   queued: 'queued',
@@ -36,6 +38,8 @@ export const FRAME = Object.freeze({
   pong: 'pong',
   /** answer to `refresh`: the connection now runs under the new token, until `exp` */
   refreshed: 'refreshed',
+  /** answer to `resume`: the streams that will replay on this connection */
+  resumed: 'resumed',
 })
 
 /**
@@ -234,6 +238,14 @@ export const DEFAULTS = Object.freeze({
    * tab got the lock), it is closed. Below the gateway's hello timeout (5 s by default).
    */
   warmSocketMs: 2000,
+  /**
+   * The follower next in line to lead holds a second, welcomed connection (a standby), so a
+   * handover needs no handshake: the new leader sends `resume` on it. Costs one idle
+   * connection per multi-tab user; false turns it off (the warm socket above still applies).
+   */
+  standby: true,
+  /** After the gateway refused a standby (4429, or a cap under 3), none is tried for this long. */
+  standbyRetryMs: 60000,
   /** A hidden leader is replaced by a visible follower after this long. */
   preferVisibleMs: 5000,
   /** Socket ping period until `welcome.heartbeat_ms` says otherwise. */

@@ -181,6 +181,13 @@ export interface ConnectOptions {
   stealStaggerMs?: number
   /** A WebSocket opened ahead of a handover and not said hello on is closed after this (2000). */
   warmSocketMs?: number
+  /** The follower next in line to lead holds a second, welcomed connection, so a handover
+   * resumes on it with no handshake: one extra idle connection per multi-tab user (default
+   * true; false turns it off). */
+  standby?: boolean
+  /** After the gateway refused a standby (4429, or `max_connections` under 3), none is
+   * tried for this long (default 60000). */
+  standbyRetryMs?: number
   preferVisibleMs?: number
   heartbeatMs?: number
   /** A token function is called this long before its token expires, and the new token sent

@@ -47,8 +47,10 @@ export default class Leader {
    * @param {{leader: string|null, roster: string[], resign: any}} previous what this tab
    *   knew of the last leader
    * @param {WebSocket|null} warm a WebSocket opened for the first hello
+   * @param {{ws: WebSocket, token: string, welcome: any}|null} [standby] a welcomed connection
+   *   the streams are resumed on instead (see Standby)
    */
-  start (how, previous, warm) {
+  start (how, previous, warm, standby = null) {
     const tab = this.tab
     this.epoch = nextEpoch(tab.maxEpochN, tab.tabId)
     tab.maxEpochN = this.epoch.n
@@ -57,9 +59,11 @@ export default class Leader {
     tab.lastResign = null
     this.owner = new SocketOwner(tab, {
       warm,
+      standby,
       forward: (to, frame) => this.forward(to, frame),
       onChange: () => this.broadcastStatus(),
       onConnectionError: error => tab.bus.post({ t: BUS.connError, error: error.toJSON() }),
+      onBatchEnd: () => this.flushOutbox(),
     })
     const resign = previous.resign
     const resigned = !!resign && resign.from === previous.leader
@@ -268,15 +272,18 @@ export default class Leader {
   }
 
   /**
-   * A frame for a follower goes into its batch, which goes to its inbox at the end of this
-   * task (with the frames of the socket messages that arrive before then: a replay after a
-   * handover reaches each tab in a few messages).
+   * A frame for a follower goes into its batch, which goes to its inbox at the end of the
+   * socket message it came in, when the gateway batches (one message is one gateway write:
+   * all the frames it had ready); else at the end of this task, with the frames of the
+   * socket messages that arrive before then (a replay after a handover reaches each tab in
+   * a few messages). Either way a tab reads one bus message for what one task routed to it.
    * @param {string} to @param {any} frame
    */
   forward (to, frame) {
     const batch = this.outbox.get(to)
     if (batch) batch.push(frame)
     else this.outbox.set(to, [frame])
+    if (this.owner.socket.delivering) return // onBatchEnd flushes
     if (!this.flushQueued) {
       this.flushQueued = true
       this.nextTask(() => this.flushOutbox())

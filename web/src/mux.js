@@ -7,6 +7,7 @@ import Follower from './follower.js'
 import { makeTabId, streamId } from './ids.js'
 import Leader from './leader.js'
 import Solo from './solo.js'
+import Standby from './standby.js'
 import { closeWarm, openWarm } from './socket.js'
 import ChatStream from './stream.js'
 
@@ -104,6 +105,10 @@ export default class Mux {
     /** The WebSocket this tab opened when the leader resigned, expecting to lead next. */
     this.warm = null
     this.warmTimer = undefined
+    /** @type {Standby|null} the welcomed connection this tab holds as the next leader */
+    this.standby = null
+    /** No standby before this (ms since epoch): the gateway refused the last one. */
+    this.standbyPausedUntil = 0
 
     this.installLifecycle()
     this.start()
@@ -266,6 +271,7 @@ export default class Mux {
     if (!this.running) return
     this.running = !final
     this.dropWarm()
+    this.dropStandby()
     if (this.role === ROLE.leader) {
       this.stepDown({ handoff: true, rejoin: false, leaving: final })
     } else if (this.part) {
@@ -415,14 +421,17 @@ export default class Mux {
       this.election.resign()
       return
     }
-    // The handshake first, before anything else on this (often busy) main thread: it runs in
-    // the network stack while this tab collects the stream table; hello waits for that.
-    this.warmUp()
+    // A standby needs no handshake. Else the handshake first, before anything else on this
+    // (often busy) main thread: it runs in the network stack while this tab collects the
+    // stream table; hello waits for that.
+    const standby = this.takeStandby()
+    if (standby) this.dropWarm()
+    else this.warmUp()
     const previous = { leader: this.leaderId, roster: this.knownRoster, resign: this.lastResign }
     this.part?.stop()
     this.part = new Leader(this)
     this.setRole(ROLE.leader)
-    this.part.start(how, previous, this.takeWarm())
+    this.part.start(how, previous, this.takeWarm(), standby)
   }
 
   /**
@@ -475,7 +484,7 @@ export default class Mux {
 
   /** Opens the WebSocket a next leader will say hello on (see DEFAULTS.warmSocketMs). */
   warmUp () {
-    if (this.warm || this.part?.owner || !this.env.WebSocket) return
+    if (this.warm || this.part?.owner || !this.env.WebSocket || this.standby?.ready) return
     this.warm = openWarm(this.env.WebSocket, this.url)
     if (this.warm) this.warmTimer = setTimeout(() => this.dropWarm(), this.opts.warmSocketMs)
   }
@@ -493,6 +502,45 @@ export default class Mux {
     closeWarm(this.takeWarm())
   }
 
+  /**
+   * Holds a standby while this tab is the follower next in line (the head of the leader's
+   * roster, which is also the head of the lock's queue), and only then.
+   * @param {string[]} roster the leader's, leader first
+   */
+  updateStandby (roster) {
+    const head = this.role === ROLE.follower && roster[1] === this.tabId
+    if (!head) {
+      this.dropStandby()
+      return
+    }
+    if (this.standby || !this.opts.standby || !this.env.WebSocket || Date.now() < this.standbyPausedUntil) return
+    const standby = new Standby(this.url, {
+      WebSocket: this.env.WebSocket,
+      token: this.token,
+      onGone: (refused) => {
+        if (this.standby !== standby) return
+        this.standby = null
+        // refused: wait; else the next heartbeat's roster opens another
+        if (refused) this.standbyPausedUntil = Date.now() + this.opts.standbyRetryMs
+      },
+    })
+    this.standby = standby
+    standby.open()
+  }
+
+  /** The standby's welcomed connection, for a Socket to resume on; null if none is ready. */
+  takeStandby () {
+    const standby = this.standby
+    this.standby = null
+    return standby ? standby.take() : null
+  }
+
+  dropStandby () {
+    const standby = this.standby
+    this.standby = null
+    standby?.close()
+  }
+
   // ---------------------------------------------------------------- bus, status, events
 
   /** @param {any} m */
@@ -503,6 +551,9 @@ export default class Mux {
       // our streams' frames, whatever our role now (a leader's last ones may land after it left)
       this.deliverBatch(m)
       return
+    }
+    if (this.role === ROLE.follower && (m.t === BUS.hb || m.t === BUS.claim || m.t === BUS.pong) && Array.isArray(m.roster) && m.from === this.leaderId) {
+      this.updateStandby(m.roster)
     }
     if (this.role === ROLE.electing) {
       // remember what we hear while deciding, so we can follow or lead knowing it

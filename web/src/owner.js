@@ -21,10 +21,13 @@ export default class SocketOwner {
   /**
    * @param {import('./mux.js').default} tab this tab's handle: its streams, options, status
    * @param {{forward?: (tab: string, frame: any) => void, onChange?: () => void,
-   *   onConnectionError?: (error: MuxError) => void, warm?: WebSocket|null}} [hooks]
-   *   warm: a WebSocket already opened for the first hello (see Socket)
+   *   onConnectionError?: (error: MuxError) => void, onBatchEnd?: () => void, warm?: WebSocket|null,
+   *   standby?: {ws: WebSocket, token: string, welcome: any}|null}} [hooks]
+   *   warm: a WebSocket already opened for the first hello (see Socket); standby: a welcomed
+   *   connection the first `resume` goes on instead (see Standby); onBatchEnd: the
+   *   frames of one batched socket message were all routed (see Socket's `delivering`)
    */
-  constructor (tab, { forward, onChange, onConnectionError, warm = null } = {}) {
+  constructor (tab, { forward, onChange, onConnectionError, onBatchEnd, warm = null, standby = null } = {}) {
     this.tab = tab
     this.forward = forward ?? (() => {})
     this.onChange = onChange ?? (() => {})
@@ -52,6 +55,7 @@ export default class SocketOwner {
       heartbeatMs: opts.heartbeatMs,
       tokenRefreshSkewMs: opts.tokenRefreshSkewMs,
       warm,
+      standby,
       resume: () => {
         this.helloPending = true
         this.renewOnWelcome = false
@@ -59,6 +63,7 @@ export default class SocketOwner {
       },
       onWelcome: frame => this.onWelcome(frame),
       onFrame: frame => this.onServerFrame(frame),
+      onBatchEnd,
       onState: state => { if (tab.setConnection(state)) this.onChange() },
       onFatal: error => this.onFatal(error),
     })

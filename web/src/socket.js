@@ -50,6 +50,8 @@ export function closeWarm (ws) {
  * @property {() => Array<{id: string, after: number}>} resume  streams to resume, asked at each hello
  * @property {(frame: any) => void} onWelcome
  * @property {(frame: any) => void} onFrame  every other server frame (streams, connection errors)
+ * @property {() => void} [onBatchEnd]  the frames of one batched message were all given to
+ *   `onFrame` (only on a connection welcomed with `batch`): what they routed can go out now
  * @property {(state: string) => void} onState
  * @property {(error: MuxError) => void} onFatal  the socket gave up (token refused, or a close
  *   code after which the gateway says not to reconnect: 1002, 1007, 1009, 4400, 4429); `connect()` tries again
@@ -106,6 +108,11 @@ export default class Socket {
     this.cachedExpiry = null
     /** The token function's call in flight, if any. */
     this.pendingToken = null
+    /**
+     * Within one message of a batched connection: `onBatchEnd` follows its last frame, so
+     * what its frames route need not wait for a task of its own.
+     */
+    this.delivering = false
     /** Limits from `welcome`. */
     this.limits = {}
     /** Unix seconds at which the live connection's token expires, if known. */
@@ -117,6 +124,11 @@ export default class Socket {
      * The first `open()` sends its hello on it instead of opening another.
      */
     this.warm = opts.warm ?? null
+    /**
+     * A connection another part of this tab already welcomed (see Standby): the first
+     * `open()` moves the streams onto it with a `resume` frame instead of a new handshake.
+     */
+    this.standby = opts.standby ?? null
     const backoff = { baseMs: opts.backoffBaseMs, maxMs: opts.backoffMaxMs }
     this.reconnectTimer = new Timer(() => this.open(), tries => backoffDelay(tries, backoff, this.random))
   }
@@ -140,6 +152,7 @@ export default class Socket {
     this.reconnectTimer.cancel()
     this.stopRefresh()
     closeWarm(this.takeWarm())
+    closeWarm(this.takeStandby()?.ws ?? null)
     for (const rec of [this.conn, this.old]) if (rec) this.drop(rec, code, reason)
     this.conn = null
     this.old = null
@@ -174,6 +187,11 @@ export default class Socket {
 
   async open () {
     if (this.stopped || this.conn) return
+    const standby = this.takeStandby()
+    if (standby) {
+      this.adopt(standby)
+      return
+    }
     const attempt = ++this.attempt
     this.setState(this.everWelcomed ? CONNECTION.reconnecting : CONNECTION.connecting)
     let token
@@ -195,16 +213,52 @@ export default class Socket {
       this.hooks.onFatal(new MuxError(ERROR_CODE.badRequest, `cannot open ${this.url}: ${err.message}`))
       return
     }
-    const rec = { ws, token, welcomed: false, pingTimer: undefined, pendingPing: null, refreshing: null, lastError: null }
+    const rec = { ws, token, welcomed: false, batch: false, pingTimer: undefined, pendingPing: null, refreshing: null, lastError: null }
     this.conn = rec
     const hello = () => {
-      ws.send(JSON.stringify({ type: FRAME.hello, token, client: CLIENT_NAME, resume: this.hooks.resume() }))
+      // batch: the gateway may pack the frames of one write into a JSON array (one message,
+      // one task here, instead of one per frame); an older gateway ignores the field
+      ws.send(JSON.stringify({ type: FRAME.hello, token, client: CLIENT_NAME, resume: this.hooks.resume(), batch: true }))
     }
     if (ws.readyState === 1) hello()
     else ws.onopen = hello
     ws.onmessage = (event) => this.onMessage(rec, event.data)
     ws.onclose = (event) => this.onClose(rec, event.code, event.reason)
     ws.onerror = () => {} // a close event follows
+  }
+
+  /** The standby connection if still open (else closes it), and forgets it. */
+  takeStandby () {
+    const standby = this.standby
+    this.standby = null
+    if (!standby) return null
+    if (standby.ws.readyState === 1) return standby
+    closeWarm(standby.ws)
+    return null
+  }
+
+  /**
+   * Takes a welcomed connection over: `resume` asks for every stream at once, and its answer
+   * (`resumed`) stands for the `welcome` of a new connection.
+   * @param {{ws: WebSocket, token: string, welcome: any}} standby
+   */
+  adopt ({ ws, token, welcome }) {
+    this.attempt++
+    this.setState(this.everWelcomed ? CONNECTION.reconnecting : CONNECTION.connecting)
+    const rec = { ws, token, welcomed: false, batch: welcome.batch === true, resuming: welcome, pingTimer: undefined, pendingPing: null, refreshing: null, lastError: null }
+    this.conn = rec
+    ws.onmessage = (event) => this.onMessage(rec, event.data)
+    ws.onclose = (event) => this.onClose(rec, event.code, event.reason)
+    ws.onerror = () => {}
+    ws.send(JSON.stringify({ type: FRAME.resume, resume: this.hooks.resume() }))
+  }
+
+  /** A `resume` was not answered with `resumed` (an older gateway): say hello on a new socket. */
+  abandonResume (rec) {
+    rec.resuming = null
+    this.drop(rec, CLOSE_CODE.normal, 'resume not supported')
+    if (this.conn === rec) this.conn = null
+    this.open()
   }
 
   /** The warm WebSocket if it may still open (else closes it), and forgets it. */
@@ -217,33 +271,41 @@ export default class Socket {
     return null
   }
 
-  /** @param {any} rec @param {string} data */
+  /**
+   * One WebSocket message: a frame, or (on a connection welcomed with `batch`) an array of
+   * frames in the order the gateway wrote them.
+   * @param {any} rec @param {string} data
+   */
   onMessage (rec, data) {
-    let frame
+    let parsed
     try {
-      frame = JSON.parse(data)
+      parsed = JSON.parse(data)
     } catch {
       return
     }
+    const array = Array.isArray(parsed)
+    const frames = array ? parsed : [parsed]
+    const batch = array || rec.batch
+    this.delivering = batch
+    try {
+      for (const frame of frames) this.onServerFrame(rec, frame)
+    } finally {
+      this.delivering = false
+      if (batch) this.hooks.onBatchEnd?.()
+    }
+  }
+
+  /** @param {any} rec @param {any} frame */
+  onServerFrame (rec, frame) {
     if (!frame || typeof frame.type !== 'string') return
     switch (frame.type) {
       case FRAME.welcome:
-        if (rec !== this.conn) return
-        rec.welcomed = true
-        this.everWelcomed = true
-        this.reconnectTimer.reset()
-        this.limits = frame.limits ?? {}
-        this.expiry = typeof frame.exp === 'number' ? frame.exp : jwtExpiry(rec.token)
-        this.scheduleRefresh()
-        if (typeof frame.heartbeat_ms === 'number' && frame.heartbeat_ms > 0) this.heartbeatMs = frame.heartbeat_ms
-        this.startHeartbeat(rec)
-        if (this.old) {
-          // the new connection's resume took the streams over
-          this.drop(this.old, CLOSE_CODE.normal, 'resumed on a new connection')
-          this.old = null
-        }
-        this.setState(CONNECTION.open)
-        this.hooks.onWelcome(frame)
+        if (rec !== this.conn || rec.resuming) return
+        this.onWelcomed(rec, frame)
+        return
+      case FRAME.resumed:
+        if (rec !== this.conn || !rec.resuming) return
+        this.onWelcomed(rec, { ...rec.resuming, resumed: Array.isArray(frame.resumed) ? frame.resumed : [] })
         return
       case FRAME.pong:
         rec.pendingPing = null
@@ -264,6 +326,11 @@ export default class Socket {
       case FRAME.error:
         if (frame.id === null || frame.id === undefined) {
           rec.lastError = frame
+          if (rec.resuming && rec === this.conn) {
+            // `bad_request` from a gateway without `resume`, or `overloaded` from one draining
+            this.abandonResume(rec)
+            return
+          }
           if (rec.refreshing && (frame.code === ERROR_CODE.unauthorized || frame.code === ERROR_CODE.badRequest)) {
             // the answer to our `refresh`: refused, or a gateway without `refresh`. The new
             // token is cached; a new connection with it takes the streams over.
@@ -277,6 +344,26 @@ export default class Socket {
       default:
         this.hooks.onFrame(frame)
     }
+  }
+
+  /** `rec` is welcomed (or its `resume` answered): streams may go out on it. */
+  onWelcomed (rec, frame) {
+    rec.welcomed = true
+    rec.batch = frame.batch === true
+    this.everWelcomed = true
+    this.reconnectTimer.reset()
+    this.limits = frame.limits ?? {}
+    this.expiry = typeof frame.exp === 'number' ? frame.exp : jwtExpiry(rec.token)
+    this.scheduleRefresh()
+    if (typeof frame.heartbeat_ms === 'number' && frame.heartbeat_ms > 0) this.heartbeatMs = frame.heartbeat_ms
+    this.startHeartbeat(rec)
+    if (this.old) {
+      // the new connection's resume took the streams over
+      this.drop(this.old, CLOSE_CODE.normal, 'resumed on a new connection')
+      this.old = null
+    }
+    this.setState(CONNECTION.open)
+    this.hooks.onWelcome(frame)
   }
 
   /** Arms the timer that renews the token before it expires (token functions only). */
@@ -332,6 +419,12 @@ export default class Socket {
       return
     }
     if (rec !== this.conn) return
+    if (rec.resuming && !this.stopped) {
+      // the standby died before it was answered: no reason to wait before a new socket
+      this.conn = null
+      this.open()
+      return
+    }
     this.conn = null
     this.stopRefresh()
     if (this.stopped) {

@@ -162,10 +162,22 @@ export const fakeUpstreamError = (id, status) => ({
  * - `refresh` (docs/protocol.md extension): `knowsRefresh: false` answers it like an older
  *   gateway (bad_request); tokens (see `fakeToken`) expire: an `open` after `exp` is refused,
  *   and `tokenGraceMs` after `exp` the connection is closed with 4401.
+ * - `batch` (docs/protocol.md extension): a hello with `batch: true` is welcomed with it, and
+ *   the frames sent in one task then go out as one message (an array when there are several),
+ *   as the gateway packs one write; `knowsBatch: false` is an older gateway (one frame each).
+ * - `resume` (docs/protocol.md extension): moves streams onto a welcomed connection, answered
+ *   by `resumed`; `knowsResume: false` answers it like an older gateway (bad_request).
+ *   `welcome.limits.max_connections` says `maxConnections` when it is finite.
  */
 export class FakeGateway {
-  constructor ({ chunkMs = 5, maxConnections = Infinity, knowsRefresh = true, tokenGraceMs = 60_000 } = {}) {
+  constructor ({ chunkMs = 5, maxConnections = Infinity, knowsRefresh = true, knowsBatch = true, knowsResume = true, tokenGraceMs = 60_000 } = {}) {
     this.chunkMs = chunkMs
+    this.knowsResume = knowsResume
+    /** `resume` frames received (on welcomed connections). */
+    this.resumeFrames = []
+    this.knowsBatch = knowsBatch
+    /** Messages delivered to the tabs: [frame count, is an array]. */
+    this.messages = []
     this.maxConnections = maxConnections
     this.knowsRefresh = knowsRefresh
     this.tokenGraceMs = tokenGraceMs
@@ -230,25 +242,23 @@ export class FakeGateway {
       }
       ws.hello = true
       ws.claims = claims
+      ws.batch = this.knowsBatch && msg.batch === true
       this.expireAt(ws, claims.exp)
       this.connectionsTotal++
       const resumed = []
       const missing = []
-      for (const r of msg.resume ?? []) {
-        if (this.streams.has(r.id)) resumed.push(r)
-        else missing.push(r.id)
-      }
       this.resumes.push(msg.resume ?? [])
-      const welcome = { type: 'welcome', session: `s${this.connectionsTotal}`, user: 'u', tier: 'pro', heartbeat_ms: 15000, limits: { max_streams: 32, max_frame_bytes: 1048576 }, resumed: resumed.map(r => r.id) }
+      const limits = { max_streams: 32, max_frame_bytes: 1048576 }
+      if (Number.isFinite(this.maxConnections)) limits.max_connections = this.maxConnections
+      const welcome = { type: 'welcome', session: `s${this.connectionsTotal}`, user: 'u', tier: 'pro', heartbeat_ms: 15000, limits }
       if (claims.exp !== null) welcome.exp = claims.exp
-      this.frame(ws, welcome)
-      for (const id of missing) this.frame(ws, { type: 'error', id, code: 'not_found', message: 'no such stream' })
-      for (const r of resumed) {
-        const s = this.streams.get(r.id)
-        s.ws = ws
-        for (const f of s.log) if (f.seq > r.after) this.frame(ws, f)
-      }
+      if (ws.batch) welcome.batch = true
+      this.attach(ws, msg.resume ?? [], welcome)
       return
+    }
+    if (msg.type === 'resume' && this.knowsResume) {
+      this.resumeFrames.push(msg.resume ?? [])
+      return this.attach(ws, msg.resume ?? [], { type: 'resumed' })
     }
     switch (msg.type) {
       case 'open': {
@@ -293,6 +303,24 @@ export class FakeGateway {
       default:
     }
     return this.frame(ws, { type: 'error', id: null, code: 'bad_request', message: 'unknown type' })
+  }
+
+  /** Answers a resume list with `answer` (its `resumed` filled in), then each missing id's
+   * error, then the replay: the order the gateway keeps. */
+  attach (ws, list, answer) {
+    const resumed = []
+    const missing = []
+    for (const r of list) {
+      if (this.streams.has(r.id)) resumed.push(r)
+      else missing.push(r.id)
+    }
+    this.frame(ws, { ...answer, resumed: resumed.map(r => r.id) })
+    for (const id of missing) this.frame(ws, { type: 'error', id, code: 'not_found', message: 'no such stream' })
+    for (const r of resumed) {
+      const s = this.streams.get(r.id)
+      s.ws = ws
+      for (const f of s.log) if (f.seq > r.after) this.frame(ws, f)
+    }
   }
 
   tick (s) {
@@ -355,6 +383,9 @@ class FakeSocket {
     this.protocol = protocol
     this.readyState = 0
     this.hello = false
+    this.batch = false
+    /** Frames sent in this task (a batched connection), delivered at its end. */
+    this.pending = null
     this.createdAt = performance.now()
     gw.sockets.add(this)
     gw.created.push(this)
@@ -374,8 +405,25 @@ class FakeSocket {
   }
 
   deliver (frame) {
-    const data = JSON.stringify(frame)
-    setTimeout(() => { if (this.readyState === 1 || frame.type === 'error') this.onmessage?.({ data }) })
+    if (!this.batch || frame.type === 'welcome') {
+      const data = JSON.stringify(frame)
+      setTimeout(() => {
+        if (this.readyState !== 1 && frame.type !== 'error') return
+        this.gw.messages.push([1, false])
+        this.onmessage?.({ data })
+      })
+      return
+    }
+    // one write: what was sent in this task goes out together
+    if (this.pending) return this.pending.push(frame)
+    this.pending = [frame]
+    setTimeout(() => {
+      const frames = this.pending.filter(f => this.readyState === 1 || f.type === 'error')
+      this.pending = null
+      if (frames.length === 0) return
+      this.gw.messages.push([frames.length, frames.length > 1])
+      this.onmessage?.({ data: JSON.stringify(frames.length === 1 ? frames[0] : frames) })
+    })
   }
 
   close (code = 1000, reason = '') {
@@ -435,15 +483,17 @@ let channelSeq = 0
 /**
  * `n` fake tabs of one origin (their own BroadcastChannel name, node's BroadcastChannel, one
  * fake Web Locks manager), each a `Mux` talking to `gw`; `shared: false` is fallback mode.
+ * The standby connection (DEFAULTS.standby) is off unless asked for (`standby: true`): the
+ * other tests count the leader's sockets and hellos; test/standby.test.js covers it.
  */
-export function fakeTabs (n, { gw, locks = new FakeLocks(), shared = true, token = 'tok', ...opts } = {}) {
+export function fakeTabs (n, { gw, locks = new FakeLocks(), shared = true, token = 'tok', standby = false, ...opts } = {}) {
   const name = `tabs-${process.pid}-${++channelSeq}`
   return Array.from({ length: n }, () => {
     const page = fakePage()
     const mux = new Mux({
       url: 'ws://gw.test/v1/ws', token, name, WebSocket: gw.WebSocket,
       BroadcastChannel: shared ? BroadcastChannel : undefined, locks: shared ? locks : undefined,
-      window: page.window, document: page.document, ...FAST, ...opts,
+      window: page.window, document: page.document, standby, ...FAST, ...opts,
     })
     return { mux, page }
   })

@@ -351,3 +351,44 @@ test('a join read while frames for that tab wait in the outbox is no reason for 
     assert.deepEqual(gw.resumes.at(-1), [{ id: s.id, after: 0 }])
   } finally { closeAll(list); gw.stop() }
 })
+
+for (const knowsBatch of [true, false]) {
+  test(`frames for a follower go to it as one bus message per socket message (gateway ${knowsBatch ? 'batches' : 'without batch'})`, async () => {
+    // the gateway's own chunks never come: the test writes them, several in one task (one
+    // gateway write), so each socket message's effect on the bus is seen alone
+    const gw = new FakeGateway({ chunkMs: 60_000, knowsBatch })
+    const list = tabs(2, { gw })
+    try {
+      await settled(list)
+      const leader = list.find(t => t.mux.role === 'leader')
+      const follower = list.find(t => t !== leader).mux
+      const part = leader.mux.part
+      const s = ask(follower, 6)
+      const text = collect(s)
+      await until(() => gw.streams.get(s.id) && part.posted.get(follower.tabId) >= 1 &&
+        (follower.readFrom.get(leader.mux.tabId) ?? 0) === part.posted.get(follower.tabId), { what: 'the start frame read' })
+      const upstream = gw.streams.get(s.id)
+      const posts = []
+      const post = leader.mux.bus.post.bind(leader.mux.bus)
+      leader.mux.bus.post = (msg, how) => { if (msg.t === 'frames') posts.push(msg.frames.length); return post(msg, how) }
+      let hops = 0
+      const nextTask = part.nextTask.bind(part)
+      part.nextTask = fn => { hops++; nextTask(fn) }
+      for (const round of [0, 1]) {
+        for (let k = 0; k < 3; k++) gw.tick(upstream) // three frames in one write
+        await until(() => s.lastSeq === 3 * (round + 1), { what: `round ${round} delivered` })
+      }
+      if (knowsBatch) {
+        // one socket message each, flushed at its end: no task of its own for the flush
+        assert.deepEqual(posts, [3, 3])
+        assert.equal(hops, 0)
+      } else {
+        // one frame per socket message: the hop gathers them (one per task of messages)
+        assert.equal(posts.reduce((a, b) => a + b, 0), 6)
+        assert.ok(hops >= 2, `${hops}`)
+      }
+      gw.tick(upstream) // `done`
+      assert.deepEqual(await text, { text: fakeAnswer(s.id, 6), error: null })
+    } finally { closeAll(list); gw.stop() }
+  })
+}

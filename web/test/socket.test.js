@@ -123,3 +123,49 @@ test('disconnect() closes a warm WebSocket that was never used', async () => {
   assert.equal(gw.attempts, 0)
   gw.stop()
 })
+
+test('hello asks for batch; a batched message is each of its frames in order, then one onBatchEnd', async () => {
+  const gw = new FakeGateway()
+  const during = []
+  let ends = 0
+  const { socket, seen } = socketOn(gw, {
+    onFrame: f => { seen.frames.push(f); during.push(socket.delivering) },
+    onBatchEnd: () => ends++,
+  })
+  try {
+    socket.connect()
+    await until(() => seen.welcomes.length === 1, { what: 'welcome' })
+    assert.equal(seen.welcomes[0].batch, true)
+    const ws = gw.created[0]
+    // three frames written in one task: one message, an array
+    for (const seq of [1, 2, 3]) gw.frame(ws, { type: 'delta', id: 'a:1', seq, text: `${seq} ` })
+    await until(() => seen.frames.length === 3, { what: 'three frames' })
+    assert.deepEqual(seen.frames.map(f => f.seq), [1, 2, 3])
+    assert.deepEqual(gw.messages.at(-1), [3, true])
+    assert.equal(ends, 1, 'once after the array (the welcome came before the connection was batched)')
+    assert.deepEqual(during, [true, true, true], 'routed inside the batch: onBatchEnd follows')
+    assert.equal(socket.delivering, false)
+    // a lone frame on a batched connection is a bare object, and a batch of one
+    gw.frame(ws, { type: 'delta', id: 'a:1', seq: 4, text: '4 ' })
+    await until(() => seen.frames.length === 4, { what: 'the fourth frame' })
+    assert.deepEqual(gw.messages.at(-1), [1, false])
+    assert.equal(ends, 2)
+  } finally { socket.disconnect(); gw.stop() }
+})
+
+test('a gateway without batch (v1): one frame per message, no onBatchEnd, frames as before', async () => {
+  const gw = new FakeGateway({ knowsBatch: false })
+  let ends = 0
+  const { socket, seen } = socketOn(gw, { onBatchEnd: () => ends++ })
+  try {
+    socket.connect()
+    await until(() => seen.welcomes.length === 1, { what: 'welcome' })
+    assert.equal(seen.welcomes[0].batch, undefined)
+    const ws = gw.created[0]
+    for (const seq of [1, 2, 3]) gw.frame(ws, { type: 'delta', id: 'a:1', seq, text: `${seq} ` })
+    await until(() => seen.frames.length === 3, { what: 'three frames' })
+    assert.deepEqual(seen.frames.map(f => f.seq), [1, 2, 3])
+    assert.deepEqual(gw.messages.slice(-3), [[1, false], [1, false], [1, false]])
+    assert.equal(ends, 0)
+  } finally { socket.disconnect(); gw.stop() }
+})
