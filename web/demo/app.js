@@ -80,8 +80,8 @@ async function devToken () {
   return (await res.json()).token
 }
 
-// `standby=0`: no standby connection (the browser tests that count the leader's sockets)
-const mux = connect({ url: params.get('ws') || '/v1/ws', token: fixedToken || devToken, standby: params.get('standby') !== '0' })
+// `standby=1`: hold a standby connection (option `standby`, off by default)
+const mux = connect({ url: params.get('ws') || '/v1/ws', token: fixedToken || devToken, standby: params.get('standby') === '1' })
 // for the browser tests and the curious: the page's one handle on the shared socket
 window.muxgateDemo = { mux }
 

@@ -445,8 +445,8 @@ export async function openTabs (context, url, n) {
 /**
  * The start every browser test repeats, as one fixture: a fresh browser (running
  * `initScript` in each page), `n` tabs of the demo signed in as `user` at `base`, and unless
- * `shared` is false, one leader shared by all; `standby: false` turns the shim's standby
- * connection off (the tests that count the leader's sockets). Calls `body` with the pages, the statuses, the
+ * `shared` is false, one leader shared by all; `standby: true` turns the shim's standby
+ * connection on (off by default, as in the shim). Calls `body` with the pages, the statuses, the
  * leader's index `li` (-1 without one) and `user`; closes the browser after, whatever happens.
  * @template T
  * @param {{base: string, user: string, n: number, initScript?: Function, shared?: boolean, standby?: boolean}} setup
@@ -720,7 +720,7 @@ let userSeq = 0
 export const userNamer = prefix => tag => `${prefix}-${tag}-${process.pid}-${++userSeq}`
 
 /** The demo page, signed in as `user`. */
-export const demoUrl = (base, user, { standby = false } = {}) => `${base}/?user=${encodeURIComponent(user)}${standby ? '' : '&standby=0'}`
+export const demoUrl = (base, user, { standby = false } = {}) => `${base}/?user=${encodeURIComponent(user)}${standby ? '&standby=1' : ''}`
 
 /** Starts one stream per tab (except those in `skip`), each with its own prompt; returns the prompts. */
 export async function startAll (pages, key, shape, skip = new Set()) {

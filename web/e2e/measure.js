@@ -1,7 +1,10 @@
 // Issue 10's figures, measured in real Chromium against the real gateway (timings belong here,
 // not in the tests). Prints one JSON line per run and a summary (median, min–max) per figure.
 //
-//   node e2e/measure.js [--scenario closed,crashed,fallback,cpu] [--repeat 3] [--static DIR]
+//   node e2e/measure.js [--scenario closed,crashed,fallback,cpu] [--repeat 3] [--static DIR] [--standby]
+//
+// --standby turns the shim's standby connection on (option `standby`, off by default) in the
+// closed and crashed scenarios.
 //
 // --static serves another copy of web/ (e.g. an older shim: see web/README.md) so that the
 // before and after figures come from the same machine in the same session.
@@ -19,6 +22,7 @@ const opt = (name, dflt) => {
 }
 const scenarios = opt('scenario', 'closed,crashed,fallback,cpu').split(',')
 const repeat = Number(opt('repeat', '3'))
+const standby = args.includes('--standby')
 const staticDir = opt('static', undefined) && path.resolve(opt('static'))
 if (staticDir && !fs.existsSync(path.join(staticDir, 'src', 'mux.js'))) throw new Error(`no shim in ${staticDir}/src`)
 
@@ -71,7 +75,7 @@ function leaderSettle (logs, t0) {
 
 async function closed (stack) {
   const N = 30
-  return withTabs({ base: stack.gateway.url, user: newUser('closed'), n: N, standby: true }, async ({ pages, li, user }) => {
+  return withTabs({ base: stack.gateway.url, user: newUser('closed'), n: N, standby }, async ({ pages, li, user }) => {
     const shape = { chunks: 60, delayMs: 80 }
     const prompts = await startAll(pages, 'closed', shape)
     await underWay(pages, 'closed', 8)
@@ -97,7 +101,7 @@ async function closed (stack) {
 
 async function crashed (stack) {
   const N = 30
-  return withTabs({ base: stack.gateway.url, user: newUser('crashed'), n: N, standby: true }, async ({ context, pages, li, user }) => {
+  return withTabs({ base: stack.gateway.url, user: newUser('crashed'), n: N, standby }, async ({ context, pages, li, user }) => {
     const shape = { chunks: 80, delayMs: 80 }
     const prompts = await startAll(pages, 'crashed', shape, new Set([li]))
     const rest = pages.filter((_, i) => i !== li)

@@ -240,10 +240,11 @@ export const DEFAULTS = Object.freeze({
   warmSocketMs: 2000,
   /**
    * The follower next in line to lead holds a second, welcomed connection (a standby), so a
-   * handover needs no handshake: the new leader sends `resume` on it. Costs one idle
-   * connection per multi-tab user; false turns it off (the warm socket above still applies).
+   * handover needs no handshake: the new leader sends `resume` on it. Off by default: it costs
+   * a second connection per multi-tab user (one of its `max_connections`), where the product's
+   * promise is one; the warm socket above applies either way.
    */
-  standby: true,
+  standby: false,
   /** After the gateway refused a standby (4429, or a cap under 3), none is tried for this long. */
   standbyRetryMs: 60000,
   /** A hidden leader is replaced by a visible follower after this long. */

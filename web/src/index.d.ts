@@ -183,7 +183,7 @@ export interface ConnectOptions {
   warmSocketMs?: number
   /** The follower next in line to lead holds a second, welcomed connection, so a handover
    * resumes on it with no handshake: one extra idle connection per multi-tab user (default
-   * true; false turns it off). */
+   * false). */
   standby?: boolean
   /** After the gateway refused a standby (4429, or `max_connections` under 3), none is
    * tried for this long (default 60000). */

@@ -15,8 +15,7 @@ const user = params.get('user') ?? 'sdk'
 const tier = params.get('tier') ?? 'pro'
 const token = async () => (await (await fetch(`/dev/token?user=${encodeURIComponent(user)}&tier=${encodeURIComponent(tier)}`)).json()).token
 // One user per socket: tabs of different users on one origin need their own `name`.
-// no standby connection: these tests count one WebSocket per user (the handover is scale.test.js's)
-const mux = connect({ url: '/v1/ws', token, name: `sdk-test:${user}`, standby: false })
+const mux = connect({ url: '/v1/ws', token, name: `sdk-test:${user}` })
 
 // Every stream mux.fetch opens, in order, so a test can compare what an SDK parsed with what
 // the shim received for the same stream (ChatStream.result).
