@@ -3,7 +3,9 @@
 //! into `delta` frames, and end with exactly one `done` or `error`.
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,6 +23,7 @@ use crate::protocol::{self, DeltaParts, ErrorCode, OpenRequest, UpstreamDetail, 
 use crate::retry;
 use crate::scheduler::NoSlot;
 use crate::stream::{CancelReason, Stream};
+use crate::task_span::TaskSpan;
 use crate::tiers::Tier;
 use crate::upstream::{self, Provider, UpstreamError};
 
@@ -31,6 +34,8 @@ pub struct Job {
     pub req: OpenRequest,
     /// The connection's tier, resolved at its `hello`.
     pub tier: Arc<Tier>,
+    /// The task's span; the relay loop runs outside it (see [`crate::task_span`]).
+    pub span: Arc<TaskSpan>,
 }
 
 /// How a stream ended: what its terminal frame says. An upstream attempt returns one too when
@@ -588,7 +593,7 @@ async fn attempt_all(
     let policy = &job.gw.config.retry;
     let mut retries = 0u32;
     loop {
-        let error = match attempt(stream, provider, body.clone(), model, t).await {
+        let error = match attempt(job, provider, body.clone(), model, t).await {
             Ok(ended) => return ended,
             Err(e) => e,
         };
@@ -617,7 +622,7 @@ async fn attempt_all(
 
 /// Runs `f` unless the stream is cancelled first. Dropping `f` is what aborts an upstream
 /// request at once: its connection is closed, not returned to the pool.
-async fn until_cancelled<F: std::future::Future>(stream: &Stream, f: F) -> Option<F::Output> {
+async fn until_cancelled<F: Future>(stream: &Stream, f: F) -> Option<F::Output> {
     tokio::select! {
         out = f => Some(out),
         _ = stream.cancelled().cancelled() => None,
@@ -628,7 +633,7 @@ async fn until_cancelled<F: std::future::Future>(stream: &Stream, f: F) -> Optio
 /// the stream (done, or cancelled) or fails with an error the caller may retry; the deltas it
 /// pushes are counted in `t.delivered`, so the caller knows whether any part went out.
 async fn attempt(
-    stream: &Arc<Stream>,
+    job: &Job,
     provider: &Provider,
     body: Bytes,
     model: &str,
@@ -640,7 +645,7 @@ async fn attempt(
             retry_after,
         });
     }
-    let result = relay_once(stream, provider, body, model, t).await;
+    let result = relay_once(&job.stream, &job.span, provider, body, model, t).await;
     let health = match &result {
         Ok(Outcome::Done { .. }) => Health::Success,
         Ok(_) => Health::Neutral,
@@ -652,6 +657,7 @@ async fn attempt(
 
 async fn relay_once(
     stream: &Arc<Stream>,
+    span: &TaskSpan,
     provider: &Provider,
     body: Bytes,
     model: &str,
@@ -695,70 +701,101 @@ async fn relay_once(
     // first-token deadline, then the idle timeout after each token, never past `ends_by`.
     let deadline = tokio::time::sleep_until(first_token_deadline.min(ends_by));
     tokio::pin!(deadline);
-    loop {
-        let next = tokio::select! {
-            biased;
-            _ = stream.cancelled().cancelled() => return Ok(Outcome::cancelled(stream)),
-            next = events.next() => next,
-            _ = &mut deadline => return Err(timed_out(t.delivered)),
-        };
-        let event = match next {
-            None => {
-                // A clean end without [DONE] is fine once the upstream said why it finished.
-                return match finish_reason {
-                    Some(reason) => Ok(done(reason, usage, completion_id, system_fingerprint)),
-                    None => Err(UpstreamError::Broken(
-                        "the upstream closed the stream before finishing".into(),
-                    )),
-                };
-            }
-            Some(Err(e)) => return Err(e),
-            Some(Ok(event)) => event,
-        };
-        // One clock read per stream, not per chunk: only the first answering chunk's time counts.
-        let received = t.first_chunk.is_none().then(Instant::now);
-        if event.data == "[DONE]" {
-            let reason = finish_reason.unwrap_or_else(|| "stop".into());
-            return Ok(done(reason, usage, completion_id, system_fingerprint));
-        }
-        let mut chunk = provider.parse_chunk(&event.data)?;
-        // The ids are read apart (see `upstream::chunk_ids`): from the first chunk and from
-        // those that can be the last to carry them. Copied only when they change.
-        if !read_ids || chunk.finish_reason.is_some() || chunk.usage.is_some() {
-            read_ids = true;
-            let ids = upstream::chunk_ids(&event.data);
-            remember(&mut completion_id, ids.id());
-            remember(&mut system_fingerprint, ids.system_fingerprint());
-        }
-        if chunk.usage.is_some() {
-            usage = chunk.usage.take().map(|u| *u);
-        }
-        if let Some(reason) = chunk.finish_reason.take() {
-            finish_reason = Some(reason.into_owned());
-        }
-        if chunk.has_part() {
-            if t.delivered == 0 {
-                t.first_chunk = received;
-            }
-            t.delivered += 1;
-            let seq = t.delivered;
-            let parts = chunk.parts();
-            gather(&mut t.generated, &parts);
-            if !stream
-                .push(seq, protocol::delta_parts(&stream.id, seq, &parts))
-                .await
-            {
+    // Made (and registered with the token) once for the call, not once per chunk.
+    let cancelled = stream.cancelled().cancelled();
+    tokio::pin!(cancelled);
+    // Per chunk, the only code of the task that runs: outside the span, so no span enter and
+    // exit per chunk. It logs nothing; what ends it is logged by the callers.
+    span.quiet(async {
+        loop {
+            // A cancel takes effect before the next event, even when the upstream never pauses;
+            // the token's future and the timer are only polled when there is nothing to read.
+            if stream.cancelled().is_cancelled() {
                 return Ok(Outcome::cancelled(stream));
             }
-            t.first_delta.get_or_insert_with(Instant::now);
+            let next = std::future::poll_fn(|cx| {
+                if let Poll::Ready(next) = events.poll_next_unpin(cx) {
+                    Poll::Ready(Wait::Event(next))
+                } else if cancelled.as_mut().poll(cx).is_ready() {
+                    Poll::Ready(Wait::Cancelled)
+                } else if deadline.as_mut().poll(cx).is_ready() {
+                    Poll::Ready(Wait::TimedOut)
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
+            let next = match next {
+                Wait::Event(next) => next,
+                Wait::Cancelled => return Ok(Outcome::cancelled(stream)),
+                Wait::TimedOut => return Err(timed_out(t.delivered)),
+            };
+            let event = match next {
+                None => {
+                    // A clean end without [DONE] is fine once the upstream said why it finished.
+                    return match finish_reason {
+                        Some(reason) => Ok(done(reason, usage, completion_id, system_fingerprint)),
+                        None => Err(UpstreamError::Broken(
+                            "the upstream closed the stream before finishing".into(),
+                        )),
+                    };
+                }
+                Some(Err(e)) => return Err(e),
+                Some(Ok(event)) => event,
+            };
+            // One clock read per stream, not per chunk: only the first answering chunk's time counts.
+            let received = t.first_chunk.is_none().then(Instant::now);
+            if event.data == "[DONE]" {
+                let reason = finish_reason.unwrap_or_else(|| "stop".into());
+                return Ok(done(reason, usage, completion_id, system_fingerprint));
+            }
+            let mut chunk = provider.parse_chunk(&event.data)?;
+            // The ids are read apart (see `upstream::chunk_ids`): from the first chunk and from
+            // those that can be the last to carry them. Copied only when they change.
+            if !read_ids || chunk.finish_reason.is_some() || chunk.usage.is_some() {
+                read_ids = true;
+                let ids = upstream::chunk_ids(&event.data);
+                remember(&mut completion_id, ids.id());
+                remember(&mut system_fingerprint, ids.system_fingerprint());
+            }
+            if chunk.usage.is_some() {
+                usage = chunk.usage.take().map(|u| *u);
+            }
+            if let Some(reason) = chunk.finish_reason.take() {
+                finish_reason = Some(reason.into_owned());
+            }
+            if chunk.has_part() {
+                if t.delivered == 0 {
+                    t.first_chunk = received;
+                }
+                t.delivered += 1;
+                let seq = t.delivered;
+                let parts = chunk.parts();
+                gather(&mut t.generated, &parts);
+                if !stream
+                    .push(seq, protocol::delta_parts(&stream.id, seq, &parts))
+                    .await
+                {
+                    return Ok(Outcome::cancelled(stream));
+                }
+                t.first_delta.get_or_insert_with(Instant::now);
+            }
+            if t.delivered > 0 {
+                // Any event after the first token proves the upstream alive.
+                deadline
+                    .as_mut()
+                    .reset((Instant::now() + provider.idle_timeout).min(ends_by));
+            }
         }
-        if t.delivered > 0 {
-            // Any event after the first token proves the upstream alive.
-            deadline
-                .as_mut()
-                .reset((Instant::now() + provider.idle_timeout).min(ends_by));
-        }
-    }
+    })
+    .await
+}
+
+/// What ended a wait of [`relay_once`] for the upstream's next event.
+enum Wait<T> {
+    Event(T),
+    Cancelled,
+    TimedOut,
 }
 
 /// Sets `slot` to `value` when it is new, without allocating when it is the same again.
