@@ -30,7 +30,6 @@
 //! - `stream`: one logical stream's replay log and its hand-off to a connection.
 //! - `hub`: the registry of streams and connections by user, for limits and resume.
 //! - `relay`: a stream's task: limits, queue, upstream call, retries, fallbacks, frames.
-//! - `task_span`: a task's tracing span, left out of the polls of its hot loop.
 //! - `tiers`: each plan's priority, limits and caps, resolved once at `hello`.
 //! - `cluster`: cluster mode: the limits, budgets and caps several instances share in Redis.
 //! - `handoff`: cluster mode: a stream relayed from the instance running it to the one its
@@ -78,7 +77,6 @@ mod server;
 mod session;
 mod sse;
 mod stream;
-mod task_span;
 mod tiers;
 mod upstream;
 mod workers;

@@ -23,7 +23,6 @@ use crate::protocol::{self, DeltaParts, ErrorCode, OpenRequest, UpstreamDetail, 
 use crate::retry;
 use crate::scheduler::NoSlot;
 use crate::stream::{CancelReason, Stream};
-use crate::task_span::TaskSpan;
 use crate::tiers::Tier;
 use crate::upstream::{self, Provider, UpstreamError};
 
@@ -34,8 +33,6 @@ pub struct Job {
     pub req: OpenRequest,
     /// The connection's tier, resolved at its `hello`.
     pub tier: Arc<Tier>,
-    /// The task's span; the relay loop runs outside it (see [`crate::task_span`]).
-    pub span: Arc<TaskSpan>,
 }
 
 /// How a stream ended: what its terminal frame says. An upstream attempt returns one too when
@@ -645,7 +642,7 @@ async fn attempt(
             retry_after,
         });
     }
-    let result = relay_once(&job.stream, &job.span, provider, body, model, t).await;
+    let result = relay_once(&job.stream, provider, body, model, t).await;
     let health = match &result {
         Ok(Outcome::Done { .. }) => Health::Success,
         Ok(_) => Health::Neutral,
@@ -657,7 +654,6 @@ async fn attempt(
 
 async fn relay_once(
     stream: &Arc<Stream>,
-    span: &TaskSpan,
     provider: &Provider,
     body: Bytes,
     model: &str,
@@ -704,91 +700,86 @@ async fn relay_once(
     // Made (and registered with the token) once for the call, not once per chunk.
     let cancelled = stream.cancelled().cancelled();
     tokio::pin!(cancelled);
-    // Per chunk, the only code of the task that runs: outside the span, so no span enter and
-    // exit per chunk. It logs nothing; what ends it is logged by the callers.
-    span.quiet(async {
-        loop {
-            // A cancel takes effect before the next event, even when the upstream never pauses;
-            // the token's future and the timer are only polled when there is nothing to read.
-            if stream.cancelled().is_cancelled() {
+    loop {
+        // A cancel takes effect before the next event, even when the upstream never pauses;
+        // the token's future and the timer are only polled when there is nothing to read.
+        if stream.cancelled().is_cancelled() {
+            return Ok(Outcome::cancelled(stream));
+        }
+        let next = std::future::poll_fn(|cx| {
+            if let Poll::Ready(next) = events.poll_next_unpin(cx) {
+                Poll::Ready(Wait::Event(next))
+            } else if cancelled.as_mut().poll(cx).is_ready() {
+                Poll::Ready(Wait::Cancelled)
+            } else if deadline.as_mut().poll(cx).is_ready() {
+                Poll::Ready(Wait::TimedOut)
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        let next = match next {
+            Wait::Event(next) => next,
+            Wait::Cancelled => return Ok(Outcome::cancelled(stream)),
+            Wait::TimedOut => return Err(timed_out(t.delivered)),
+        };
+        let event = match next {
+            None => {
+                // A clean end without [DONE] is fine once the upstream said why it finished.
+                return match finish_reason {
+                    Some(reason) => Ok(done(reason, usage, completion_id, system_fingerprint)),
+                    None => Err(UpstreamError::Broken(
+                        "the upstream closed the stream before finishing".into(),
+                    )),
+                };
+            }
+            Some(Err(e)) => return Err(e),
+            Some(Ok(event)) => event,
+        };
+        // One clock read per stream, not per chunk: only the first answering chunk's time counts.
+        let received = t.first_chunk.is_none().then(Instant::now);
+        if event.data == "[DONE]" {
+            let reason = finish_reason.unwrap_or_else(|| "stop".into());
+            return Ok(done(reason, usage, completion_id, system_fingerprint));
+        }
+        let mut chunk = provider.parse_chunk(&event.data)?;
+        // The ids are read apart (see `upstream::chunk_ids`): from the first chunk and from
+        // those that can be the last to carry them. Copied only when they change.
+        if !read_ids || chunk.finish_reason.is_some() || chunk.usage.is_some() {
+            read_ids = true;
+            let ids = upstream::chunk_ids(&event.data);
+            remember(&mut completion_id, ids.id());
+            remember(&mut system_fingerprint, ids.system_fingerprint());
+        }
+        if chunk.usage.is_some() {
+            usage = chunk.usage.take().map(|u| *u);
+        }
+        if let Some(reason) = chunk.finish_reason.take() {
+            finish_reason = Some(reason.into_owned());
+        }
+        if chunk.has_part() {
+            if t.delivered == 0 {
+                t.first_chunk = received;
+            }
+            t.delivered += 1;
+            let seq = t.delivered;
+            let parts = chunk.parts();
+            gather(&mut t.generated, &parts);
+            if !stream
+                .push(seq, protocol::delta_parts(&stream.id, seq, &parts))
+                .await
+            {
                 return Ok(Outcome::cancelled(stream));
             }
-            let next = std::future::poll_fn(|cx| {
-                if let Poll::Ready(next) = events.poll_next_unpin(cx) {
-                    Poll::Ready(Wait::Event(next))
-                } else if cancelled.as_mut().poll(cx).is_ready() {
-                    Poll::Ready(Wait::Cancelled)
-                } else if deadline.as_mut().poll(cx).is_ready() {
-                    Poll::Ready(Wait::TimedOut)
-                } else {
-                    Poll::Pending
-                }
-            })
-            .await;
-            let next = match next {
-                Wait::Event(next) => next,
-                Wait::Cancelled => return Ok(Outcome::cancelled(stream)),
-                Wait::TimedOut => return Err(timed_out(t.delivered)),
-            };
-            let event = match next {
-                None => {
-                    // A clean end without [DONE] is fine once the upstream said why it finished.
-                    return match finish_reason {
-                        Some(reason) => Ok(done(reason, usage, completion_id, system_fingerprint)),
-                        None => Err(UpstreamError::Broken(
-                            "the upstream closed the stream before finishing".into(),
-                        )),
-                    };
-                }
-                Some(Err(e)) => return Err(e),
-                Some(Ok(event)) => event,
-            };
-            // One clock read per stream, not per chunk: only the first answering chunk's time counts.
-            let received = t.first_chunk.is_none().then(Instant::now);
-            if event.data == "[DONE]" {
-                let reason = finish_reason.unwrap_or_else(|| "stop".into());
-                return Ok(done(reason, usage, completion_id, system_fingerprint));
-            }
-            let mut chunk = provider.parse_chunk(&event.data)?;
-            // The ids are read apart (see `upstream::chunk_ids`): from the first chunk and from
-            // those that can be the last to carry them. Copied only when they change.
-            if !read_ids || chunk.finish_reason.is_some() || chunk.usage.is_some() {
-                read_ids = true;
-                let ids = upstream::chunk_ids(&event.data);
-                remember(&mut completion_id, ids.id());
-                remember(&mut system_fingerprint, ids.system_fingerprint());
-            }
-            if chunk.usage.is_some() {
-                usage = chunk.usage.take().map(|u| *u);
-            }
-            if let Some(reason) = chunk.finish_reason.take() {
-                finish_reason = Some(reason.into_owned());
-            }
-            if chunk.has_part() {
-                if t.delivered == 0 {
-                    t.first_chunk = received;
-                }
-                t.delivered += 1;
-                let seq = t.delivered;
-                let parts = chunk.parts();
-                gather(&mut t.generated, &parts);
-                if !stream
-                    .push(seq, protocol::delta_parts(&stream.id, seq, &parts))
-                    .await
-                {
-                    return Ok(Outcome::cancelled(stream));
-                }
-                t.first_delta.get_or_insert_with(Instant::now);
-            }
-            if t.delivered > 0 {
-                // Any event after the first token proves the upstream alive.
-                deadline
-                    .as_mut()
-                    .reset((Instant::now() + provider.idle_timeout).min(ends_by));
-            }
+            t.first_delta.get_or_insert_with(Instant::now);
         }
-    })
-    .await
+        if t.delivered > 0 {
+            // Any event after the first token proves the upstream alive.
+            deadline
+                .as_mut()
+                .reset((Instant::now() + provider.idle_timeout).min(ends_by));
+        }
+    }
 }
 
 /// What ended a wait of [`relay_once`] for the upstream's next event.

@@ -27,7 +27,6 @@ use crate::protocol::{
 };
 use crate::relay::{self, Job};
 use crate::stream::{CancelReason, Inbox, Pulled, Stream};
-use crate::task_span::TaskSpan;
 use crate::tiers::Tier;
 
 /// Control frames (welcome, pong, connection errors, goaway) waiting for the writer. Bounded:
@@ -874,31 +873,31 @@ pub(crate) async fn open_stream(
     let hub = gw.hub.clone();
     let linger = Duration::from_millis(gw.config.session.resume_window_ms);
     let retain = gw.config.session.retained_bytes_per_user;
-    let span = TaskSpan::new(
-        tracing::info_span!("stream", stream = %stream.id, model = %LogSafe(&stream.model)),
-    );
+    let span = tracing::info_span!("stream", stream = %stream.id, model = %LogSafe(&stream.model));
     let job = Job {
         gw: gw.clone(),
         stream: stream.clone(),
         req,
         tier: tier.clone(),
-        span: span.clone(),
     };
     let task_stream = stream.clone();
-    gw.stream_tasks.spawn(span.instrument(async move {
-        let outcome = relay::run(job).await;
-        tracing::info!(?outcome, "stream ended");
-        hub.finished(&task_stream, linger, retain);
-        // The owner record outlives the lease: the finished stream stays resumable, from
-        // any instance, for the resume window.
-        if let Some(owner) = lease.as_mut().and_then(Lease::take_owner) {
-            tokio::spawn(async move {
-                tokio::time::sleep(linger).await;
-                drop(owner);
-            });
-        }
-        drop(lease);
-    }));
+    gw.stream_tasks.spawn(tracing::Instrument::instrument(
+        async move {
+            let outcome = relay::run(job).await;
+            tracing::info!(?outcome, "stream ended");
+            hub.finished(&task_stream, linger, retain);
+            // The owner record outlives the lease: the finished stream stays resumable, from
+            // any instance, for the resume window.
+            if let Some(owner) = lease.as_mut().and_then(Lease::take_owner) {
+                tokio::spawn(async move {
+                    tokio::time::sleep(linger).await;
+                    drop(owner);
+                });
+            }
+            drop(lease);
+        },
+        span,
+    ));
     Ok(stream)
 }
 
