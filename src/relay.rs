@@ -3,7 +3,9 @@
 //! into `delta` frames, and end with exactly one `done` or `error`.
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -594,7 +596,7 @@ async fn attempt_all(
     let policy = &job.gw.config.retry;
     let mut retries = 0u32;
     loop {
-        let error = match attempt(stream, provider, body.clone(), model, t).await {
+        let error = match attempt(job, provider, body.clone(), model, t).await {
             Ok(ended) => return ended,
             Err(e) => e,
         };
@@ -623,7 +625,7 @@ async fn attempt_all(
 
 /// Runs `f` unless the stream is cancelled first. Dropping `f` is what aborts an upstream
 /// request at once: its connection is closed, not returned to the pool.
-async fn until_cancelled<F: std::future::Future>(stream: &Stream, f: F) -> Option<F::Output> {
+async fn until_cancelled<F: Future>(stream: &Stream, f: F) -> Option<F::Output> {
     tokio::select! {
         out = f => Some(out),
         _ = stream.cancelled().cancelled() => None,
@@ -634,7 +636,7 @@ async fn until_cancelled<F: std::future::Future>(stream: &Stream, f: F) -> Optio
 /// the stream (done, or cancelled) or fails with an error the caller may retry; the deltas it
 /// pushes are counted in `t.delivered`, so the caller knows whether any part went out.
 async fn attempt(
-    stream: &Arc<Stream>,
+    job: &Job,
     provider: &Provider,
     body: Bytes,
     model: &str,
@@ -646,7 +648,7 @@ async fn attempt(
             retry_after,
         });
     }
-    let result = relay_once(stream, provider, body, model, t).await;
+    let result = relay_once(&job.stream, provider, body, model, t).await;
     let health = match &result {
         Ok(Outcome::Done { .. }) => Health::Success,
         Ok(_) => Health::Neutral,
@@ -701,12 +703,31 @@ async fn relay_once(
     // first-token deadline, then the idle timeout after each token, never past `ends_by`.
     let deadline = tokio::time::sleep_until(first_token_deadline.min(ends_by));
     tokio::pin!(deadline);
+    // Made (and registered with the token) once for the call, not once per chunk.
+    let cancelled = stream.cancelled().cancelled();
+    tokio::pin!(cancelled);
     loop {
-        let next = tokio::select! {
-            biased;
-            _ = stream.cancelled().cancelled() => return Ok(Outcome::cancelled(stream)),
-            next = events.next() => next,
-            _ = &mut deadline => return Err(timed_out(t.delivered)),
+        // A cancel takes effect before the next event, even when the upstream never pauses;
+        // the token's future and the timer are only polled when there is nothing to read.
+        if stream.cancelled().is_cancelled() {
+            return Ok(Outcome::cancelled(stream));
+        }
+        let next = std::future::poll_fn(|cx| {
+            if let Poll::Ready(next) = events.poll_next_unpin(cx) {
+                Poll::Ready(Wait::Event(next))
+            } else if cancelled.as_mut().poll(cx).is_ready() {
+                Poll::Ready(Wait::Cancelled)
+            } else if deadline.as_mut().poll(cx).is_ready() {
+                Poll::Ready(Wait::TimedOut)
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        let next = match next {
+            Wait::Event(next) => next,
+            Wait::Cancelled => return Ok(Outcome::cancelled(stream)),
+            Wait::TimedOut => return Err(timed_out(t.delivered)),
         };
         let event = match next {
             None => {
@@ -765,6 +786,13 @@ async fn relay_once(
                 .reset((Instant::now() + provider.idle_timeout).min(ends_by));
         }
     }
+}
+
+/// What ended a wait of [`relay_once`] for the upstream's next event.
+enum Wait<T> {
+    Event(T),
+    Cancelled,
+    TimedOut,
 }
 
 /// Sets `slot` to `value` when it is new, without allocating when it is the same again.

@@ -21,6 +21,8 @@ use crate::redact::Redactor;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::sse::{self, SseError};
 
+mod scan;
+
 /// Bounds on upstream text quoted in an error, in characters.
 const MAX_MESSAGE_CHARS: usize = 300;
 const MAX_QUOTE_CHARS: usize = 120;
@@ -506,8 +508,17 @@ fn error_detail(error: &serde_json::Value, redactor: &Redactor) -> Option<Upstre
 
 /// Parses one chat-completion chunk, borrowing its text where it has no escapes.
 /// An `error` object inside the stream (some providers send one mid-stream) is an error.
-/// What an error quotes of the chunk goes through `redactor` first.
+/// What an error quotes of the chunk goes through `redactor` first. The common shapes take a
+/// single scan ([`scan`]), which yields what serde would; the others, and every error, serde.
 pub fn parse_chunk<'a>(data: &'a str, redactor: &Redactor) -> Result<Chunk<'a>, UpstreamError> {
+    match scan::chunk(data) {
+        Some(chunk) => Ok(chunk),
+        None => parse_full(data, redactor),
+    }
+}
+
+/// [`parse_chunk`] by serde alone: any shape, and the words of every error.
+fn parse_full<'a>(data: &'a str, redactor: &Redactor) -> Result<Chunk<'a>, UpstreamError> {
     let wire: ChunkWire<'_> = serde_json::from_str(data).map_err(|e| {
         // serde's message quotes values too (`invalid type: string "sk-…"`).
         let error = redactor.clean(&e.to_string(), MAX_MESSAGE_CHARS);
