@@ -1238,12 +1238,12 @@ mod tests {
             })
         );
         // The second bucket refuses: passes in 1.5 s; or never (-1).
-        let refused = Opened::parse(&reply(&["1", "2", "2", "1500"]), &opening).unwrap();
+        let refused = Opened::parse(&reply(&["1", "2", "2", "1500"]), &opening).expect("read");
         assert_eq!(
             refused.limited,
             Some((1, Some(Duration::from_millis(1500))))
         );
-        let never = Opened::parse(&reply(&["1", "2", "1", "-1"]), &opening).unwrap();
+        let never = Opened::parse(&reply(&["1", "2", "1", "-1"]), &opening).expect("read");
         assert_eq!(never.limited, Some((0, None)));
         // A reply of another shape is no reading: the stream's task asks again.
         assert_eq!(Opened::parse(&reply(&[]), &opening), None);
