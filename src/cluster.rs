@@ -103,43 +103,59 @@ pub struct BucketDraw {
     pub amount: f64,
 }
 
-/// Checks every bucket after refilling it (capacity per minute, continuously, by Redis's own
-/// clock so instances' clocks do not matter) and, if `ARGV[1]` is 1 and all pass, charges them
-/// all. Returns `{0}` when all pass, else `{index, wait_ms}` of the bucket with the longest
-/// wait, `wait_ms` -1 when the amount exceeds the capacity itself. A full bucket is no key: it
-/// expires once refilled.
-const TAKE: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local charge = ARGV[1] == '1'
-local tokens = {}
-local worst, worst_wait = 0, 0
-for i = 1, #KEYS do
-  local cap = tonumber(ARGV[2 * i])
-  local amount = tonumber(ARGV[2 * i + 1])
-  local rate = cap / 60000
-  local h = redis.call('HMGET', KEYS[i], 't', 'ts')
-  local tok = cap
-  if h[1] then
-    tok = math.min(cap, tonumber(h[1]) + math.max(0, now - tonumber(h[2])) * rate)
-  end
-  tokens[i] = tok
-  local wait = 0
-  if amount > cap then
-    wait = -1
-  elseif tok < amount then
-    wait = (amount - tok) / rate
-  end
-  if wait ~= 0 then
-    if worst == 0 or (wait == -1 and worst_wait ~= -1) or (worst_wait ~= -1 and wait > worst_wait) then
-      worst, worst_wait = i, wait
+/// Lua shared by [`TAKE`] and [`LEASE`]: `assess(now, keys, args, first)` refills each token
+/// bucket of `keys` (capacity per minute, continuously, by Redis's own clock so instances'
+/// clocks do not matter; capacity `args[first + 2i - 2]`, amount asked `args[first + 2i - 1]`)
+/// and returns the index of the one with the longest wait (0: all pass), that wait in ms (-1
+/// when the amount exceeds the capacity itself) and every bucket's tokens. A full bucket is no
+/// key: it expires once refilled.
+macro_rules! assess_lua {
+    () => {
+        r"
+local function assess(now, keys, args, first)
+  local tokens = {}
+  local worst, worst_wait = 0, 0
+  for i = 1, #keys do
+    local cap = tonumber(args[first + 2 * i - 2])
+    local amount = tonumber(args[first + 2 * i - 1])
+    local rate = cap / 60000
+    local h = redis.call('HMGET', keys[i], 't', 'ts')
+    local tok = cap
+    if h[1] then
+      tok = math.min(cap, tonumber(h[1]) + math.max(0, now - tonumber(h[2])) * rate)
+    end
+    tokens[i] = tok
+    local wait = 0
+    if amount > cap then
+      wait = -1
+    elseif tok < amount then
+      wait = (amount - tok) / rate
+    end
+    if wait ~= 0 then
+      if worst == 0 or (wait == -1 and worst_wait ~= -1) or (worst_wait ~= -1 and wait > worst_wait) then
+        worst, worst_wait = i, wait
+      end
     end
   end
+  return worst, worst_wait, tokens
 end
+"
+    };
+}
+
+/// Checks every bucket of `KEYS` (capacity and amount pairs from `ARGV[2]`) and, if `ARGV[1]`
+/// is 1 and all pass, charges them all. Returns `{0}` when all pass, else `{index, wait_ms}`
+/// of the bucket with the longest wait, `wait_ms` -1 when the amount exceeds the capacity.
+const TAKE: &str = concat!(
+    assess_lua!(),
+    r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local worst, worst_wait, tokens = assess(now, KEYS, ARGV, 2)
 if worst > 0 then
   return {worst, string.format('%.17g', worst_wait)}
 end
-if charge then
+if ARGV[1] == '1' then
   for i = 1, #KEYS do
     local cap = tonumber(ARGV[2 * i])
     local left = tokens[i] - tonumber(ARGV[2 * i + 1])
@@ -150,16 +166,21 @@ if charge then
   end
 end
 return {0}
-";
+"
+);
 
-/// Gives back (or charges, when negative) `ARGV[1]` tokens to every bucket in `KEYS`, whose
-/// capacities follow, after refilling it; never above its capacity.
-const ADJUST: &str = r"
+/// Ends a stream in the shared store in one call. Gives back (or charges, when negative)
+/// `ARGV[3]` tokens to each of the first `ARGV[1]` keys, token buckets whose capacities follow,
+/// after refilling it, never above its capacity (the reservation reconciled); adds `ARGV[a+1]`
+/// to each of the next `ARGV[2]` keys, spend counters kept `ARGV[a+2]` ms after their last
+/// change; and with one key more, removes lease `ARGV[a+3]` from that sorted set.
+const END: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local diff = tonumber(ARGV[1])
-for i = 1, #KEYS do
-  local cap = tonumber(ARGV[i + 1])
+local nb, ns = tonumber(ARGV[1]), tonumber(ARGV[2])
+local diff = tonumber(ARGV[3])
+for i = 1, nb do
+  local cap = tonumber(ARGV[3 + i])
   local h = redis.call('HMGET', KEYS[i], 't', 'ts')
   local tok = cap
   if h[1] then
@@ -173,30 +194,60 @@ for i = 1, #KEYS do
     redis.call('PEXPIRE', KEYS[i], math.ceil((cap - left) * 60000 / cap) + 1000)
   end
 end
+local a = 3 + nb
+for i = nb + 1, nb + ns do
+  redis.call('INCRBY', KEYS[i], ARGV[a + 1])
+  redis.call('PEXPIRE', KEYS[i], ARGV[a + 2])
+end
+if KEYS[nb + ns + 1] then
+  redis.call('ZREM', KEYS[nb + ns + 1], ARGV[a + 3])
+end
 return 1
 ";
 
 /// Adds lease `ARGV[1]` to the sorted set `KEYS[1]` (member → expiry, Redis time in ms) for
 /// `ARGV[3]` ms, after dropping expired ones, unless the set already holds `ARGV[2]` live
-/// members. Returns 1 when taken, 0 when full. A stream's lease also records its owner: with
-/// `KEYS[2]`, sets it to `ARGV[4]` for as long, in the same call (no round trip more).
-const LEASE: &str = r"
+/// members. Returns `{0}` when full (nothing else done), else `{1, ...}`. A stream's lease
+/// (`ARGV[4]` not empty) also records its owner, `KEYS[2]` set to `ARGV[4]` for as long, and
+/// reads what its open needs in the same call, charging nothing: the values of the `ARGV[5]`
+/// counters that follow (its budgets' spend; 0 when missing), then a check of the `ARGV[6]`
+/// token buckets after them (capacity and amount pairs from `ARGV[7]`), as [`TAKE`] answers
+/// it: `{1, spent..., index, wait_ms}`.
+const LEASE: &str = concat!(
+    assess_lua!(),
+    r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ms = tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
-    return 0
+    return {0}
   end
 end
 redis.call('ZADD', KEYS[1], now + ms, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ms)
-if KEYS[2] then
-  redis.call('SET', KEYS[2], ARGV[4], 'PX', ms)
+if ARGV[4] == '' then
+  return {1}
 end
-return 1
-";
+redis.call('SET', KEYS[2], ARGV[4], 'PX', ms)
+local reply = {1}
+local ns, nb = tonumber(ARGV[5]), tonumber(ARGV[6])
+for i = 3, 2 + ns do
+  reply[#reply + 1] = redis.call('GET', KEYS[i]) or '0'
+end
+local buckets = {}
+for i = 1, nb do
+  buckets[i] = KEYS[2 + ns + i]
+end
+-- The buckets keep time to the microsecond, as in TAKE.
+local exact = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local worst, worst_wait = assess(exact, buckets, ARGV, 7)
+reply[#reply + 1] = worst
+reply[#reply + 1] = string.format('%.17g', worst_wait)
+return reply
+"
+);
 
 /// Renews the owner record `KEYS[1]` as `ARGV[1]` for `ARGV[2]` ms, or writes it back after
 /// Redis lost it, unless another instance has since recorded a stream of the same id.
@@ -215,6 +266,121 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 1
 ";
+
+/// The shared writes that end one stream, gathered from the modules that own each part (its
+/// reservation reconciled, by [`crate::limits`]; its spend, by [`crate::billing`]; its stream
+/// lease) and sent by [`Ending::commit`] as one script call: one Redis round trip per stream
+/// end, however many parts it has. Without any part (one process, or nothing shared to
+/// write) it sends nothing.
+#[derive(Default)]
+pub struct Ending {
+    cluster: Option<Arc<Cluster>>,
+    /// Token buckets (key, capacity) to give `diff` tokens back to (negative: to charge).
+    refund: Vec<(String, f64)>,
+    diff: f64,
+    /// Spend counters to add `amount` (nano-USD) to, each kept `spend_ttl` after its last change.
+    spend: Vec<String>,
+    amount: u64,
+    spend_ttl: Duration,
+    /// Released with the rest; if the ending is never committed it releases itself when dropped.
+    lease: Option<Lease>,
+}
+
+impl Ending {
+    /// An ending that releases `lease` (if any) with whatever else is added to it.
+    pub fn new(lease: Option<Lease>) -> Ending {
+        Ending {
+            cluster: lease.as_ref().map(|l| l.cluster.clone()),
+            lease,
+            ..Ending::default()
+        }
+    }
+
+    /// Gives `diff` tokens back (negative: charges them) to each of `buckets` (key and
+    /// capacity), never above its capacity.
+    pub fn refund(&mut self, cluster: &Arc<Cluster>, buckets: Vec<(String, f64)>, diff: f64) {
+        self.cluster.get_or_insert_with(|| cluster.clone());
+        self.refund = buckets;
+        self.diff = diff;
+    }
+
+    /// Adds `amount` to each counter of `keys`, each kept for `ttl` after its last change.
+    pub fn spend(&mut self, cluster: &Arc<Cluster>, keys: Vec<String>, amount: u64, ttl: Duration) {
+        self.cluster.get_or_insert_with(|| cluster.clone());
+        self.spend = keys;
+        self.amount = amount;
+        self.spend_ttl = ttl;
+    }
+
+    /// Sends every part in one call. A part Redis misses is lost to the shared store: the
+    /// buckets refill anyway, the lease expires within `lease_ms`, and a spend missed is logged
+    /// and counted (`muxgate_redis_errors_total{op="settle"}`) and stays in this instance's own.
+    pub async fn commit(mut self) {
+        let Some(cluster) = self.cluster.take() else {
+            return;
+        };
+        let lease = self.lease.take().map(Lease::disarm);
+        if self.refund.is_empty() && self.spend.is_empty() && lease.is_none() {
+            return;
+        }
+        if cluster.end(&self, lease).await.is_err() && !self.spend.is_empty() {
+            tracing::warn!(
+                nano_usd = self.amount,
+                "a stream's spend was not added to the shared budgets"
+            );
+        }
+    }
+}
+
+/// What a stream's open reads from the shared store in the round trip that takes its lease
+/// ([`Cluster::lease_stream`]), charging nothing, so its task need not ask again.
+#[derive(Debug, Clone, Copy)]
+pub struct Opening<'a> {
+    /// The stream's id, for its owner record.
+    pub id: &'a str,
+    /// Counters to read: the spend its budgets are judged on.
+    pub spend: &'a [String],
+    /// Token buckets to check, as [`Cluster::take`] with `charge` false.
+    pub draws: &'a [BucketDraw],
+}
+
+/// What [`Cluster::lease_stream`] read for an [`Opening`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Opened {
+    /// The values of [`Opening::spend`], in its order.
+    pub spent: Vec<u64>,
+    /// As [`Cluster::take`] answers: `None` when every bucket passes, else the index of the
+    /// one that refuses and when it would pass (`None`: never).
+    pub limited: Option<(usize, Option<Duration>)>,
+}
+
+impl Opened {
+    /// `reply`: the spend values, then the check's index (1-based, 0: all pass) and wait in ms.
+    /// `None` when it does not have that shape.
+    fn parse(reply: &[String], opening: &Opening<'_>) -> Option<Opened> {
+        let n = opening.spend.len();
+        let (spent, check) = (reply.get(..n)?, reply.get(n..n + 2)?);
+        let spent = spent
+            .iter()
+            .map(|v| v.parse().ok())
+            .collect::<Option<_>>()?;
+        Some(Opened {
+            spent,
+            limited: parse_check(check, opening.draws.len()),
+        })
+    }
+}
+
+/// A bucket check's answer, `{index, wait_ms}` ([`TAKE`]): `None` when all of `buckets` pass.
+fn parse_check(reply: &[String], buckets: usize) -> Option<(usize, Option<Duration>)> {
+    let index: usize = reply.first().and_then(|i| i.parse().ok()).unwrap_or(0);
+    if index == 0 || index > buckets {
+        return None;
+    }
+    let wait_ms: f64 = reply.get(1).and_then(|w| w.parse().ok()).unwrap_or(-1.0);
+    let wait = (wait_ms >= 0.0).then(|| Duration::from_secs_f64(wait_ms / 1000.0));
+    Some((index - 1, wait))
+}
 
 /// What a lease counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,6 +425,16 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// Stops renewing the lease and hands back its key and member, for a caller that removes
+    /// it from Redis itself (with the rest of an [`Ending`]).
+    fn disarm(mut self) -> (String, String) {
+        self.cluster.leases.remove(&self.member);
+        (
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.member),
+        )
+    }
+
     /// The stream's owner record, to be kept past the lease: a finished stream stays
     /// resumable (so findable from other instances) for the resume window.
     pub fn take_owner(&mut self) -> Option<OwnerRecord> {
@@ -285,34 +461,24 @@ impl Drop for OwnerRecord {
                 *n == 0
             })
             .is_some();
-        let Some(runtime) = last
-            .then(tokio::runtime::Handle::try_current)
-            .and_then(Result::ok)
-        else {
-            return;
-        };
-        let cluster = self.cluster.clone();
-        let key = std::mem::take(&mut self.key);
-        // If this fails the record expires by itself within `lease_ms`.
-        runtime.spawn(async move {
-            let mut conn = cluster.conn.clone();
-            let _ = cluster
-                .call(
-                    "release",
-                    redis::cmd("EVAL")
-                        .arg(RELEASE_OWNER)
-                        .arg(1)
-                        .arg(&key)
-                        .arg(&cluster.instance)
-                        .query_async::<i64>(&mut conn),
-                )
-                .await;
-        });
+        if last {
+            // Deleted with the others released about the same time, in one round trip; if
+            // that fails (or never runs) the record expires by itself within `lease_ms`.
+            self.cluster
+                .released_owners
+                .lock()
+                .push(std::mem::take(&mut self.key));
+            self.cluster.release_owners.notify_one();
+        }
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        // Disarmed: released by its owner already.
+        if self.member.is_empty() {
+            return;
+        }
         self.cluster.leases.remove(&self.member);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
@@ -361,9 +527,15 @@ pub struct Cluster {
     /// finished stream lingering and a new one reusing its id): renewed with the leases.
     owners: DashMap<String, u32>,
     next_lease: AtomicU64,
+    /// Owner records no stream names any more, deleted in batches by [`release_owners`].
+    released_owners: parking_lot::Mutex<Vec<String>>,
+    /// Wakes [`release_owners`].
+    release_owners: Arc<tokio::sync::Notify>,
     take: Script,
-    adjust: Script,
+    end: Script,
     lease_script: Script,
+    renew_owner: Script,
+    release_owner: Script,
     /// Ends the goaway subscriber when the cluster is dropped (it holds no `Arc` on it).
     stopped: CancellationToken,
 }
@@ -444,12 +616,21 @@ impl Cluster {
             leases: DashMap::new(),
             owners: DashMap::new(),
             next_lease: AtomicU64::new(0),
+            released_owners: parking_lot::Mutex::new(Vec::new()),
+            release_owners: Arc::new(tokio::sync::Notify::new()),
             take: Script::new(TAKE),
-            adjust: Script::new(ADJUST),
+            end: Script::new(END),
             lease_script: Script::new(LEASE),
+            renew_owner: Script::new(RENEW_OWNER),
+            release_owner: Script::new(RELEASE_OWNER),
             stopped: CancellationToken::new(),
         });
         tokio::spawn(renew(Arc::downgrade(&cluster), cluster.lease / 3));
+        tokio::spawn(release_owners(
+            Arc::downgrade(&cluster),
+            cluster.release_owners.clone(),
+            cluster.stopped.clone(),
+        ));
         Ok(cluster)
     }
 
@@ -533,76 +714,86 @@ impl Cluster {
         let mut conn = self.conn.clone();
         let op = if charge { "take" } else { "check" };
         let reply: Vec<String> = self.call(op, invocation.invoke_async(&mut conn)).await?;
-        let index: usize = reply.first().and_then(|i| i.parse().ok()).unwrap_or(0);
-        if index == 0 || index > draws.len() {
-            return Ok(None);
-        }
-        let wait_ms: f64 = reply.get(1).and_then(|w| w.parse().ok()).unwrap_or(-1.0);
-        let wait = (wait_ms >= 0.0).then(|| Duration::from_secs_f64(wait_ms / 1000.0));
-        Ok(Some((index - 1, wait)))
+        Ok(parse_check(&reply, draws.len()))
     }
 
-    /// Adds `diff` tokens (negative: charges them) to each bucket of `buckets` (key and
-    /// capacity), never above its capacity.
-    pub async fn adjust(&self, buckets: &[(String, f64)], diff: f64) -> Result<(), Unavailable> {
-        let mut invocation = self.adjust.prepare_invoke();
-        invocation.arg(diff);
-        for (key, capacity) in buckets {
-            invocation.key(key).arg(*capacity);
+    /// The integer values of `keys` (0 for a missing one), in one round trip.
+    pub async fn counters(&self, keys: &[String]) -> Result<Vec<u64>, Unavailable> {
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("GET").arg(key);
         }
         let mut conn = self.conn.clone();
-        self.call("reconcile", invocation.invoke_async::<i64>(&mut conn))
+        let values: Vec<Option<u64>> = self.call("read", pipe.query_async(&mut conn)).await?;
+        Ok(values.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
+    /// Sends the writes that end one stream in one script call (see [`Ending`]).
+    async fn end(
+        &self,
+        ending: &Ending,
+        lease: Option<(String, String)>,
+    ) -> Result<(), Unavailable> {
+        let mut invocation = self.end.prepare_invoke();
+        invocation
+            .arg(ending.refund.len())
+            .arg(ending.spend.len())
+            .arg(ending.diff);
+        for (key, capacity) in &ending.refund {
+            invocation.key(key).arg(*capacity);
+        }
+        for key in &ending.spend {
+            invocation.key(key);
+        }
+        invocation
+            .arg(ending.amount)
+            .arg(ending.spend_ttl.as_millis() as u64);
+        if let Some((key, member)) = &lease {
+            invocation.key(key).arg(member);
+        }
+        let mut conn = self.conn.clone();
+        self.call("settle", invocation.invoke_async::<i64>(&mut conn))
             .await
             .map(drop)
     }
 
-    /// The integer values of `keys` (0 for a missing one), one call per key so each may sit in
-    /// its own slot.
-    pub async fn counters(&self, keys: &[String]) -> Result<Vec<u64>, Unavailable> {
-        let mut conn = self.conn.clone();
-        let mut values = Vec::with_capacity(keys.len());
-        for key in keys {
-            let v: Option<u64> = self
-                .call("read", redis::cmd("GET").arg(key).query_async(&mut conn))
-                .await?;
-            values.push(v.unwrap_or(0));
-        }
-        Ok(values)
+    /// Takes one of `user`'s `max` connection leases across instances. Redis unavailable: it
+    /// is admitted (on the instance's own cap, which the hub checks), and written to Redis by
+    /// the renewal once it is back.
+    pub async fn lease_connection(
+        self: &Arc<Self>,
+        user: &str,
+        max: usize,
+    ) -> Result<Lease, LeaseRefused> {
+        self.lease(LeaseKind::Connection, user, max, None)
+            .await
+            .map(|(lease, _)| lease)
     }
 
-    /// Adds `n` to each counter of `keys`, each kept for `ttl` after its last change.
-    pub async fn add(&self, keys: &[String], n: u64, ttl: Duration) -> Result<(), Unavailable> {
-        let mut conn = self.conn.clone();
-        for key in keys {
-            let mut pipe = redis::pipe();
-            pipe.atomic()
-                .cmd("INCRBY")
-                .arg(key)
-                .arg(n)
-                .ignore()
-                .cmd("PEXPIRE")
-                .arg(key)
-                .arg(ttl.as_millis() as u64)
-                .ignore();
-            self.call("charge", pipe.query_async::<()>(&mut conn))
-                .await?;
-        }
-        Ok(())
+    /// Takes one of `user`'s `max` live stream leases across instances, recording this
+    /// instance as the owner of stream `opening.id`, and reads what the stream's open needs in
+    /// the same round trip (see [`Opening`]). Redis unavailable: as the policy says; a lease
+    /// taken so is written to Redis by the renewal once it is back, and nothing is read
+    /// (`None`: the stream asks again, and falls back as its own calls decide).
+    pub async fn lease_stream(
+        self: &Arc<Self>,
+        user: &str,
+        max: usize,
+        opening: &Opening<'_>,
+    ) -> Result<(Lease, Option<Opened>), LeaseRefused> {
+        self.lease(LeaseKind::Stream, user, max, Some(opening))
+            .await
     }
 
-    /// Takes one of `user`'s `max` leases of `kind` across instances. Redis unavailable: a
-    /// connection is always admitted (on the instance's own cap, which the hub checks), a
-    /// stream as the policy says; a lease taken that way is written to Redis by the renewal
-    /// once it is back. A stream's lease (`stream` its id) records this instance as its owner.
-    pub async fn lease(
+    async fn lease(
         self: &Arc<Self>,
         kind: LeaseKind,
         user: &str,
         max: usize,
-        stream: Option<&str>,
-    ) -> Result<Lease, LeaseRefused> {
+        opening: Option<&Opening<'_>>,
+    ) -> Result<(Lease, Option<Opened>), LeaseRefused> {
         let key = self.user_key(user, kind.key_suffix());
-        let owner_key = stream.map(|id| self.owner_key(user, id));
+        let owner_key = opening.map(|o| self.owner_key(user, o.id));
         let member = format!(
             "{}/{}",
             self.instance,
@@ -615,15 +806,33 @@ impl Cluster {
             .arg(&member)
             .arg(max)
             .arg(self.lease.as_millis() as u64);
-        if let Some(owner_key) = &owner_key {
-            invocation.key(owner_key).arg(&self.instance);
+        match (&owner_key, opening) {
+            (Some(owner_key), Some(opening)) => {
+                invocation
+                    .key(owner_key)
+                    .arg(&self.instance)
+                    .arg(opening.spend.len())
+                    .arg(opening.draws.len());
+                for key in opening.spend {
+                    invocation.key(key);
+                }
+                for d in opening.draws {
+                    invocation.key(&d.key).arg(d.capacity).arg(d.amount);
+                }
+            }
+            _ => {
+                invocation.arg("");
+            }
         }
+        let mut opened = None;
         match self
-            .call(kind.op(), invocation.invoke_async::<i64>(&mut conn))
+            .call(kind.op(), invocation.invoke_async::<Vec<String>>(&mut conn))
             .await
         {
-            Ok(0) => return Err(LeaseRefused::Full),
-            Ok(_) => {}
+            Ok(reply) if reply.first().is_none_or(|taken| taken == "0") => {
+                return Err(LeaseRefused::Full)
+            }
+            Ok(reply) => opened = opening.and_then(|o| Opened::parse(&reply[1..], o)),
             Err(unavailable) => {
                 if kind == LeaseKind::Stream && !self.fails_open() {
                     return Err(LeaseRefused::Unavailable(unavailable));
@@ -639,12 +848,13 @@ impl Cluster {
                 key,
             }
         });
-        Ok(Lease {
+        let lease = Lease {
             cluster: self.clone(),
             key,
             member,
             owner,
-        })
+        };
+        Ok((lease, opened))
     }
 
     /// The key naming the instance that runs `user`'s stream `id`.
@@ -858,15 +1068,13 @@ impl Cluster {
         }
         let owners: Vec<String> = self.owners.iter().map(|e| e.key().clone()).collect();
         for chunk in owners.chunks(512) {
+            // Loaded first in the same pipeline: each call then sends only the script's hash.
             let mut pipe = redis::pipe();
+            pipe.load_script(&self.renew_owner).ignore();
             for key in chunk {
-                pipe.cmd("EVAL")
-                    .arg(RENEW_OWNER)
-                    .arg(1)
-                    .arg(key)
-                    .arg(&self.instance)
-                    .arg(ms)
-                    .ignore();
+                let mut invocation = self.renew_owner.key(key);
+                invocation.arg(&self.instance).arg(ms);
+                pipe.invoke_script(&invocation).ignore();
             }
             self.call("renew", pipe.query_async::<()>(&mut conn))
                 .await?;
@@ -885,6 +1093,41 @@ async fn renew(cluster: Weak<Cluster>, every: Duration) {
         let ok = c.renew_leases().await.is_ok();
         drop(c);
         tokio::time::sleep(if ok { every } else { down_every }).await;
+    }
+}
+
+/// How long the deletion of a released owner record waits for others to go with it: streams
+/// end at their own times, and under load many end within this.
+const OWNER_RELEASE_BATCH: Duration = Duration::from_millis(20);
+
+/// Deletes the owner records released on this instance (those still naming it), a pipeline
+/// per batch, until the cluster is dropped.
+async fn release_owners(
+    cluster: Weak<Cluster>,
+    wake: Arc<tokio::sync::Notify>,
+    stopped: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stopped.cancelled() => return,
+            () = wake.notified() => {}
+        }
+        tokio::time::sleep(OWNER_RELEASE_BATCH).await;
+        let Some(c) = cluster.upgrade() else { return };
+        let keys = std::mem::take(&mut *c.released_owners.lock());
+        let mut conn = c.conn.clone();
+        for chunk in keys.chunks(512) {
+            let mut pipe = redis::pipe();
+            pipe.load_script(&c.release_owner).ignore();
+            for key in chunk {
+                let mut invocation = c.release_owner.key(key);
+                invocation.arg(&c.instance);
+                pipe.invoke_script(&invocation).ignore();
+            }
+            if let Err(Unavailable) = c.call("release", pipe.query_async::<()>(&mut conn)).await {
+                break;
+            }
+        }
     }
 }
 
@@ -970,6 +1213,41 @@ mod tests {
         let open = key.find('{').expect("a tag");
         let close = key[open..].find('}').expect("closed") + open;
         &key[open + 1..close]
+    }
+
+    #[test]
+    fn an_opening_reads_spend_then_the_check_of_its_buckets() {
+        let draw = |key: &str| BucketDraw {
+            key: key.into(),
+            capacity: 60.0,
+            amount: 1.0,
+        };
+        let spend = ["u".to_string(), "t".to_string()];
+        let draws = [draw("a"), draw("b")];
+        let opening = Opening {
+            id: "s1",
+            spend: &spend,
+            draws: &draws,
+        };
+        let reply = |r: &[&str]| r.iter().map(|v| v.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            Opened::parse(&reply(&["2400", "0", "0", "0"]), &opening),
+            Some(Opened {
+                spent: vec![2400, 0],
+                limited: None
+            })
+        );
+        // The second bucket refuses: passes in 1.5 s; or never (-1).
+        let refused = Opened::parse(&reply(&["1", "2", "2", "1500"]), &opening).expect("read");
+        assert_eq!(
+            refused.limited,
+            Some((1, Some(Duration::from_millis(1500))))
+        );
+        let never = Opened::parse(&reply(&["1", "2", "1", "-1"]), &opening).expect("read");
+        assert_eq!(never.limited, Some((0, None)));
+        // A reply of another shape is no reading: the stream's task asks again.
+        assert_eq!(Opened::parse(&reply(&[]), &opening), None);
+        assert_eq!(Opened::parse(&reply(&["x", "0", "0", "0"]), &opening), None);
     }
 
     #[tokio::test]

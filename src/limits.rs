@@ -23,7 +23,7 @@ use parking_lot::{Mutex, MutexGuard};
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::cluster::{BucketDraw, Cluster, Unavailable};
+use crate::cluster::{BucketDraw, Cluster, Ending, Unavailable};
 use crate::tiers::{Tier, Tiers};
 
 /// Process-wide limits.
@@ -131,6 +131,85 @@ impl LimitKind {
             LimitKind::TierTpm => "tier_tpm",
             LimitKind::GlobalRpm => "global_rpm",
             LimitKind::GlobalTpm => "global_tpm",
+        }
+    }
+}
+
+/// The five shared buckets (user, tier and global; requests and tokens) one request draws
+/// from in Redis, and which limit each is.
+pub struct SharedCheck {
+    kinds: Vec<LimitKind>,
+    draws: Vec<BucketDraw>,
+}
+
+impl SharedCheck {
+    fn new(
+        limiter: &RateLimiter,
+        cluster: &Cluster,
+        user: &str,
+        tier: &Tier,
+        tokens: u64,
+    ) -> SharedCheck {
+        let tokens = tokens as f64;
+        let draw = |kind: LimitKind, key: String, capacity: u64, amount: f64| {
+            (
+                kind,
+                BucketDraw {
+                    key,
+                    capacity: capacity as f64,
+                    amount,
+                },
+            )
+        };
+        let name = &*tier.name;
+        let draws = [
+            draw(
+                LimitKind::UserRpm,
+                cluster.user_key(user, "rpm"),
+                limiter.user_rpm(user, tier).into(),
+                1.0,
+            ),
+            draw(
+                LimitKind::TierRpm,
+                cluster.tier_key(name, "rpm"),
+                tier.config.rpm.into(),
+                1.0,
+            ),
+            draw(
+                LimitKind::TierTpm,
+                cluster.tier_key(name, "tpm"),
+                tier.config.tpm,
+                tokens,
+            ),
+            draw(
+                LimitKind::GlobalRpm,
+                cluster.global_key("rpm"),
+                limiter.config.global_rpm.into(),
+                1.0,
+            ),
+            draw(
+                LimitKind::GlobalTpm,
+                cluster.global_key("tpm"),
+                limiter.config.global_tpm,
+                tokens,
+            ),
+        ];
+        let (kinds, draws) = draws.into_iter().unzip();
+        SharedCheck { kinds, draws }
+    }
+
+    pub fn draws(&self) -> &[BucketDraw] {
+        &self.draws
+    }
+
+    /// The refusal Redis's answer ([`Cluster::take`]'s) means: which limit, and when it passes.
+    pub fn verdict(&self, limited: Option<(usize, Option<Duration>)>) -> Result<(), Limited> {
+        match limited {
+            None => Ok(()),
+            Some((i, retry_after)) => Err(Limited {
+                kind: self.kinds[i],
+                retry_after,
+            }),
         }
     }
 }
@@ -291,65 +370,27 @@ impl RateLimiter {
         tokens: u64,
         charge: bool,
     ) -> Result<(), Option<Refused>> {
-        let tokens = tokens as f64;
-        let draw = |kind: LimitKind, key: String, capacity: u64, amount: f64| {
-            (
-                kind,
-                BucketDraw {
-                    key,
-                    capacity: capacity as f64,
-                    amount,
-                },
-            )
-        };
-        let name = &*tier.name;
-        let draws = [
-            draw(
-                LimitKind::UserRpm,
-                cluster.user_key(user, "rpm"),
-                self.user_rpm(user, tier).into(),
-                1.0,
-            ),
-            draw(
-                LimitKind::TierRpm,
-                cluster.tier_key(name, "rpm"),
-                tier.config.rpm.into(),
-                1.0,
-            ),
-            draw(
-                LimitKind::TierTpm,
-                cluster.tier_key(name, "tpm"),
-                tier.config.tpm,
-                tokens,
-            ),
-            draw(
-                LimitKind::GlobalRpm,
-                cluster.global_key("rpm"),
-                self.config.global_rpm.into(),
-                1.0,
-            ),
-            draw(
-                LimitKind::GlobalTpm,
-                cluster.global_key("tpm"),
-                self.config.global_tpm,
-                tokens,
-            ),
-        ];
-        let (kinds, draws): (Vec<LimitKind>, Vec<BucketDraw>) = draws.into_iter().unzip();
-        match cluster.take(&draws, charge).await {
-            Ok(None) => Ok(()),
-            Ok(Some((i, retry_after))) => Err(Some(Refused::Limited(Limited {
-                kind: kinds[i],
-                retry_after,
-            }))),
+        let check = SharedCheck::new(self, cluster, user, tier, tokens);
+        match cluster.take(&check.draws, charge).await {
+            Ok(limited) => check
+                .verdict(limited)
+                .map_err(|limited| Some(Refused::Limited(limited))),
             Err(_) if cluster.fails_open() => Err(None),
             Err(unavailable) => Err(Some(Refused::Unavailable(unavailable))),
         }
     }
 
+    /// Cluster mode: the shared buckets a request reserving `tokens` draws from, for a check
+    /// made elsewhere in one call with other reads (a stream's open). `None` in one process.
+    pub fn shared_check(&self, user: &str, tier: &Tier, tokens: u64) -> Option<SharedCheck> {
+        let cluster = self.cluster.as_ref()?;
+        Some(SharedCheck::new(self, cluster, user, tier, tokens))
+    }
+
     /// Settles a reservation against the tokens really used, in the buckets it was taken
-    /// from. A reconciliation Redis misses is lost: the shared buckets refill anyway.
-    pub async fn settle(&self, reservation: &Reservation, used: u64) {
+    /// from: here, or in cluster mode as part of the stream's `ending` (one round trip with
+    /// the rest). A reconciliation Redis misses is lost: the shared buckets refill anyway.
+    pub fn settle(&self, reservation: &Reservation, used: u64, ending: &mut Ending) {
         let diff = reservation.tokens as f64 - used as f64;
         let Some(cluster) = self.cluster.as_ref().filter(|_| reservation.shared) else {
             self.reconcile(reservation, used);
@@ -368,7 +409,7 @@ impl RateLimiter {
                 ),
             );
         }
-        let _ = cluster.adjust(&buckets, diff).await;
+        ending.refund(cluster, buckets, diff);
     }
 
     fn user_rpm(&self, user: &str, tier: &Tier) -> u32 {

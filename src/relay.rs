@@ -16,8 +16,9 @@ use tokio::time::Instant;
 use crate::billing;
 use crate::billing::BudgetRefused;
 use crate::breaker::Health;
+use crate::cluster::{Ending, Lease};
 use crate::gateway::Gateway;
-use crate::limits::{Refused, Reservation};
+use crate::limits::{Limited, Refused, Reservation};
 use crate::metrics::{self, StreamOutcome};
 use crate::protocol::{self, DeltaParts, ErrorCode, OpenRequest, UpstreamDetail, Usage};
 use crate::retry;
@@ -33,6 +34,22 @@ pub struct Job {
     pub req: OpenRequest,
     /// The connection's tier, resolved at its `hello`.
     pub tier: Arc<Tier>,
+    /// Cluster mode: the stream's place in its user's cap across instances, held while it
+    /// runs and released with the rest of its settlement.
+    pub lease: Option<Lease>,
+    /// Cluster mode: what Redis said of the stream's budgets and rate limits in the round trip
+    /// that took its lease; `None` when that call failed (the task asks again).
+    pub admission: Option<Admission>,
+}
+
+/// What the shared store answered for a stream at its open, read with its lease so that its
+/// task does not ask again.
+#[derive(Debug)]
+pub struct Admission {
+    /// Today's spend of its user and tier ([`crate::billing::Budgets::shared_keys`]).
+    pub spent: Option<Vec<u64>>,
+    /// The check of its rate limits (charging nothing) for its completion reservation.
+    pub checked: Option<Result<(), Limited>>,
 }
 
 /// How a stream ended: what its terminal frame says. An upstream attempt returns one too when
@@ -180,7 +197,7 @@ pub fn refuse_early(
 
 /// Completion tokens to reserve: the larger of `max_tokens` and `max_completion_tokens` when
 /// the client set either, else the configured default.
-fn completion_reservation(gw: &Gateway, req: &OpenRequest) -> u64 {
+pub(crate) fn completion_reservation(gw: &Gateway, req: &OpenRequest) -> u64 {
     let max_tokens = ["max_tokens", "max_completion_tokens"]
         .iter()
         .filter_map(|k| req.params.get(*k).and_then(Value::as_u64))
@@ -191,7 +208,8 @@ fn completion_reservation(gw: &Gateway, req: &OpenRequest) -> u64 {
 /// Runs one stream to its end: budget, rate limits, a queue slot, the upstream call with
 /// retries and fallbacks. Never returns before the terminal frame is in the log. Bills and
 /// records what the stream used, whatever way it ended.
-pub async fn run(job: Job) -> Outcome {
+pub async fn run(mut job: Job) -> Outcome {
+    let ending = Ending::new(job.lease.take());
     let gw = &job.gw;
     let stream = &job.stream;
     let _live = gw.metrics.stream_started();
@@ -215,7 +233,7 @@ pub async fn run(job: Job) -> Outcome {
         accepted: t.accepted,
         generated: std::mem::take(&mut t.generated),
     }
-    .settle(&gw.limits, &gw.budgets, &gw.metrics)
+    .settle(&gw.limits, &gw.budgets, &gw.metrics, ending)
     .await;
     let terminal = match &mut outcome {
         Outcome::Done {
@@ -422,7 +440,15 @@ async fn drive(job: &Job, t: &mut Timings) -> (Outcome, Option<Reservation>, u64
     let gw = &job.gw;
     let stream = &job.stream;
     let tier = &job.tier;
-    match gw.budgets.admits(&stream.user, &tier.name).await {
+    let admission = job.admission.as_ref();
+    let budget = match admission.and_then(|a| a.spent.as_deref()) {
+        Some(spent) => gw
+            .budgets
+            .judge_shared(&stream.user, &tier.name, spent)
+            .map_err(BudgetRefused::Over),
+        None => gw.budgets.admits(&stream.user, &tier.name).await,
+    };
+    match budget {
         Ok(()) => {}
         Err(BudgetRefused::Over(over)) => {
             gw.metrics.refused("budget");
@@ -442,14 +468,15 @@ async fn drive(job: &Job, t: &mut Timings) -> (Outcome, Option<Reservation>, u64
     // The request limits first, charging nothing: a stream refused (or still waiting) for
     // them has its prompt counted by no one. Both waits share the tier's one `max_wait_ms`.
     let waiting_since = Instant::now();
-    let checked = admit(job, completion, false, waiting_since).await;
+    let first = admission.and_then(|a| a.checked.clone());
+    let checked = admit(job, completion, false, first, waiting_since).await;
     t.waited += waiting_since.elapsed();
     if let Err(ended) = checked {
         return (ended, None, 0);
     }
     let prompt_tokens = prompt_tokens(gw, &job.req).await;
     let admitting = Instant::now();
-    let admitted = admit(job, prompt_tokens + completion, true, waiting_since).await;
+    let admitted = admit(job, prompt_tokens + completion, true, None, waiting_since).await;
     t.waited += admitting.elapsed();
     let reservation = match admitted {
         Ok(r) => r.unwrap_or_else(|| Reservation::none(tier.name.clone())),
@@ -534,18 +561,21 @@ async fn drive(job: &Job, t: &mut Timings) -> (Outcome, Option<Reservation>, u64
 
 /// Takes the stream's share of every rate limit (`charge`), or only checks it would pass,
 /// waiting where the tier's policy allows (its wait counted from `waiting_since`). `Ok(None)`
-/// when only checking.
+/// when only checking. `first`: the first check's answer, read already (at the open).
 async fn admit(
     job: &Job,
     tokens: u64,
     charge: bool,
+    mut first: Option<Result<(), Limited>>,
     waiting_since: Instant,
 ) -> Result<Option<Reservation>, Outcome> {
     let limits = &job.gw.limits;
     let user = &job.stream.user;
     let tier = &job.tier;
     loop {
-        let result = if charge {
+        let result = if let Some(checked) = first.take() {
+            checked.map(|()| None).map_err(Refused::Limited)
+        } else if charge {
             limits.acquire(user, tier, tokens).await.map(Some)
         } else {
             limits.admits(user, tier, tokens).await.map(|()| None)

@@ -17,9 +17,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{unix_now_ms, AuthError, Claims};
-use crate::cluster::{Lease, LeaseKind, LeaseRefused};
+use crate::cluster::{Lease, LeaseRefused, Opening};
 use crate::gateway::Gateway;
 use crate::hub::{self, Registration};
+use crate::limits::SharedCheck;
 use crate::metrics::Metrics;
 use crate::preauth::{Gate, FRAME_HEADER_BYTES};
 use crate::protocol::{
@@ -112,12 +113,7 @@ async fn run_on(
     // then counts this instance's (the only count when Redis is unavailable).
     let lease = match &gw.cluster {
         Some(cluster) => cluster
-            .lease(
-                LeaseKind::Connection,
-                &claims.sub,
-                tier.max_connections(),
-                None,
-            )
+            .lease_connection(&claims.sub, tier.max_connections())
             .await
             .map(Some)
             .map_err(|_| hub::Refusal {
@@ -917,23 +913,40 @@ pub(crate) async fn open_stream(
         req.model.clone(),
         gw.config.session.stream_buffer_bytes,
     );
-    // Cluster mode: the user's live streams on every instance count against the cap.
+    // Cluster mode: the user's live streams on every instance count against the cap. The
+    // same round trip reads what the stream's task would ask Redis next (its budgets' spend,
+    // a check of its rate limits), so opening a stream costs one call, not three.
+    let mut admission = None;
     let mut lease = match &gw.cluster {
-        Some(cluster) => match cluster
-            .lease(LeaseKind::Stream, user, max_streams, Some(&req.id))
-            .await
-        {
-            Ok(lease) => Some(lease),
-            Err(LeaseRefused::Full) => {
-                gw.metrics.refused("too_many_streams");
-                let message = format!("at most {max_streams} live streams per user");
-                return Err(refuse(ErrorCode::TooManyStreams, &message));
+        Some(cluster) => {
+            let spend = gw.budgets.shared_keys(user, &tier.name);
+            let check = gw
+                .limits
+                .shared_check(user, tier, relay::completion_reservation(gw, &req));
+            let opening = Opening {
+                id: &req.id,
+                spend: spend.as_deref().unwrap_or_default(),
+                draws: check.as_ref().map_or(&[], SharedCheck::draws),
+            };
+            match cluster.lease_stream(user, max_streams, &opening).await {
+                Ok((lease, opened)) => {
+                    admission = opened.map(|opened| relay::Admission {
+                        spent: spend.is_some().then_some(opened.spent),
+                        checked: check.map(|check| check.verdict(opened.limited)),
+                    });
+                    Some(lease)
+                }
+                Err(LeaseRefused::Full) => {
+                    gw.metrics.refused("too_many_streams");
+                    let message = format!("at most {max_streams} live streams per user");
+                    return Err(refuse(ErrorCode::TooManyStreams, &message));
+                }
+                Err(LeaseRefused::Unavailable(e)) => {
+                    gw.metrics.refused("redis_unavailable");
+                    return Err(refuse(ErrorCode::Overloaded, &e.to_string()));
+                }
             }
-            Err(LeaseRefused::Unavailable(e)) => {
-                gw.metrics.refused("redis_unavailable");
-                return Err(refuse(ErrorCode::Overloaded, &e.to_string()));
-            }
-        },
+        }
         None => None,
     };
     if let Err(refusal) = gw.hub.open(&stream, max_streams) {
@@ -948,11 +961,14 @@ pub(crate) async fn open_stream(
     let linger = Duration::from_millis(gw.config.session.resume_window_ms);
     let retain = gw.config.session.retained_bytes_per_user;
     let span = tracing::info_span!("stream", stream = %stream.id, model = %LogSafe(&stream.model));
+    let owner = lease.as_mut().and_then(Lease::take_owner);
     let job = Job {
         gw: gw.clone(),
         stream: stream.clone(),
         req,
         tier: tier.clone(),
+        lease,
+        admission,
     };
     let task_stream = stream.clone();
     gw.stream_tasks.spawn(tracing::Instrument::instrument(
@@ -962,13 +978,12 @@ pub(crate) async fn open_stream(
             hub.finished(&task_stream, linger, retain);
             // The owner record outlives the lease: the finished stream stays resumable, from
             // any instance, for the resume window.
-            if let Some(owner) = lease.as_mut().and_then(Lease::take_owner) {
+            if let Some(owner) = owner {
                 tokio::spawn(async move {
                     tokio::time::sleep(linger).await;
                     drop(owner);
                 });
             }
-            drop(lease);
         },
         span,
     ));

@@ -251,6 +251,89 @@ async fn connection_and_stream_caps_count_every_instance() {
     }
 }
 
+/// What `user` holds in Redis: live stream leases, spend today (nano-USD, all days' keys
+/// summed) and the stored level of the user's rpm bucket (`None`: full, no key).
+async fn shared_state(
+    store: &mut redis::aio::MultiplexedConnection,
+    user: &str,
+) -> (u64, u64, Option<String>) {
+    let leases: u64 = redis::cmd("ZCARD")
+        .arg(format!("muxgate:{{{user}}}:streams"))
+        .query_async(store)
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("muxgate:{{{user}}}:spend:*"))
+        .query_async(store)
+        .await
+        .unwrap();
+    let mut spent = 0;
+    for key in keys {
+        let v: u64 = redis::cmd("GET").arg(key).query_async(store).await.unwrap();
+        spent += v;
+    }
+    let rpm: Option<String> = redis::cmd("HGET")
+        .arg(format!("muxgate:{{{user}}}:rpm"))
+        .arg("t")
+        .query_async(store)
+        .await
+        .unwrap();
+    (leases, spent, rpm)
+}
+
+/// A stream's end is written to Redis (its lease released, its spend added) before its
+/// terminal frame goes out, in the one call that ends it; a stream refused by its budget or
+/// its rate limit leaves no lease, no spend and no charge to any bucket behind. So a client
+/// that reads an end and opens again, on any instance, meets it settled: no retry here.
+#[tokio::test]
+async fn a_stream_is_settled_in_redis_before_its_end_goes_out_and_a_refused_one_leaves_nothing() {
+    let redis = RedisServer::start().await;
+    let mut store = redis.connect().await;
+    let caps = |pro: &mut muxgate::config::TierConfig| {
+        pro.max_streams = Some(1);
+        pro.user_rpm = 3;
+    };
+    // As in the budget test: $0.0000024 a stream, a limit of $0.000004.
+    let budget = |c: &mut Config| c.budgets.per_user_usd_per_day = Some(0.000004);
+    let a = instance(&redis, caps, budget).await;
+    let b = instance(&redis, caps, budget).await;
+    let mut ca = a.connect("alice").await;
+    let mut cb = b.connect("alice").await;
+    // One live stream at most: each one opens on the other instance as the last one ends.
+    for (i, client) in [&mut ca, &mut cb].into_iter().enumerate() {
+        let id = format!("s{i}");
+        client.open(&id, &format!("{id} [[mock chunks=5]]")).await;
+        let end = client
+            .collect(std::slice::from_ref(&id))
+            .await
+            .remove(&id)
+            .unwrap();
+        assert_eq!(end.end_type(), "done", "{:?}", end.end);
+        let (leases, spent, _) = shared_state(&mut store, "alice").await;
+        assert_eq!(leases, 0, "{id}'s lease outlived its end");
+        assert_eq!(
+            spent,
+            2_400 * (i as u64 + 1),
+            "{id}'s spend is not in Redis"
+        );
+    }
+    // Over budget: refused, with nothing taken.
+    let before = shared_state(&mut store, "alice").await;
+    ca.open("over", "over [[mock chunks=5]]").await;
+    let e = ca.recv_until("error", Some("over")).await;
+    assert_eq!(e["code"], "budget_exceeded", "{e}");
+    assert_eq!(shared_state(&mut store, "alice").await, before);
+    // Rate limited: bob's 3 per minute spent, the fourth is refused with nothing taken.
+    let mut bob = b.connect("bob").await;
+    for id in ["b1", "b2", "b3"] {
+        assert_eq!(open_and_end(&mut bob, id).await.0, "done", "{id}");
+    }
+    let before = shared_state(&mut store, "bob").await;
+    assert_eq!(before.0, 0);
+    assert_eq!(open_and_end(&mut bob, "b4").await.1, "rate_limited");
+    assert_eq!(shared_state(&mut store, "bob").await, before);
+}
+
 /// Opens `id` on `client` and returns how it ended and how long the gateway took to answer.
 async fn open_and_end(client: &mut common::Client, id: &str) -> (String, String, Duration) {
     let started = Instant::now();

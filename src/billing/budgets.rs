@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::{Cluster, Unavailable};
+use crate::cluster::{Cluster, Ending, Unavailable};
 
 /// Daily spend limits, in USD per UTC day. Every field is optional; with none set nothing is
 /// refused, but spend is still tracked for the admin view.
@@ -284,18 +284,12 @@ impl Budgets {
     /// process's). When Redis fails: this instance's spend under `fail_open`, refused under
     /// `fail_closed`.
     pub async fn admits(&self, user: &str, tier: &str) -> Result<(), BudgetRefused> {
-        let Some(cluster) = &self.cluster else {
+        let (Some(cluster), Some(keys)) = (&self.cluster, self.shared_keys(user, tier)) else {
             return self.check(user, tier).map_err(BudgetRefused::Over);
         };
-        let now = self.clock.now();
-        let day = utc_day(now);
-        let keys = [
-            cluster.user_key(user, &format!("spend:{day}")),
-            cluster.tier_key(tier, &format!("spend:{day}")),
-        ];
         match cluster.counters(&keys).await {
             Ok(spent) => self
-                .judge(user, tier, spent[0], spent[1], now)
+                .judge_shared(user, tier, &spent)
                 .map_err(BudgetRefused::Over),
             Err(_) if cluster.fails_open() => {
                 cluster.fell_back("budget");
@@ -305,25 +299,40 @@ impl Budgets {
         }
     }
 
-    /// [`Budgets::record`], and in cluster mode the same charge added in Redis. A charge Redis
-    /// misses is logged and counted (`muxgate_redis_errors_total{op="charge"}`), and stays in
-    /// this instance's own spend.
-    pub async fn charge(&self, user: &str, tier: &str, usd: f64) {
+    /// Cluster mode: the counters of today's spend (`user`'s, then `tier`'s) in Redis, for a
+    /// read made in one call with others (a stream's open). `None` in one process.
+    pub fn shared_keys(&self, user: &str, tier: &str) -> Option<Vec<String>> {
+        let cluster = self.cluster.as_ref()?;
+        let day = utc_day(self.clock.now());
+        Some(vec![
+            cluster.user_key(user, &format!("spend:{day}")),
+            cluster.tier_key(tier, &format!("spend:{day}")),
+        ])
+    }
+
+    /// [`Budgets::check`] on the values read from [`Budgets::shared_keys`].
+    pub fn judge_shared(&self, user: &str, tier: &str, spent: &[u64]) -> Result<(), BudgetError> {
+        let spent = |i: usize| spent.get(i).copied().unwrap_or(0);
+        self.judge(user, tier, spent(0), spent(1), self.clock.now())
+    }
+
+    /// [`Budgets::record`], and in cluster mode the same charge added in Redis as part of the
+    /// stream's `ending` (one round trip with the rest; a charge Redis misses is logged and
+    /// counted there, and stays in this instance's own spend).
+    pub fn charge(&self, user: &str, tier: &str, usd: f64, ending: &mut Ending) {
         self.record(user, tier, usd);
         let Some(cluster) = &self.cluster else { return };
         if !(usd.is_finite() && usd > 0.0) {
             return;
         }
         let day = utc_day(self.clock.now());
-        let keys = [
+        let keys = vec![
             cluster.user_key(user, &format!("spend:{day}")),
             cluster.tier_key(tier, &format!("spend:{day}")),
         ];
         // Two days: the day's key outlives its day whatever the instances' clocks say.
         let ttl = Duration::from_secs(2 * SECS_PER_DAY);
-        if cluster.add(&keys, to_nanos(usd), ttl).await.is_err() {
-            tracing::warn!(usd, "a stream's spend was not added to the shared budgets");
-        }
+        ending.spend(cluster, keys, to_nanos(usd), ttl);
     }
 
     /// Whether `user` of `tier` may start a stream: refused once today's spend has reached the

@@ -2,6 +2,7 @@
 //! recorded (its tokens, their price, its rate-limit reservation, its token and spend metrics,
 //! its budgets).
 
+use crate::cluster::Ending;
 use crate::limits::{RateLimiter, Reservation};
 use crate::metrics::Metrics;
 use crate::protocol::Usage;
@@ -94,8 +95,15 @@ impl Settlement<'_> {
     /// Counts (off the async workers, see [`count_off_runtime`]), prices and records the
     /// stream's use, and returns the bill for its terminal frame. Recorded before that frame
     /// goes out, so a client that reads `done` and opens again meets its limits and budget
-    /// already charged.
-    pub async fn settle(self, limits: &RateLimiter, budgets: &Budgets, metrics: &Metrics) -> Bill {
+    /// already charged. In cluster mode the shared writes (reconciliation, spend, and the
+    /// release of the stream's lease that `ending` holds) go to Redis in one round trip.
+    pub async fn settle(
+        self,
+        limits: &RateLimiter,
+        budgets: &Budgets,
+        metrics: &Metrics,
+        mut ending: Ending,
+    ) -> Bill {
         let Settlement {
             model,
             tier,
@@ -126,22 +134,22 @@ impl Settlement<'_> {
         };
         let cost_usd = usage.as_ref().zip(price).map(|(u, price)| price.cost(u));
         if let Some(reservation) = reservation {
-            limits
-                .settle(
-                    &reservation,
-                    usage
-                        .as_ref()
-                        .map_or(0, |u| u.prompt_tokens + u.completion_tokens),
-                )
-                .await;
+            limits.settle(
+                &reservation,
+                usage
+                    .as_ref()
+                    .map_or(0, |u| u.prompt_tokens + u.completion_tokens),
+                &mut ending,
+            );
         }
         if let Some(u) = &usage {
             metrics.tokens(model, tier, u.prompt_tokens, u.completion_tokens, estimated);
         }
         if let Some(cost) = cost_usd {
             metrics.spend(model, tier, cost);
-            budgets.charge(user, tier, cost).await;
+            budgets.charge(user, tier, cost, &mut ending);
         }
+        ending.commit().await;
         Bill {
             usage,
             cost_usd,
