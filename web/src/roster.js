@@ -69,13 +69,16 @@ export default class Roster {
   }
 
   /**
-   * One heartbeat went out: counts it as unanswered for every member, and removes and
-   * returns the members that have now missed more than `maxMissed`.
+   * One heartbeat went out: counts it as unanswered for every member it asked to answer
+   * (`asked`, by default all), and removes and returns the members that have now missed more
+   * than `maxMissed`.
+   * @param {(tab: string) => boolean} [asked]
    * @returns {string[]}
    */
-  beat () {
+  beat (asked = () => true) {
     const vanished = []
     for (const [tab, m] of this.members) {
+      if (!asked(tab)) continue
       m.missed++
       if (m.missed > this.maxMissed) vanished.push(tab)
     }

@@ -35,3 +35,15 @@ test('an ack does not bring back a dropped tab: it must join again', () => {
   r.touch('A')
   assert.equal(r.ack('A'), true)
 })
+
+test('a heartbeat counts only for the members it asked to answer', () => {
+  const r = new Roster('L', { maxMissed: 1 })
+  r.touch('A')
+  r.touch('B')
+  const onlyB = t => t === 'B'
+  assert.deepEqual(r.beat(onlyB), [])
+  assert.deepEqual(r.beat(onlyB), ['B'])
+  assert.equal(r.members.get('A').missed, 0)
+  assert.deepEqual(r.beat(), [])
+  assert.deepEqual(r.beat(), ['A'])
+})
