@@ -225,9 +225,10 @@ export const DEFAULTS = Object.freeze({
   /**
    * A follower that holds its tab lock (see `tabLockName`) answers one heartbeat in this many:
    * its crash or close reaches the leader as the grant of that lock, so the acks are left only
-   * to catch a tab that is alive but stuck (then after `tabMaxMissed` × this many heartbeats).
+   * to catch a tab that is alive but stuck (dropped once it has not answered for more than
+   * `tabMaxMissed` heartbeats, rounded up to this many: 5–8 s with the defaults).
    */
-  tabAckEvery: 10,
+  tabAckEvery: 4,
   /** Heartbeat periods without word from the leader before a follower takes over. */
   leaderMaxSilent: 4,
   /**

@@ -215,14 +215,16 @@ export default class Leader {
 
   /**
    * A follower whose tab lock we watch is asked for an ack only every `tabAckEvery` beats
-   * (acks then only catch a stuck tab); the others, every beat. Fewer acks: 29 followers
-   * answering every second kept the leader's renderer busy for nothing.
+   * (acks then only catch a stuck tab, and it is still dropped after about as long a silence:
+   * an ask left unanswered counts `tabAckEvery` beats, see Roster.beat); the others, every beat. 29 followers answering
+   * every second kept the leader's renderer busy for nothing.
    */
   beat () {
     this.beats++
-    const ackBeat = this.watchFailed || this.beats % Math.max(1, this.tab.opts.tabAckEvery) === 0
-    const asked = ackBeat ? undefined : t => !this.watches.has(t)
-    for (const t of this.roster.beat(asked)) this.dropTab(t, 'vanished')
+    const every = Math.max(1, this.tab.opts.tabAckEvery)
+    const ackBeat = this.watchFailed || this.beats % every === 0
+    const weight = (t, missed) => !this.watches.has(t) ? 1 : !ackBeat ? 0 : missed > 0 ? every : 1
+    for (const t of this.roster.beat(weight)) this.dropTab(t, 'vanished')
     this.broadcastStatus(ackBeat)
   }
 

@@ -58,7 +58,7 @@ test('a crashed follower is dropped when its tab lock is granted, not heartbeats
 
 test('followers that hold their tab lock answer one heartbeat in tabAckEvery', async () => {
   const gw = new FakeGateway()
-  const list = fakeTabs(4, { gw, tabAckEvery: 10 })
+  const list = fakeTabs(4, { gw, tabAckEvery: 10, tabMaxMissed: 30 })
   try {
     await settled(list)
     const leader = leaderOf(list)
@@ -75,18 +75,22 @@ test('followers that hold their tab lock answer one heartbeat in tabAckEvery', a
   } finally { closeAll(list); gw.stop() }
 })
 
-test('a stuck follower that holds its lock is still dropped, after tabMaxMissed ack beats', async () => {
+test('a stuck follower that holds its lock is still dropped, after as long a silence as before', async () => {
   const gw = new FakeGateway()
-  const list = fakeTabs(3, { gw, tabAckEvery: 5 }) // 40 ms heartbeats, 3 misses: ~0.8 s
+  const list = fakeTabs(3, { gw, tabAckEvery: 4, tabMaxMissed: 4 })
   try {
     await settled(list)
     const leader = leaderOf(list)
     await until(() => leader.mux.part.watches.size === 2, { what: 'both tab locks watched' })
     const stuck = list.find(t => t.mux.role === 'follower')
+    const beats0 = leader.mux.part.beats
     hang(stuck) // alive (its lock stays held) but it hears and says nothing
     clearInterval(stuck.mux.part.beatTimer)
     await until(() => leader.mux.tabs === 2, { timeoutMs: 4000, what: 'the stuck follower dropped' })
+    const beats = leader.mux.part.beats - beats0
     assert.ok(!leader.mux.part.roster.has(stuck.mux.tabId))
+    // more than tabMaxMissed (4) heartbeats of silence, rounded up to the next ack beat
+    assert.ok(beats >= 5 && beats <= 9, `dropped after ${beats} heartbeats`)
   } finally { closeAll(list); gw.stop() }
 })
 
