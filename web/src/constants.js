@@ -167,9 +167,15 @@ export const CONNECTION = Object.freeze({
 export const BUS = Object.freeze({
   /** leader → all: "I hold the lock now", with its epoch. Followers answer `join`. */
   claim: 'claim',
-  /** leader → all: periodic heartbeat with status and the roster. Followers answer `ack`. */
+  /**
+   * leader → all: periodic heartbeat with status and the roster. Followers answer `ack`,
+   * except to one with `ack: false` when they hold their tab lock and told the leader so.
+   */
   hb: 'hb',
-  /** follower → leader: answer to `hb` (the leader counts unanswered ones per tab). */
+  /**
+   * follower → leader: answer to `hb` (the leader counts unanswered ones per tab); with
+   * `lock: true`, "I hold my tab lock now" (the leader then watches it, see `tabLockName`).
+   */
   ack: 'ack',
   /** follower → leader: "are you there?" when it has not heard a heartbeat for a while. */
   probe: 'probe',
@@ -220,6 +226,13 @@ export const DEFAULTS = Object.freeze({
   tabHeartbeatMs: 1000,
   /** Heartbeats a follower may miss before the leader cancels its streams. */
   tabMaxMissed: 4,
+  /**
+   * A follower that holds its tab lock (see `tabLockName`) answers one heartbeat in this many:
+   * its crash or close reaches the leader as the grant of that lock, so the acks are left only
+   * to catch a tab that is alive but stuck (dropped once it has not answered for more than
+   * `tabMaxMissed` heartbeats, rounded up to this many: 5–8 s with the defaults).
+   */
+  tabAckEvery: 4,
   /** Heartbeat periods without word from the leader before a follower takes over. */
   leaderMaxSilent: 4,
   /**

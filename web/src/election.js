@@ -23,6 +23,16 @@ export function nextEpoch (heard, tab, now = Date.now()) {
 }
 
 /**
+ * The lock a tab holds for as long as it takes part (`name` is the election's lock). The
+ * leader queues a request for each follower's: the grant means that tab closed or its
+ * renderer died (the browser frees a dead page's locks), at once and without any heartbeat.
+ * @param {string} name @param {string} tab @returns {string}
+ */
+export function tabLockName (name, tab) {
+  return `${name}:tab:${tab}`
+}
+
+/**
  * Leadership among the tabs of one origin, with the Web Locks API: the tab holding the
  * exclusive lock `name` is the leader. Other tabs wait in the lock's queue, so when the
  * leader releases it (or its page dies) the next tab is granted it at once. A leader that

@@ -79,6 +79,11 @@ export default class Follower {
     this.toLeader({ t: BUS.bye, ids })
   }
 
+  /** Our tab lock was granted: the leader may watch it instead of counting our acks. */
+  onTabLock () {
+    if (this.tab.leaderId) this.toLeader({ t: BUS.ack, visible: this.tab.isVisible(), lock: true })
+  }
+
   onVisibility () {
     if (this.tab.leaderId) this.toLeader({ t: BUS.ack, visible: this.tab.isVisible() })
   }
@@ -177,7 +182,7 @@ export default class Follower {
     if (changed || claim || forgotten || this.mustJoin) {
       this.mustJoin = false
       this.joinedAt = Date.now()
-      this.toLeader({ t: BUS.join, v: BUS_VERSION, visible: tab.isVisible(), streams: tab.ownStreamList(), read: Object.fromEntries(tab.readFrom) })
+      this.toLeader({ t: BUS.join, v: BUS_VERSION, visible: tab.isVisible(), lock: tab.holdsTabLock, streams: tab.ownStreamList(), read: Object.fromEntries(tab.readFrom) })
     }
     tab.emitStatus()
   }
@@ -192,7 +197,11 @@ export default class Follower {
         return
       case BUS.hb:
         this.noteLeader(m, false)
-        if (m.from === tab.leaderId) this.toLeader({ t: BUS.ack, visible: tab.isVisible() })
+        // a leader that watches our tab lock asks for an ack only now and then (`ack: false`
+        // otherwise), to catch a tab that is stuck; without the lock we answer every one
+        if (m.from === tab.leaderId && (m.ack !== false || !tab.holdsTabLock)) {
+          this.toLeader({ t: BUS.ack, visible: tab.isVisible() })
+        }
         return
       case BUS.pong:
         this.noteLeader(m, false)

@@ -174,6 +174,8 @@ export interface ConnectOptions {
   sendBufferLimit?: number
   tabHeartbeatMs?: number
   tabMaxMissed?: number
+  /** A follower holding its tab lock answers one heartbeat in this many (4). */
+  tabAckEvery?: number
   leaderMaxSilent?: number
   /** When the last leader left no stream table: wait this long for the tabs' joins (400). */
   collectMs?: number

@@ -1,5 +1,5 @@
 import { BUS, BUS_VERSION, CLIENT_ERROR_CODE, CONNECTION, FRAME } from './constants.js'
-import { compareEpochs, nextEpoch } from './election.js'
+import { compareEpochs, nextEpoch, tabLockName } from './election.js'
 import SocketOwner from './owner.js'
 import Roster from './roster.js'
 
@@ -40,6 +40,12 @@ export default class Leader {
     /** Followers whose shim reads its inbox (their join said so, or the last leader's resign). */
     this.inboxTabs = new Set()
     this.hop = null
+    /** Followers whose tab lock this leader waits for (its grant: the tab is gone), tab → abort. */
+    this.watches = new Map()
+    /** A tab lock request failed: every follower answers every heartbeat again. */
+    this.watchFailed = false
+    /** Heartbeats sent, to ask for acks in one of `tabAckEvery`. */
+    this.beats = 0
   }
 
   /**
@@ -112,6 +118,7 @@ export default class Leader {
     const tab = this.tab
     clearInterval(this.hbTimer)
     this.hbTimer = undefined
+    for (const t of [...this.watches.keys()]) this.unwatch(t)
     clearTimeout(this.statusTimer)
     this.statusTimer = undefined
     if (this.collecting) clearTimeout(this.collecting.timer)
@@ -209,15 +216,56 @@ export default class Leader {
     tab.tabs = this.roster.size
   }
 
+  /**
+   * A follower whose tab lock we watch is asked for an ack only every `tabAckEvery` beats
+   * (acks then only catch a stuck tab, and it is still dropped after about as long a silence:
+   * an ask left unanswered counts `tabAckEvery` beats, see Roster.beat); the others, every beat. 29 followers answering
+   * every second kept the leader's renderer busy for nothing.
+   */
   beat () {
-    for (const t of this.roster.beat()) this.dropTab(t, 'vanished')
-    this.broadcastStatus()
+    this.beats++
+    const every = Math.max(1, this.tab.opts.tabAckEvery)
+    const ackBeat = this.watchFailed || this.beats % every === 0
+    const weight = (t, missed) => !this.watches.has(t) ? 1 : !ackBeat ? 0 : missed > 0 ? every : 1
+    for (const t of this.roster.beat(weight)) this.dropTab(t, 'vanished')
+    this.broadcastStatus(ackBeat)
+  }
+
+  /**
+   * Waits for `from`'s tab lock (it told us it holds it): the grant means the tab closed or
+   * crashed, so its streams are cancelled at once instead of after `tabMaxMissed` heartbeats.
+   * @param {string} from
+   */
+  watch (from) {
+    const locks = this.tab.env.locks
+    if (!locks || this.watchFailed || this.watches.has(from) || !this.roster.has(from)) return
+    const ctl = new AbortController()
+    this.watches.set(from, ctl)
+    locks.request(tabLockName(this.tab.name, from), { mode: 'exclusive', signal: ctl.signal }, () => {
+      if (this.watches.get(from) !== ctl) return undefined
+      this.watches.delete(from)
+      // a closing tab's `bye` usually comes first; else it crashed (no pagehide)
+      if (this.roster.has(from)) this.dropTab(from, 'vanished')
+      return undefined // hand the lock straight back: the tab id is not reused
+    }).catch((err) => {
+      if (this.watches.get(from) !== ctl) return
+      this.watches.delete(from)
+      if (err?.name !== 'AbortError') this.watchFailed = true
+    })
+  }
+
+  /** @param {string} tab */
+  unwatch (tab) {
+    const ctl = this.watches.get(tab)
+    this.watches.delete(tab)
+    ctl?.abort()
   }
 
   /** A follower left (`bye`) or stopped answering: cancel its streams upstream. */
   dropTab (gone, reason) {
     const tab = this.tab
     this.roster.leave(gone)
+    this.unwatch(gone)
     this.flushOutbox() // its last frames (and the tab_gone below) before the handle closes
     for (const route of this.owner.router.routesOf(gone)) {
       this.owner.cancel(route.id)
@@ -232,10 +280,14 @@ export default class Leader {
     tab.emitStatus()
   }
 
-  broadcastStatus () {
+  /**
+   * @param {boolean} [ack] every follower answers (else only those whose tab lock we do not
+   *   watch: a status change needs no answer)
+   */
+  broadcastStatus (ack = false) {
     const tab = this.tab
     tab.tabs = this.roster.size
-    tab.bus.post({ t: BUS.hb, ...this.payload() })
+    tab.bus.post({ t: BUS.hb, ...this.payload(), ack })
     tab.emitStatus()
   }
 
@@ -334,6 +386,7 @@ export default class Leader {
         else this.inboxTabs.delete(from)
         if (this.roster.touch(from, { visible: m.visible })) tab.tabs = this.roster.size
         this.adopt(from, m.streams, { fromOwner: true, read: m.read })
+        if (m.lock === true) this.watch(from)
         if (this.collecting) {
           this.collecting.expected.delete(from)
           if (this.collecting.expected.size === 0) this.finishCollecting()
@@ -352,7 +405,7 @@ export default class Leader {
         this.soonBroadcastStatus()
         return
       case BUS.ack:
-        this.roster.ack(from, { visible: m.visible })
+        if (this.roster.ack(from, { visible: m.visible }) && m.lock === true) this.watch(from)
         return
       case BUS.probe:
         this.roster.ack(from)

@@ -1,6 +1,6 @@
 import { BUS, CLIENT_ERROR_CODE, CONNECTION, DEFAULTS, FRAME, ROLE, WS_PATH } from './constants.js'
 import Bus from './bus.js'
-import Election from './election.js'
+import Election, { tabLockName } from './election.js'
 import MuxError from './errors.js'
 import { createFetch } from './fetch.js'
 import Follower from './follower.js'
@@ -82,6 +82,8 @@ export default class Mux {
     this.user = null
     this.tier = null
     this.lastStatus = ''
+    /** This tab's own lock while held or asked for: {held, release}. */
+    this.tabLock = null
     /** Running: not closed, not hidden away in the bfcache. */
     this.running = false
     this.frozen = false
@@ -238,6 +240,7 @@ export default class Mux {
   start () {
     this.running = true
     this.frozen = false
+    this.holdTabLock()
     if (!this.shared) {
       this.setRole(ROLE.solo)
       this.tabs = 1
@@ -247,6 +250,7 @@ export default class Mux {
     }
     if (!this.bus) this.bus = new Bus(this.env.BroadcastChannel, this.name, this.tabId, m => this.onBus(m))
     this.bus.open()
+    this.holdTabLock()
     if (!this.election) {
       this.election = new Election(this.env.locks, this.name, {
         onElected: how => this.becomeLeader(how),
@@ -281,6 +285,7 @@ export default class Mux {
     }
     this.election?.stop()
     if (final) {
+      this.releaseTabLock()
       this.bus?.close()
       this.leaderId = null
       this.leaderEpoch = null
@@ -581,6 +586,38 @@ export default class Mux {
     if (state === CONNECTION.open) this.everOpen = true
     this.emitStatus()
     return true
+  }
+
+  /**
+   * Takes this tab's own lock (`tabLockName`) and holds it until the page goes away (not
+   * while merely frozen: a frozen tab is not gone), so that the leader learns of its crash
+   * from the lock's grant. A follower tells the leader once it holds it.
+   */
+  holdTabLock () {
+    if (this.tabLock || !this.shared) return
+    const hold = { held: false, release: () => {} }
+    this.tabLock = hold
+    const kept = new Promise((resolve) => { hold.release = resolve })
+    this.env.locks.request(tabLockName(this.name, this.tabId), { mode: 'exclusive' }, () => {
+      if (this.tabLock !== hold) return undefined // released before it was granted
+      hold.held = true
+      this.part?.onTabLock?.()
+      return kept
+    }).catch(() => {
+      // no tab lock (a browser that refuses it): followers keep answering every heartbeat
+      if (this.tabLock === hold) hold.held = false
+    })
+  }
+
+  /** Whether this tab holds its tab lock. */
+  get holdsTabLock () {
+    return this.tabLock?.held === true
+  }
+
+  releaseTabLock () {
+    const hold = this.tabLock
+    this.tabLock = null
+    hold?.release()
   }
 
   emitStatus () {

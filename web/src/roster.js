@@ -70,13 +70,17 @@ export default class Roster {
 
   /**
    * One heartbeat went out: counts it as unanswered for every member, and removes and
-   * returns the members that have now missed more than `maxMissed`.
+   * returns the members that have now missed more than `maxMissed`. `weight` says how many
+   * heartbeats it adds to a member's count, given its count so far (a follower asked for an
+   * ack only every k-th beat: 0 on the other beats, 1 when it answered the last ask, k when
+   * it did not, so it is dropped after about as long a silence as one asked every beat).
+   * @param {(tab: string, missed: number) => number} [weight]
    * @returns {string[]}
    */
-  beat () {
+  beat (weight = () => 1) {
     const vanished = []
     for (const [tab, m] of this.members) {
-      m.missed++
+      m.missed += weight(tab, m.missed)
       if (m.missed > this.maxMissed) vanished.push(tab)
     }
     for (const tab of vanished) this.members.delete(tab)

@@ -35,3 +35,20 @@ test('an ack does not bring back a dropped tab: it must join again', () => {
   r.touch('A')
   assert.equal(r.ack('A'), true)
 })
+
+test('a heartbeat counts as many beats per member as its weight says', () => {
+  const r = new Roster('L', { maxMissed: 4 })
+  r.touch('A')
+  r.touch('B')
+  // A is asked every 4th beat (1 when it answered the last ask, 4 when not); B every beat
+  const weight = ack => (t, missed) => t === 'B' ? 1 : !ack ? 0 : missed > 0 ? 4 : 1
+  assert.deepEqual(r.beat(weight(false)), [])
+  assert.equal(r.members.get('A').missed, 0)
+  assert.deepEqual(r.beat(weight(true)), []) // A: 1, B: 2
+  r.ack('A')
+  assert.deepEqual(r.beat(weight(true)), []) // A answered: 1 again; B: 3
+  assert.equal(r.members.get('A').missed, 1)
+  r.ack('B')
+  assert.deepEqual(r.beat(weight(true)), ['A']) // A did not: 1 + 4 > 4; B: 1
+  assert.deepEqual(r.list(), ['L', 'B'])
+})
