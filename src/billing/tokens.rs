@@ -899,7 +899,13 @@ mod tests {
         let long_key = [json!({"role": "", "content": "", "x".repeat(SMALL_PROMPT_BYTES): 1})];
         assert!(count_small_prompt("gpt-4o", &long_key, &Value::Null, usize::MAX).is_none());
         let long_tools = json!([{"name": "f".repeat(SMALL_PROMPT_BYTES)}]);
-        assert!(count_small_prompt("gpt-4o", &[empty.clone()], &long_tools, usize::MAX).is_none());
+        assert!(count_small_prompt(
+            "gpt-4o",
+            std::slice::from_ref(&empty),
+            &long_tools,
+            usize::MAX
+        )
+        .is_none());
         // Many values with no text are not small either.
         let nulls = [json!({"role": "user", "content": vec![Value::Null; SMALL_PROMPT_BYTES]})];
         assert!(count_small_prompt("gpt-4o", &nulls, &Value::Null, usize::MAX).is_none());
