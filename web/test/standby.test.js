@@ -9,14 +9,20 @@ import {
 /** The tab `leader` names as next in line. */
 const headOf = (list, leader) => list.find(t => t.mux.tabId === leader.mux.part.roster.list()[1])
 
+/** Once the tabs settled: the leader and the head of its roster, whose standby is welcomed. */
+async function standbyReady (list) {
+  await settled(list)
+  const leader = list.find(t => t.mux.role === 'leader')
+  const head = headOf(list, leader)
+  await until(() => head.mux.standby?.ready, { what: 'the standby welcomed' })
+  return { leader, head }
+}
+
 test('the head of the roster holds a welcomed standby, and a closing leader hands over on it with no new socket', async () => {
   const gw = new FakeGateway({ chunkMs: 4 })
   const list = fakeTabs(4, { gw, standby: true })
   try {
-    await settled(list)
-    const leader = list.find(t => t.mux.role === 'leader')
-    const head = headOf(list, leader)
-    await until(() => head.mux.standby?.ready, { what: 'the standby welcomed' })
+    const { leader, head } = await standbyReady(list)
     assert.equal(gw.live, 2, 'the leader and one standby: no other tab holds one')
     const streams = list.map(t => ask(t.mux, 60))
     const reads = streams.map(collect)
@@ -46,10 +52,7 @@ test('a gateway without `resume` gets a hello on a new socket instead, and nothi
   const gw = new FakeGateway({ chunkMs: 4, knowsResume: false })
   const list = fakeTabs(3, { gw, standby: true })
   try {
-    await settled(list)
-    const leader = list.find(t => t.mux.role === 'leader')
-    const head = headOf(list, leader)
-    await until(() => head.mux.standby?.ready, { what: 'the standby welcomed' })
+    const { leader, head } = await standbyReady(list)
     const streams = list.map(t => ask(t.mux, 60))
     const reads = streams.map(collect)
     await until(() => streams.every(s => s.lastSeq >= 5), { what: 'streams under way' })
@@ -98,10 +101,7 @@ test('when the head of the roster changes, the old standby closes and the new he
   const gw = new FakeGateway({ chunkMs: 4 })
   const list = fakeTabs(3, { gw, standby: true })
   try {
-    await settled(list)
-    const leader = list.find(t => t.mux.role === 'leader')
-    const head = headOf(list, leader)
-    await until(() => head.mux.standby?.ready, { what: 'the standby welcomed' })
+    const { leader, head } = await standbyReady(list)
     const ws = head.mux.standby.ws
     head.mux.close()
     await until(() => ws.readyState === 3, { what: 'the old standby closed' })
