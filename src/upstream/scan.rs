@@ -89,6 +89,23 @@ impl<'a> Cursor<'a> {
         (self.peek()? == byte).then(|| self.i += 1)
     }
 
+    /// After a member or element: `Some(true)` past a `,` (and the whitespace after it),
+    /// `Some(false)` past `close`, `None` on anything else.
+    fn more(&mut self, close: u8) -> Option<bool> {
+        match self.peek()? {
+            b',' => {
+                self.i += 1;
+                self.ws();
+                Some(true)
+            }
+            b if b == close => {
+                self.i += 1;
+                Some(false)
+            }
+            _ => None,
+        }
+    }
+
     fn literal(&mut self, word: &str) -> Option<()> {
         let rest = self.s.as_bytes().get(self.i..)?;
         rest.starts_with(word.as_bytes())
@@ -117,16 +134,8 @@ impl<'a> Cursor<'a> {
             let s = self.s;
             on_key(self, &s[key.start..key.end])?;
             self.ws();
-            match self.peek()? {
-                b',' => {
-                    self.i += 1;
-                    self.ws();
-                }
-                b'}' => {
-                    self.i += 1;
-                    return Some(());
-                }
-                _ => return None,
+            if !self.more(b'}')? {
+                return Some(());
             }
         }
     }
@@ -277,16 +286,8 @@ impl<'a> Cursor<'a> {
                 loop {
                     self.skip(depth + 1)?;
                     self.ws();
-                    match self.peek()? {
-                        b',' => {
-                            self.i += 1;
-                            self.ws();
-                        }
-                        b']' => {
-                            self.i += 1;
-                            return Some(());
-                        }
-                        _ => return None,
+                    if !self.more(b']')? {
+                        return Some(());
                     }
                 }
             }
