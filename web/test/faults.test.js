@@ -10,6 +10,13 @@ import {
 } from './fakes.js'
 
 const tabs = (n, opts = {}) => fakeTabs(n, { stealStaggerMs: 60, ...opts })
+
+/** Two settled tabs on `gw`: the leader's part and the follower's `Mux`. */
+async function leaderAndFollower (list) {
+  await settled(list)
+  const leader = list.find(t => t.mux.role === 'leader')
+  return { leader, follower: list.find(t => t !== leader).mux, part: leader.mux.part }
+}
 const sleep = ms => new Promise(r => setTimeout(r, ms))
 
 /** Wraps a tab's bus so it records what reaches the tab (after the bus's own filtering). */
@@ -326,10 +333,7 @@ test('a join read while frames for that tab wait in the outbox is no reason for 
   const gw = new FakeGateway({ chunkMs: 60_000 })
   const list = tabs(2, { gw })
   try {
-    await settled(list)
-    const leader = list.find(t => t.mux.role === 'leader')
-    const follower = list.find(t => t !== leader).mux
-    const part = leader.mux.part
+    const { leader, follower, part } = await leaderAndFollower(list)
     const s = ask(follower, 5)
     const batchesRead = () => follower.readFrom.get(leader.mux.tabId) ?? 0
     await until(() => part.owner.router.get(s.id)?.sent && part.posted.get(follower.tabId) >= 1 &&
@@ -359,10 +363,7 @@ for (const knowsBatch of [true, false]) {
     const gw = new FakeGateway({ chunkMs: 60_000, knowsBatch })
     const list = tabs(2, { gw })
     try {
-      await settled(list)
-      const leader = list.find(t => t.mux.role === 'leader')
-      const follower = list.find(t => t !== leader).mux
-      const part = leader.mux.part
+      const { leader, follower, part } = await leaderAndFollower(list)
       const s = ask(follower, 6)
       const text = collect(s)
       await until(() => gw.streams.get(s.id) && part.posted.get(follower.tabId) >= 1 &&
