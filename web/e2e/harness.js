@@ -446,21 +446,47 @@ export async function openTabs (context, url, n) {
  * The start every browser test repeats, as one fixture: a fresh browser (running
  * `initScript` in each page), `n` tabs of the demo signed in as `user` at `base`, and unless
  * `shared` is false, one leader shared by all; `standby: true` turns the shim's standby
- * connection on (off by default, as in the shim). Calls `body` with the pages, the statuses, the
+ * connection on (off by default, as in the shim); `focus: 'one'` leaves only the last tab focused
+ * (see oneForeground; 'all', the default, is Playwright's: every page acts focused). Calls `body` with the pages, the statuses, the
  * leader's index `li` (-1 without one) and `user`; closes the browser after, whatever happens.
  * @template T
- * @param {{base: string, user: string, n: number, initScript?: Function, shared?: boolean, standby?: boolean}} setup
+ * @param {{base: string, user: string, n: number, initScript?: Function, shared?: boolean, standby?: boolean, focus?: 'all'|'one'}} setup
  * @param {(tabs: {context: any, pages: any[], status: any[], li: number, user: string}) => Promise<T>} body
  * @returns {Promise<T>}
  */
-export async function withTabs ({ base, user, n, initScript, shared = true, standby = false }, body) {
+export async function withTabs ({ base, user, n, initScript, shared = true, standby = false, focus = 'all' }, body) {
   const { context, close } = await launchBrowser({ initScript })
   try {
     const pages = await openTabs(context, demoUrl(base, user, { standby }), n)
+    if (focus === 'one') await oneForeground(context, pages, pages.length - 1)
     const status = shared ? await waitShared(pages) : await statuses(pages)
     const li = status.findIndex(s => s.role === 'leader')
     return await body({ context, pages, status, li, user })
   } finally { await close() }
+}
+
+/**
+ * Makes `pages[fg]` the one foreground tab, as in a real browser window: Playwright turns on
+ * focus emulation in every page it opens, so all of them act focused (`document.hasFocus()`
+ * true, the focused prompt's caret blinking and painting every 500 ms in each). This turns it
+ * off in the others (a CDP session of its own per page; the setting outlives the session) and
+ * brings `pages[fg]` to the front, so the browser's one real focus is there. Headless
+ * Chromium still keeps every page visible (`visibilityState` stays 'visible'): background
+ * tabs here still run frames for what animates on their own (a CSS animation), which a
+ * hidden tab of a real browser would not.
+ * @param {any} context @param {any[]} pages @param {number} fg
+ */
+export async function oneForeground (context, pages, fg) {
+  for (const [i, page] of pages.entries()) {
+    if (i === fg) continue
+    const cdp = await context.newCDPSession(page)
+    await cdp.send('Emulation.setFocusEmulationEnabled', { enabled: false })
+    await cdp.detach()
+  }
+  await pages[fg].bringToFront()
+  const focused = await Promise.all(pages.map(p => p.evaluate(() => document.hasFocus())))
+  const wrong = focused.map((f, i) => f !== (i === fg) ? i : -1).filter(i => i >= 0)
+  if (wrong.length) throw new Error(`oneForeground: document.hasFocus() is wrong in tabs ${wrong.join(', ')}`)
 }
 
 /** Every tab's shim status. */

@@ -4,7 +4,11 @@
 // a BroadcastChannel message; TimerFire: a timer). Counted and timed per tab; the wall times
 // swell with the machine's load, the counts do not.
 //
-//   node e2e/idle-tasks.js [--tabs 30] [--seconds 5] [--static DIR] [--blur]
+//   node e2e/idle-tasks.js [--tabs 30] [--seconds 5] [--static DIR] [--blur] [--all-focused]
+//
+// By default only the last tab has the focus, as the one foreground tab of a real browser
+// (harness.js oneForeground); --all-focused keeps Playwright's focus emulation in every page
+// (every tab acts focused: how this was measured before).
 //
 // --blur takes the focus from the demo's prompt before tracing: a diagnostic, not how the
 // demo is measured (its focused textarea's caret is what paints every 500 ms).
@@ -17,10 +21,12 @@ const N = Number(opt('tabs', '30'))
 const seconds = Number(opt('seconds', '5'))
 const staticDir = opt('static', undefined) && path.resolve(opt('static'))
 const blur = args.includes('--blur')
+const focus = args.includes('--all-focused') ? 'all' : 'one'
 
 const stack = await startStack({ staticDir })
 try {
-  await withTabs({ base: stack.gateway.url, user: userNamer('idle')('tasks'), n: N }, async ({ context, pages, li }) => {
+  await withTabs({ base: stack.gateway.url, user: userNamer('idle')('tasks'), n: N, focus }, async ({ context, pages, li }) => {
+    const focused = (await Promise.all(pages.map(p => p.evaluate(() => document.hasFocus())))).filter(Boolean).length
     if (blur) await Promise.all(pages.map(p => p.evaluate(() => document.activeElement?.blur())))
     const leaderTab = await pages[li].evaluate(() => window.muxgateDemo.mux.tabId)
     const cdp = await context.newCDPSession(pages[li === 0 ? 1 : 0])
@@ -56,7 +62,8 @@ try {
       }
       const timers = kinds.TimerFire?.n ?? 0
       const received = kinds['Receive mojo message']?.n ?? 0
-      rows.push({ thread, tasks: tasks.length, received, timers, kinds })
+      const messageStarts = tasks.filter(t => inner.find(e => e.ts >= t.ts && e.ts < t.ts + t.dur)?.name === 'Receive mojo message').map(t => t.ts)
+      rows.push({ thread, tasks: tasks.length, received, timers, kinds, messageStarts })
     }
     // the leader is the tab that receives the followers' acks: the most messages
     rows.sort((a, b) => b.received - a.received)
@@ -64,14 +71,25 @@ try {
     const round = k => Object.fromEntries(Object.entries(k).map(([n, v]) => [n, { perS: per(v.n), wallMsPerS: per(v.wallMs), cpuMsPerS: per(v.cpuMs) }]))
     const [leader, ...followers] = rows
     const mean = f => followers.length ? followers.reduce((a, r) => a + f(r), 0) / followers.length : 0
+    // how synchronised the followers' wake-ups are: for each follower's message task, how many
+    // other followers started one within 5 ms of it (one broadcast heartbeat: all the others)
+    const starts = followers.flatMap((r, i) => r.messageStarts.map(ts => [ts, i])).sort((a, b) => a[0] - b[0])
+    let together = 0
+    for (let a = 0, lo = 0; a < starts.length; a++) {
+      while (starts[lo][0] < starts[a][0] - 5000) lo++
+      const near = new Set()
+      for (let b = lo; b < starts.length && starts[b][0] <= starts[a][0] + 5000; b++) if (starts[b][1] !== starts[a][1]) near.add(starts[b][1])
+      together += near.size
+    }
     console.log(JSON.stringify({
-      tabs: N, seconds, shim: staticDir ?? 'web/', blur, leaderTab, renderers: rows.length,
+      tabs: N, seconds, shim: staticDir ?? 'web/', blur, focus, focused, leaderTab, renderers: rows.length,
       leader: { tasksPerS: per(leader.tasks), kinds: round(leader.kinds) },
       followerMean: {
         tasksPerS: per(mean(r => r.tasks)),
         paintsPerS: per(mean(r => r.kinds.PrePaint?.n ?? 0)),
         messagesPerS: per(mean(r => r.received)),
         timersPerS: per(mean(r => r.timers)),
+        othersWokenWithin5ms: starts.length ? Number((together / starts.length).toFixed(1)) : 0,
         wallMsPerS: per(mean(r => Object.values(r.kinds).reduce((a, k) => a + k.wallMs, 0))),
         cpuMsPerS: per(mean(r => Object.values(r.kinds).reduce((a, k) => a + k.cpuMs, 0))),
       },

@@ -2,6 +2,12 @@
 // not in the tests). Prints one JSON line per run and a summary (median, min–max) per figure.
 //
 //   node e2e/measure.js [--scenario closed,crashed,fallback,cpu] [--repeat 3] [--static DIR] [--standby]
+//                       [--all-focused]
+//
+// Only the last tab opened has the focus, as the one foreground tab of a real browser window
+// (harness.js oneForeground); --all-focused keeps Playwright's default, where every page acts
+// focused (so every tab's focused prompt paints its blinking caret): how the figures up to
+// web/README.md's "Foreground" section were taken. Report both.
 //
 // --standby turns the shim's standby connection on (option `standby`, off by default) in the
 // closed and crashed scenarios.
@@ -23,6 +29,7 @@ const opt = (name, dflt) => {
 const scenarios = opt('scenario', 'closed,crashed,fallback,cpu').split(',')
 const repeat = Number(opt('repeat', '3'))
 const standby = args.includes('--standby')
+const focus = args.includes('--all-focused') ? 'all' : 'one'
 const staticDir = opt('static', undefined) && path.resolve(opt('static'))
 if (staticDir && !fs.existsSync(path.join(staticDir, 'src', 'mux.js'))) throw new Error(`no shim in ${staticDir}/src`)
 
@@ -75,7 +82,7 @@ function leaderSettle (logs, t0) {
 
 async function closed (stack) {
   const N = 30
-  return withTabs({ base: stack.gateway.url, user: newUser('closed'), n: N, standby }, async ({ pages, li, user }) => {
+  return withTabs({ base: stack.gateway.url, user: newUser('closed'), n: N, standby, focus }, async ({ pages, li, user }) => {
     const shape = { chunks: 60, delayMs: 80 }
     const prompts = await startAll(pages, 'closed', shape)
     await underWay(pages, 'closed', 8)
@@ -101,7 +108,7 @@ async function closed (stack) {
 
 async function crashed (stack) {
   const N = 30
-  return withTabs({ base: stack.gateway.url, user: newUser('crashed'), n: N, standby }, async ({ context, pages, li, user }) => {
+  return withTabs({ base: stack.gateway.url, user: newUser('crashed'), n: N, standby, focus }, async ({ context, pages, li, user }) => {
     const shape = { chunks: 80, delayMs: 80 }
     const prompts = await startAll(pages, 'crashed', shape, new Set([li]))
     const rest = pages.filter((_, i) => i !== li)
@@ -128,7 +135,7 @@ async function crashed (stack) {
 
 async function fallback (stack) {
   const N = 20
-  return withTabs({ base: stack.gateway.url, user: newUser('fallback'), n: N, initScript: fallbackCountingSockets, shared: false }, async ({ pages }) => {
+  return withTabs({ base: stack.gateway.url, user: newUser('fallback'), n: N, initScript: fallbackCountingSockets, shared: false, focus }, async ({ pages }) => {
     const shape = { chunks: 30, delayMs: 60 }
     const t0 = Date.now()
     const prompts = await startAll(pages, 'fallback', shape)
@@ -148,7 +155,7 @@ async function fallback (stack) {
 }
 
 async function cpuAt (stack, N) {
-  return withTabs({ base: stack.gateway.url, user: newUser(`cpu${N}`), n: N }, async ({ context, pages, li }) => {
+  return withTabs({ base: stack.gateway.url, user: newUser(`cpu${N}`), n: N, focus }, async ({ context, pages, li }) => {
     const cdps = await Promise.all(pages.map(async p => { const c = await context.newCDPSession(p); await c.send('Performance.enable'); return c }))
     // TaskDuration: wall time of the renderers' main-thread tasks (the issue's figure);
     // ThreadTime: their main threads' CPU time, less swollen when 30 renderers share 2 cores
@@ -216,7 +223,7 @@ try {
     for (let k = 0; k < repeat; k++) {
       const r = await RUN[name](stack)
       results[name].push(r)
-      console.log(JSON.stringify({ scenario: name, shim: staticDir ?? 'web/', run: k + 1, ...r }))
+      console.log(JSON.stringify({ scenario: name, shim: staticDir ?? 'web/', focus, run: k + 1, ...r }))
     }
   }
 } finally { await stack.stop() }
@@ -229,4 +236,4 @@ for (const [name, runs] of Object.entries(results)) {
     if (xs.every(x => typeof x === 'number')) summary[name][key] = { median: median(xs), min: Math.min(...xs), max: Math.max(...xs) }
   }
 }
-console.log(JSON.stringify({ summary, shim: staticDir ?? 'web/', repeat }, null, 1))
+console.log(JSON.stringify({ summary, shim: staticDir ?? 'web/', focus, repeat }, null, 1))
