@@ -222,8 +222,24 @@ export const DEFAULTS = Object.freeze({
   backoffMaxMs: 5000,
   /** Streams that may wait for a connection before `chat()` fails with `buffer_full`. */
   sendBufferLimit: 64,
-  /** Cross-tab heartbeat period. */
+  /**
+   * Cross-tab heartbeat period: each follower hears the leader once a period (on its inbox,
+   * at its own phase, see `tabHeartbeatSlots`). What it detects: a HUNG tab (alive, its locks
+   * held, silent). Closed and crashed tabs are caught sooner, by locks: a dead leader's lock
+   * goes to the next tab in its queue, a dead follower's tab lock to the leader.
+   * - a hung leader: a follower counts a period without word from `tabHeartbeatMs` × 1¼–1½
+   *   after the last one, probes from 2, and from `leaderMaxSilent` (4 periods, so 4¼–4½ s with
+   *   the defaults) the first in line steals the lock after its stagger (`stealStaggerMs`);
+   * - a hung follower: dropped after more than `tabMaxMissed` unanswered heartbeats, rounded up
+   *   to `tabAckEvery` when it holds its tab lock: 5–8 s with the defaults.
+   */
   tabHeartbeatMs: 1000,
+  /**
+   * The leader's heartbeat goes out in this many parts spread over the period, each to a
+   * share of the followers, so that 30 tabs do not all wake (and ack) in the same instant.
+   * 1: every follower at once.
+   */
+  tabHeartbeatSlots: 4,
   /** Heartbeats a follower may miss before the leader cancels its streams. */
   tabMaxMissed: 4,
   /**

@@ -8,6 +8,13 @@ import MuxError from './errors.js'
  * it has shown. It watches the leader: one that stops answering (frozen, hung) or stays
  * hidden while this tab is seen is replaced, one follower at a time (`takeOver`).
  *
+ * Silence is counted by a timer re-armed at every word from the leader, not by a timer of
+ * its own every period: while the leader beats, the timer never fires, so an idle follower
+ * wakes once a heartbeat (to read it), not twice. Without a word for `tabHeartbeatMs` × 1¼
+ * (plus up to ¼ of jitter) it counts one silent period, then one more per `tabHeartbeatMs`:
+ * it probes at 2, and from `leaderMaxSilent` (4) it takes over, 4¼–4½ periods after the
+ * leader's last word (then the stagger of `takeOver`).
+ *
  * @example
  * const follower = new Follower(mux)
  * follower.start()                        // queues for the lock, asks who leads (`probe`)
@@ -50,13 +57,13 @@ export default class Follower {
     this.mustJoin = true
     tab.connection = tab.leaderId ? tab.connection : CONNECTION.connecting
     tab.election.queue()
-    this.beatTimer = setInterval(() => this.beat(), tab.opts.tabHeartbeatMs)
+    this.armSilence()
     tab.bus.post({ t: BUS.probe })
     tab.emitStatus()
   }
 
   stop () {
-    clearInterval(this.beatTimer)
+    clearTimeout(this.beatTimer)
     clearTimeout(this.stealTimer)
     this.beatTimer = undefined
     this.stealTimer = undefined
@@ -95,9 +102,23 @@ export default class Follower {
     return tab.bus.post({ ...msg, to: tab.leaderId }, { shared: !this.leaderReadsInbox })
   }
 
+  /**
+   * (Re)starts the count of silent periods: the first ends a quarter period after the next
+   * heartbeat is due, with up to a quarter more of jitter, so that a heartbeat a little late
+   * (a busy leader, a throttled timer) does not count as silence, and so that followers whose
+   * leader went quiet do not all wake in the same instant.
+   */
+  armSilence () {
+    const period = this.tab.opts.tabHeartbeatMs
+    clearTimeout(this.beatTimer)
+    this.beatTimer = setTimeout(() => this.beat(), Math.round(period * (1.25 + Math.random() / 4)))
+  }
+
+  /** One more period without word from the leader. */
   beat () {
     const tab = this.tab
     this.silent++
+    this.beatTimer = setTimeout(() => this.beat(), tab.opts.tabHeartbeatMs)
     if (this.silent >= tab.opts.leaderMaxSilent) {
       this.takeOver('silent')
     } else if (this.silent >= 2) {
@@ -105,6 +126,12 @@ export default class Follower {
       // browser does not throttle like its timers)
       tab.bus.post({ t: BUS.probe })
     }
+    this.preferVisible()
+  }
+
+  /** Replaces a leader that has been hidden for `preferVisibleMs` while this tab is seen. */
+  preferVisible () {
+    const tab = this.tab
     if (tab.leaderId && this.leaderHiddenSince !== null && tab.isVisible() &&
         Date.now() - this.leaderHiddenSince >= tab.opts.preferVisibleMs) {
       this.takeOver('visible')
@@ -165,6 +192,7 @@ export default class Follower {
     this.leaderReadsInbox = m.v >= 2
     this.silent = 0
     this.heard++
+    if (this.beatTimer !== undefined) this.armSilence()
     if (Array.isArray(m.roster)) tab.knownRoster = m.roster
     if (typeof m.tabs === 'number') tab.tabs = m.tabs
     if (m.connection) {
@@ -176,6 +204,8 @@ export default class Follower {
     if (m.tier !== undefined) tab.tier = m.tier
     if (m.visible === false) this.leaderHiddenSince ??= Date.now()
     else if (m.visible === true) this.leaderHiddenSince = null
+    // checked at each word of the leader (a heartbeat a period), since no timer runs meanwhile
+    this.preferVisible()
     // not listed: the leader dropped us, or our join is still on its way (then wait a beat)
     const forgotten = Array.isArray(m.roster) && !m.roster.includes(tab.tabId) &&
       Date.now() - this.joinedAt > tab.opts.tabHeartbeatMs

@@ -172,7 +172,10 @@ export interface ConnectOptions {
   backoffMaxMs?: number
   /** Streams that may wait for a connection before `chat()` fails with `buffer_full` (default 64). */
   sendBufferLimit?: number
+  /** Cross-tab heartbeat period (1000): a hung leader is replaced 4¼–4½ periods after its last word. */
   tabHeartbeatMs?: number
+  /** The leader's heartbeat goes out in this many parts over the period, each to a share of the followers (4). */
+  tabHeartbeatSlots?: number
   tabMaxMissed?: number
   /** A follower holding its tab lock answers one heartbeat in this many (4). */
   tabAckEvery?: number

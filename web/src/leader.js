@@ -46,6 +46,8 @@ export default class Leader {
     this.watchFailed = false
     /** Heartbeats sent, to ask for acks in one of `tabAckEvery`. */
     this.beats = 0
+    /** The pending parts of this period's heartbeat (see `heartbeat`). */
+    this.slotTimers = []
   }
 
   /**
@@ -118,6 +120,7 @@ export default class Leader {
     const tab = this.tab
     clearInterval(this.hbTimer)
     this.hbTimer = undefined
+    this.clearSlots()
     for (const t of [...this.watches.keys()]) this.unwatch(t)
     clearTimeout(this.statusTimer)
     this.statusTimer = undefined
@@ -228,7 +231,45 @@ export default class Leader {
     const ackBeat = this.watchFailed || this.beats % every === 0
     const weight = (t, missed) => !this.watches.has(t) ? 1 : !ackBeat ? 0 : missed > 0 ? every : 1
     for (const t of this.roster.beat(weight)) this.dropTab(t, 'vanished')
-    this.broadcastStatus(ackBeat)
+    this.heartbeat(ackBeat)
+  }
+
+  /**
+   * This period's heartbeat, to each follower's inbox, spread over the period in
+   * `tabHeartbeatSlots` parts: one `hb` on the shared channel woke every follower in the same
+   * instant, and their acks came back together, so 30 renderers queued for 2 cores at once
+   * every second. Followers keep the same heartbeat period (and so the same detection of a
+   * hung leader or follower); only its phase differs per slot. A tab of an older shim reads no
+   * inbox: while one is in the roster, the heartbeat is the shared one, as before. Status
+   * changes (`broadcastStatus`) stay one message to every tab.
+   * @param {boolean} ack
+   */
+  heartbeat (ack) {
+    const tab = this.tab
+    const followers = this.roster.list().slice(1)
+    if (followers.some(t => !this.inboxTabs.has(t))) {
+      this.broadcastStatus(ack)
+      return
+    }
+    this.clearSlots()
+    tab.tabs = this.roster.size
+    const msg = { t: BUS.hb, ...this.payload(), ack }
+    const slots = Math.max(1, Math.min(tab.opts.tabHeartbeatSlots, followers.length))
+    const step = tab.opts.tabHeartbeatMs / slots
+    for (let k = 0; k < slots; k++) {
+      const group = followers.filter((_, i) => i % slots === k)
+      const send = () => {
+        for (const to of group) if (this.roster.has(to)) tab.bus.post({ ...msg, to }, { keep: true })
+      }
+      if (k === 0) send()
+      else this.slotTimers.push(setTimeout(send, Math.round(k * step)))
+    }
+    tab.emitStatus()
+  }
+
+  clearSlots () {
+    for (const t of this.slotTimers) clearTimeout(t)
+    this.slotTimers = []
   }
 
   /**

@@ -315,14 +315,25 @@ test('a tab of an older shim (no inbox, bus version 1) still gets its frames dur
       if (msg.t === 'join') { msg = { ...msg }; delete msg.v }
       return post(msg, { ...how, shared: true })
     }
+    // its join (without version) goes out as a version-1 tab's would, on a word of the leader;
+    // heartbeats now go to inboxes, which it no longer reads, so give it one by hand
     old.mux.part.mustJoin = true
+    old.mux.part.noteLeader({ t: 'hb', from: old.mux.leaderId, epoch: old.mux.leaderEpoch }, false)
     await until(() => {
       const l = list.find(t => t.mux.role === 'leader')
       return l && !l.mux.part.inboxTabs.has(old.mux.tabId) && l.mux.part.roster.has(old.mux.tabId)
     }, { what: 'the leader to know it as version 1' })
+    const leader = list.find(t => t.mux.role === 'leader')
+    const seen = spy(old)
+    const beats0 = leader.mux.part.beats
     const streams = list.map(t => ask(t.mux, 30))
     const results = await Promise.all(streams.map(collect))
     results.forEach((r, i) => assert.deepEqual(r, { text: fakeAnswer(streams[i].id, 30), error: null }))
+    // and it hears every heartbeat, on the shared channel (it reads no inbox)
+    await until(() => leader.mux.part.beats - beats0 >= 4, { what: 'four heartbeats' })
+    const heartbeats = seen.filter(m => m.t === 'hb' && m.from === leader.mux.tabId).length
+    assert.ok(heartbeats >= leader.mux.part.beats - beats0 - 1, `${heartbeats} heartbeats read of ${leader.mux.part.beats - beats0}`)
+    assert.equal(old.mux.role, 'follower')
   } finally { closeAll(list); gw.stop() }
 })
 

@@ -1,0 +1,99 @@
+// Issue 10, the idle share: the cross-tab heartbeat no longer wakes every follower in the same
+// instant (the leader spreads it over its period, on the followers' inboxes), and an idle
+// follower runs no timer of its own while its leader beats (its silence timer is re-armed by
+// each word of the leader). What it detects, a hung leader or follower, it still detects.
+import { test } from 'node:test'
+import assert from 'node:assert/strict'
+import Follower from '../src/follower.js'
+import { closeAll, FakeGateway, FakeLocks, fakeTabs, hang, roles, settled, until } from './fakes.js'
+
+const sleep = ms => new Promise(r => setTimeout(r, ms))
+const leaderOf = list => list.find(t => t.mux.role === 'leader')
+
+/** Records when each follower reads a heartbeat of `leader` (after the bus's own filtering). */
+function heartbeatTimes (followers, leader) {
+  const times = new Map(followers.map(t => [t.mux.tabId, []]))
+  for (const t of followers) {
+    const inner = t.mux.bus.onMessage
+    t.mux.bus.onMessage = (m) => {
+      if (m.t === 'hb' && m.from === leader.mux.tabId) times.get(t.mux.tabId).push(performance.now())
+      inner(m)
+    }
+  }
+  return times
+}
+
+test('the leader\'s heartbeat reaches its followers spread over the period, each once a period', async () => {
+  const P = 200
+  const gw = new FakeGateway()
+  const list = fakeTabs(9, { gw, tabHeartbeatMs: P, tabMaxMissed: 4, leaderMaxSilent: 4 })
+  try {
+    await settled(list)
+    await sleep(P) // the joins' status broadcast is out
+    const leader = leaderOf(list)
+    const followers = list.filter(t => t !== leader)
+    const beatsAt = []
+    const beat = leader.mux.part.beat.bind(leader.mux.part)
+    leader.mux.part.beat = () => { beatsAt.push(performance.now()); beat() }
+    const times = heartbeatTimes(followers, leader)
+    await until(() => beatsAt.length >= 5, { timeoutMs: 5000, what: 'five heartbeats' })
+    // within each whole period: every follower read exactly one heartbeat, and not all at once
+    for (let b = 1; b < beatsAt.length - 1; b++) {
+      const from = beatsAt[b]
+      const to = beatsAt[b + 1]
+      const offsets = []
+      for (const [tab, ts] of times) {
+        const inPeriod = ts.filter(t => t >= from && t < to)
+        assert.equal(inPeriod.length, 1, `tab ${tab} read ${inPeriod.length} heartbeats in period ${b}`)
+        offsets.push(inPeriod[0] - from)
+      }
+      const spread = Math.max(...offsets) - Math.min(...offsets)
+      // 8 followers in 4 slots: offsets of about 0, P/4, P/2, 3P/4 (one broadcast: all within ms)
+      assert.ok(spread >= P / 2, `period ${b}: heartbeats read within ${Math.round(spread)} ms of each other`)
+    }
+    assert.equal(leader.mux.tabs, 9, 'nobody was dropped')
+  } finally { closeAll(list); gw.stop() }
+})
+
+test('an idle follower runs no timer of its own while its leader beats; a hung leader is still replaced', async () => {
+  const P = 60
+  const gw = new FakeGateway()
+  const locks = new FakeLocks()
+  let steals = 0
+  const request = locks.request.bind(locks)
+  locks.request = (name, options, cb) => {
+    if (options?.steal) steals++
+    return request(name, options, cb)
+  }
+  const silentBeats = new Map()
+  const beat = Follower.prototype.beat
+  Follower.prototype.beat = function () {
+    silentBeats.set(this.tab.tabId, (silentBeats.get(this.tab.tabId) ?? 0) + 1)
+    return beat.call(this)
+  }
+  const list = fakeTabs(5, { gw, locks, tabHeartbeatMs: P, leaderMaxSilent: 4, stealStaggerMs: 40 })
+  try {
+    await settled(list)
+    await sleep(2 * P)
+    silentBeats.clear()
+    await sleep(12 * P)
+    const counted = [...silentBeats.values()].reduce((a, b) => a + b, 0)
+    // with a timer of its own every period, each of the 4 followers would have run ~12
+    assert.ok(counted <= 2, `${counted} silent periods counted by followers of a live leader`)
+    const leader = leaderOf(list)
+    const others = list.filter(t => t !== leader)
+    const t0 = performance.now()
+    hang(leader)
+    await until(() => roles(others).includes('leader'), { timeoutMs: 3000, what: 'a new leader' })
+    const after = performance.now() - t0
+    // never before leaderMaxSilent periods of silence (the first from 1¼ periods after the last word)
+    assert.ok(after >= 3 * P, `replaced ${Math.round(after)} ms after the leader hung`)
+    await sleep(6 * P)
+    assert.equal(roles(others).filter(r => r === 'leader').length, 1)
+    assert.equal(steals, 1, `${steals} steals`)
+  } finally {
+    Follower.prototype.beat = beat
+    closeAll(list)
+    gw.stop()
+  }
+})
