@@ -713,9 +713,14 @@ export async function socketsOpened (pages) {
 export async function freezePage (context, page) {
   const cdp = await context.newCDPSession(page)
   await cdp.send('Page.setWebLifecycleState', { state: 'frozen' })
+  // A page that still runs answers; one that froze never does. The bound is long because a
+  // page that runs may answer late on a loaded machine: with 1.5 s, a running page answering
+  // late was taken for a frozen one, nothing stopped it, and test 4b could only wait in vain
+  // for its drop (a likely cause of its flake at load 20+). Headless Chromium never freezes,
+  // so the bound is not spent there.
   const frozen = await Promise.race([
     page.evaluate(() => true).then(() => false),
-    sleep(1500).then(() => true),
+    sleep(10_000).then(() => true),
   ])
   let paused = false
   if (!frozen) {
