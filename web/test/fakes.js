@@ -11,10 +11,13 @@ export class FakeLocks {
     this.queues = new Map()
     /** How long a grant takes to reach its tab (a browser's IPC, a busy renderer). */
     this.grantDelayMs = 0
+    /** Requests with `steal` so far (a hung leader should cost one). */
+    this.steals = 0
   }
 
   request (name, options, cb) {
     if (typeof options === 'function') { cb = options; options = {} }
+    if (options.steal) this.steals++
     return new Promise((resolve, reject) => {
       const req = { cb, resolve, reject }
       const holder = this.held.get(name)
