@@ -6,8 +6,8 @@
 //
 // Only the last tab opened has the focus, as the one foreground tab of a real browser window
 // (harness.js oneForeground); --all-focused keeps Playwright's default, where every page acts
-// focused (so every tab's focused prompt paints its blinking caret): how the figures up to
-// web/README.md's "Foreground" section were taken. Report both.
+// focused (so every tab's focused prompt paints its blinking caret): how the figures before
+// web/README.md's "One foreground tab, a spread heartbeat, joins put off" were taken. Report both.
 //
 // --standby turns the shim's standby connection on (option `standby`, off by default) in the
 // closed and crashed scenarios.
