@@ -378,7 +378,8 @@ fn parse_check(reply: &[String], buckets: usize) -> Option<(usize, Option<Durati
         return None;
     }
     let wait_ms: f64 = reply.get(1).and_then(|w| w.parse().ok()).unwrap_or(-1.0);
-    let wait = (wait_ms >= 0.0).then(|| Duration::from_secs_f64(wait_ms / 1000.0));
+    // Up to a whole millisecond, as the in-process buckets do (`limits::Bucket::wait_for`).
+    let wait = (wait_ms >= 0.0).then(|| Duration::from_millis(wait_ms.ceil() as u64));
     Some((index - 1, wait))
 }
 
@@ -1213,6 +1214,22 @@ mod tests {
         let open = key.find('{').expect("a tag");
         let close = key[open..].find('}').expect("closed") + open;
         &key[open + 1..close]
+    }
+
+    #[test]
+    fn a_shared_refusal_waits_whole_milliseconds() {
+        let reply = |r: &[&str]| r.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // 0.4 ms short of the refill: a client told 0 would come back and be refused again.
+        assert_eq!(
+            parse_check(&reply(&["2", "0.4"]), 3),
+            Some((1, Some(Duration::from_millis(1))))
+        );
+        assert_eq!(
+            parse_check(&reply(&["1", "499.5"]), 3),
+            Some((0, Some(Duration::from_millis(500))))
+        );
+        assert_eq!(parse_check(&reply(&["3", "-1"]), 3), Some((2, None)));
+        assert_eq!(parse_check(&reply(&["0"]), 3), None);
     }
 
     #[test]

@@ -94,7 +94,12 @@ impl Bucket {
         if self.tokens >= n {
             return Some(Duration::ZERO);
         }
-        Some(Duration::from_secs_f64((n - self.tokens) / self.per_sec))
+        // Up to a whole millisecond, as clients read it (`retry_after_ms`): a client that
+        // waits exactly that long is admitted, never refused again for a fraction of one.
+        let wait = Duration::from_secs_f64((n - self.tokens) / self.per_sec);
+        Some(Duration::from_millis(
+            u64::try_from(wait.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX),
+        ))
     }
 
     fn take(&mut self, n: f64) {
@@ -623,6 +628,30 @@ mod tests {
         assert!(l.try_acquire(&alice, &free, 10).is_err(), "not yet");
         tokio::time::advance(Duration::from_millis(100)).await;
         l.try_acquire(&alice, &free, 10)
+            .expect("retry_after was honest");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_never_short_of_the_refill() {
+        // 120 a minute: one every 500 ms. Refused 0.4 ms before the refill, the client reads
+        // whole milliseconds: 1, not 0 (which would send it back to be refused again).
+        let (l, free) = limiter(120, 10_000, 1_000_000);
+        let alice: Arc<str> = "alice".into();
+        for _ in 0..120 {
+            l.try_acquire(&alice, &free, 1).expect("within the limit");
+        }
+        tokio::time::advance(Duration::from_micros(499_600)).await;
+        let refused = l
+            .try_acquire(&alice, &free, 1)
+            .expect_err("not refilled yet");
+        assert_eq!(refused.retry_after, Some(Duration::from_millis(1)));
+        assert!(
+            refused.message().contains("retry in 1 ms"),
+            "{}",
+            refused.message()
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        l.try_acquire(&alice, &free, 1)
             .expect("retry_after was honest");
     }
 
