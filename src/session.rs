@@ -20,7 +20,7 @@ use crate::auth::{unix_now_ms, AuthError, Claims};
 use crate::cluster::{Lease, LeaseRefused, Opening};
 use crate::gateway::Gateway;
 use crate::hub::{self, Registration};
-use crate::limits::SharedCheck;
+use crate::limits::{Reservation, SharedCheck};
 use crate::metrics::Metrics;
 use crate::preauth::{Gate, FRAME_HEADER_BYTES};
 use crate::protocol::{
@@ -914,27 +914,50 @@ pub(crate) async fn open_stream(
         gw.config.session.stream_buffer_bytes,
     );
     // Cluster mode: the user's live streams on every instance count against the cap. The
-    // same round trip reads what the stream's task would ask Redis next (its budgets' spend,
-    // a check of its rate limits), so opening a stream costs one call, not three.
+    // same round trip decides what the stream's task would ask Redis next (its budgets, its
+    // rate limits) and, for a short prompt counted here first, charges its reservation: one
+    // call opens a stream. A longer prompt is counted by its task once the call admitted it,
+    // and charged then.
     let mut admission = None;
     let mut lease = match &gw.cluster {
         Some(cluster) => {
+            let prompt_tokens = relay::small_prompt_tokens(gw, &req);
+            let completion = relay::completion_reservation(gw, &req);
+            let tokens = completion + prompt_tokens.unwrap_or(0);
             let spend = gw.budgets.shared_keys(user, &tier.name);
-            let check = gw
-                .limits
-                .shared_check(user, tier, relay::completion_reservation(gw, &req));
+            let limits = gw.budgets.shared_limits(user, &tier.name);
+            let check = gw.limits.shared_check(user, tier, tokens);
             let opening = Opening {
                 id: &req.id,
                 spend: spend.as_deref().unwrap_or_default(),
+                limits: spend.as_ref().map_or(&[], |_| &limits[..]),
                 draws: check.as_ref().map_or(&[], SharedCheck::draws),
+                charge: prompt_tokens.is_some(),
+                waits_up_to: tier.max_wait(),
             };
             match cluster.lease_stream(user, max_streams, &opening).await {
                 Ok((lease, opened)) => {
-                    admission = opened.map(|opened| relay::Admission {
-                        spent: spend.is_some().then_some(opened.spent),
-                        checked: check.map(|check| check.verdict(opened.limited)),
+                    admission = Some(match opened {
+                        Some(opened) => {
+                            let checked = check.as_ref().map(|c| c.verdict(opened.limited));
+                            let charged = opening.charge
+                                && opened.leased
+                                && checked.as_ref().is_some_and(Result::is_ok);
+                            relay::Admission {
+                                spent: spend.is_some().then_some(opened.spent),
+                                reserved: charged.then(|| Reservation {
+                                    tier: tier.name.clone(),
+                                    tokens,
+                                    shared: true,
+                                }),
+                                checked,
+                                prompt_tokens,
+                                leased: opened.leased,
+                            }
+                        }
+                        None => relay::Admission::undecided(prompt_tokens),
                     });
-                    Some(lease)
+                    lease
                 }
                 Err(LeaseRefused::Full) => {
                     gw.metrics.refused("too_many_streams");
