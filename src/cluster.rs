@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use futures_util::StreamExt;
@@ -54,7 +54,8 @@ pub struct ClusterConfig {
     pub redis_timeout_ms: u64,
     /// How long a connection or live stream keeps counting against its user's caps when the
     /// instance holding it stops renewing it (it died), and a stream's owner record with it.
-    /// Renewed every third of it. Also how long either end of a cross-instance relay waits on
+    /// Renewed once older than half of it (looked at every quarter). Also how long either end
+    /// of a cross-instance relay waits on
     /// a silent peer before counting it gone. Default 15000.
     pub lease_ms: u64,
 }
@@ -465,7 +466,7 @@ pub enum LeaseRefused {
 }
 
 /// One connection or live stream counted in its user's cap across instances, until dropped.
-/// The instance renews it every third of `lease_ms`; if the instance dies it expires.
+/// The instance renews it once older than half of `lease_ms`; if the instance dies it expires.
 pub struct Lease {
     cluster: Arc<Cluster>,
     key: String,
@@ -506,7 +507,7 @@ impl Drop for OwnerRecord {
         let last = self
             .cluster
             .owners
-            .remove_if_mut(&self.key, |_, n| {
+            .remove_if_mut(&self.key, |_, (n, _)| {
                 *n -= 1;
                 *n == 0
             })
@@ -570,12 +571,18 @@ pub struct Cluster {
     /// Whether the last call succeeded: logs say "down" and "back" once per transition, not
     /// once per call.
     up: AtomicBool,
-    /// This instance's live leases by member, with their key: renewed together, and written
-    /// back after Redis lost them (restart without persistence), so caps become exact again.
-    leases: DashMap<String, String>,
+    /// This instance's live leases by member, with their key and when they were last written
+    /// (taken or renewed): renewed together, and written back after Redis lost them (restart
+    /// without persistence), so caps become exact again.
+    leases: DashMap<String, (String, Instant)>,
     /// This instance's owner records by key, each with the number of streams naming it (a
-    /// finished stream lingering and a new one reusing its id): renewed with the leases.
-    owners: DashMap<String, u32>,
+    /// finished stream lingering and a new one reusing its id) and when it was last written:
+    /// renewed with the leases.
+    owners: DashMap<String, (u32, Instant)>,
+    /// A call failed since the last renewal that wrote everything: Redis may have lost what
+    /// this instance holds (restarted without persistence), so the next renewal writes every
+    /// lease and owner record, however fresh.
+    stale: AtomicBool,
     next_lease: AtomicU64,
     /// Owner records no stream names any more, deleted in batches by [`release_owners`].
     released_owners: parking_lot::Mutex<Vec<String>>,
@@ -665,6 +672,7 @@ impl Cluster {
             up: AtomicBool::new(true),
             leases: DashMap::new(),
             owners: DashMap::new(),
+            stale: AtomicBool::new(true),
             next_lease: AtomicU64::new(0),
             released_owners: parking_lot::Mutex::new(Vec::new()),
             release_owners: Arc::new(tokio::sync::Notify::new()),
@@ -675,7 +683,7 @@ impl Cluster {
             release_owner: Script::new(RELEASE_OWNER),
             stopped: CancellationToken::new(),
         });
-        tokio::spawn(renew(Arc::downgrade(&cluster), cluster.lease / 3));
+        tokio::spawn(renew(Arc::downgrade(&cluster), cluster.lease / 4));
         tokio::spawn(release_owners(
             Arc::downgrade(&cluster),
             cluster.release_owners.clone(),
@@ -738,6 +746,7 @@ impl Cluster {
         };
         self.metrics.redis_error(op);
         self.metrics.set_redis_up(false);
+        self.stale.store(true, Ordering::Relaxed);
         if self.up.swap(false, Ordering::Relaxed) {
             let policy = match self.policy {
                 OnRedisError::FailOpen => "new streams are admitted on this instance's own limits",
@@ -826,6 +835,7 @@ impl Cluster {
             .arg("");
         let mut conn = self.conn.clone();
         let op = LeaseKind::Connection.op();
+        let sent = Instant::now();
         match self
             .call(op, invocation.invoke_async::<Vec<String>>(&mut conn))
             .await
@@ -836,7 +846,7 @@ impl Cluster {
             Ok(_) => {}
             Err(_) => self.fell_back(op),
         }
-        Ok(self.held(key, member))
+        Ok(self.held(key, member, sent))
     }
 
     /// Takes one of `user`'s `max` live stream leases across instances, recording this
@@ -881,6 +891,8 @@ impl Cluster {
         }
         let mut conn = self.conn.clone();
         let op = LeaseKind::Stream.op();
+        // Before the call: Redis dates what it writes no earlier than this.
+        let sent = Instant::now();
         let opened = match self
             .call(op, invocation.invoke_async::<Vec<String>>(&mut conn))
             .await
@@ -900,8 +912,14 @@ impl Cluster {
         if opened.as_ref().is_some_and(|o| !o.leased) {
             return Ok((None, opened));
         }
-        let mut lease = self.held(key, member);
-        *self.owners.entry(owner_key.clone()).or_insert(0) += 1;
+        let mut lease = self.held(key, member, sent);
+        self.owners
+            .entry(owner_key.clone())
+            .and_modify(|(n, written)| {
+                *n += 1;
+                *written = sent;
+            })
+            .or_insert((1, sent));
         lease.owner = Some(OwnerRecord {
             cluster: self.clone(),
             key: owner_key,
@@ -918,10 +936,10 @@ impl Cluster {
         )
     }
 
-    /// `member` of the sorted set `key`, taken (or to be written by the renewal): renewed
-    /// from now on until released.
-    fn held(self: &Arc<Self>, key: String, member: String) -> Lease {
-        self.leases.insert(member.clone(), key.clone());
+    /// `member` of the sorted set `key`, taken at `written` (or to be written by the renewal,
+    /// which a failed call makes write everything): renewed from now on until released.
+    fn held(self: &Arc<Self>, key: String, member: String, written: Instant) -> Lease {
+        self.leases.insert(member.clone(), (key.clone(), written));
         Lease {
             cluster: self.clone(),
             key,
@@ -1109,20 +1127,34 @@ impl Cluster {
         ));
     }
 
-    /// Writes every live lease of this instance with a fresh expiry (and its key's), in one
-    /// pipeline scored by Redis's clock, so leases lost with a restarted Redis come back too.
+    /// Writes the live leases of this instance with a fresh expiry (and their keys'), and its
+    /// owner records, in pipelines scored by Redis's clock: those written more than half of
+    /// `lease_ms` ago (called every quarter, each is renewed with at least a quarter left), or
+    /// every one after a failed call, so leases lost with a restarted Redis come back too.
+    /// Streams shorter than half of `lease_ms` are never renewed.
     async fn renew_leases(&self) -> Result<(), Unavailable> {
+        let all = self.stale.swap(false, Ordering::Relaxed);
+        let started = Instant::now();
+        let due = |written: &Instant| all || started.duration_since(*written) >= self.lease / 2;
+        let leases: Vec<(String, String)> = self
+            .leases
+            .iter()
+            .filter(|e| due(&e.value().1))
+            .map(|e| (e.key().clone(), e.value().0.clone()))
+            .collect();
+        let owners: Vec<String> = self
+            .owners
+            .iter()
+            .filter(|e| due(&e.value().1))
+            .map(|e| e.key().clone())
+            .collect();
         let mut conn = self.conn.clone();
+        // Also the health check: Redis is asked something every quarter of `lease_ms`.
         let (secs, micros): (u64, u64) = self
             .call("renew", redis::cmd("TIME").query_async(&mut conn))
             .await?;
         let ms = self.lease.as_millis() as u64;
         let expiry = secs * 1000 + micros / 1000 + ms;
-        let leases: Vec<(String, String)> = self
-            .leases
-            .iter()
-            .map(|e| (e.key().clone(), e.value().clone()))
-            .collect();
         for chunk in leases.chunks(512) {
             let mut pipe = redis::pipe();
             for (member, key) in chunk {
@@ -1138,8 +1170,12 @@ impl Cluster {
             }
             self.call("renew", pipe.query_async::<()>(&mut conn))
                 .await?;
+            for (member, _) in chunk {
+                if let Some(mut lease) = self.leases.get_mut(member) {
+                    lease.1 = started;
+                }
+            }
         }
-        let owners: Vec<String> = self.owners.iter().map(|e| e.key().clone()).collect();
         for chunk in owners.chunks(512) {
             // Loaded first in the same pipeline: each call then sends only the script's hash.
             let mut pipe = redis::pipe();
@@ -1151,6 +1187,11 @@ impl Cluster {
             }
             self.call("renew", pipe.query_async::<()>(&mut conn))
                 .await?;
+            for key in chunk {
+                if let Some(mut owner) = self.owners.get_mut(key) {
+                    owner.1 = started;
+                }
+            }
         }
         Ok(())
     }

@@ -511,6 +511,51 @@ async fn a_waiting_tiers_stream_holds_its_lease_while_it_waits_then_runs() {
     assert_eq!(a.mock.stats().requests, 61);
 }
 
+/// Leases and owner records are renewed only once older than half of `lease_ms`, so a short
+/// stream costs no renewal; a long one still holds its lease, its connection's and its owner
+/// record for as long as it runs.
+#[tokio::test]
+async fn a_stream_longer_than_its_lease_keeps_it_and_its_owner_record() {
+    let redis = RedisServer::start().await;
+    let mut store = redis.connect().await;
+    let tweak = |c: &mut Config| {
+        c.cluster.lease_ms = 1_200;
+        c.cluster.redis_timeout_ms = 1_000;
+    };
+    let a = instance(&redis, |_| {}, tweak).await;
+    let mut alice = a.connect("alice").await;
+    // Three times the lease.
+    alice
+        .open("long", "long [[mock chunks=8 delay_ms=450]]")
+        .await;
+    let running = until_first_delta(&mut alice, &["long"]).await;
+    let deadline = Instant::now() + Duration::from_millis(3_000);
+    while Instant::now() < deadline {
+        // Unexpired by Redis's clock: a lease's score is its expiry.
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut store).await.unwrap();
+        let now = secs * 1000 + micros / 1000;
+        for kind in ["streams", "conns"] {
+            let n: u64 = redis::cmd("ZCOUNT")
+                .arg(format!("muxgate:{{alice}}:{kind}"))
+                .arg(format!("({now}"))
+                .arg("+inf")
+                .query_async(&mut store)
+                .await
+                .unwrap();
+            assert_eq!(n, 1, "alice's {kind} lease expired while it lives");
+        }
+        let owner: Option<String> = redis::cmd("GET")
+            .arg("muxgate:{alice}:owner:long")
+            .query_async(&mut store)
+            .await
+            .unwrap();
+        assert!(owner.is_some(), "the running stream's owner record expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let records = finish(&mut alice, running).await;
+    assert_eq!(records["long"].end_type(), "done");
+}
+
 /// Opens `id` on `client` and returns how it ended and how long the gateway took to answer.
 async fn open_and_end(client: &mut common::Client, id: &str) -> (String, String, Duration) {
     let started = Instant::now();
