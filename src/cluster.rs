@@ -179,7 +179,9 @@ return {0}
 /// `ARGV[3]` tokens to each of the first `ARGV[1]` keys, token buckets whose capacities follow,
 /// after refilling it, never above its capacity (the reservation reconciled); adds `ARGV[a+1]`
 /// to each of the next `ARGV[2]` keys, spend counters kept `ARGV[a+2]` ms after their last
-/// change; and with one key more, removes lease `ARGV[a+3]` from that sorted set.
+/// change; with one key more, removes lease `ARGV[a+3]` from that sorted set; and with one
+/// more, the stream's owner record, keeps it `ARGV[a+5]` ms from now if it still names
+/// `ARGV[a+4]` (the stream stays resumable there while it lingers; no renewal needed).
 const END: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
@@ -207,6 +209,10 @@ for i = nb + 1, nb + ns do
 end
 if KEYS[nb + ns + 1] then
   redis.call('ZREM', KEYS[nb + ns + 1], ARGV[a + 3])
+end
+local owner = KEYS[nb + ns + 2]
+if owner and redis.call('GET', owner) == ARGV[a + 4] then
+  redis.call('PEXPIRE', owner, ARGV[a + 5])
 end
 return 1
 ";
@@ -315,14 +321,19 @@ pub struct Ending {
     spend_ttl: Duration,
     /// Released with the rest; if the ending is never committed it releases itself when dropped.
     lease: Option<Lease>,
+    /// How long the stream stays resumable on this instance once ended: its owner record
+    /// (the lease's) is kept that long by the same call, and then left to expire.
+    linger: Duration,
 }
 
 impl Ending {
-    /// An ending that releases `lease` (if any) with whatever else is added to it.
-    pub fn new(lease: Option<Lease>) -> Ending {
+    /// An ending that releases `lease` (if any) with whatever else is added to it, and keeps
+    /// its owner record for `linger` (the resume window).
+    pub fn new(lease: Option<Lease>, linger: Duration) -> Ending {
         Ending {
             cluster: lease.as_ref().map(|l| l.cluster.clone()),
             lease,
+            linger,
             ..Ending::default()
         }
     }
@@ -346,19 +357,34 @@ impl Ending {
     /// Sends every part in one call. A part Redis misses is lost to the shared store: the
     /// buckets refill anyway, the lease expires within `lease_ms`, and a spend missed is logged
     /// and counted (`muxgate_redis_errors_total{op="settle"}`) and stays in this instance's own.
+    /// The owner record is then renewed no more, or, when the call failed, renewed through
+    /// the resume window and deleted after it.
     pub async fn commit(mut self) {
         let Some(cluster) = self.cluster.take() else {
             return;
         };
-        let lease = self.lease.take().map(Lease::disarm);
+        let (lease, owner) = self.lease.take().map(Lease::disarm).unzip();
+        let owner = owner.flatten();
         if self.refund.is_empty() && self.spend.is_empty() && lease.is_none() {
             return;
         }
-        if cluster.end(&self, lease).await.is_err() && !self.spend.is_empty() {
+        let ended = cluster.end(&self, lease, owner.as_ref()).await.is_ok();
+        if !ended && !self.spend.is_empty() {
             tracing::warn!(
                 nano_usd = self.amount,
                 "a stream's spend was not added to the shared budgets"
             );
+        }
+        match owner {
+            Some(owner) if ended => owner.left_to_expire(),
+            Some(owner) => {
+                let linger = self.linger;
+                tokio::spawn(async move {
+                    tokio::time::sleep(linger).await;
+                    drop(owner);
+                });
+            }
+            None => {}
         }
     }
 }
@@ -477,33 +503,43 @@ pub struct Lease {
 
 impl Lease {
     /// Stops renewing the lease and hands back its key and member, for a caller that removes
-    /// it from Redis itself (with the rest of an [`Ending`]).
-    fn disarm(mut self) -> (String, String) {
+    /// it from Redis itself (with the rest of an [`Ending`]), and its owner record, which
+    /// outlives it: a finished stream stays resumable (so findable from other instances) for
+    /// the resume window.
+    fn disarm(mut self) -> ((String, String), Option<OwnerRecord>) {
         self.cluster.leases.remove(&self.member);
-        (
+        let lease = (
             std::mem::take(&mut self.key),
             std::mem::take(&mut self.member),
-        )
-    }
-
-    /// The stream's owner record, to be kept past the lease: a finished stream stays
-    /// resumable (so findable from other instances) for the resume window.
-    pub fn take_owner(&mut self) -> Option<OwnerRecord> {
-        self.owner.take()
+        );
+        (lease, self.owner.take())
     }
 }
 
 /// The record `{prefix}:{user}:owner:{stream}` naming this instance as the one running the
 /// stream's upstream call, so another instance where its client resumes finds where to relay
-/// it from. Renewed with the leases; deleted (if still ours) when dropped, and expires within
-/// `lease_ms` if this instance dies, after which a resume elsewhere gets `not_found`.
+/// it from. Renewed with the leases while the stream runs; its end keeps it through the resume
+/// window, after which it expires (or, if that failed, it is deleted, if still ours, when
+/// dropped). It expires within `lease_ms` if this instance dies while the stream runs; after
+/// that, or past its expiry, a resume elsewhere gets `not_found` (an owner that no longer has
+/// the stream, or is gone, answers so too).
 pub struct OwnerRecord {
     cluster: Arc<Cluster>,
     key: String,
 }
 
-impl Drop for OwnerRecord {
-    fn drop(&mut self) {
+impl OwnerRecord {
+    /// Renewed no more and never deleted: it expires when its end said.
+    fn left_to_expire(mut self) {
+        self.release(false);
+    }
+
+    /// One stream fewer names the record; the last one stops its renewal, and deletes it if
+    /// `delete`.
+    fn release(&mut self, delete: bool) {
+        if self.key.is_empty() {
+            return;
+        }
         let last = self
             .cluster
             .owners
@@ -512,15 +548,19 @@ impl Drop for OwnerRecord {
                 *n == 0
             })
             .is_some();
-        if last {
+        let key = std::mem::take(&mut self.key);
+        if last && delete {
             // Deleted with the others released about the same time, in one round trip; if
             // that fails (or never runs) the record expires by itself within `lease_ms`.
-            self.cluster
-                .released_owners
-                .lock()
-                .push(std::mem::take(&mut self.key));
+            self.cluster.released_owners.lock().push(key);
             self.cluster.release_owners.notify_one();
         }
+    }
+}
+
+impl Drop for OwnerRecord {
+    fn drop(&mut self) {
+        self.release(true);
     }
 }
 
@@ -792,6 +832,7 @@ impl Cluster {
         &self,
         ending: &Ending,
         lease: Option<(String, String)>,
+        owner: Option<&OwnerRecord>,
     ) -> Result<(), Unavailable> {
         let mut invocation = self.end.prepare_invoke();
         invocation
@@ -809,6 +850,13 @@ impl Cluster {
             .arg(ending.spend_ttl.as_millis() as u64);
         if let Some((key, member)) = &lease {
             invocation.key(key).arg(member);
+            if let Some(owner) = owner {
+                let keep = ending.linger + self.lease;
+                invocation
+                    .key(&owner.key)
+                    .arg(&self.instance)
+                    .arg(keep.as_millis() as u64);
+            }
         }
         let mut conn = self.conn.clone();
         self.call("settle", invocation.invoke_async::<i64>(&mut conn))

@@ -231,7 +231,8 @@ pub(crate) fn completion_reservation(gw: &Gateway, req: &OpenRequest) -> u64 {
 /// retries and fallbacks. Never returns before the terminal frame is in the log. Bills and
 /// records what the stream used, whatever way it ended.
 pub async fn run(mut job: Job) -> Outcome {
-    let ending = Ending::new(job.lease.take());
+    let linger = Duration::from_millis(job.gw.config.session.resume_window_ms);
+    let ending = Ending::new(job.lease.take(), linger);
     let gw = &job.gw;
     let stream = &job.stream;
     let _live = gw.metrics.stream_started();

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{unix_now_ms, AuthError, Claims};
-use crate::cluster::{Lease, LeaseRefused, Opening};
+use crate::cluster::{LeaseRefused, Opening};
 use crate::gateway::Gateway;
 use crate::hub::{self, Registration};
 use crate::limits::{Reservation, SharedCheck};
@@ -919,7 +919,7 @@ pub(crate) async fn open_stream(
     // call opens a stream. A longer prompt is counted by its task once the call admitted it,
     // and charged then.
     let mut admission = None;
-    let mut lease = match &gw.cluster {
+    let lease = match &gw.cluster {
         Some(cluster) => {
             let prompt_tokens = relay::small_prompt_tokens(gw, &req);
             let completion = relay::completion_reservation(gw, &req);
@@ -984,7 +984,6 @@ pub(crate) async fn open_stream(
     let linger = Duration::from_millis(gw.config.session.resume_window_ms);
     let retain = gw.config.session.retained_bytes_per_user;
     let span = tracing::info_span!("stream", stream = %stream.id, model = %LogSafe(&stream.model));
-    let owner = lease.as_mut().and_then(Lease::take_owner);
     let job = Job {
         gw: gw.clone(),
         stream: stream.clone(),
@@ -998,15 +997,8 @@ pub(crate) async fn open_stream(
         async move {
             let outcome = relay::run(job).await;
             tracing::info!(?outcome, "stream ended");
+            // Its owner record (cluster mode) outlives its lease for as long: the ending kept it.
             hub.finished(&task_stream, linger, retain);
-            // The owner record outlives the lease: the finished stream stays resumable, from
-            // any instance, for the resume window.
-            if let Some(owner) = owner {
-                tokio::spawn(async move {
-                    tokio::time::sleep(linger).await;
-                    drop(owner);
-                });
-            }
         },
         span,
     ));

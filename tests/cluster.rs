@@ -416,6 +416,14 @@ async fn a_short_prompts_stream_opens_in_one_call_and_a_refusal_there_takes_noth
         2,
         "a stream's open and its end"
     );
+    // Its end kept its owner record through the resume window (600 s) and past the lease's
+    // own 600 s: nothing renews it or deletes it from now on.
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("muxgate:{alice}:owner:s")
+        .query_async(&mut store)
+        .await
+        .unwrap();
+    assert!(ttl > 600_000, "the owner record expires in {ttl} ms");
     // Over budget, spent on B: refused on A by the one call, which took nothing.
     let mut alice = a.connect("alice").await;
     assert_eq!(open_and_end(&mut alice, "w2").await.0, "done");
