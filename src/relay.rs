@@ -348,16 +348,25 @@ async fn prompt_tokens(gw: &Gateway, req: &OpenRequest) -> u64 {
 }
 
 /// A short prompt's tokens (see [`billing::count_small_prompt`]), counted on this thread;
-/// `None` for a longer one. In cluster mode a stream's open counts it before its one call to
-/// Redis, which then charges its whole reservation.
-pub(crate) fn small_prompt_tokens(gw: &Gateway, req: &OpenRequest) -> Option<u64> {
+/// `None` for a longer one.
+fn small_prompt_tokens(gw: &Gateway, req: &OpenRequest) -> Option<u64> {
+    small_prompt(gw, req).map(|counted| tokenized(gw, counted))
+}
+
+/// [`small_prompt_tokens`] before it is recorded in the metrics (by [`tokenized`]). In cluster
+/// mode a stream's open counts it before its one call to Redis, which then charges its whole
+/// reservation, and records it only if that call did not refuse the stream.
+pub(crate) fn small_prompt(
+    gw: &Gateway,
+    req: &OpenRequest,
+) -> Option<(billing::PromptCount, Duration)> {
     let max_merged = gw.config.limits.prompt_count_bytes;
     let tools = req.params.get("tools").unwrap_or(&Value::Null);
     billing::count_small_prompt(&req.model, &req.messages, tools, max_merged)
-        .map(|counted| tokenized(gw, counted))
 }
 
-fn tokenized(gw: &Gateway, (count, took): (billing::PromptCount, Duration)) -> u64 {
+/// Records a prompt's count in the tokenizer metrics; its tokens.
+pub(crate) fn tokenized(gw: &Gateway, (count, took): (billing::PromptCount, Duration)) -> u64 {
     gw.metrics.tokenized(count.merged, took);
     gw.metrics.tokens_bounded(count.bounded);
     count.tokens

@@ -921,7 +921,8 @@ pub(crate) async fn open_stream(
     let mut admission = None;
     let lease = match &gw.cluster {
         Some(cluster) => {
-            let prompt_tokens = relay::small_prompt_tokens(gw, &req);
+            let counted = relay::small_prompt(gw, &req);
+            let prompt_tokens = counted.as_ref().map(|(count, _)| count.tokens);
             let completion = relay::completion_reservation(gw, &req);
             let tokens = completion + prompt_tokens.unwrap_or(0);
             let spend = gw.budgets.shared_keys(user, &tier.name);
@@ -937,6 +938,10 @@ pub(crate) async fn open_stream(
             };
             match cluster.lease_stream(user, max_streams, &opening).await {
                 Ok((lease, opened)) => {
+                    // A stream refused here has its prompt counted by no one, as in one process.
+                    if let Some(counted) = counted.filter(|_| lease.is_some()) {
+                        relay::tokenized(gw, counted);
+                    }
                     admission = Some(match opened {
                         Some(opened) => {
                             let checked = check.as_ref().map(|c| c.verdict(opened.limited));
