@@ -424,6 +424,20 @@ async fn a_short_prompts_stream_opens_in_one_call_and_a_refusal_there_takes_noth
         .await
         .unwrap();
     assert!(ttl > 600_000, "the owner record expires in {ttl} ms");
+    // A prompt over 1 KiB is counted off the async threads once the open admitted the stream
+    // (checking its limits for the completion only), then charged: one call more.
+    let mut dave = b.connect("dave").await;
+    let long = format!("{} [[mock chunks=1]]", "word ".repeat(300));
+    // The first one loads the charge's script.
+    for id in ["long1", "long2"] {
+        let calls = script_calls(&mut store).await;
+        dave.open(id, &long).await;
+        let end = dave.collect(&[id.into()]).await.remove(id).unwrap();
+        assert_eq!(end.end_type(), "done", "{:?}", end.end);
+        if id == "long2" {
+            assert_eq!(script_calls(&mut store).await - calls, 3);
+        }
+    }
     // Over budget, spent on B: refused on A by the one call, which took nothing.
     let mut alice = a.connect("alice").await;
     assert_eq!(open_and_end(&mut alice, "w2").await.0, "done");
@@ -464,7 +478,7 @@ async fn a_short_prompts_stream_opens_in_one_call_and_a_refusal_there_takes_noth
     assert_eq!(charged(&mut store, "carol").await, before);
     assert_eq!(
         a.mock.stats().requests + b.mock.stats().requests,
-        7,
+        9,
         "no refused stream reached the upstream"
     );
 }
