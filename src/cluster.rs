@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use futures_util::StreamExt;
@@ -54,7 +54,8 @@ pub struct ClusterConfig {
     pub redis_timeout_ms: u64,
     /// How long a connection or live stream keeps counting against its user's caps when the
     /// instance holding it stops renewing it (it died), and a stream's owner record with it.
-    /// Renewed every third of it. Also how long either end of a cross-instance relay waits on
+    /// Renewed once older than half of it (looked at every quarter). Also how long either end
+    /// of a cross-instance relay waits on
     /// a silent peer before counting it gone. Default 15000.
     pub lease_ms: u64,
 }
@@ -107,8 +108,9 @@ pub struct BucketDraw {
 /// bucket of `keys` (capacity per minute, continuously, by Redis's own clock so instances'
 /// clocks do not matter; capacity `args[first + 2i - 2]`, amount asked `args[first + 2i - 1]`)
 /// and returns the index of the one with the longest wait (0: all pass), that wait in ms (-1
-/// when the amount exceeds the capacity itself) and every bucket's tokens. A full bucket is no
-/// key: it expires once refilled.
+/// when the amount exceeds the capacity itself) and every bucket's tokens; `charge(now, keys,
+/// args, first, tokens)` then takes each amount from those tokens. A full bucket is no key: it
+/// expires once refilled.
 macro_rules! assess_lua {
     () => {
         r"
@@ -139,6 +141,17 @@ local function assess(now, keys, args, first)
   end
   return worst, worst_wait, tokens
 end
+
+local function charge(now, keys, args, first, tokens)
+  for i = 1, #keys do
+    local cap = tonumber(args[first + 2 * i - 2])
+    local left = tokens[i] - tonumber(args[first + 2 * i - 1])
+    if left < cap then
+      redis.call('HSET', keys[i], 't', string.format('%.17g', left), 'ts', string.format('%.17g', now))
+      redis.call('PEXPIRE', keys[i], math.ceil((cap - left) * 60000 / cap) + 1000)
+    end
+  end
+end
 "
     };
 }
@@ -156,14 +169,7 @@ if worst > 0 then
   return {worst, string.format('%.17g', worst_wait)}
 end
 if ARGV[1] == '1' then
-  for i = 1, #KEYS do
-    local cap = tonumber(ARGV[2 * i])
-    local left = tokens[i] - tonumber(ARGV[2 * i + 1])
-    if left < cap then
-      redis.call('HSET', KEYS[i], 't', string.format('%.17g', left), 'ts', string.format('%.17g', now))
-      redis.call('PEXPIRE', KEYS[i], math.ceil((cap - left) * 60000 / cap) + 1000)
-    end
-  end
+  charge(now, KEYS, ARGV, 2, tokens)
 end
 return {0}
 "
@@ -173,7 +179,9 @@ return {0}
 /// `ARGV[3]` tokens to each of the first `ARGV[1]` keys, token buckets whose capacities follow,
 /// after refilling it, never above its capacity (the reservation reconciled); adds `ARGV[a+1]`
 /// to each of the next `ARGV[2]` keys, spend counters kept `ARGV[a+2]` ms after their last
-/// change; and with one key more, removes lease `ARGV[a+3]` from that sorted set.
+/// change; with one key more, removes lease `ARGV[a+3]` from that sorted set; and with one
+/// more, the stream's owner record, keeps it `ARGV[a+5]` ms from now if it still names
+/// `ARGV[a+4]` (the stream stays resumable there while it lingers; no renewal needed).
 const END: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
@@ -202,17 +210,28 @@ end
 if KEYS[nb + ns + 1] then
   redis.call('ZREM', KEYS[nb + ns + 1], ARGV[a + 3])
 end
+local owner = KEYS[nb + ns + 2]
+if owner and redis.call('GET', owner) == ARGV[a + 4] then
+  redis.call('PEXPIRE', owner, ARGV[a + 5])
+end
 return 1
 ";
 
 /// Adds lease `ARGV[1]` to the sorted set `KEYS[1]` (member → expiry, Redis time in ms) for
 /// `ARGV[3]` ms, after dropping expired ones, unless the set already holds `ARGV[2]` live
-/// members. Returns `{0}` when full (nothing else done), else `{1, ...}`. A stream's lease
-/// (`ARGV[4]` not empty) also records its owner, `KEYS[2]` set to `ARGV[4]` for as long, and
-/// reads what its open needs in the same call, charging nothing: the values of the `ARGV[5]`
-/// counters that follow (its budgets' spend; 0 when missing), then a check of the `ARGV[6]`
-/// token buckets after them (capacity and amount pairs from `ARGV[7]`), as [`TAKE`] answers
-/// it: `{1, spent..., index, wait_ms}`.
+/// members. Returns `{0}` when full (nothing else done), else `{1}`.
+///
+/// A stream's lease (`ARGV[4]` not empty) is its whole admission, decided at once so that a
+/// stream's open costs one round trip. It reads the values of the `ARGV[5]` counters after
+/// `KEYS[2]` (its budgets' spend; 0 when missing) and refuses when one has reached its limit
+/// (`ARGV[9]`…, one per counter, -1 for none); else checks the `ARGV[6]` token buckets after
+/// them (capacity and amount pairs following the limits) as [`TAKE`] does. All passing, it
+/// takes the lease, records the stream's owner (`KEYS[2]` set to `ARGV[4]` for as long) and,
+/// if `ARGV[7]` is 1, charges the buckets. A bucket that refuses with a wait of at most
+/// `ARGV[8]` ms (-1: none) still lets it take the lease, charging nothing: the stream waits
+/// for its turn holding its place in the cap. Any other refusal leaves nothing behind. Replies
+/// `{1 or 2 (refused: nothing done), spent..., index, wait_ms}`, the index and wait as [`TAKE`]
+/// answers them (0 and 0 when a budget refused before the buckets were read).
 const LEASE: &str = concat!(
     assess_lua!(),
     r"
@@ -225,27 +244,45 @@ if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
     return {0}
   end
 end
+if ARGV[4] ~= '' then
+  local ns, nb = tonumber(ARGV[5]), tonumber(ARGV[6])
+  local reply = {1}
+  local over = false
+  for i = 1, ns do
+    local spent = redis.call('GET', KEYS[2 + i]) or '0'
+    reply[#reply + 1] = spent
+    local limit = tonumber(ARGV[8 + i])
+    if limit >= 0 and tonumber(spent) >= limit then
+      over = true
+    end
+  end
+  local worst, worst_wait, tokens = 0, 0, nil
+  if not over then
+    local buckets = {}
+    for i = 1, nb do
+      buckets[i] = KEYS[2 + ns + i]
+    end
+    -- The buckets keep time to the microsecond, as in TAKE.
+    local exact = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+    worst, worst_wait, tokens = assess(exact, buckets, ARGV, 9 + ns)
+    if worst == 0 and ARGV[7] == '1' then
+      charge(exact, buckets, ARGV, 9 + ns, tokens)
+    end
+  end
+  reply[#reply + 1] = worst
+  reply[#reply + 1] = string.format('%.17g', worst_wait)
+  if over or (worst > 0 and not (worst_wait >= 0 and worst_wait <= tonumber(ARGV[8]))) then
+    reply[1] = 2
+    return reply
+  end
+  redis.call('SET', KEYS[2], ARGV[4], 'PX', ms)
+  redis.call('ZADD', KEYS[1], now + ms, ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ms)
+  return reply
+end
 redis.call('ZADD', KEYS[1], now + ms, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ms)
-if ARGV[4] == '' then
-  return {1}
-end
-redis.call('SET', KEYS[2], ARGV[4], 'PX', ms)
-local reply = {1}
-local ns, nb = tonumber(ARGV[5]), tonumber(ARGV[6])
-for i = 3, 2 + ns do
-  reply[#reply + 1] = redis.call('GET', KEYS[i]) or '0'
-end
-local buckets = {}
-for i = 1, nb do
-  buckets[i] = KEYS[2 + ns + i]
-end
--- The buckets keep time to the microsecond, as in TAKE.
-local exact = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local worst, worst_wait = assess(exact, buckets, ARGV, 7)
-reply[#reply + 1] = worst
-reply[#reply + 1] = string.format('%.17g', worst_wait)
-return reply
+return {1}
 "
 );
 
@@ -284,14 +321,19 @@ pub struct Ending {
     spend_ttl: Duration,
     /// Released with the rest; if the ending is never committed it releases itself when dropped.
     lease: Option<Lease>,
+    /// How long the stream stays resumable on this instance once ended: its owner record
+    /// (the lease's) is kept that long by the same call, and then left to expire.
+    linger: Duration,
 }
 
 impl Ending {
-    /// An ending that releases `lease` (if any) with whatever else is added to it.
-    pub fn new(lease: Option<Lease>) -> Ending {
+    /// An ending that releases `lease` (if any) with whatever else is added to it, and keeps
+    /// its owner record for `linger` (the resume window).
+    pub fn new(lease: Option<Lease>, linger: Duration) -> Ending {
         Ending {
             cluster: lease.as_ref().map(|l| l.cluster.clone()),
             lease,
+            linger,
             ..Ending::default()
         }
     }
@@ -315,56 +357,91 @@ impl Ending {
     /// Sends every part in one call. A part Redis misses is lost to the shared store: the
     /// buckets refill anyway, the lease expires within `lease_ms`, and a spend missed is logged
     /// and counted (`muxgate_redis_errors_total{op="settle"}`) and stays in this instance's own.
+    /// The owner record is then renewed no more, or, when the call failed, renewed through
+    /// the resume window and deleted after it.
     pub async fn commit(mut self) {
         let Some(cluster) = self.cluster.take() else {
             return;
         };
-        let lease = self.lease.take().map(Lease::disarm);
+        let (lease, owner) = self.lease.take().map(Lease::disarm).unzip();
+        let owner = owner.flatten();
         if self.refund.is_empty() && self.spend.is_empty() && lease.is_none() {
             return;
         }
-        if cluster.end(&self, lease).await.is_err() && !self.spend.is_empty() {
+        let ended = cluster.end(&self, lease, owner.as_ref()).await.is_ok();
+        if !ended && !self.spend.is_empty() {
             tracing::warn!(
                 nano_usd = self.amount,
                 "a stream's spend was not added to the shared budgets"
             );
         }
+        match owner {
+            Some(owner) if ended => owner.left_to_expire(),
+            Some(owner) => {
+                let linger = self.linger;
+                tokio::spawn(async move {
+                    tokio::time::sleep(linger).await;
+                    drop(owner);
+                });
+            }
+            None => {}
+        }
     }
 }
 
-/// What a stream's open reads from the shared store in the round trip that takes its lease
-/// ([`Cluster::lease_stream`]), charging nothing, so its task need not ask again.
+/// What a stream's open decides in the shared store in the round trip that takes its lease
+/// ([`Cluster::lease_stream`]): its budgets and its rate limits, checked (and its reservation
+/// charged, when its prompt was counted already) with its place in the cap, all or nothing.
 #[derive(Debug, Clone, Copy)]
 pub struct Opening<'a> {
     /// The stream's id, for its owner record.
     pub id: &'a str,
     /// Counters to read: the spend its budgets are judged on.
     pub spend: &'a [String],
-    /// Token buckets to check, as [`Cluster::take`] with `charge` false.
+    /// Each counter's limit, in its unit (nano-USD): reached, the stream is refused. `None`: no
+    /// limit.
+    pub limits: &'a [Option<u64>],
+    /// Token buckets to check, as [`Cluster::take`] does.
     pub draws: &'a [BucketDraw],
+    /// Whether `draws` are the stream's whole reservation, charged when all pass; else they
+    /// are only checked (a long prompt is counted afterwards, once the stream is admitted).
+    pub charge: bool,
+    /// The longest rate-limit wait the stream may spend holding its lease (its tier's wait
+    /// policy); a longer one refuses it. `None`: it never waits.
+    pub waits_up_to: Option<Duration>,
 }
 
-/// What [`Cluster::lease_stream`] read for an [`Opening`].
+/// What [`Cluster::lease_stream`] decided for an [`Opening`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Opened {
+    /// Whether the lease was taken (and, with [`Opening::charge`] and no `limited`, the
+    /// buckets charged). `false`: refused by a budget or a rate limit, nothing done.
+    pub leased: bool,
     /// The values of [`Opening::spend`], in its order.
     pub spent: Vec<u64>,
-    /// As [`Cluster::take`] answers: `None` when every bucket passes, else the index of the
-    /// one that refuses and when it would pass (`None`: never).
+    /// As [`Cluster::take`] answers: `None` when every bucket passes (or a budget refused
+    /// before they were read), else the index of the one that refuses and when it would pass
+    /// (`None`: never).
     pub limited: Option<(usize, Option<Duration>)>,
 }
 
 impl Opened {
-    /// `reply`: the spend values, then the check's index (1-based, 0: all pass) and wait in ms.
-    /// `None` when it does not have that shape.
+    /// `reply`: 1 (leased) or 2 (refused), the spend values, then the check's index (1-based,
+    /// 0: all pass) and wait in ms. `None` when it does not have that shape.
     fn parse(reply: &[String], opening: &Opening<'_>) -> Option<Opened> {
         let n = opening.spend.len();
-        let (spent, check) = (reply.get(..n)?, reply.get(n..n + 2)?);
+        let leased = match reply.first()?.as_str() {
+            "1" => true,
+            "2" => false,
+            _ => return None,
+        };
+        let (spent, check) = (reply.get(1..=n)?, reply.get(n + 1..n + 3)?);
         let spent = spent
             .iter()
             .map(|v| v.parse().ok())
             .collect::<Option<_>>()?;
         Some(Opened {
+            leased,
             spent,
             limited: parse_check(check, opening.draws.len()),
         })
@@ -416,7 +493,7 @@ pub enum LeaseRefused {
 }
 
 /// One connection or live stream counted in its user's cap across instances, until dropped.
-/// The instance renews it every third of `lease_ms`; if the instance dies it expires.
+/// The instance renews it once older than half of `lease_ms`; if the instance dies it expires.
 pub struct Lease {
     cluster: Arc<Cluster>,
     key: String,
@@ -427,50 +504,64 @@ pub struct Lease {
 
 impl Lease {
     /// Stops renewing the lease and hands back its key and member, for a caller that removes
-    /// it from Redis itself (with the rest of an [`Ending`]).
-    fn disarm(mut self) -> (String, String) {
+    /// it from Redis itself (with the rest of an [`Ending`]), and its owner record, which
+    /// outlives it: a finished stream stays resumable (so findable from other instances) for
+    /// the resume window.
+    fn disarm(mut self) -> ((String, String), Option<OwnerRecord>) {
         self.cluster.leases.remove(&self.member);
-        (
+        let lease = (
             std::mem::take(&mut self.key),
             std::mem::take(&mut self.member),
-        )
-    }
-
-    /// The stream's owner record, to be kept past the lease: a finished stream stays
-    /// resumable (so findable from other instances) for the resume window.
-    pub fn take_owner(&mut self) -> Option<OwnerRecord> {
-        self.owner.take()
+        );
+        (lease, self.owner.take())
     }
 }
 
 /// The record `{prefix}:{user}:owner:{stream}` naming this instance as the one running the
 /// stream's upstream call, so another instance where its client resumes finds where to relay
-/// it from. Renewed with the leases; deleted (if still ours) when dropped, and expires within
-/// `lease_ms` if this instance dies, after which a resume elsewhere gets `not_found`.
+/// it from. Renewed with the leases while the stream runs; its end keeps it through the resume
+/// window, after which it expires (or, if that failed, it is deleted, if still ours, when
+/// dropped). It expires within `lease_ms` if this instance dies while the stream runs; after
+/// that, or past its expiry, a resume elsewhere gets `not_found` (an owner that no longer has
+/// the stream, or is gone, answers so too).
 pub struct OwnerRecord {
     cluster: Arc<Cluster>,
     key: String,
 }
 
-impl Drop for OwnerRecord {
-    fn drop(&mut self) {
+impl OwnerRecord {
+    /// Renewed no more and never deleted: it expires when its end said.
+    fn left_to_expire(mut self) {
+        self.release(false);
+    }
+
+    /// One stream fewer names the record; the last one stops its renewal, and deletes it if
+    /// `delete`.
+    fn release(&mut self, delete: bool) {
+        if self.key.is_empty() {
+            return;
+        }
         let last = self
             .cluster
             .owners
-            .remove_if_mut(&self.key, |_, n| {
+            .remove_if_mut(&self.key, |_, (n, _)| {
                 *n -= 1;
                 *n == 0
             })
             .is_some();
-        if last {
+        let key = std::mem::take(&mut self.key);
+        if last && delete {
             // Deleted with the others released about the same time, in one round trip; if
             // that fails (or never runs) the record expires by itself within `lease_ms`.
-            self.cluster
-                .released_owners
-                .lock()
-                .push(std::mem::take(&mut self.key));
+            self.cluster.released_owners.lock().push(key);
             self.cluster.release_owners.notify_one();
         }
+    }
+}
+
+impl Drop for OwnerRecord {
+    fn drop(&mut self) {
+        self.release(true);
     }
 }
 
@@ -521,12 +612,18 @@ pub struct Cluster {
     /// Whether the last call succeeded: logs say "down" and "back" once per transition, not
     /// once per call.
     up: AtomicBool,
-    /// This instance's live leases by member, with their key: renewed together, and written
-    /// back after Redis lost them (restart without persistence), so caps become exact again.
-    leases: DashMap<String, String>,
+    /// This instance's live leases by member, with their key and when they were last written
+    /// (taken or renewed): renewed together, and written back after Redis lost them (restart
+    /// without persistence), so caps become exact again.
+    leases: DashMap<String, (String, Instant)>,
     /// This instance's owner records by key, each with the number of streams naming it (a
-    /// finished stream lingering and a new one reusing its id): renewed with the leases.
-    owners: DashMap<String, u32>,
+    /// finished stream lingering and a new one reusing its id) and when it was last written:
+    /// renewed with the leases.
+    owners: DashMap<String, (u32, Instant)>,
+    /// A call failed since the last renewal that wrote everything: Redis may have lost what
+    /// this instance holds (restarted without persistence), so the next renewal writes every
+    /// lease and owner record, however fresh.
+    stale: AtomicBool,
     next_lease: AtomicU64,
     /// Owner records no stream names any more, deleted in batches by [`release_owners`].
     released_owners: parking_lot::Mutex<Vec<String>>,
@@ -616,6 +713,7 @@ impl Cluster {
             up: AtomicBool::new(true),
             leases: DashMap::new(),
             owners: DashMap::new(),
+            stale: AtomicBool::new(true),
             next_lease: AtomicU64::new(0),
             released_owners: parking_lot::Mutex::new(Vec::new()),
             release_owners: Arc::new(tokio::sync::Notify::new()),
@@ -626,7 +724,7 @@ impl Cluster {
             release_owner: Script::new(RELEASE_OWNER),
             stopped: CancellationToken::new(),
         });
-        tokio::spawn(renew(Arc::downgrade(&cluster), cluster.lease / 3));
+        tokio::spawn(renew(Arc::downgrade(&cluster), cluster.lease / 4));
         tokio::spawn(release_owners(
             Arc::downgrade(&cluster),
             cluster.release_owners.clone(),
@@ -689,6 +787,7 @@ impl Cluster {
         };
         self.metrics.redis_error(op);
         self.metrics.set_redis_up(false);
+        self.stale.store(true, Ordering::Relaxed);
         if self.up.swap(false, Ordering::Relaxed) {
             let policy = match self.policy {
                 OnRedisError::FailOpen => "new streams are admitted on this instance's own limits",
@@ -734,6 +833,7 @@ impl Cluster {
         &self,
         ending: &Ending,
         lease: Option<(String, String)>,
+        owner: Option<&OwnerRecord>,
     ) -> Result<(), Unavailable> {
         let mut invocation = self.end.prepare_invoke();
         invocation
@@ -751,6 +851,13 @@ impl Cluster {
             .arg(ending.spend_ttl.as_millis() as u64);
         if let Some((key, member)) = &lease {
             invocation.key(key).arg(member);
+            if let Some(owner) = owner {
+                let keep = ending.linger + self.lease;
+                invocation
+                    .key(&owner.key)
+                    .arg(&self.instance)
+                    .arg(keep.as_millis() as u64);
+            }
         }
         let mut conn = self.conn.clone();
         self.call("settle", invocation.invoke_async::<i64>(&mut conn))
@@ -766,96 +873,128 @@ impl Cluster {
         user: &str,
         max: usize,
     ) -> Result<Lease, LeaseRefused> {
-        self.lease(LeaseKind::Connection, user, max, None)
+        let key = self.user_key(user, LeaseKind::Connection.key_suffix());
+        let member = self.next_member();
+        let mut invocation = self.lease_script.prepare_invoke();
+        invocation
+            .key(&key)
+            .arg(&member)
+            .arg(max)
+            .arg(self.lease.as_millis() as u64)
+            .arg("");
+        let mut conn = self.conn.clone();
+        let op = LeaseKind::Connection.op();
+        let sent = Instant::now();
+        match self
+            .call(op, invocation.invoke_async::<Vec<String>>(&mut conn))
             .await
-            .map(|(lease, _)| lease)
+        {
+            Ok(reply) if reply.first().is_none_or(|taken| taken == "0") => {
+                return Err(LeaseRefused::Full)
+            }
+            Ok(_) => {}
+            Err(_) => self.fell_back(op),
+        }
+        Ok(self.held(key, member, sent))
     }
 
     /// Takes one of `user`'s `max` live stream leases across instances, recording this
-    /// instance as the owner of stream `opening.id`, and reads what the stream's open needs in
-    /// the same round trip (see [`Opening`]). Redis unavailable: as the policy says; a lease
-    /// taken so is written to Redis by the renewal once it is back, and nothing is read
+    /// instance as the owner of stream `opening.id`, and decides the rest of its admission in
+    /// the same round trip (see [`Opening`]): `(None, Some(opened))` when a budget or a rate
+    /// limit refused it, leaving nothing behind. Redis unavailable: as the policy says; a lease
+    /// taken so is written to Redis by the renewal once it is back, and nothing is decided
     /// (`None`: the stream asks again, and falls back as its own calls decide).
     pub async fn lease_stream(
         self: &Arc<Self>,
         user: &str,
         max: usize,
         opening: &Opening<'_>,
-    ) -> Result<(Lease, Option<Opened>), LeaseRefused> {
-        self.lease(LeaseKind::Stream, user, max, Some(opening))
-            .await
-    }
-
-    async fn lease(
-        self: &Arc<Self>,
-        kind: LeaseKind,
-        user: &str,
-        max: usize,
-        opening: Option<&Opening<'_>>,
-    ) -> Result<(Lease, Option<Opened>), LeaseRefused> {
-        let key = self.user_key(user, kind.key_suffix());
-        let owner_key = opening.map(|o| self.owner_key(user, o.id));
-        let member = format!(
-            "{}/{}",
-            self.instance,
-            self.next_lease.fetch_add(1, Ordering::Relaxed)
-        );
-        let mut conn = self.conn.clone();
+    ) -> Result<(Option<Lease>, Option<Opened>), LeaseRefused> {
+        let key = self.user_key(user, LeaseKind::Stream.key_suffix());
+        let owner_key = self.owner_key(user, opening.id);
+        let member = self.next_member();
         let mut invocation = self.lease_script.prepare_invoke();
         invocation
             .key(&key)
+            .key(&owner_key)
             .arg(&member)
             .arg(max)
-            .arg(self.lease.as_millis() as u64);
-        match (&owner_key, opening) {
-            (Some(owner_key), Some(opening)) => {
-                invocation
-                    .key(owner_key)
-                    .arg(&self.instance)
-                    .arg(opening.spend.len())
-                    .arg(opening.draws.len());
-                for key in opening.spend {
-                    invocation.key(key);
-                }
-                for d in opening.draws {
-                    invocation.key(&d.key).arg(d.capacity).arg(d.amount);
-                }
-            }
-            _ => {
-                invocation.arg("");
-            }
+            .arg(self.lease.as_millis() as u64)
+            .arg(&self.instance)
+            .arg(opening.spend.len())
+            .arg(opening.draws.len())
+            .arg(u8::from(opening.charge))
+            .arg(
+                opening
+                    .waits_up_to
+                    .map_or(-1.0, |d| d.as_secs_f64() * 1000.0),
+            );
+        for key in opening.spend {
+            invocation.key(key);
         }
-        let mut opened = None;
-        match self
-            .call(kind.op(), invocation.invoke_async::<Vec<String>>(&mut conn))
+        for limit in opening.limits {
+            invocation.arg(limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX)));
+        }
+        for d in opening.draws {
+            invocation.key(&d.key).arg(d.capacity).arg(d.amount);
+        }
+        let mut conn = self.conn.clone();
+        let op = LeaseKind::Stream.op();
+        // Before the call: Redis dates what it writes no earlier than this.
+        let sent = Instant::now();
+        let opened = match self
+            .call(op, invocation.invoke_async::<Vec<String>>(&mut conn))
             .await
         {
             Ok(reply) if reply.first().is_none_or(|taken| taken == "0") => {
                 return Err(LeaseRefused::Full)
             }
-            Ok(reply) => opened = opening.and_then(|o| Opened::parse(&reply[1..], o)),
+            Ok(reply) => Opened::parse(&reply, opening),
             Err(unavailable) => {
-                if kind == LeaseKind::Stream && !self.fails_open() {
+                if !self.fails_open() {
                     return Err(LeaseRefused::Unavailable(unavailable));
                 }
-                self.fell_back(kind.op());
+                self.fell_back(op);
+                None
             }
+        };
+        if opened.as_ref().is_some_and(|o| !o.leased) {
+            return Ok((None, opened));
         }
-        self.leases.insert(member.clone(), key.clone());
-        let owner = owner_key.map(|key| {
-            *self.owners.entry(key.clone()).or_insert(0) += 1;
-            OwnerRecord {
-                cluster: self.clone(),
-                key,
-            }
+        let mut lease = self.held(key, member, sent);
+        self.owners
+            .entry(owner_key.clone())
+            .and_modify(|(n, written)| {
+                *n += 1;
+                *written = sent;
+            })
+            .or_insert((1, sent));
+        lease.owner = Some(OwnerRecord {
+            cluster: self.clone(),
+            key: owner_key,
         });
-        let lease = Lease {
+        Ok((Some(lease), opened))
+    }
+
+    /// A new lease member: this instance's id and boot number, and a count.
+    fn next_member(&self) -> String {
+        format!(
+            "{}/{}",
+            self.instance,
+            self.next_lease.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// `member` of the sorted set `key`, taken at `written` (or to be written by the renewal,
+    /// which a failed call makes write everything): renewed from now on until released.
+    fn held(self: &Arc<Self>, key: String, member: String, written: Instant) -> Lease {
+        self.leases.insert(member.clone(), (key.clone(), written));
+        Lease {
             cluster: self.clone(),
             key,
             member,
-            owner,
-        };
-        Ok((lease, opened))
+            owner: None,
+        }
     }
 
     /// The key naming the instance that runs `user`'s stream `id`.
@@ -1037,20 +1176,34 @@ impl Cluster {
         ));
     }
 
-    /// Writes every live lease of this instance with a fresh expiry (and its key's), in one
-    /// pipeline scored by Redis's clock, so leases lost with a restarted Redis come back too.
+    /// Writes the live leases of this instance with a fresh expiry (and their keys'), and its
+    /// owner records, in pipelines scored by Redis's clock: those written more than half of
+    /// `lease_ms` ago (called every quarter, each is renewed with at least a quarter left), or
+    /// every one after a failed call, so leases lost with a restarted Redis come back too.
+    /// Streams shorter than half of `lease_ms` are never renewed.
     async fn renew_leases(&self) -> Result<(), Unavailable> {
+        let all = self.stale.swap(false, Ordering::Relaxed);
+        let started = Instant::now();
+        let due = |written: &Instant| all || started.duration_since(*written) >= self.lease / 2;
+        let leases: Vec<(String, String)> = self
+            .leases
+            .iter()
+            .filter(|e| due(&e.value().1))
+            .map(|e| (e.key().clone(), e.value().0.clone()))
+            .collect();
+        let owners: Vec<String> = self
+            .owners
+            .iter()
+            .filter(|e| due(&e.value().1))
+            .map(|e| e.key().clone())
+            .collect();
         let mut conn = self.conn.clone();
+        // Also the health check: Redis is asked something every quarter of `lease_ms`.
         let (secs, micros): (u64, u64) = self
             .call("renew", redis::cmd("TIME").query_async(&mut conn))
             .await?;
         let ms = self.lease.as_millis() as u64;
         let expiry = secs * 1000 + micros / 1000 + ms;
-        let leases: Vec<(String, String)> = self
-            .leases
-            .iter()
-            .map(|e| (e.key().clone(), e.value().clone()))
-            .collect();
         for chunk in leases.chunks(512) {
             let mut pipe = redis::pipe();
             for (member, key) in chunk {
@@ -1066,8 +1219,12 @@ impl Cluster {
             }
             self.call("renew", pipe.query_async::<()>(&mut conn))
                 .await?;
+            for (member, _) in chunk {
+                if let Some(mut lease) = self.leases.get_mut(member) {
+                    lease.1 = started;
+                }
+            }
         }
-        let owners: Vec<String> = self.owners.iter().map(|e| e.key().clone()).collect();
         for chunk in owners.chunks(512) {
             // Loaded first in the same pipeline: each call then sends only the script's hash.
             let mut pipe = redis::pipe();
@@ -1079,6 +1236,11 @@ impl Cluster {
             }
             self.call("renew", pipe.query_async::<()>(&mut conn))
                 .await?;
+            for key in chunk {
+                if let Some(mut owner) = self.owners.get_mut(key) {
+                    owner.1 = started;
+                }
+            }
         }
         Ok(())
     }
@@ -1233,7 +1395,7 @@ mod tests {
     }
 
     #[test]
-    fn an_opening_reads_spend_then_the_check_of_its_buckets() {
+    fn an_opening_reads_whether_it_was_leased_then_spend_then_the_check_of_its_buckets() {
         let draw = |key: &str| BucketDraw {
             key: key.into(),
             capacity: 60.0,
@@ -1244,27 +1406,43 @@ mod tests {
         let opening = Opening {
             id: "s1",
             spend: &spend,
+            limits: &[Some(5000), None],
             draws: &draws,
+            charge: true,
+            waits_up_to: None,
         };
         let reply = |r: &[&str]| r.iter().map(|v| v.to_string()).collect::<Vec<_>>();
         assert_eq!(
-            Opened::parse(&reply(&["2400", "0", "0", "0"]), &opening),
+            Opened::parse(&reply(&["1", "2400", "0", "0", "0"]), &opening),
             Some(Opened {
+                leased: true,
                 spent: vec![2400, 0],
                 limited: None
             })
         );
         // The second bucket refuses: passes in 1.5 s; or never (-1).
-        let refused = Opened::parse(&reply(&["1", "2", "2", "1500"]), &opening).expect("read");
+        let refused = Opened::parse(&reply(&["2", "1", "2", "2", "1500"]), &opening).expect("read");
+        assert!(!refused.leased);
         assert_eq!(
             refused.limited,
             Some((1, Some(Duration::from_millis(1500))))
         );
-        let never = Opened::parse(&reply(&["1", "2", "1", "-1"]), &opening).expect("read");
+        let never = Opened::parse(&reply(&["2", "1", "2", "1", "-1"]), &opening).expect("read");
         assert_eq!(never.limited, Some((0, None)));
+        // A budget refused before the buckets were read.
+        let over = Opened::parse(&reply(&["2", "5000", "0", "0", "0"]), &opening).expect("read");
+        assert_eq!((over.leased, over.limited), (false, None));
         // A reply of another shape is no reading: the stream's task asks again.
         assert_eq!(Opened::parse(&reply(&[]), &opening), None);
-        assert_eq!(Opened::parse(&reply(&["x", "0", "0", "0"]), &opening), None);
+        assert_eq!(
+            Opened::parse(&reply(&["1", "x", "0", "0", "0"]), &opening),
+            None
+        );
+        assert_eq!(
+            Opened::parse(&reply(&["3", "1", "0", "0", "0"]), &opening),
+            None
+        );
+        assert_eq!(Opened::parse(&reply(&["1", "1", "0", "0"]), &opening), None);
     }
 
     #[tokio::test]

@@ -42,14 +42,36 @@ pub struct Job {
     pub admission: Option<Admission>,
 }
 
-/// What the shared store answered for a stream at its open, read with its lease so that its
-/// task does not ask again.
+/// What the shared store decided for a stream at its open, in the call that took its lease
+/// (see [`crate::cluster::Opening`]), so that its task does not ask again.
 #[derive(Debug)]
 pub struct Admission {
     /// Today's spend of its user and tier ([`crate::billing::Budgets::shared_keys`]).
     pub spent: Option<Vec<u64>>,
-    /// The check of its rate limits (charging nothing) for its completion reservation.
+    /// The check of its rate limits: for its whole reservation when `reserved`, else (its
+    /// prompt not counted yet) for its completion reservation.
     pub checked: Option<Result<(), Limited>>,
+    /// Its prompt's tokens, when it was short enough to be counted before the call.
+    pub prompt_tokens: Option<u64>,
+    /// Its whole reservation, charged in that call: nothing is left to check or take.
+    pub reserved: Option<Reservation>,
+    /// Whether it holds its lease. `false`: a budget or a rate limit refused it in that call,
+    /// which took nothing; it ends refused without waiting (it has no place in the cap).
+    pub leased: bool,
+}
+
+impl Admission {
+    /// Nothing decided (Redis failed under `fail_open`): the task asks again, its prompt
+    /// counted already if `prompt_tokens`.
+    pub fn undecided(prompt_tokens: Option<u64>) -> Admission {
+        Admission {
+            spent: None,
+            checked: None,
+            prompt_tokens,
+            reserved: None,
+            leased: true,
+        }
+    }
 }
 
 /// How a stream ended: what its terminal frame says. An upstream attempt returns one too when
@@ -209,7 +231,8 @@ pub(crate) fn completion_reservation(gw: &Gateway, req: &OpenRequest) -> u64 {
 /// retries and fallbacks. Never returns before the terminal frame is in the log. Bills and
 /// records what the stream used, whatever way it ended.
 pub async fn run(mut job: Job) -> Outcome {
-    let ending = Ending::new(job.lease.take());
+    let linger = Duration::from_millis(job.gw.config.session.resume_window_ms);
+    let ending = Ending::new(job.lease.take(), linger);
     let gw = &job.gw;
     let stream = &job.stream;
     let _live = gw.metrics.stream_started();
@@ -309,25 +332,44 @@ pub async fn run(mut job: Job) -> Outcome {
 /// [`billing::count_small_prompt`]), a longer one off the async threads (see
 /// [`billing::count_off_runtime`]).
 async fn prompt_tokens(gw: &Gateway, req: &OpenRequest) -> u64 {
+    if let Some(tokens) = small_prompt_tokens(gw, req) {
+        return tokens;
+    }
+    let max_merged = gw.config.limits.prompt_count_bytes;
+    let tools = req.params.get("tools").unwrap_or(&Value::Null).clone();
+    let counted = billing::count_off_runtime(
+        || (req.model.clone(), req.messages.clone(), tools),
+        move |(model, messages, tools)| {
+            billing::count_prompt(&model, &messages, &tools, max_merged)
+        },
+    )
+    .await;
+    counted.map_or(0, |counted| tokenized(gw, counted))
+}
+
+/// A short prompt's tokens (see [`billing::count_small_prompt`]), counted on this thread;
+/// `None` for a longer one.
+fn small_prompt_tokens(gw: &Gateway, req: &OpenRequest) -> Option<u64> {
+    small_prompt(gw, req).map(|counted| tokenized(gw, counted))
+}
+
+/// [`small_prompt_tokens`] before it is recorded in the metrics (by [`tokenized`]). In cluster
+/// mode a stream's open counts it before its one call to Redis, which then charges its whole
+/// reservation, and records it only if that call did not refuse the stream.
+pub(crate) fn small_prompt(
+    gw: &Gateway,
+    req: &OpenRequest,
+) -> Option<(billing::PromptCount, Duration)> {
     let max_merged = gw.config.limits.prompt_count_bytes;
     let tools = req.params.get("tools").unwrap_or(&Value::Null);
-    let counted = match billing::count_small_prompt(&req.model, &req.messages, tools, max_merged) {
-        Some(counted) => Some(counted),
-        None => {
-            billing::count_off_runtime(
-                || (req.model.clone(), req.messages.clone(), tools.clone()),
-                move |(model, messages, tools)| {
-                    billing::count_prompt(&model, &messages, &tools, max_merged)
-                },
-            )
-            .await
-        }
-    };
-    counted.map_or(0, |(count, took)| {
-        gw.metrics.tokenized(count.merged, took);
-        gw.metrics.tokens_bounded(count.bounded);
-        count.tokens
-    })
+    billing::count_small_prompt(&req.model, &req.messages, tools, max_merged)
+}
+
+/// Records a prompt's count in the tokenizer metrics; its tokens.
+pub(crate) fn tokenized(gw: &Gateway, (count, took): (billing::PromptCount, Duration)) -> u64 {
+    gw.metrics.tokenized(count.merged, took);
+    gw.metrics.tokens_bounded(count.bounded);
+    count.tokens
 }
 
 /// When things happened to one stream, for the latency metrics.
@@ -441,6 +483,11 @@ async fn drive(job: &Job, t: &mut Timings) -> (Outcome, Option<Reservation>, u64
     let stream = &job.stream;
     let tier = &job.tier;
     let admission = job.admission.as_ref();
+    // Admitted whole at the open: budgets, limits and the charge were one call.
+    if let Some(reserved) = admission.and_then(|a| a.reserved.clone()) {
+        let prompt_tokens = admission.and_then(|a| a.prompt_tokens).unwrap_or(0);
+        return call_upstream(job, t, reserved, prompt_tokens).await;
+    }
     let budget = match admission.and_then(|a| a.spent.as_deref()) {
         Some(spent) => gw
             .budgets
@@ -469,12 +516,18 @@ async fn drive(job: &Job, t: &mut Timings) -> (Outcome, Option<Reservation>, u64
     // them has its prompt counted by no one. Both waits share the tier's one `max_wait_ms`.
     let waiting_since = Instant::now();
     let first = admission.and_then(|a| a.checked.clone());
+    if let (Some(Err(limited)), false) = (&first, admission.is_none_or(|a| a.leased)) {
+        return (rate_limited(job, limited.clone()), None, 0);
+    }
     let checked = admit(job, completion, false, first, waiting_since).await;
     t.waited += waiting_since.elapsed();
     if let Err(ended) = checked {
         return (ended, None, 0);
     }
-    let prompt_tokens = prompt_tokens(gw, &job.req).await;
+    let prompt_tokens = match admission.and_then(|a| a.prompt_tokens) {
+        Some(tokens) => tokens,
+        None => prompt_tokens(gw, &job.req).await,
+    };
     let admitting = Instant::now();
     let admitted = admit(job, prompt_tokens + completion, true, None, waiting_since).await;
     t.waited += admitting.elapsed();
@@ -482,7 +535,20 @@ async fn drive(job: &Job, t: &mut Timings) -> (Outcome, Option<Reservation>, u64
         Ok(r) => r.unwrap_or_else(|| Reservation::none(tier.name.clone())),
         Err(ended) => return (ended, None, prompt_tokens),
     };
+    call_upstream(job, t, reservation, prompt_tokens).await
+}
 
+/// The admitted stream's upstream calls: a queue slot, then each model of its fallback chain
+/// until one serves. Returns as [`drive`] does.
+async fn call_upstream(
+    job: &Job,
+    t: &mut Timings,
+    reservation: Reservation,
+    prompt_tokens: u64,
+) -> (Outcome, Option<Reservation>, u64) {
+    let gw = &job.gw;
+    let stream = &job.stream;
+    let tier = &job.tier;
     let primary = job.req.model.as_str();
     let fallbacks = gw.config.fallbacks.get(primary).into_iter().flatten();
     let mut last: Option<Failure> = None;
@@ -592,12 +658,7 @@ async fn admit(
             .retry_after
             .filter(|_| tier.waits_for(limited.retry_after, waiting_since.elapsed()));
         let Some(wait) = wait else {
-            job.gw.metrics.refused(limited.kind.as_str());
-            return Err(Outcome::failed(
-                ErrorCode::RateLimited,
-                limited.message(),
-                limited.retry_after,
-            ));
+            return Err(rate_limited(job, limited));
         };
         if until_cancelled(&job.stream, tokio::time::sleep(wait))
             .await
@@ -606,6 +667,16 @@ async fn admit(
             return Err(Outcome::cancelled(&job.stream));
         }
     }
+}
+
+/// A stream refused by `limited`, counted.
+fn rate_limited(job: &Job, limited: Limited) -> Outcome {
+    job.gw.metrics.refused(limited.kind.as_str());
+    Outcome::failed(
+        ErrorCode::RateLimited,
+        limited.message(),
+        limited.retry_after,
+    )
 }
 
 /// A stream refused because the shared limits cannot be read (cluster mode, `fail_closed`).

@@ -17,10 +17,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{unix_now_ms, AuthError, Claims};
-use crate::cluster::{Lease, LeaseRefused, Opening};
+use crate::cluster::{LeaseRefused, Opening};
 use crate::gateway::Gateway;
 use crate::hub::{self, Registration};
-use crate::limits::SharedCheck;
+use crate::limits::{Reservation, SharedCheck};
 use crate::metrics::Metrics;
 use crate::preauth::{Gate, FRAME_HEADER_BYTES};
 use crate::protocol::{
@@ -914,27 +914,55 @@ pub(crate) async fn open_stream(
         gw.config.session.stream_buffer_bytes,
     );
     // Cluster mode: the user's live streams on every instance count against the cap. The
-    // same round trip reads what the stream's task would ask Redis next (its budgets' spend,
-    // a check of its rate limits), so opening a stream costs one call, not three.
+    // same round trip decides what the stream's task would ask Redis next (its budgets, its
+    // rate limits) and, for a short prompt counted here first, charges its reservation: one
+    // call opens a stream. A longer prompt is counted by its task once the call admitted it,
+    // and charged then.
     let mut admission = None;
-    let mut lease = match &gw.cluster {
+    let lease = match &gw.cluster {
         Some(cluster) => {
+            let counted = relay::small_prompt(gw, &req);
+            let prompt_tokens = counted.as_ref().map(|(count, _)| count.tokens);
+            let completion = relay::completion_reservation(gw, &req);
+            let tokens = completion + prompt_tokens.unwrap_or(0);
             let spend = gw.budgets.shared_keys(user, &tier.name);
-            let check = gw
-                .limits
-                .shared_check(user, tier, relay::completion_reservation(gw, &req));
+            let limits = gw.budgets.shared_limits(user, &tier.name);
+            let check = gw.limits.shared_check(user, tier, tokens);
             let opening = Opening {
                 id: &req.id,
                 spend: spend.as_deref().unwrap_or_default(),
+                limits: spend.as_ref().map_or(&[], |_| &limits[..]),
                 draws: check.as_ref().map_or(&[], SharedCheck::draws),
+                charge: prompt_tokens.is_some(),
+                waits_up_to: tier.max_wait(),
             };
             match cluster.lease_stream(user, max_streams, &opening).await {
                 Ok((lease, opened)) => {
-                    admission = opened.map(|opened| relay::Admission {
-                        spent: spend.is_some().then_some(opened.spent),
-                        checked: check.map(|check| check.verdict(opened.limited)),
+                    // A stream refused here has its prompt counted by no one, as in one process.
+                    if let Some(counted) = counted.filter(|_| lease.is_some()) {
+                        relay::tokenized(gw, counted);
+                    }
+                    admission = Some(match opened {
+                        Some(opened) => {
+                            let checked = check.as_ref().map(|c| c.verdict(opened.limited));
+                            let charged = opening.charge
+                                && opened.leased
+                                && checked.as_ref().is_some_and(Result::is_ok);
+                            relay::Admission {
+                                spent: spend.is_some().then_some(opened.spent),
+                                reserved: charged.then(|| Reservation {
+                                    tier: tier.name.clone(),
+                                    tokens,
+                                    shared: true,
+                                }),
+                                checked,
+                                prompt_tokens,
+                                leased: opened.leased,
+                            }
+                        }
+                        None => relay::Admission::undecided(prompt_tokens),
                     });
-                    Some(lease)
+                    lease
                 }
                 Err(LeaseRefused::Full) => {
                     gw.metrics.refused("too_many_streams");
@@ -961,7 +989,6 @@ pub(crate) async fn open_stream(
     let linger = Duration::from_millis(gw.config.session.resume_window_ms);
     let retain = gw.config.session.retained_bytes_per_user;
     let span = tracing::info_span!("stream", stream = %stream.id, model = %LogSafe(&stream.model));
-    let owner = lease.as_mut().and_then(Lease::take_owner);
     let job = Job {
         gw: gw.clone(),
         stream: stream.clone(),
@@ -975,15 +1002,8 @@ pub(crate) async fn open_stream(
         async move {
             let outcome = relay::run(job).await;
             tracing::info!(?outcome, "stream ended");
+            // Its owner record (cluster mode) outlives its lease for as long: the ending kept it.
             hub.finished(&task_stream, linger, retain);
-            // The owner record outlives the lease: the finished stream stays resumable, from
-            // any instance, for the resume window.
-            if let Some(owner) = owner {
-                tokio::spawn(async move {
-                    tokio::time::sleep(linger).await;
-                    drop(owner);
-                });
-            }
         },
         span,
     ));

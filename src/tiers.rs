@@ -102,6 +102,13 @@ impl Tier {
         self.config.max_connections
     }
 
+    /// The longest a stream waits for its rate limits in all (see [`Tier::waits_for`]); `None`
+    /// when it never waits.
+    pub fn max_wait(&self) -> Option<Duration> {
+        (self.config.on_limit == OnLimit::Wait)
+            .then(|| Duration::from_millis(self.config.max_wait_ms))
+    }
+
     /// Whether a stream refused by a rate limit for `retry_after` (`None`: never passes) waits
     /// for it rather than being refused: only under `on_limit = "wait"`, and only when the
     /// stream's whole wait (`waited` so far, plus this one) stays within `max_wait_ms`.

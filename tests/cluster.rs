@@ -170,7 +170,12 @@ async fn a_budget_spent_on_two_instances_refuses_the_next_stream() {
     let redis = RedisServer::start().await;
     // Each stream costs (3 × 0.10 + 5 × 0.42) / 1e6 = $0.0000024: one per instance spends
     // $0.0000048, past the $0.000004 limit, which neither instance reached alone.
-    let budget = |c: &mut Config| c.budgets.per_user_usd_per_day = Some(0.000004);
+    // Redis answers within this on a loaded machine too: a call past it would fall back to
+    // the instance's own spend (fail_open), which has not reached the limit.
+    let budget = |c: &mut Config| {
+        c.budgets.per_user_usd_per_day = Some(0.000004);
+        c.cluster.redis_timeout_ms = 10_000;
+    };
     let a = instance(&redis, |_| {}, budget).await;
     let b = instance(&redis, |_| {}, budget).await;
     let mut ca = a.connect("alice").await;
@@ -191,6 +196,14 @@ async fn a_budget_spent_on_two_instances_refuses_the_next_stream() {
     let mut other = b.connect("bob").await;
     other.open("x", "x [[mock chunks=5]]").await;
     assert_eq!(other.collect(&["x".into()]).await["x"].end_type(), "done");
+    for h in [&a, &b] {
+        assert_eq!(
+            metric(h, "muxgate_redis_fallbacks_total{op=\"budget\"}").unwrap_or(0.0)
+                + metric(h, "muxgate_redis_fallbacks_total{op=\"lease_stream\"}").unwrap_or(0.0),
+            0.0,
+            "every decision was Redis's"
+        );
+    }
 }
 
 #[tokio::test]
@@ -332,6 +345,237 @@ async fn a_stream_is_settled_in_redis_before_its_end_goes_out_and_a_refused_one_
     assert_eq!(before.0, 0);
     assert_eq!(open_and_end(&mut bob, "b4").await.1, "rate_limited");
     assert_eq!(shared_state(&mut store, "bob").await, before);
+}
+
+/// Script calls (`EVALSHA` and `EVAL`) Redis has run so far: every check, charge, lease and
+/// settlement the gateways make is one.
+async fn script_calls(store: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(store)
+        .await
+        .unwrap();
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .map(|l| {
+            let calls = l.split_once("calls=").unwrap().1;
+            calls.split(',').next().unwrap().parse::<u64>().unwrap()
+        })
+        .sum()
+}
+
+/// Every shared bucket `user` of tier `pro` draws from (user, tier and global; requests and
+/// tokens), as stored (`None`: full), and the user's stream leases and spend counters.
+async fn charged(store: &mut redis::aio::MultiplexedConnection, user: &str) -> Vec<String> {
+    let mut state = Vec::new();
+    for key in [
+        format!("muxgate:{{{user}}}:rpm"),
+        "muxgate:tier:{pro}:rpm".into(),
+        "muxgate:tier:{pro}:tpm".into(),
+        "muxgate:{global}:rpm".into(),
+        "muxgate:{global}:tpm".into(),
+    ] {
+        let fields: Vec<String> = redis::cmd("HGETALL")
+            .arg(&key)
+            .query_async(store)
+            .await
+            .unwrap();
+        state.push(format!("{key} {fields:?}"));
+    }
+    let (leases, spent, _) = shared_state(store, user).await;
+    state.push(format!("leases {leases} spent {spent}"));
+    state
+}
+
+/// A stream whose prompt is short is admitted whole in the one call that takes its lease:
+/// budgets, rate limits and the charge of its reservation. So an admitted stream costs two
+/// script calls (open, end) and a refused one a single call that leaves nothing behind: no
+/// lease to release, no bucket charged, whichever limit refused it.
+#[tokio::test]
+async fn a_short_prompts_stream_opens_in_one_call_and_a_refusal_there_takes_nothing() {
+    let redis = RedisServer::start().await;
+    let mut store = redis.connect().await;
+    let caps = |pro: &mut muxgate::config::TierConfig| pro.user_rpm = 3;
+    let tweak = |c: &mut Config| {
+        // $0.00000072 a stream of one chunk: alice's fourth is over her limit.
+        c.budgets.user_overrides.insert("alice".into(), 0.000002);
+        c.cluster.redis_timeout_ms = 10_000;
+        // No renewal and no owner record released while the test counts calls.
+        c.cluster.lease_ms = 600_000;
+        c.session.resume_window_ms = 600_000;
+    };
+    let a = instance(&redis, caps, tweak).await;
+    let b = instance(&redis, caps, tweak).await;
+    let mut alice = b.connect("alice").await;
+    // The first stream loads the scripts.
+    assert_eq!(open_and_end(&mut alice, "w").await.0, "done");
+    let calls = script_calls(&mut store).await;
+    assert_eq!(open_and_end(&mut alice, "s").await.0, "done");
+    assert_eq!(
+        script_calls(&mut store).await - calls,
+        2,
+        "a stream's open and its end"
+    );
+    // Its end kept its owner record through the resume window (600 s) and past the lease's
+    // own 600 s: nothing renews it or deletes it from now on.
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("muxgate:{alice}:owner:s")
+        .query_async(&mut store)
+        .await
+        .unwrap();
+    assert!(ttl > 600_000, "the owner record expires in {ttl} ms");
+    // A prompt over 1 KiB is counted off the async threads once the open admitted the stream
+    // (checking its limits for the completion only), then charged: one call more.
+    let mut dave = b.connect("dave").await;
+    let long = format!("{} [[mock chunks=1]]", "word ".repeat(300));
+    // The first one loads the charge's script.
+    for id in ["long1", "long2"] {
+        let calls = script_calls(&mut store).await;
+        dave.open(id, &long).await;
+        let end = dave.collect(&[id.into()]).await.remove(id).unwrap();
+        assert_eq!(end.end_type(), "done", "{:?}", end.end);
+        if id == "long2" {
+            assert_eq!(script_calls(&mut store).await - calls, 3);
+        }
+    }
+    // Over budget, spent on B: refused on A by the one call, which took nothing.
+    let mut alice = a.connect("alice").await;
+    assert_eq!(open_and_end(&mut alice, "w2").await.0, "done");
+    let before = charged(&mut store, "alice").await;
+    let calls = script_calls(&mut store).await;
+    assert_eq!(open_and_end(&mut alice, "over").await.1, "budget_exceeded");
+    assert_eq!(script_calls(&mut store).await - calls, 1);
+    assert_eq!(charged(&mut store, "alice").await, before);
+    // Rate limited: bob's 3 per minute spent, the fourth refused by the one call.
+    let mut bob = a.connect("bob").await;
+    for id in ["b1", "b2", "b3"] {
+        assert_eq!(open_and_end(&mut bob, id).await.0, "done", "{id}");
+    }
+    let before = charged(&mut store, "bob").await;
+    let calls = script_calls(&mut store).await;
+    let (_, code, _) = open_and_end(&mut bob, "b4").await;
+    assert_eq!(code, "rate_limited");
+    assert_eq!(script_calls(&mut store).await - calls, 1);
+    assert_eq!(charged(&mut store, "bob").await, before);
+    // A refusal by the tier's tokens, one bucket among five: none of the others is charged
+    // either. Carol's running stream holds 300k of the tier's 500k; her next asks as many.
+    let mut carol = a.connect("carol").await;
+    let open = |id: &str, prompt: &str| {
+        json!({"type":"open","id":id,"model":"deepseek-v3.2","params":{"max_tokens":300_000},
+               "messages":[{"role":"user","content":prompt}]})
+    };
+    carol
+        .send(open("c0", "c0 [[mock chunks=2 delay_ms=3000]]"))
+        .await;
+    let _running = until_first_delta(&mut carol, &["c0"]).await;
+    let before = charged(&mut store, "carol").await;
+    let calls = script_calls(&mut store).await;
+    carol.send(open("c1", "c1")).await;
+    let e = carol.recv_until("error", Some("c1")).await;
+    assert_eq!(e["code"], "rate_limited", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("tier_tpm"), "{e}");
+    assert_eq!(script_calls(&mut store).await - calls, 1);
+    assert_eq!(charged(&mut store, "carol").await, before);
+    assert_eq!(
+        a.mock.stats().requests + b.mock.stats().requests,
+        9,
+        "no refused stream reached the upstream"
+    );
+}
+
+/// Under `on_limit = "wait"`, a stream the rate limits hold back keeps its place in the cap
+/// while it waits (the call that refused its charge took its lease), then is charged and runs.
+#[tokio::test]
+async fn a_waiting_tiers_stream_holds_its_lease_while_it_waits_then_runs() {
+    let redis = RedisServer::start().await;
+    let mut store = redis.connect().await;
+    let tier = |pro: &mut muxgate::config::TierConfig| {
+        pro.user_rpm = 60;
+        pro.on_limit = OnLimit::Wait;
+        pro.max_wait_ms = 5_000;
+    };
+    let tweak = |c: &mut Config| c.cluster.redis_timeout_ms = 10_000;
+    let a = instance(&redis, tier, tweak).await;
+    let mut alice = a.connect("alice").await;
+    // A minute's 60 requests at once empty the bucket: the next one passes in about 1 s.
+    let first = ids("r", 60);
+    for id in &first {
+        alice.open(id, &format!("{id} [[mock chunks=1]]")).await;
+    }
+    let records = alice.collect(&first).await;
+    assert!(records.values().all(|r| r.end_type() == "done"));
+    let started = Instant::now();
+    alice.open("late", "late [[mock chunks=1]]").await;
+    // It waits holding its lease, and nothing else does.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (leases, _, _) = shared_state(&mut store, "alice").await;
+        if leases == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the waiting stream holds no lease"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let late = alice
+        .collect(&["late".into()])
+        .await
+        .remove("late")
+        .unwrap();
+    assert_eq!(late.end_type(), "done", "{:?}", late.end);
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "it waited for the bucket: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(a.mock.stats().requests, 61);
+}
+
+/// Leases and owner records are renewed only once older than half of `lease_ms`, so a short
+/// stream costs no renewal; a long one still holds its lease, its connection's and its owner
+/// record for as long as it runs.
+#[tokio::test]
+async fn a_stream_longer_than_its_lease_keeps_it_and_its_owner_record() {
+    let redis = RedisServer::start().await;
+    let mut store = redis.connect().await;
+    let tweak = |c: &mut Config| {
+        c.cluster.lease_ms = 1_200;
+        c.cluster.redis_timeout_ms = 1_000;
+    };
+    let a = instance(&redis, |_| {}, tweak).await;
+    let mut alice = a.connect("alice").await;
+    // Three times the lease.
+    alice
+        .open("long", "long [[mock chunks=8 delay_ms=450]]")
+        .await;
+    let running = until_first_delta(&mut alice, &["long"]).await;
+    let deadline = Instant::now() + Duration::from_millis(3_000);
+    while Instant::now() < deadline {
+        // Unexpired by Redis's clock: a lease's score is its expiry.
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut store).await.unwrap();
+        let now = secs * 1000 + micros / 1000;
+        for kind in ["streams", "conns"] {
+            let n: u64 = redis::cmd("ZCOUNT")
+                .arg(format!("muxgate:{{alice}}:{kind}"))
+                .arg(format!("({now}"))
+                .arg("+inf")
+                .query_async(&mut store)
+                .await
+                .unwrap();
+            assert_eq!(n, 1, "alice's {kind} lease expired while it lives");
+        }
+        let owner: Option<String> = redis::cmd("GET")
+            .arg("muxgate:{alice}:owner:long")
+            .query_async(&mut store)
+            .await
+            .unwrap();
+        assert!(owner.is_some(), "the running stream's owner record expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let records = finish(&mut alice, running).await;
+    assert_eq!(records["long"].end_type(), "done");
 }
 
 /// Opens `id` on `client` and returns how it ended and how long the gateway took to answer.

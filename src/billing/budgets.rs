@@ -310,6 +310,16 @@ impl Budgets {
         ])
     }
 
+    /// The limits (nano-USD) of the counters of [`Budgets::shared_keys`], in their order, for
+    /// a stream's open decided in Redis: one reached refuses it, as [`Budgets::judge_shared`]
+    /// does on the same values. `None`: no limit.
+    pub fn shared_limits(&self, user: &str, tier: &str) -> [Option<u64>; 2] {
+        [
+            self.config.user_limit(user).map(to_nanos),
+            self.config.tier_limit(tier).map(to_nanos),
+        ]
+    }
+
     /// [`Budgets::check`] on the values read from [`Budgets::shared_keys`].
     pub fn judge_shared(&self, user: &str, tier: &str, spent: &[u64]) -> Result<(), BudgetError> {
         let spent = |i: usize| spent.get(i).copied().unwrap_or(0);
