@@ -570,7 +570,7 @@ mod tests {
         }
         // Invalid UTF-8 counts as decoded (U+FFFD is 3 bytes), in a slice or not.
         let mut bad = b"data:".to_vec();
-        bad.extend(std::iter::repeat(0xFF).take(33));
+        bad.extend([0xFF; 33]);
         bad.extend_from_slice(b"\n\n");
         for cut in 0..bad.len() {
             let (a, b) = bad.split_at(cut);
