@@ -804,19 +804,17 @@ async fn relay_once(
     // first-token deadline, then the idle timeout after each token, never past `ends_by`.
     let deadline = tokio::time::sleep_until(first_token_deadline.min(ends_by));
     tokio::pin!(deadline);
-    // Made (and registered with the token) once for the call, not once per chunk.
-    let cancelled = stream.cancelled().cancelled();
-    tokio::pin!(cancelled);
     loop {
         // A cancel takes effect before the next event, even when the upstream never pauses;
-        // the token's future and the timer are only polled when there is nothing to read.
-        if stream.cancelled().is_cancelled() {
+        // the cancel and the timer are only polled when there is nothing to read. Both checks
+        // are the stream's flag (an atomic), not the token (a mutex per look).
+        if stream.is_cancelled() {
             return Ok(Outcome::cancelled(stream));
         }
         let next = std::future::poll_fn(|cx| {
             if let Poll::Ready(next) = events.poll_next_unpin(cx) {
                 Poll::Ready(Wait::Event(next))
-            } else if cancelled.as_mut().poll(cx).is_ready() {
+            } else if stream.poll_cancelled(cx).is_ready() {
                 Poll::Ready(Wait::Cancelled)
             } else if deadline.as_mut().poll(cx).is_ready() {
                 Poll::Ready(Wait::TimedOut)

@@ -1044,6 +1044,10 @@ async fn write_loop(
     // written only once the socket write completes, so a write that times out loses nothing.
     let mut pulled = Vec::new();
     let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+    // Made once, not once per turn: a new one registers with the token (a lock) each time the
+    // writer sleeps and unregisters (another) each time it wakes, that is once per write.
+    let conn_ended = conn_end.cancelled();
+    tokio::pin!(conn_ended);
     let end = loop {
         let result = tokio::select! {
             biased;
@@ -1080,7 +1084,7 @@ async fn write_loop(
                     Err(_) => Err(WriteEnd::SlowConsumer),
                 }
             }
-            _ = conn_end.cancelled() => break WriteEnd::Done,
+            _ = &mut conn_ended => break WriteEnd::Done,
         };
         if let Err(end) = result {
             break end;

@@ -18,20 +18,30 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
+use tungstenite::Utf8Bytes;
 
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// One dispatched event.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Event {
-    /// The `event` field; `message` when none was given.
-    pub event: String,
-    /// The `data` lines, joined by LF.
-    pub data: String,
+    /// The `event` field; `None` when none was given (the type is then `message`, see
+    /// [`Event::kind`]): no string is made for the type of an event that names none.
+    pub event: Option<String>,
+    /// The `data` lines, joined by LF. An event with one `data` line that arrived within one
+    /// body frame (the common case) shares that frame's bytes: nothing is copied.
+    pub data: Utf8Bytes,
     /// The last event id seen so far in the stream (it carries over between events).
-    pub id: String,
+    pub id: Utf8Bytes,
     /// A `retry` field in this event, if any.
     pub retry: Option<Duration>,
+}
+
+impl Event {
+    /// The event's type: its `event` field, else `message`.
+    pub fn kind(&self) -> &str {
+        self.event.as_deref().unwrap_or("message")
+    }
 }
 
 /// Why an event stream stopped.
@@ -53,9 +63,16 @@ pub struct Parser {
     after_cr: bool,
     /// No line has been completed yet and a BOM may still be at the start of `line`.
     at_start: bool,
+    /// The pending event's only `data` line so far, when it lay within one frame and is valid
+    /// UTF-8: a slice of that frame. Moved into `data` once a second line comes.
+    one: Option<Utf8Bytes>,
+    /// The pending event's `data` lines, each followed by LF, when they are not in `one`.
     data: String,
-    event: String,
-    last_id: String,
+    /// What the pending event's `data` amounts to, decoded, with an LF per line (whether it is
+    /// in `one` or in `data`): what the size bound counts.
+    data_len: usize,
+    event: Option<String>,
+    last_id: Utf8Bytes,
     retry: Option<Duration>,
     /// A `data` field was seen since the last dispatch (an empty `data:` line counts).
     has_data: bool,
@@ -68,17 +85,26 @@ impl Parser {
             line: Vec::new(),
             after_cr: false,
             at_start: true,
+            one: None,
             data: String::new(),
-            event: String::new(),
-            last_id: String::new(),
+            data_len: 0,
+            event: None,
+            last_id: Utf8Bytes::default(),
             retry: None,
             has_data: false,
         }
     }
 
-    /// Parses `chunk`, appending each complete event to `out`. After an error the parser must
+    /// [`Parser::feed_frame`] for bytes not already in a [`Bytes`] (they are copied into one).
+    pub fn feed(&mut self, chunk: &[u8], out: &mut VecDeque<Event>) -> Result<(), usize> {
+        self.feed_frame(&Bytes::copy_from_slice(chunk), out)
+    }
+
+    /// Parses `frame`, appending each complete event to `out`. An event whose data is one line
+    /// within `frame` keeps a slice of it rather than a copy. After an error the parser must
     /// not be fed again.
-    pub fn feed(&mut self, mut chunk: &[u8], out: &mut VecDeque<Event>) -> Result<(), usize> {
+    pub fn feed_frame(&mut self, frame: &Bytes, out: &mut VecDeque<Event>) -> Result<(), usize> {
+        let mut chunk = &frame[..];
         if self.after_cr {
             self.after_cr = false;
             if let Some(rest) = chunk.strip_prefix(b"\n") {
@@ -101,11 +127,11 @@ impl Parser {
                 _ => 1,
             };
             if self.line.is_empty() {
-                self.process_line(&chunk[..end], out);
+                self.process_line(&chunk[..end], Some(frame), out);
             } else {
                 self.line.extend_from_slice(&chunk[..end]);
                 let line = std::mem::take(&mut self.line);
-                self.process_line(&line, out);
+                self.process_line(&line, None, out);
                 // Keep the allocation for the next long line.
                 self.line = line;
                 self.line.clear();
@@ -117,14 +143,15 @@ impl Parser {
 
     /// Errs with the limit when `more` bytes would make the pending event too large.
     fn check_size(&self, more: usize) -> Result<(), usize> {
-        if self.line.len() + self.data.len() + more > self.max_event_bytes {
+        if self.line.len() + self.data_len + more > self.max_event_bytes {
             Err(self.max_event_bytes)
         } else {
             Ok(())
         }
     }
 
-    fn process_line(&mut self, mut line: &[u8], out: &mut VecDeque<Event>) {
+    /// `frame`: the frame `line` lies in, when it lies in one (not gathered across frames).
+    fn process_line(&mut self, mut line: &[u8], frame: Option<&Bytes>, out: &mut VecDeque<Event>) {
         if std::mem::take(&mut self.at_start) {
             line = line.strip_prefix(BOM).unwrap_or(line);
         }
@@ -143,13 +170,11 @@ impl Parser {
             None => (line, &line[line.len()..]),
         };
         match name {
-            b"data" => {
-                self.has_data = true;
-                self.data.push_str(&String::from_utf8_lossy(value));
-                self.data.push('\n');
+            b"data" => self.push_data(value, frame),
+            b"event" => self.event = Some(String::from_utf8_lossy(value).into_owned()),
+            b"id" if !value.contains(&0) => {
+                self.last_id = String::from_utf8_lossy(value).into_owned().into();
             }
-            b"event" => self.event = String::from_utf8_lossy(value).into_owned(),
-            b"id" if !value.contains(&0) => self.last_id = String::from_utf8_lossy(value).into(),
             b"retry" if !value.is_empty() && value.iter().all(u8::is_ascii_digit) => {
                 if let Ok(ms) = std::str::from_utf8(value).unwrap_or("").parse::<u64>() {
                     self.retry = Some(Duration::from_millis(ms));
@@ -159,20 +184,43 @@ impl Parser {
         }
     }
 
+    /// Adds one `data` line's value. Invalid UTF-8 is replaced line by line, as it is decoded.
+    fn push_data(&mut self, value: &[u8], frame: Option<&Bytes>) {
+        let first = !std::mem::replace(&mut self.has_data, true);
+        if let (true, Some(frame)) = (first, frame) {
+            if let Ok(text) = Utf8Bytes::try_from(frame.slice_ref(value)) {
+                self.data_len = text.len() + 1;
+                self.one = Some(text);
+                return;
+            }
+        }
+        if let Some(one) = self.one.take() {
+            self.data.push_str(&one);
+            self.data.push('\n');
+        }
+        let before = self.data.len();
+        self.data.push_str(&String::from_utf8_lossy(value));
+        self.data.push('\n');
+        self.data_len += self.data.len() - before;
+    }
+
     fn dispatch(&mut self, out: &mut VecDeque<Event>) {
-        let event = std::mem::take(&mut self.event);
+        let event = self.event.take();
         let retry = self.retry.take();
         if !std::mem::take(&mut self.has_data) {
             return;
         }
-        let mut data = std::mem::take(&mut self.data);
-        data.pop();
+        self.data_len = 0;
+        let data = match self.one.take() {
+            Some(one) => one,
+            None => {
+                let mut data = std::mem::take(&mut self.data);
+                data.pop();
+                data.into()
+            }
+        };
         out.push_back(Event {
-            event: if event.is_empty() {
-                "message".to_string()
-            } else {
-                event
-            },
+            event,
             data,
             id: self.last_id.clone(),
             retry,
@@ -219,7 +267,7 @@ where
             // the events of a chunk go out before the next chunk is read.
             match Pin::new(&mut this.inner).poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
-                    if let Err(limit) = this.parser.feed(&chunk, &mut this.ready) {
+                    if let Err(limit) = this.parser.feed_frame(&chunk, &mut this.ready) {
                         this.done = true;
                         this.ready.clear();
                         return Poll::Ready(Some(Err(SseError::TooLarge { limit })));
@@ -331,10 +379,10 @@ mod tests {
     fn event_id_and_retry() {
         let events =
             same_in_any_chunking("event: add\nid: 42\nretry: 1500\ndata: x\n\ndata: y\n\n");
-        assert_eq!(events[0].event, "add");
+        assert_eq!(events[0].kind(), "add");
         assert_eq!(events[0].id, "42");
         assert_eq!(events[0].retry, Some(Duration::from_millis(1500)));
-        assert_eq!(events[1].event, "message", "the type resets per event");
+        assert_eq!(events[1].kind(), "message", "the type resets per event");
         assert_eq!(events[1].id, "42", "the last id carries over");
         assert_eq!(events[1].retry, None);
         let events = parse("retry: 15x\nretry: -1\nretry:\nid: a\0b\ndata: z\n\n");
@@ -398,6 +446,138 @@ mod tests {
         // At the limit exactly is fine; the count resets per event.
         let at = format!("data:{}\n\n", "y".repeat(95));
         assert_eq!(parse_chunks(&[at.as_bytes(); 5], 100).expect("ok").len(), 5);
+    }
+
+    /// Where an event's `data` lies: within `frame`, or elsewhere (a copy).
+    fn shares(event: &Event, frame: &Bytes) -> bool {
+        let range = frame.as_ptr_range();
+        let data = event.data.as_bytes().as_ptr_range();
+        !event.data.is_empty() && range.start <= data.start && data.end <= range.end
+    }
+
+    #[test]
+    fn one_line_data_within_a_frame_is_not_copied() {
+        let mut p = Parser::new(1 << 20);
+        let mut out = VecDeque::new();
+        let frame =
+            Bytes::from_static(b"data: {\"a\":1}\r\n\r\n: keep-alive\n\ndata: x\ndata: y\n\n");
+        p.feed_frame(&frame, &mut out).expect("parse");
+        let events: Vec<Event> = out.drain(..).collect();
+        assert_eq!(data(&events), ["{\"a\":1}", "x\ny"]);
+        assert!(
+            shares(&events[0], &frame),
+            "one line in one frame: a slice of it"
+        );
+        assert!(
+            !shares(&events[1], &frame),
+            "two lines are joined in a copy"
+        );
+        // The id carries over without a copy per event.
+        let frame = Bytes::from_static(b"id: 7\ndata: a\n\ndata: b\n\n");
+        p.feed_frame(&frame, &mut out).expect("parse");
+        assert_eq!(out[0].id, "7");
+        assert_eq!(out[1].id.as_ptr(), out[0].id.as_ptr());
+    }
+
+    /// A stream of typical upstream events cut at every byte: the same events as in one frame,
+    /// and each event's `data` is a slice of the frame it ended in exactly when its one line
+    /// lay within that frame.
+    #[test]
+    fn split_at_every_point_gives_the_same_events() {
+        let text: &[u8] = b"\xEF\xBB\xBFdata: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\r\n\r\n: ping\r\ndata: \xE2\x82\xAC\n\nevent: add\ndata: one\ndata: two\r\rdata: [DONE]\n\n";
+        let whole = parse_chunks(&[text], 1 << 20).expect("whole");
+        assert_eq!(
+            data(&whole),
+            [
+                r#"{"choices":[{"delta":{"content":"Hel"}}]}"#,
+                "€",
+                "one\ntwo",
+                "[DONE]"
+            ]
+        );
+        // Where each event's `data:` line starts and ends (its line end excluded).
+        let lines: Vec<(usize, usize)> = [
+            &b"data: {"[..],
+            b"data: \xE2",
+            b"data: one",
+            b"data: [DONE]",
+        ]
+        .iter()
+        .map(|needle| {
+            let start = text
+                .windows(needle.len())
+                .position(|w| w == *needle)
+                .expect("line");
+            let end = start + memchr::memchr2(b'\n', b'\r', &text[start..]).expect("end");
+            (start, end)
+        })
+        .collect();
+        // The first line starts with the BOM: a cut inside it splits the line.
+        let lines: Vec<(usize, usize)> = [(0, lines[0].1)]
+            .into_iter()
+            .chain(lines[1..].iter().copied())
+            .collect();
+        for cut in 0..=text.len() {
+            let frames = [
+                Bytes::copy_from_slice(&text[..cut]),
+                Bytes::copy_from_slice(&text[cut..]),
+            ];
+            let mut p = Parser::new(1 << 20);
+            let mut out = VecDeque::new();
+            let mut got = Vec::new();
+            for frame in &frames {
+                p.feed_frame(frame, &mut out).expect("split");
+                for event in out.drain(..) {
+                    got.push((event, frame.clone()));
+                }
+            }
+            let events: Vec<Event> = got.iter().map(|(e, _)| e.clone()).collect();
+            assert_eq!(events, whole, "cut at {cut}");
+            for (i, (event, frame)) in got.iter().enumerate() {
+                if i == 2 {
+                    assert!(
+                        !shares(event, &frames[0]) && !shares(event, &frames[1]),
+                        "two lines: a copy"
+                    );
+                    continue;
+                }
+                let (start, end) = lines[i];
+                // A line whose end is in the next frame is gathered there: a copy.
+                let within = end < cut || start >= cut;
+                assert_eq!(
+                    shares(event, frame) || shares(event, &frames[0]),
+                    within,
+                    "cut at {cut}, event {i}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bound_counts_the_same_whatever_the_path() {
+        // One line within a frame (a slice) or across frames (a copy): the same limit.
+        let at = format!("data:{}\n\n", "y".repeat(95));
+        for cut in 0..at.len() {
+            let (a, b) = at.as_bytes().split_at(cut);
+            assert_eq!(
+                parse_chunks(&[a, b], 100).expect("at the limit").len(),
+                1,
+                "cut {cut}"
+            );
+            let over = format!("data:{}\ndata:\n\n", "y".repeat(95));
+            let (a, b) = over.as_bytes().split_at(cut.min(over.len()));
+            assert_eq!(parse_chunks(&[a, b], 100), Err(100), "cut {cut}");
+        }
+        // Invalid UTF-8 counts as decoded (U+FFFD is 3 bytes), in a slice or not.
+        let mut bad = b"data:".to_vec();
+        bad.extend([0xFF; 33]);
+        bad.extend_from_slice(b"\n\n");
+        for cut in 0..bad.len() {
+            let (a, b) = bad.split_at(cut);
+            assert_eq!(parse_chunks(&[a, b], 99), Err(99), "cut {cut}");
+            let events = parse_chunks(&[a, b], 100).expect("fits decoded");
+            assert_eq!(events[0].data.as_str(), "\u{fffd}".repeat(33), "cut {cut}");
+        }
     }
 
     #[tokio::test]

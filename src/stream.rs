@@ -10,10 +10,11 @@
 //! its upstream until the client catches up).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
+use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +45,11 @@ pub struct Stream {
     /// Stops the task; the reason is set first.
     cancel: CancellationToken,
     cancel_reason: Mutex<Option<CancelReason>>,
+    /// Set by [`Stream::cancel`] before the token fires: what the relay reads per chunk. The
+    /// token's own check takes its mutex, and its future a second lock to re-register.
+    cancel_flag: AtomicBool,
+    /// The relay's waker while it waits for its upstream (see [`Stream::poll_cancelled`]).
+    cancel_waker: AtomicWaker,
     /// Set on a mirror (cluster mode: a stream whose upstream call runs on another instance,
     /// relayed here for a client that resumed it here): woken at every completed write, so the
     /// relay can tell the owner how far the client has read.
@@ -136,6 +142,8 @@ impl Stream {
             space: Notify::new(),
             cancel: CancellationToken::new(),
             cancel_reason: Mutex::new(None),
+            cancel_flag: AtomicBool::new(false),
+            cancel_waker: AtomicWaker::new(),
             mirror,
         })
     }
@@ -436,7 +444,26 @@ impl Stream {
     /// Tells the task to stop. The first reason given wins.
     pub fn cancel(&self, reason: CancelReason) {
         self.cancel_reason.lock().get_or_insert(reason);
+        self.cancel_flag.store(true, Ordering::Release);
         self.cancel.cancel();
+        self.cancel_waker.wake();
+    }
+
+    /// Whether [`Stream::cancel`] was called: one atomic load, for the relay's per-chunk check.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel_flag.load(Ordering::Acquire)
+    }
+
+    /// Ready once the stream is cancelled; else wakes `cx` when it is. For the one task that
+    /// relays the stream (a single waker slot): cheaper per poll than the token's future.
+    pub fn poll_cancelled(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        // Registered before the check: a cancel in between finds the waker.
+        self.cancel_waker.register(cx.waker());
+        if self.is_cancelled() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
     }
 
     pub fn cancel_reason(&self) -> Option<CancelReason> {
@@ -761,6 +788,24 @@ mod tests {
             let want: Vec<u64> = (seen + 1..next).collect();
             assert_eq!(replay, want, "seed {seed}: the rest, in order, once");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_wakes_the_relay_waiting_on_its_flag() {
+        let s = Stream::new("s".into(), "u".into(), "m".into(), 1024);
+        assert!(!s.is_cancelled());
+        let waiting = {
+            let s = s.clone();
+            tokio::spawn(async move { std::future::poll_fn(|cx| s.poll_cancelled(cx)).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        assert!(!waiting.is_finished(), "not cancelled yet");
+        s.cancel(CancelReason::Client);
+        assert!(s.is_cancelled());
+        tokio::time::timeout(std::time::Duration::from_secs(1), waiting)
+            .await
+            .expect("woken by the cancel")
+            .expect("join");
     }
 
     #[tokio::test(start_paused = true)]

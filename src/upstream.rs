@@ -5,10 +5,11 @@
 use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
+use futures_util::Stream;
 use reqwest::header::{HeaderMap, CONTENT_TYPE, RETRY_AFTER};
 use ring::hmac;
 use serde::Deserialize;
@@ -117,8 +118,33 @@ impl Upstreams {
     }
 }
 
-/// The SSE events of one upstream response; errors already redacted.
-pub type EventStream = Pin<Box<dyn Stream<Item = Result<sse::Event, UpstreamError>> + Send>>;
+/// The SSE events of one upstream response (`S`, its body), errors already redacted. Polled
+/// per relayed chunk, so a plain struct: no boxed stream and no combinator between the body
+/// and the relay.
+pub struct EventStream<S> {
+    events: sse::EventStream<S>,
+    redactor: Arc<Redactor>,
+}
+
+impl<S> Stream for EventStream<S>
+where
+    S: Stream<Item = reqwest::Result<Bytes>> + Unpin,
+{
+    type Item = Result<sse::Event, UpstreamError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let next = ready!(Pin::new(&mut this.events).poll_next(cx));
+        Poll::Ready(next.map(|event| {
+            event.map_err(|e| match e {
+                SseError::TooLarge { limit } => UpstreamError::EventTooLarge(limit),
+                SseError::Transport(e) => {
+                    UpstreamError::Broken(this.redactor.clean(&error_chain(&e), MAX_MESSAGE_CHARS))
+                }
+            })
+        }))
+    }
+}
 
 impl Provider {
     pub fn new(
@@ -158,7 +184,11 @@ impl Provider {
 
     /// Posts one streaming chat-completions request and checks status and content type
     /// before anything is streamed.
-    pub async fn open(&self, body: Bytes) -> Result<EventStream, UpstreamError> {
+    pub async fn open(
+        &self,
+        body: Bytes,
+    ) -> Result<EventStream<impl Stream<Item = reqwest::Result<Bytes>> + Unpin + Send>, UpstreamError>
+    {
         let client = &self.clients[crate::workers::current().unwrap_or(0) % self.clients.len()];
         let mut req = client
             .post(&self.url)
@@ -194,16 +224,10 @@ impl Provider {
                 self.redactor.clean(&content_type, MAX_QUOTE_CHARS),
             ));
         }
-        let redactor = self.redactor.clone();
-        let events = sse::EventStream::new(resp.bytes_stream(), self.max_event_bytes);
-        Ok(Box::pin(events.map(move |event| {
-            event.map_err(|e| match e {
-                SseError::TooLarge { limit } => UpstreamError::EventTooLarge(limit),
-                SseError::Transport(e) => {
-                    UpstreamError::Broken(redactor.clean(&error_chain(&e), MAX_MESSAGE_CHARS))
-                }
-            })
-        })))
+        Ok(EventStream {
+            events: sse::EventStream::new(resp.bytes_stream(), self.max_event_bytes),
+            redactor: self.redactor.clone(),
+        })
     }
 
     /// Upstream text made fit for a client frame or a log (see [`crate::redact`]).
