@@ -974,7 +974,7 @@ pub(crate) async fn open_stream(
     gw.stream_tasks.spawn(tracing::Instrument::instrument(
         async move {
             let outcome = relay::run(job).await;
-            tracing::info!(?outcome, "stream ended");
+            outcome.log();
             hub.finished(&task_stream, linger, retain);
             // The owner record outlives the lease: the finished stream stays resumable, from
             // any instance, for the resume window.
