@@ -107,11 +107,14 @@ impl Upstreams {
     /// first 128 bits in hex), the same for every stream of that user, meaningless without
     /// the gateway's secret.
     pub fn user_id(&self, sub: &str) -> String {
+        // By nibble from a table: `write!("{b:02x}")` per byte cost about 3,600 instructions a
+        // stream, more than the HMAC.
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let tag = hmac::sign(&self.user_key, sub.as_bytes());
         let mut out = String::with_capacity(32);
-        for b in &tag.as_ref()[..16] {
-            use std::fmt::Write;
-            let _ = write!(out, "{b:02x}");
+        for &b in &tag.as_ref()[..16] {
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
         }
         out
     }
