@@ -359,6 +359,30 @@ impl ProviderConfig {
         }
     }
 
+    /// `{base_url}/chat/completions`, parsed: the one URL this provider is posted to. Parsed
+    /// once, when the configuration is checked and when the provider is built, so a request
+    /// hands reqwest a `Url` instead of a string it would parse again per request.
+    pub fn chat_completions_url(&self) -> Result<reqwest::Url, String> {
+        if !(self.base_url.starts_with("http://") || self.base_url.starts_with("https://")) {
+            return Err(format!(
+                "provider `{}`: base_url `{}` must start with http:// or https://",
+                self.name, self.base_url
+            ));
+        }
+        let url = format!("{}/chat/completions", self.base_url.trim_end_matches('/'));
+        match reqwest::Url::parse(&url) {
+            Ok(url) if url.has_host() => Ok(url),
+            Ok(_) => Err(format!(
+                "provider `{}`: base_url `{}` has no host",
+                self.name, self.base_url
+            )),
+            Err(e) => Err(format!(
+                "provider `{}`: base_url `{}` is not a valid URL: {e}",
+                self.name, self.base_url
+            )),
+        }
+    }
+
     pub fn serves(&self, model: &str) -> bool {
         self.models.iter().any(|m| m == "*" || m == model)
     }
@@ -536,11 +560,8 @@ impl Config {
             }
         }
         for p in &self.providers {
-            if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
-                return invalid(format!(
-                    "provider `{}`: base_url `{}` must start with http:// or https://",
-                    p.name, p.base_url
-                ));
+            if let Err(message) = p.chat_completions_url() {
+                return invalid(message);
             }
             if p.models.is_empty() {
                 return invalid(format!("provider `{}` lists no models", p.name));
@@ -728,6 +749,35 @@ mod tests {
             vec!["https://a.example", "https://b.example"]
         );
         assert_eq!(c.server.public_origins, vec!["https://gw.example"]);
+    }
+
+    #[test]
+    fn bad_upstream_url_is_a_config_error() {
+        let provider = |base_url: &str| {
+            format!("[[providers]]\nname = \"p\"\nbase_url = \"{base_url}\"\nmodels = [\"m\"]\n")
+        };
+        let good = Config::from_toml(&provider("http://127.0.0.1:9/v1/")).expect("parses");
+        good.validate().expect("valid");
+        assert_eq!(
+            good.providers[0]
+                .chat_completions_url()
+                .expect("url")
+                .as_str(),
+            "http://127.0.0.1:9/v1/chat/completions"
+        );
+        for (bad, says) in [
+            ("ftp://h/v1", "must start with http"),
+            ("http://exa mple.com/v1", "not a valid URL"),
+            ("http://:80/v1", "not a valid URL"),
+            ("http://127.0.0.1:99999/v1", "not a valid URL"),
+        ] {
+            let c = Config::from_toml(&provider(bad)).expect("parses");
+            let err = c.validate().expect_err(bad).to_string();
+            assert!(
+                err.contains("provider `p`") && err.contains(says),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -31,8 +31,8 @@ use crate::upstream::Upstreams;
 pub enum StartError {
     #[error("no upstream provider configured: set MUXGATE_UPSTREAM_BASE_URL or [[providers]], or run in dev mode")]
     NoProvider,
-    #[error("cannot build the HTTP client: {0}")]
-    Client(#[from] reqwest::Error),
+    #[error("{0}")]
+    Provider(#[from] crate::upstream::ProviderError),
     #[error("cannot start the simulated provider: {0}")]
     Simulated(#[from] std::io::Error),
     #[error("cluster mode: {0}")]

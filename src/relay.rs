@@ -102,6 +102,72 @@ impl Outcome {
     fn failed(code: ErrorCode, message: String, retry_after: Option<Duration>) -> Outcome {
         Outcome::Failed(Failure::new(code, message, retry_after, false))
     }
+
+    /// The `stream ended` line, one per stream, in the stream's span. Each part is its own
+    /// field, short ones by `Display` and upstream text through [`protocol::LogSafe`]: the
+    /// `Debug` of the whole outcome cost about 20,000 instructions a stream, most of it
+    /// formatting machinery, and quoted strings twice. Its target stays the session's, where
+    /// it was logged before, so log filters keep matching it.
+    pub fn log(&self) {
+        use tracing::field::{display, DisplayValue};
+        fn safe(s: &Option<String>) -> Option<DisplayValue<protocol::LogSafe<'_>>> {
+            s.as_deref().map(|s| display(protocol::LogSafe(s)))
+        }
+        match self {
+            Outcome::Done {
+                finish_reason,
+                usage,
+                model,
+                completion_id,
+                system_fingerprint,
+            } => tracing::info!(
+                target: "muxgate::session",
+                outcome = "done",
+                finish_reason = %protocol::LogSafe(finish_reason),
+                model = %protocol::LogSafe(model),
+                prompt_tokens = usage.as_ref().map(|u| u.prompt_tokens),
+                completion_tokens = usage.as_ref().map(|u| u.completion_tokens),
+                total_tokens = usage.as_ref().map(|u| u.total_tokens),
+                usage_details = usage
+                    .as_ref()
+                    .filter(|u| !u.details.is_empty())
+                    .map(|u| display(UsageDetails(&u.details))),
+                completion_id = safe(completion_id),
+                system_fingerprint = safe(system_fingerprint),
+                "stream ended"
+            ),
+            Outcome::Failed(f) => {
+                let detail = f.upstream.as_ref();
+                tracing::info!(
+                    target: "muxgate::session",
+                    outcome = "failed",
+                    code = f.code.as_str(),
+                    error = %protocol::LogSafe(&f.message),
+                    status = f.status,
+                    retry_after_ms = f.retry_after.map(|d| d.as_millis() as u64),
+                    may_fall_back = f.may_fall_back,
+                    upstream_type = detail.and_then(|d| safe(&d.r#type)),
+                    upstream_code = detail.and_then(|d| safe(&d.code)),
+                    upstream_param = detail.and_then(|d| safe(&d.param)),
+                    "stream ended"
+                )
+            }
+            Outcome::Cancelled(reason) => {
+                tracing::info!(target: "muxgate::session", outcome = "cancelled", reason = ?reason, "stream ended")
+            }
+        }
+    }
+}
+
+/// A usage's extra fields (`prompt_tokens_details`, ...) as compact JSON, made safe for a
+/// log line; only formatted when the line is written.
+struct UsageDetails<'a>(&'a Map<String, Value>);
+
+impl std::fmt::Display for UsageDetails<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let json = serde_json::to_string(self.0).map_err(|_| std::fmt::Error)?;
+        protocol::LogSafe(&json).fmt(f)
+    }
 }
 
 /// Builds the upstream body for `model`: the client's messages and allowed params, with
@@ -113,19 +179,36 @@ pub fn upstream_body(
     model: &str,
     user_id: &str,
 ) -> Result<Bytes, serde_json::Error> {
-    let mut body = Map::with_capacity(req.params.len() + 5);
+    use serde::ser::{SerializeMap, Serializer};
+    /// Keys the gateway sets; a client's own value for one of them is dropped.
+    const SET_HERE: [&str; 5] = ["model", "user", "messages", "stream", "stream_options"];
+    // Written straight from the request: building a `Map` first cloned every message and
+    // param (about 11,000 instructions a stream), only to serialise the copy.
+    let mut out = Vec::with_capacity(256);
+    let mut ser = serde_json::Serializer::new(&mut out);
+    let mut body = ser.serialize_map(None)?;
     for (k, v) in &req.params {
-        body.insert(k.clone(), v.clone());
+        if !SET_HERE.contains(&k.as_str()) {
+            body.serialize_entry(k, v)?;
+        }
     }
-    body.insert("model".into(), Value::String(model.to_string()));
-    body.insert("user".into(), Value::String(user_id.to_string()));
-    body.insert("messages".into(), Value::Array(req.messages.clone()));
-    body.insert("stream".into(), Value::Bool(true));
-    body.insert(
-        "stream_options".into(),
-        serde_json::json!({ "include_usage": true }),
-    );
-    serde_json::to_vec(&body).map(Bytes::from)
+    body.serialize_entry("model", model)?;
+    body.serialize_entry("user", user_id)?;
+    body.serialize_entry("messages", &req.messages)?;
+    body.serialize_entry("stream", &true)?;
+    body.serialize_entry(
+        "stream_options",
+        &IncludeUsage {
+            include_usage: true,
+        },
+    )?;
+    body.end()?;
+    Ok(Bytes::from(out))
+}
+
+#[derive(serde::Serialize)]
+struct IncludeUsage {
+    include_usage: bool,
 }
 
 /// Checks an `open` request's messages and params. The message text is the client's to
@@ -960,6 +1043,36 @@ mod tests {
         assert_eq!(body["temperature"], 0.5);
         assert_eq!(body["model"], "m2", "the model actually called");
         assert_eq!(body["user"], "u-hash", "never the client's `user`");
+    }
+
+    #[test]
+    fn body_sets_each_gateway_key_once() {
+        let req = open(serde_json::json!({
+            "user": "someone-else", "stream": false, "model": "x",
+            "stream_options": {"include_usage": false}, "top_p": 1
+        }));
+        let bytes = upstream_body(&req, "m2", "u-hash").expect("body");
+        let text = std::str::from_utf8(&bytes).expect("utf8");
+        for key in [
+            "\"user\":",
+            "\"stream\":",
+            "\"model\":",
+            "\"stream_options\":",
+            "\"messages\":",
+        ] {
+            assert_eq!(text.matches(key).count(), 1, "{key} in {text}");
+        }
+        let body: Value = serde_json::from_str(text).expect("json");
+        assert_eq!(
+            body["messages"],
+            serde_json::json!([{"role":"user","content":"hi"}])
+        );
+        assert_eq!(
+            body["stream_options"],
+            serde_json::json!({"include_usage": true})
+        );
+        assert_eq!(body["stream"], true);
+        assert_eq!(body["top_p"], 1);
     }
 
     #[test]

@@ -1001,7 +1001,7 @@ pub(crate) async fn open_stream(
     gw.stream_tasks.spawn(tracing::Instrument::instrument(
         async move {
             let outcome = relay::run(job).await;
-            tracing::info!(?outcome, "stream ended");
+            outcome.log();
             // Its owner record (cluster mode) outlives its lease for as long: the ending kept it.
             hub.finished(&task_stream, linger, retain);
         },

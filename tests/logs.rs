@@ -57,6 +57,43 @@ async fn logs_have_spans_and_no_secrets() {
         .filter(|l| l["fields"]["message"] == "stream ended")
         .collect();
     assert_eq!(ended.len(), 4, "one line per stream");
+    // Each line says how its stream ended, field by field.
+    let ended_as = |id: &str| {
+        ended
+            .iter()
+            .find(|l| {
+                l["spans"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|s| s["name"] == "stream" && s["stream"] == id)
+            })
+            .unwrap_or_else(|| panic!("no `stream ended` for {id}: {ended:?}"))["fields"]
+            .clone()
+    };
+    assert!(
+        ended.iter().all(|l| l["target"] == "muxgate::session"),
+        "log filters still match it: {ended:?}"
+    );
+    let ok = ended_as("ok");
+    assert_eq!(ok["outcome"], "done", "{ok}");
+    assert_eq!(ok["finish_reason"], "stop", "{ok}");
+    assert_eq!(ok["model"], "deepseek-v3.2", "{ok}");
+    assert!(ok["completion_tokens"].as_u64().unwrap() >= 5, "{ok}");
+    assert!(ok["prompt_tokens"].as_u64().unwrap() > 0, "{ok}");
+    assert!(ok["completion_id"].is_string(), "{ok}");
+    let fail = ended_as("fail");
+    assert_eq!(fail["outcome"], "failed", "{fail}");
+    assert_eq!(fail["code"], "upstream_error", "{fail}");
+    assert_eq!(fail["status"], 500, "{fail}");
+    assert!(
+        fail["error"].as_str().unwrap().contains("HTTP 500"),
+        "{fail}"
+    );
+    assert_eq!(ended_as("cut")["outcome"], "failed");
+    let bad = ended_as("bad");
+    assert_eq!(bad["outcome"], "cancelled", "{bad}");
+    assert_eq!(bad["reason"], "Client", "{bad}");
     // The failures a relay logs after its loop (`cut` breaks mid-stream, `fail` is retried)
     // are in the stream's span too, though the loop itself runs outside it.
     let failures: Vec<serde_json::Value> = logs
