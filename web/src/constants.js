@@ -274,13 +274,6 @@ export const DEFAULTS = Object.freeze({
    * promise is one; the warm socket above applies either way.
    */
   standby: false,
-  /**
-   * After a clean handover (the last leader's `resign` listed all of a follower's streams), a
-   * follower sends its `join` to the new leader this long × ½–1 after the claim instead of at
-   * once, so that the joins of every tab do not reach the new leader with its `welcome` and
-   * replay: the replay then reaches the tabs sooner.
-   */
-  rejoinSpreadMs: 400,
   /** After the gateway refused a standby (4429, or a cap under 3), none is tried for this long. */
   standbyRetryMs: 60000,
   /** A hidden leader is replaced by a visible follower after this long. */

@@ -39,8 +39,6 @@ export default class Follower {
     this.mustJoin = true
     this.beatTimer = undefined
     this.stealTimer = undefined
-    /** A `join` put off after a clean handover (see `noteLeader`). */
-    this.joinTimer = undefined
     /** Since when the leader says it is hidden, or null. */
     this.leaderHiddenSince = null
     /** The leader reads its inbox (bus version 2): write there, not to every tab. */
@@ -67,10 +65,8 @@ export default class Follower {
   stop () {
     clearTimeout(this.beatTimer)
     clearTimeout(this.stealTimer)
-    clearTimeout(this.joinTimer)
     this.beatTimer = undefined
     this.stealTimer = undefined
-    this.joinTimer = undefined
   }
 
   /** @param {any} stream a ChatStream of this tab */
@@ -189,7 +185,6 @@ export default class Follower {
     const tab = this.tab
     if (!m.epoch || typeof m.epoch.n !== 'number') return
     if (tab.leaderEpoch && compareEpochs(m.epoch, tab.leaderEpoch) < 0) return // a deposed leader
-    const before = tab.leaderId
     tab.maxEpochN = Math.max(tab.maxEpochN, m.epoch.n)
     const changed = compareEpochs(m.epoch, tab.leaderEpoch) !== 0
     tab.leaderEpoch = m.epoch
@@ -215,52 +210,11 @@ export default class Follower {
     const forgotten = Array.isArray(m.roster) && !m.roster.includes(tab.tabId) &&
       Date.now() - this.joinedAt > tab.opts.tabHeartbeatMs
     if (changed || claim || forgotten || this.mustJoin) {
-      if (claim && !forgotten && !this.mustJoin && this.inResign(before)) this.joinSoon()
-      else this.join()
       this.mustJoin = false
+      this.joinedAt = Date.now()
+      this.toLeader({ t: BUS.join, v: BUS_VERSION, visible: tab.isVisible(), lock: tab.holdsTabLock, streams: tab.ownStreamList(), read: Object.fromEntries(tab.readFrom) })
     }
     tab.emitStatus()
-  }
-
-  join () {
-    const tab = this.tab
-    clearTimeout(this.joinTimer)
-    this.joinTimer = undefined
-    this.joinedAt = Date.now()
-    this.toLeader({ t: BUS.join, v: BUS_VERSION, visible: tab.isVisible(), lock: tab.holdsTabLock, streams: tab.ownStreamList(), read: Object.fromEntries(tab.readFrom) })
-  }
-
-  /**
-   * Whether the `resign` of `leader` (our leader until this claim), as this tab read it,
-   * lists every stream of ours: then the new leader, which resumes from that table, needs
-   * our `join` only for the roster, our tab lock and what we have read, not to resume.
-   * @param {string|null} leader
-   */
-  inResign (leader) {
-    const tab = this.tab
-    const r = tab.lastResign
-    if (!leader || !r || r.from !== leader || !Array.isArray(r.streams)) return false
-    const listed = new Set(r.streams.filter(s => s && (s.tab ?? r.from) === tab.tabId).map(s => s.id))
-    for (const s of tab.streams.values()) if (!s.ended && !listed.has(s.id)) return false
-    return true
-  }
-
-  /**
-   * After a clean handover every follower used to join the moment it read the claim: 29
-   * joins reached the new leader together, between its `hello` and the replay, and its main
-   * thread read them before the `welcome` and the replayed frames (~40 ms of the pause at 30
-   * tabs, traced). The table in the `resign` already resumes our streams, so the join waits
-   * `rejoinSpreadMs` × ½–1, spread per tab, past the replay. A heartbeat that does not list
-   * us after a period sends it at once (see `forgotten`).
-   */
-  joinSoon () {
-    clearTimeout(this.joinTimer)
-    this.joinedAt = Date.now()
-    const ms = this.tab.opts.rejoinSpreadMs * (0.5 + Math.random() / 2)
-    this.joinTimer = setTimeout(() => {
-      this.joinTimer = undefined
-      if (this.tab.part === this && this.tab.running && !this.tab.frozen) this.join()
-    }, Math.round(ms))
   }
 
   /** @param {any} m a bus message from another tab */
@@ -274,9 +228,8 @@ export default class Follower {
       case BUS.hb:
         this.noteLeader(m, false)
         // a leader that watches our tab lock asks for an ack only now and then (`ack: false`
-        // otherwise), to catch a tab that is stuck; without the lock we answer every one, and
-        // so we do until our join (which tells it of the lock) is out
-        if (m.from === tab.leaderId && (m.ack !== false || !tab.holdsTabLock || this.joinTimer !== undefined)) {
+        // otherwise), to catch a tab that is stuck; without the lock we answer every one
+        if (m.from === tab.leaderId && (m.ack !== false || !tab.holdsTabLock)) {
           this.toLeader({ t: BUS.ack, visible: tab.isVisible() })
         }
         return

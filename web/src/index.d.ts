@@ -182,8 +182,6 @@ export interface ConnectOptions {
   leaderMaxSilent?: number
   /** When the last leader left no stream table: wait this long for the tabs' joins (400). */
   collectMs?: number
-  /** After a clean handover a follower joins the new leader this long × ½–1 after its claim (400). */
-  rejoinSpreadMs?: number
   /** A silent leader is replaced by the n-th follower after n × this (default 500). */
   stealStaggerMs?: number
   /** A WebSocket opened ahead of a handover and not said hello on is closed after this (2000). */

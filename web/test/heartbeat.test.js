@@ -65,7 +65,7 @@ test('an idle follower runs no timer of its own while its leader beats; a hung l
     silentBeats.set(this.tab.tabId, (silentBeats.get(this.tab.tabId) ?? 0) + 1)
     return beat.call(this)
   }
-  const list = fakeTabs(5, { gw, locks, tabHeartbeatMs: P, leaderMaxSilent: 4, stealStaggerMs: 100 })
+  const list = fakeTabs(5, { gw, locks, tabHeartbeatMs: P, leaderMaxSilent: 4, stealStaggerMs: 40 })
   try {
     await settled(list)
     await sleep(2 * P)
