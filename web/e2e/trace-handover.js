@@ -2,12 +2,15 @@
 // init script (lock grants, bus messages read, the new socket's open, welcome and replay),
 // printed as a timeline relative to the moment the leader's page was closed.
 //
-//   node e2e/trace-handover.js [--tabs 30] [--static DIR]
+//   node e2e/trace-handover.js [--tabs 30] [--static DIR] [--all-focused]
+//
+// One foreground tab (the last opened) unless --all-focused, as in measure.js.
 import path from 'node:path'
 import { readRun, sleep, startAll, startStack, underWay, userNamer, withTabs } from './harness.js'
 
 const args = process.argv.slice(2)
 const N = Number(args[args.indexOf('--tabs') + 1] || 30) || 30
+const focus = args.includes('--all-focused') ? 'all' : 'one'
 
 /** Runs in every page before the shim: records what the handover is made of in window.__trace. */
 function instrument () {
@@ -64,7 +67,7 @@ function instrument () {
 const staticDir = args.includes('--static') ? path.resolve(args[args.indexOf('--static') + 1]) : undefined // another shim, as in measure.js
 const stack = await startStack({ staticDir })
 try {
-  await withTabs({ base: stack.gateway.url, user: userNamer('trace')('closed'), n: N, initScript: instrument }, async ({ pages, li }) => {
+  await withTabs({ base: stack.gateway.url, user: userNamer('trace')('closed'), n: N, initScript: instrument, focus }, async ({ pages, li }) => {
     const shape = { chunks: 60, delayMs: 80 }
     await startAll(pages, 'closed', shape)
     await underWay(pages, 'closed', 8)
