@@ -137,7 +137,7 @@ function slowChannel (ms) {
 test('a hung leader at 10 tabs costs one steal, not one per tab (even on a slow bus)', async () => {
   const gw = new FakeGateway({ chunkMs: 5 })
   const locks = new FakeLocks()
-  const list = tabs(10, { gw, locks, BroadcastChannel: slowChannel(25), stealStaggerMs: 100 })
+  const list = tabs(10, { gw, locks, BroadcastChannel: slowChannel(25), stealStaggerMs: 250 })
   try {
     await settled(list)
     const leader = list.find(t => t.mux.role === 'leader')
@@ -148,7 +148,7 @@ test('a hung leader at 10 tabs costs one steal, not one per tab (even on a slow 
     hang(leader)
     const results = await Promise.all(reads)
     results.forEach((r, i) => assert.deepEqual(r, { text: fakeAnswer(streams[i].id, 150), error: null }))
-    await sleep(400)
+    await sleep(600) // the next in line (250 ms later) has decided, and stood down
     assert.equal(roles(others).filter(r => r === 'leader').length, 1)
     assert.equal(locks.steals, 1, `${locks.steals} steals`)
     assert.ok(gw.connectionsTotal <= 3, `${gw.connectionsTotal} connections`)

@@ -57,6 +57,9 @@ test('the leader\'s heartbeat reaches its followers spread over the period, each
 
 test('an idle follower runs no timer of its own while its leader beats; a hung leader is still replaced', async () => {
   const P = 60
+  // the stagger between two followers' steals: long enough that the first one's claim reaches
+  // the second before it decides, on a loaded box too (with 40 ms a slow CI run saw 2 steals)
+  const S = 250
   const gw = new FakeGateway()
   const locks = new FakeLocks()
   const silentBeats = new Map()
@@ -65,7 +68,7 @@ test('an idle follower runs no timer of its own while its leader beats; a hung l
     silentBeats.set(this.tab.tabId, (silentBeats.get(this.tab.tabId) ?? 0) + 1)
     return beat.call(this)
   }
-  const list = fakeTabs(5, { gw, locks, tabHeartbeatMs: P, leaderMaxSilent: 4, stealStaggerMs: 40 })
+  const list = fakeTabs(5, { gw, locks, tabHeartbeatMs: P, leaderMaxSilent: 4, stealStaggerMs: S })
   try {
     await settled(list)
     await sleep(2 * P)
@@ -82,7 +85,7 @@ test('an idle follower runs no timer of its own while its leader beats; a hung l
     const after = performance.now() - t0
     // never before leaderMaxSilent periods of silence (the first from 1¼ periods after the last word)
     assert.ok(after >= 3 * P, `replaced ${Math.round(after)} ms after the leader hung`)
-    await sleep(6 * P)
+    await sleep(6 * P + 2 * S) // the next in line has decided, and stood down
     assert.equal(roles(others).filter(r => r === 'leader').length, 1)
     assert.equal(locks.steals, 1, `${locks.steals} steals`)
   } finally {
