@@ -56,15 +56,36 @@ test('the leader\'s heartbeat reaches its followers spread over the period, each
 })
 
 test('an idle follower runs no timer of its own while its leader beats; a hung leader is still replaced', async () => {
-  const P = 60
+  // long enough that a loaded box's timer lag (200 ms and more seen) does not add up to the
+  // leaderMaxSilent periods after which a follower takes over from a live leader
+  const P = 200
   // the stagger between two followers' steals: long enough that the first one's claim reaches
   // the second before it decides, on a loaded box too (with 40 ms a slow CI run saw 2 steals)
   const S = 250
   const gw = new FakeGateway()
   const locks = new FakeLocks()
+  // when each follower last heard its leader, and its silent periods counted sooner than 1¼
+  // periods after that: a timer of its own would run within a period of each heartbeat. A
+  // heartbeat that a loaded box delivers later than that is silence, and counts (it must).
+  const heardAt = new Map()
+  const heard = new Map()
+  const early = []
   const silentBeats = new Map()
+  const noteLeader = Follower.prototype.noteLeader
+  Follower.prototype.noteLeader = function (m, claim) {
+    const before = this.heard
+    const r = noteLeader.call(this, m, claim)
+    if (this.heard !== before) {
+      heardAt.set(this.tab.tabId, performance.now())
+      heard.set(this.tab.tabId, (heard.get(this.tab.tabId) ?? 0) + 1)
+    }
+    return r
+  }
   const beat = Follower.prototype.beat
   Follower.prototype.beat = function () {
+    const since = performance.now() - (heardAt.get(this.tab.tabId) ?? -Infinity)
+    // a timer fires no sooner than asked, give or take the event loop's 1 ms clock
+    if (since < 1.25 * P - 2) early.push(`${this.tab.tabId} ${Math.round(since)} ms after its leader's word`)
     silentBeats.set(this.tab.tabId, (silentBeats.get(this.tab.tabId) ?? 0) + 1)
     return beat.call(this)
   }
@@ -73,15 +94,21 @@ test('an idle follower runs no timer of its own while its leader beats; a hung l
     await settled(list)
     await sleep(2 * P)
     silentBeats.clear()
+    heard.clear()
+    early.length = 0
     await sleep(12 * P)
     const counted = [...silentBeats.values()].reduce((a, b) => a + b, 0)
-    // with a timer of its own every period, each of the 4 followers would have run ~12
-    assert.ok(counted <= 2, `${counted} silent periods counted by followers of a live leader`)
+    // with a timer of its own every period, each of the 4 followers would have run ~12, each
+    // within a period of the heartbeat before
+    assert.deepEqual(early, [], `${counted} silent periods counted by followers of a live leader`)
+    const followers = list.filter(t => t.mux.role === 'follower')
+    assert.equal(followers.length, 4)
+    for (const t of followers) assert.ok((heard.get(t.mux.tabId) ?? 0) >= 4, `${t.mux.tabId} heard its leader ${heard.get(t.mux.tabId)} times in 12 periods`)
     const leader = leaderOf(list)
     const others = list.filter(t => t !== leader)
     const t0 = performance.now()
     hang(leader)
-    await until(() => roles(others).includes('leader'), { timeoutMs: 3000, what: 'a new leader' })
+    await until(() => roles(others).includes('leader'), { timeoutMs: 20000, what: 'a new leader' })
     const after = performance.now() - t0
     // never before leaderMaxSilent periods of silence (the first from 1¼ periods after the last word)
     assert.ok(after >= 3 * P, `replaced ${Math.round(after)} ms after the leader hung`)
@@ -90,6 +117,7 @@ test('an idle follower runs no timer of its own while its leader beats; a hung l
     assert.equal(locks.steals, 1, `${locks.steals} steals`)
   } finally {
     Follower.prototype.beat = beat
+    Follower.prototype.noteLeader = noteLeader
     closeAll(list)
     gw.stop()
   }
