@@ -137,7 +137,10 @@ function slowChannel (ms) {
 test('a hung leader at 10 tabs costs one steal, not one per tab (even on a slow bus)', async () => {
   const gw = new FakeGateway({ chunkMs: 5 })
   const locks = new FakeLocks()
-  const list = tabs(10, { gw, locks, BroadcastChannel: slowChannel(25), stealStaggerMs: 250 })
+  // heartbeats of 100 ms and 8 misses: a loaded box's event loop lag (200 ms and more seen)
+  // must neither drop a live follower (with 40 ms and 3 misses one was, its stream cancelled
+  // as tab_gone) nor look like a hung leader
+  const list = tabs(10, { gw, locks, BroadcastChannel: slowChannel(25), stealStaggerMs: 250, tabHeartbeatMs: 100, tabMaxMissed: 8 })
   try {
     await settled(list)
     const leader = list.find(t => t.mux.role === 'leader')
