@@ -214,8 +214,9 @@ async fn hostile_prompts_do_not_stall_a_healthy_stream() {
                 .unwrap();
         }
     }
-    // Wait until all four hostile prompts were counted.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    // Wait until all four hostile prompts were counted (a debug build on a loaded box took
+    // over 120 s for it: this only bounds the wait).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
     while metric(&scrape(&h).await, "muxgate_tokenizer_bytes_total") < before + 4_000_000.0 {
         assert!(
             tokio::time::Instant::now() < deadline,
