@@ -302,7 +302,9 @@ async fn breaker_opens_fails_fast_and_recovers() {
     let h = Harness::start_with(|c| {
         c.retry.max_attempts = 1;
         c.breaker.failure_threshold = 2;
-        c.breaker.open_ms = 400;
+        // Long enough that the checks below run while it is open, on a loaded box too (with
+        // 400 ms it had half-opened before `/readyz` was asked).
+        c.breaker.open_ms = 3_000;
     })
     .await;
     let mut c = h.connect("alice").await;
@@ -325,14 +327,14 @@ async fn breaker_opens_fails_fast_and_recovers() {
         e["message"].as_str().unwrap().contains("circuit open"),
         "{e}"
     );
-    assert!(e["retry_after_ms"].as_u64().unwrap() <= 400);
+    assert!(e["retry_after_ms"].as_u64().unwrap() <= 3_000);
     assert_eq!(
         h.mock.stats().requests,
         2,
         "failed fast: the upstream was not called"
     );
 
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    tokio::time::sleep(Duration::from_millis(3_050)).await;
     c.open("probe", "probe [[mock chunks=3]]").await;
     let records = c.collect(&["probe".into()]).await;
     assert_eq!(records["probe"].text, expected("probe", 3));
