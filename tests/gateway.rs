@@ -629,9 +629,24 @@ async fn a_slow_reader_backpressures_the_upstream_and_loses_nothing() {
         .await;
     c.recv_until("delta", Some("big")).await;
     // Stop reading. The socket buffers fill, then the stream's log, then the gateway stops
-    // reading the upstream: the mock cannot send everything.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let sent_while_stalled = h.mock.stats().chunks_sent;
+    // reading the upstream: the mock cannot send everything. Filling them takes a loaded box
+    // more than the 2 s this test once slept: wait until no chunk went out for 1.5 s.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (mut sent_while_stalled, mut still) = (u64::MAX, 0);
+    while still < 3 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let sent = h.mock.stats().chunks_sent;
+        still = if sent == sent_while_stalled {
+            still + 1
+        } else {
+            0
+        };
+        sent_while_stalled = sent;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the upstream never paused: {sent} chunks sent"
+        );
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let sent_later = h.mock.stats().chunks_sent;
     assert!(
@@ -796,8 +811,9 @@ async fn a_reader_too_slow_for_the_write_timeout_is_closed_4408_and_can_resume()
     c.open("big", "slow [[mock chunks=20000 chunk_bytes=4096]]")
         .await;
     c.recv_until("delta", Some("big")).await;
-    // Stop reading until the gateway gives up on this socket.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    // Stop reading until the gateway gives up on this socket (once the buffers are full,
+    // which took a loaded box over 10 s: this only bounds the wait).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while h.gw.user_stats("alice").map_or(0, |s| s.connections) > 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
