@@ -9,7 +9,10 @@ import {
   until,
 } from './fakes.js'
 
-const tabs = (n, opts = {}) => fakeTabs(n, { stealStaggerMs: 60, ...opts })
+// 12 missed heartbeats before a follower is dropped (FAST has 3: with its tab lock held, one
+// ack asked for and late by a period dropped it, and a loaded box's event loop lag did that
+// to live followers, their streams cancelled as tab_gone); no test here drops one by silence
+const tabs = (n, opts = {}) => fakeTabs(n, { stealStaggerMs: 60, tabMaxMissed: 12, ...opts })
 
 /** Two settled tabs on `gw`: the leader's part and the follower's `Mux`. */
 async function leaderAndFollower (list) {
