@@ -675,14 +675,21 @@ pub fn delta_parts(id: &str, seq: u64, parts: &DeltaParts<'_>) -> Utf8Bytes {
 
 /// Length of `s` as a JSON string literal, quotes included (see [`push_json_string`]).
 fn json_string_len(s: &str) -> usize {
-    2 + s
-        .bytes()
-        .map(|b| match b {
+    let bytes = s.as_bytes();
+    let mut len = 2;
+    let mut i = 0;
+    loop {
+        let end = plain_run_end(bytes, i);
+        len += end - i;
+        let Some(&b) = bytes.get(end) else {
+            return len;
+        };
+        len += match b {
             b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
-            0x00..=0x1f => 6,
-            _ => 1,
-        })
-        .sum::<usize>()
+            _ => 6,
+        };
+        i = end + 1;
+    }
 }
 
 /// Appends `s` as a JSON string literal, escaping as `serde_json` does, byte for byte. The
@@ -692,7 +699,13 @@ pub(crate) fn push_json_string(out: &mut String, s: &str) {
     out.push('"');
     let bytes = s.as_bytes();
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
+    loop {
+        // A run ends at an ASCII byte or at the end: always a char boundary.
+        let end = plain_run_end(bytes, start);
+        out.push_str(&s[start..end]);
+        let Some(&b) = bytes.get(end) else {
+            break;
+        };
         let escape: &str = match b {
             b'"' => "\\\"",
             b'\\' => "\\\\",
@@ -701,10 +714,8 @@ pub(crate) fn push_json_string(out: &mut String, s: &str) {
             b'\t' => "\\t",
             0x08 => "\\b",
             0x0c => "\\f",
-            0x00..=0x1f => "",
-            _ => continue,
+            _ => "",
         };
-        out.push_str(&s[start..i]);
         if escape.is_empty() {
             const HEX: &[u8; 16] = b"0123456789abcdef";
             out.push_str("\\u00");
@@ -713,10 +724,44 @@ pub(crate) fn push_json_string(out: &mut String, s: &str) {
         } else {
             out.push_str(escape);
         }
-        start = i + 1;
+        start = end + 1;
     }
-    out.push_str(&s[start..]);
     out.push('"');
+}
+
+/// Where the run of bytes a JSON string holds as they are (anything but `"`, `\` and the
+/// control characters) that starts at `i` ends: at the first byte that needs an escape (or
+/// ends the string), else at the end. Eight bytes a step: a chunk's text and the keys and
+/// values around it are mostly such runs, and the upstream's chunk scan and the `delta`
+/// frame's escaping both skip them whole.
+pub(crate) fn plain_run_end(bytes: &[u8], mut i: usize) -> usize {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    // The high bit of a byte of `zero(x)` is set where that byte of `x` is 0 (and of
+    // `below_space` where the byte is under 0x20); a borrow can mark only bytes after a real
+    // match, and only the first match is read.
+    let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS;
+    while let Some(word) = bytes.get(i..i + 8) {
+        let mut eight = [0; 8];
+        eight.copy_from_slice(word);
+        let word = u64::from_le_bytes(eight);
+        let below_space = word.wrapping_sub(ONES * 0x20) & !word & HIGHS;
+        let stop = zero(word ^ (ONES * u64::from(b'"')))
+            | zero(word ^ (ONES * u64::from(b'\\')))
+            | below_space;
+        if stop != 0 {
+            return i + (stop.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    // The last few bytes, one at a time.
+    while let Some(&b) = bytes.get(i) {
+        if b == b'"' || b == b'\\' || b < 0x20 {
+            break;
+        }
+        i += 1;
+    }
+    i
 }
 
 #[cfg(test)]
@@ -845,10 +890,50 @@ mod tests {
     }
 
     #[test]
+    fn a_plain_run_ends_where_a_byte_by_byte_scan_ends_it() {
+        use rand::rngs::StdRng;
+        use rand::seq::SliceRandom;
+        use rand::{Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(15);
+        let alphabet = b"ab \"\\\x00\x1f\x20\x7f\x80\xc3\xa9\xff!#[]";
+        for _ in 0..20_000 {
+            let len = rng.gen_range(0..40);
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    if rng.gen_bool(0.8) {
+                        b'a' + rng.gen_range(0..26)
+                    } else {
+                        *alphabet.choose(&mut rng).unwrap_or(&b'a')
+                    }
+                })
+                .collect();
+            for from in 0..=bytes.len() {
+                let slow = bytes[from..]
+                    .iter()
+                    .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+                    .map_or(bytes.len(), |n| from + n);
+                assert_eq!(plain_run_end(&bytes, from), slow, "{bytes:?} from {from}");
+            }
+        }
+    }
+
+    #[test]
     fn the_escaper_writes_what_serde_json_writes() {
         let mut every_control: String = (0u8..0x20).map(char::from).collect();
         every_control.push_str("\"\\/\u{7f}é🎉\u{2028}");
-        for text in ["", "plain", "a\"b\\c\nd\u{1}é", every_control.as_str()] {
+        // Runs longer than a step of `plain_run_end`, cut by an escape at every offset.
+        let long: Vec<String> = (0..20)
+            .map(|k| {
+                format!(
+                    "{}\"{}é\u{1}🎉 plain text{}\\",
+                    "x".repeat(k),
+                    "y".repeat(k % 9),
+                    "z".repeat(k)
+                )
+            })
+            .collect();
+        let texts = ["", "plain", "a\"b\\c\nd\u{1}é", every_control.as_str()];
+        for text in texts.into_iter().chain(long.iter().map(String::as_str)) {
             let mut out = String::new();
             push_json_string(&mut out, text);
             assert_eq!(out, serde_json::to_string(text).expect("json"), "{text:?}");

@@ -883,9 +883,12 @@ async fn relay_once(
         completion_id,
         system_fingerprint,
     };
-    // One timer for the whole call, moved forward per chunk rather than made anew: first the
-    // first-token deadline, then the idle timeout after each token, never past `ends_by`.
-    let deadline = tokio::time::sleep_until(first_token_deadline.min(ends_by));
+    // One timer for the whole call: first the first-token deadline, then the idle timeout
+    // after each token, never past `ends_by`. `due` is when the wait really ends; the timer
+    // is moved only when `due` comes sooner than it, or when it fires and finds `due` later
+    // (resetting it on every chunk was the timer wheel's work per chunk, ~160 instructions).
+    let mut due = first_token_deadline.min(ends_by);
+    let deadline = tokio::time::sleep_until(due);
     tokio::pin!(deadline);
     loop {
         // A cancel takes effect before the next event, even when the upstream never pauses;
@@ -899,9 +902,14 @@ async fn relay_once(
                 Poll::Ready(Wait::Event(next))
             } else if stream.poll_cancelled(cx).is_ready() {
                 Poll::Ready(Wait::Cancelled)
-            } else if deadline.as_mut().poll(cx).is_ready() {
-                Poll::Ready(Wait::TimedOut)
             } else {
+                while deadline.as_mut().poll(cx).is_ready() {
+                    if due <= deadline.deadline() {
+                        return Poll::Ready(Wait::TimedOut);
+                    }
+                    // Events came since the timer was set: wait on, until `due`.
+                    deadline.as_mut().reset(due);
+                }
                 Poll::Pending
             }
         })
@@ -963,9 +971,10 @@ async fn relay_once(
         }
         if t.delivered > 0 {
             // Any event after the first token proves the upstream alive.
-            deadline
-                .as_mut()
-                .reset((Instant::now() + provider.idle_timeout).min(ends_by));
+            due = (Instant::now() + provider.idle_timeout).min(ends_by);
+            if due < deadline.deadline() {
+                deadline.as_mut().reset(due);
+            }
         }
     }
 }

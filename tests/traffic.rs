@@ -419,6 +419,21 @@ async fn first_token_timeout_is_retried_then_reported() {
     .await;
 }
 
+/// The idle timeout counts from the last event, not from the first token: a stream whose
+/// chunks each come well within it lives far past it (the relay moves its timer only when it
+/// fires early, so this is what catches a timer that is not moved on).
+#[tokio::test]
+async fn steady_chunks_outlive_the_idle_timeout_many_times() {
+    let h = Harness::start_with(|c| c.providers[0].idle_timeout_ms = 250).await;
+    let mut c = h.connect("alice").await;
+    c.open("steady", "steady [[mock chunks=10 delay_ms=100]]")
+        .await;
+    let records = c.collect(&["steady".into()]).await;
+    let r = &records["steady"];
+    assert_eq!(r.end_type(), "done", "{:?}", r.end);
+    assert_eq!(r.text, expected("steady", 10));
+}
+
 #[tokio::test]
 async fn silence_mid_stream_is_an_idle_timeout_without_retry() {
     let h = Harness::start_with(|c| c.providers[0].idle_timeout_ms = 200).await;

@@ -15,6 +15,7 @@
 use std::borrow::Cow;
 
 use super::Chunk;
+use crate::protocol::plain_run_end;
 
 /// How deep a skipped value may nest before the full parse is left to judge it (serde_json's
 /// own limit is 128).
@@ -149,6 +150,7 @@ impl<'a> Cursor<'a> {
         let mut escaped = false;
         let mut i = start;
         loop {
+            i = plain_run_end(bytes, i);
             match *bytes.get(i)? {
                 b'"' => break,
                 b'\\' => {
