@@ -199,6 +199,8 @@ export default class Follower {
       tab.connection = m.connection
       // what mux.fetch's automatic HTTP fallback asks: has the leader's socket ever been open
       if (m.connection === CONNECTION.open) tab.everOpen = true
+      // a handover's end, for a tab without streams to show it (see Mux `statusHold`)
+      if (m.connection === CONNECTION.open) tab.releaseStatus(false)
     }
     if (m.user !== undefined) tab.user = m.user
     if (m.tier !== undefined) tab.tier = m.tier

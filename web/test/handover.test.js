@@ -131,3 +131,89 @@ test('a closing leader tells the head of its roster first: its handshake starts 
     assert.equal(gw.connectionsTotal, 2)
   } finally { closeAll(list); gw.stop() }
 })
+
+test('a clean handover: each follower\'s page hears one status change, no heartbeat says "closed", text exact', async () => {
+  // with FAST's 40 ms heartbeat a slow box may beat between resign and claim: a second so
+  // the only status broadcasts in the window are the handover's own
+  const gw = new FakeGateway({ chunkMs: 4 })
+  const list = fakeTabs(6, { gw, tabHeartbeatMs: 1000, handoverQuietMs: 2000 })
+  try {
+    await settled(list)
+    const leader = list.find(t => t.mux.role === 'leader')
+    const others = list.filter(t => t !== leader)
+    const streams = list.map(t => ask(t.mux, 60))
+    const reads = streams.map(collect)
+    await until(() => streams.every(s => s.lastSeq >= 5), { what: 'streams under way' })
+    const heard = others.map(() => [])
+    const bus = others.map(() => [])
+    others.forEach((t, k) => {
+      t.mux.on('status', s => heard[k].push(s))
+      heard[k].length = 0 // the subscription's own call
+      const inner = t.mux.bus.onMessage
+      t.mux.bus.onMessage = (m) => { bus[k].push(m); inner(m) }
+    })
+    leader.page.pagehide()
+    const results = await Promise.all(reads)
+    for (const t of others) {
+      const i = list.indexOf(t)
+      assert.deepEqual(results[i], { text: fakeAnswer(streams[i].id, 60), error: null })
+    }
+    const next = others.find(t => t.mux.role === 'leader')
+    assert.ok(next, 'a new leader')
+    others.forEach((t, k) => {
+      const from = bus[k].filter(m => m.from === leader.mux.tabId && m.t === 'hb')
+      assert.deepEqual(from, [], 'the leaving leader sent no heartbeat (it said "closed" to every tab)')
+      if (t === next) return
+      // the stream's end is a status change of its own (streams 1 -> 0): at most two
+      const during = heard[k].filter(s => s.streams === 1)
+      assert.equal(during.length, 1, `follower ${k} heard ${JSON.stringify(during.map(s => [s.role, s.connection]))} during the handover`)
+      assert.equal(during[0].connection, 'open')
+      assert.equal(during[0].role, 'follower')
+    })
+  } finally { closeAll(list); gw.stop() }
+})
+
+test('a handover slower than handoverQuietMs shows "reconnecting", then "open"', async () => {
+  const gw = new FakeGateway({ chunkMs: 4 })
+  const locks = new FakeLocks()
+  const list = fakeTabs(3, { gw, locks, tabHeartbeatMs: 1000, handoverQuietMs: 30 })
+  try {
+    await settled(list)
+    const leader = list.find(t => t.mux.role === 'leader')
+    const others = list.filter(t => t !== leader)
+    const last = others.find(t => t.mux.tabId === leader.mux.part.roster.list()[2])
+    const heard = []
+    last.mux.on('status', s => heard.push(s.connection))
+    heard.length = 0
+    locks.grantDelayMs = 150 // the lock is slow: the page must not be left unaware
+    leader.page.pagehide()
+    await until(() => others.some(t => t.mux.role === 'leader') && last.mux.connection === 'open' && heard.at(-1) === 'open', { what: 'the handover over' })
+    assert.equal(heard[0], 'reconnecting', `heard ${heard.join(' ')}`)
+  } finally { closeAll(list); gw.stop() }
+})
+
+test('the new leader says hello before its page hears that it leads', async () => {
+  const gw = new FakeGateway({ chunkMs: 4 })
+  const locks = new FakeLocks()
+  const list = fakeTabs(3, { gw, locks })
+  try {
+    await settled(list)
+    const leader = list.find(t => t.mux.role === 'leader')
+    const s = ask(list.find(t => t !== leader).mux, 80)
+    const read = collect(s)
+    await until(() => s.lastSeq >= 5, { what: 'under way' })
+    const successor = list.find(t => t.mux.tabId === leader.mux.part.roster.list()[1])
+    locks.grantDelayMs = 60 // the warm socket is open when the lock comes
+    const before = gw.created.length
+    let helloAtLead = null
+    successor.mux.on('status', st => { if (st.role === 'leader' && helloAtLead === null) helloAtLead = gw.created.slice(before).some(ws => ws.helloSent) })
+    const send = gw.WebSocket.prototype.send
+    gw.WebSocket.prototype.send = function (data) { if (data.includes('"hello"')) this.helloSent = true; return send.call(this, data) }
+    try {
+      leader.page.pagehide()
+      assert.deepEqual(await read, { text: fakeAnswer(s.id, 80), error: null })
+    } finally { gw.WebSocket.prototype.send = send }
+    assert.equal(successor.mux.role, 'leader')
+    assert.equal(helloAtLead, true, 'the page\'s status listener ran before the hello went out')
+  } finally { closeAll(list); gw.stop() }
+})
