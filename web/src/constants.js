@@ -165,7 +165,11 @@ export const CONNECTION = Object.freeze({
  * `conn_error` to every tab.
  */
 export const BUS = Object.freeze({
-  /** leader → all: "I hold the lock now", with its epoch. Followers answer `join`. */
+  /**
+   * leader → all: "I hold the lock now", with its epoch. Followers answer `join`: at once, or
+   * with `table: true` (it resumed from the last leader's table) once the handover is over
+   * for them, if that table listed all their streams.
+   */
   claim: 'claim',
   /**
    * leader → all: periodic heartbeat with status and the roster. Followers answer `ack`,

@@ -95,7 +95,8 @@ export default class Leader {
       ? new Set()
       : new Set(previous.roster.filter(t => t !== tab.tabId && t !== previous.leader))
     this.collecting = { expected, timer: undefined, after: previous.leader }
-    tab.bus.post({ t: BUS.claim, v: BUS_VERSION, epoch: this.epoch, how })
+    // table: the followers listed in it may join once the replay is out (Follower `joinLater`)
+    tab.bus.post({ t: BUS.claim, v: BUS_VERSION, epoch: this.epoch, how, table: resigned })
     if (expected.size === 0) {
       this.finishCollecting()
     } else {

@@ -414,8 +414,25 @@ export default class Mux {
     } else if (m.frame) {
       this.deliverLocal(m.frame)
     }
-    // the new leader's first frames: the handover is over for this tab (text first, then status)
-    if (this.statusHold && m.from === this.leaderId && this.role === ROLE.follower && this.lastResign?.from !== m.from) this.releaseStatus()
+    // the new leader's first frames: the handover is over for this tab (text first, then
+    // status and the join it put off)
+    if (m.from === this.leaderId && this.role === ROLE.follower && this.lastResign?.from !== m.from) {
+      if (this.statusHold) this.releaseStatus()
+      if (this.part.joinTimer !== undefined) this.part.join()
+    }
+  }
+
+  /**
+   * Whether the `resign` of `leader` listed every live stream of this tab (then a new leader
+   * that resumed from it needs no join to resume them).
+   * @param {string|null} leader
+   */
+  resignListsOwnStreams (leader) {
+    const r = this.lastResign
+    if (!leader || !r || r.from !== leader || !Array.isArray(r.streams)) return false
+    const listed = new Set(r.streams.map(s => s?.id))
+    for (const s of this.streams.values()) if (!s.ended && !listed.has(s.id)) return false
+    return true
   }
 
   /** Our streams as a `join` lists them. */

@@ -5,6 +5,7 @@ import assert from 'node:assert/strict'
 import {
   ask, closeAll, collect, FakeGateway, fakeAnswer, FakeLocks, fakeTabs, roles, settled, until,
 } from './fakes.js'
+import Leader from '../src/leader.js'
 
 test('the head of the roster opens its socket on resign, before the lock reaches it, and says hello on it', async () => {
   const gw = new FakeGateway({ chunkMs: 4 })
@@ -215,5 +216,75 @@ test('the new leader says hello before its page hears that it leads', async () =
     } finally { gw.WebSocket.prototype.send = send }
     assert.equal(successor.mux.role, 'leader')
     assert.equal(helloAtLead, true, 'the page\'s status listener ran before the hello went out')
+  } finally { closeAll(list); gw.stop() }
+})
+
+test('after a clean resign the followers join once their replay is out, not between the claim and the welcome', async () => {
+  const gw = new FakeGateway({ chunkMs: 4 })
+  const locks = new FakeLocks()
+  const list = fakeTabs(5, { gw, locks, tabHeartbeatMs: 1000 })
+  const onBus = Leader.prototype.onBus
+  try {
+    await settled(list)
+    const leader = list.find(t => t.mux.role === 'leader')
+    const others = list.filter(t => t !== leader)
+    const streams = list.map(t => ask(t.mux, 60))
+    const reads = streams.map(collect)
+    await until(() => streams.every(s => s.lastSeq >= 5), { what: 'streams under way' })
+    // a slow gateway: the welcome and the replay come 60 ms after the hello
+    const before = gw.created.length
+    const handle = gw.handle.bind(gw)
+    gw.handle = (ws, msg) => { if (msg.type === 'hello' && gw.created.indexOf(ws) >= before) setTimeout(() => handle(ws, msg), 60); else handle(ws, msg) }
+    const joins = []
+    Leader.prototype.onBus = function (m) {
+      if (m.t === 'join' && this.tab !== leader.mux) joins.push({ from: m.from, postedBefore: this.posted.get(m.from) ?? 0 })
+      return onBus.call(this, m)
+    }
+    leader.page.pagehide()
+    const results = await Promise.all(reads)
+    for (const t of others) {
+      const i = list.indexOf(t)
+      assert.deepEqual(results[i], { text: fakeAnswer(streams[i].id, 60), error: null })
+    }
+    const next = others.find(t => t.mux.role === 'leader')
+    const followers = others.filter(t => t !== next)
+    await until(() => followers.every(t => next.mux.part.roster.has(t.mux.tabId) && next.mux.part.watches.has(t.mux.tabId)), { what: 'every follower in the roster, its tab lock watched' })
+    for (const t of followers) {
+      const j = joins.find(x => x.from === t.mux.tabId)
+      assert.ok(j, 'it joined')
+      assert.ok(j.postedBefore >= 1, 'its join was read before its replay was posted')
+    }
+    assert.equal(gw.created.length - before, 1, 'one socket for the handover')
+    assert.equal(gw.connectionsTotal, 2)
+  } finally { Leader.prototype.onBus = onBus; closeAll(list); gw.stop() }
+})
+
+test('a new leader granted the lock before it read the resign gets the joins at once (the crash path does not wait collectMs)', async () => {
+  // the other tabs read the resign at once, the next leader only 400 ms late: it takes the
+  // crash path, and its claim must not let the tabs (which have the table) put their joins off
+  const gw = new FakeGateway({ chunkMs: 4 })
+  const list = fakeTabs(5, { gw, collectMs: 20_000, tabHeartbeatMs: 1000 })
+  try {
+    await settled(list)
+    const leader = list.find(t => t.mux.role === 'leader')
+    const streams = list.map(t => ask(t.mux, 200))
+    const reads = streams.map(collect)
+    await until(() => streams.every(s => s.lastSeq >= 5), { what: 'streams under way' })
+    const successor = list.find(t => t.mux.tabId === leader.mux.part.roster.list()[1])
+    const inner = successor.mux.bus.onMessage
+    successor.mux.bus.onMessage = m => m.t === 'resign' ? setTimeout(() => inner(m), 400) : inner(m)
+    const before = gw.created.length
+    const closedAt = performance.now()
+    leader.page.pagehide()
+    await until(() => gw.created.slice(before).some(ws => ws.hello), { what: 'the new leader\'s hello', timeoutMs: 3000 })
+    const after = performance.now() - closedAt
+    assert.equal(successor.mux.role, 'leader')
+    assert.ok(after < 300, `hello ${Math.round(after)} ms after the close: it waited for the resign (400 ms late) or collectMs`)
+    const others = list.filter(t => t !== leader)
+    const results = await Promise.all(reads)
+    for (const t of others) {
+      const i = list.indexOf(t)
+      assert.deepEqual(results[i], { text: fakeAnswer(streams[i].id, 200), error: null })
+    }
   } finally { closeAll(list); gw.stop() }
 })
