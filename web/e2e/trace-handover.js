@@ -38,6 +38,11 @@ function instrument () {
     }
 
     get onmessage () { return super.onmessage }
+
+    postMessage (data) {
+      if (data?.t === 'join') note('post:join')
+      return super.postMessage(data)
+    }
   }
   const locks = navigator.locks
   const request = locks.request.bind(locks)
@@ -153,6 +158,7 @@ function report (traces, runs, t0) {
   const pct = xs => xs.length ? `min ${xs[0]} med ${xs[xs.length >> 1]} max ${xs[xs.length - 1]} (n ${xs.length})` : '-'
   console.log('resign read by followers:', pct(col('bus:resign')))
   console.log('claim read by followers: ', pct(col('bus:claim')))
+  console.log('joins posted by followers:', pct(traces.map(tr => tr.find(([t, w]) => w === 'post:join' && t > t0)).filter(Boolean).map(e => rel(e[0])).sort((a, b) => a - b)))
   const gone = traces.flatMap(tr => tr.filter(([, w]) => w === 'bus:resign').map(([, , x]) => x.from))[0]
   console.log('first replayed frames read:', pct(traces.map(tr => tr.find(([t, w, x]) => w === 'bus:frames' && t > t0 && x.from !== gone)).filter(Boolean).map(e => rel(e[0])).sort((a, b) => a - b)))
   const gaps = runs.map(r => (r.maxGapAt !== null && r.maxGapAt >= t0 ? Math.round(r.maxGapMs) : 0)).sort((a, b) => a - b)
