@@ -7,6 +7,23 @@ import {
 } from './fakes.js'
 import Leader from '../src/leader.js'
 
+/** One stream of `chunks` chunks in every tab, under way (5 chunks read in each). */
+async function streamAll (list, chunks) {
+  const streams = list.map(t => ask(t.mux, chunks))
+  const reads = streams.map(collect)
+  await until(() => streams.every(s => s.lastSeq >= 5), { what: 'streams under way' })
+  return { streams, reads }
+}
+
+/** The streams of `tabs` (of `list`, as streamAll started them) ended exact. */
+async function assertExact (list, tabs, { streams, reads }, chunks) {
+  const results = await Promise.all(reads)
+  for (const t of tabs) {
+    const i = list.indexOf(t)
+    assert.deepEqual(results[i], { text: fakeAnswer(streams[i].id, chunks), error: null })
+  }
+}
+
 test('the head of the roster opens its socket on resign, before the lock reaches it, and says hello on it', async () => {
   const gw = new FakeGateway({ chunkMs: 4 })
   const locks = new FakeLocks()
@@ -14,9 +31,7 @@ test('the head of the roster opens its socket on resign, before the lock reaches
   try {
     await settled(list)
     const leader = list.find(t => t.mux.role === 'leader')
-    const streams = list.map(t => ask(t.mux, 50))
-    const reads = streams.map(collect)
-    await until(() => streams.every(s => s.lastSeq >= 5), { what: 'streams under way' })
+    const run = await streamAll(list, 50)
     const others = list.filter(t => t !== leader)
     const successorId = leader.mux.part.roster.list()[1]
     const successor = others.find(t => t.mux.tabId === successorId)
@@ -26,11 +41,7 @@ test('the head of the roster opens its socket on resign, before the lock reaches
     locks.grantDelayMs = 120
     const before = gw.created.length
     leader.page.pagehide()
-    const results = await Promise.all(reads)
-    for (const t of others) {
-      const i = list.indexOf(t)
-      assert.deepEqual(results[i], { text: fakeAnswer(streams[i].id, 50), error: null })
-    }
+    await assertExact(list, others, run, 50)
     await until(() => roles(others).filter(r => r === 'leader').length === 1, { what: 'one new leader' })
     assert.equal(successor.mux.role, 'leader', 'the head of the roster got the lock (first in its queue)')
     const opened = gw.created.slice(before)
@@ -102,9 +113,7 @@ test('a closing leader tells the head of its roster first: its handshake starts 
   try {
     await settled(list)
     const leader = list.find(t => t.mux.role === 'leader')
-    const streams = list.map(t => ask(t.mux, 80))
-    const reads = streams.map(collect)
-    await until(() => streams.every(s => s.lastSeq >= 5), { what: 'streams under way' })
+    const run = await streamAll(list, 80)
     const successor = list.find(t => t.mux.tabId === leader.mux.part.roster.list()[1])
     let resignReadAt = null
     const inner = successor.mux.bus.onMessage
@@ -117,12 +126,8 @@ test('a closing leader tells the head of its roster first: its handshake starts 
     const before = gw.created.length
     const closedAt = performance.now()
     leader.page.pagehide()
-    const results = await Promise.all(reads)
     const others = list.filter(t => t !== leader)
-    for (const t of others) {
-      const i = list.indexOf(t)
-      assert.deepEqual(results[i], { text: fakeAnswer(streams[i].id, 80), error: null })
-    }
+    await assertExact(list, others, run, 80)
     assert.equal(successor.mux.role, 'leader')
     const opened = gw.created.slice(before)
     assert.equal(opened.length, 1, 'one socket for the handover')
@@ -142,9 +147,8 @@ test('a clean handover: each follower\'s page hears one status change, no heartb
     await settled(list)
     const leader = list.find(t => t.mux.role === 'leader')
     const others = list.filter(t => t !== leader)
-    const streams = list.map(t => ask(t.mux, 60))
-    const reads = streams.map(collect)
-    await until(() => streams.every(s => s.lastSeq >= 5), { what: 'streams under way' })
+    const run = await streamAll(list, 60)
+    const { streams } = run
     const heard = others.map(() => [])
     const bus = others.map(() => [])
     others.forEach((t, k) => {
@@ -154,11 +158,7 @@ test('a clean handover: each follower\'s page hears one status change, no heartb
       t.mux.bus.onMessage = (m) => { bus[k].push(m); inner(m) }
     })
     leader.page.pagehide()
-    const results = await Promise.all(reads)
-    for (const t of others) {
-      const i = list.indexOf(t)
-      assert.deepEqual(results[i], { text: fakeAnswer(streams[i].id, 60), error: null })
-    }
+    await assertExact(list, others, run, 60)
     const next = others.find(t => t.mux.role === 'leader')
     assert.ok(next, 'a new leader')
     others.forEach((t, k) => {
@@ -230,9 +230,7 @@ test('after a clean resign the followers join once their replay is out, not betw
     await settled(list)
     const leader = list.find(t => t.mux.role === 'leader')
     const others = list.filter(t => t !== leader)
-    const streams = list.map(t => ask(t.mux, 60))
-    const reads = streams.map(collect)
-    await until(() => streams.every(s => s.lastSeq >= 5), { what: 'streams under way' })
+    const run = await streamAll(list, 60)
     // a slow gateway: the welcome and the replay come 60 ms after the hello
     const before = gw.created.length
     const handle = gw.handle.bind(gw)
@@ -243,11 +241,7 @@ test('after a clean resign the followers join once their replay is out, not betw
       return onBus.call(this, m)
     }
     leader.page.pagehide()
-    const results = await Promise.all(reads)
-    for (const t of others) {
-      const i = list.indexOf(t)
-      assert.deepEqual(results[i], { text: fakeAnswer(streams[i].id, 60), error: null })
-    }
+    await assertExact(list, others, run, 60)
     const next = others.find(t => t.mux.role === 'leader')
     const followers = others.filter(t => t !== next)
     await until(() => followers.every(t => next.mux.part.roster.has(t.mux.tabId) && next.mux.part.watches.has(t.mux.tabId)), { what: 'every follower in the roster, its tab lock watched' })
@@ -269,9 +263,7 @@ test('a new leader granted the lock before it read the resign gets the joins at 
   try {
     await settled(list)
     const leader = list.find(t => t.mux.role === 'leader')
-    const streams = list.map(t => ask(t.mux, 200))
-    const reads = streams.map(collect)
-    await until(() => streams.every(s => s.lastSeq >= 5), { what: 'streams under way' })
+    const run = await streamAll(list, 200)
     const successor = list.find(t => t.mux.tabId === leader.mux.part.roster.list()[1])
     const inner = successor.mux.bus.onMessage
     successor.mux.bus.onMessage = m => m.t === 'resign' ? setTimeout(() => inner(m), 1500) : inner(m)
@@ -284,10 +276,6 @@ test('a new leader granted the lock before it read the resign gets the joins at 
     // 190: below the 200 ms a tab holding its join back (the reverted 33e8408) waited at least
     assert.ok(after < 190, `hello ${Math.round(after)} ms after the close: it waited for joins held back, the resign (1.5 s late) or collectMs`)
     const others = list.filter(t => t !== leader)
-    const results = await Promise.all(reads)
-    for (const t of others) {
-      const i = list.indexOf(t)
-      assert.deepEqual(results[i], { text: fakeAnswer(streams[i].id, 200), error: null })
-    }
+    await assertExact(list, others, run, 200)
   } finally { closeAll(list); gw.stop() }
 })
