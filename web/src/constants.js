@@ -165,7 +165,11 @@ export const CONNECTION = Object.freeze({
  * `conn_error` to every tab.
  */
 export const BUS = Object.freeze({
-  /** leader → all: "I hold the lock now", with its epoch. Followers answer `join`. */
+  /**
+   * leader → all: "I hold the lock now", with its epoch. Followers answer `join`: at once, or
+   * with `table: true` (it resumed from the last leader's table) once the handover is over
+   * for them, if that table listed all their streams.
+   */
   claim: 'claim',
   /**
    * leader → all: periodic heartbeat with status and the roster. Followers answer `ack`,
@@ -276,6 +280,14 @@ export const DEFAULTS = Object.freeze({
   standby: false,
   /** After the gateway refused a standby (4429, or a cap under 3), none is tried for this long. */
   standbyRetryMs: 60000,
+  /**
+   * During a clean handover a tab's `status` events are held back for up to this long (the
+   * new leader's, until its hello is out; a follower's, until the new leader's frames or word
+   * that its socket is open), so the page sees one change, not a "reconnecting" that lasts a
+   * blink, and 30 tabs do not re-render three times while the next leader needs the CPU.
+   * `status()` is current throughout. 0: every change at once.
+   */
+  handoverQuietMs: 250,
   /** A hidden leader is replaced by a visible follower after this long. */
   preferVisibleMs: 5000,
   /** Socket ping period until `welcome.heartbeat_ms` says otherwise. */

@@ -39,6 +39,8 @@ export default class Follower {
     this.mustJoin = true
     this.beatTimer = undefined
     this.stealTimer = undefined
+    /** A join put off until the handover is over (see `joinLater`). */
+    this.joinTimer = undefined
     /** Since when the leader says it is hidden, or null. */
     this.leaderHiddenSince = null
     /** The leader reads its inbox (bus version 2): write there, not to every tab. */
@@ -65,8 +67,10 @@ export default class Follower {
   stop () {
     clearTimeout(this.beatTimer)
     clearTimeout(this.stealTimer)
+    clearTimeout(this.joinTimer)
     this.beatTimer = undefined
     this.stealTimer = undefined
+    this.joinTimer = undefined
   }
 
   /** @param {any} stream a ChatStream of this tab */
@@ -187,6 +191,7 @@ export default class Follower {
     if (tab.leaderEpoch && compareEpochs(m.epoch, tab.leaderEpoch) < 0) return // a deposed leader
     tab.maxEpochN = Math.max(tab.maxEpochN, m.epoch.n)
     const changed = compareEpochs(m.epoch, tab.leaderEpoch) !== 0
+    const lastLeader = tab.leaderId
     tab.leaderEpoch = m.epoch
     tab.leaderId = m.from
     this.leaderReadsInbox = m.v >= 2
@@ -199,6 +204,11 @@ export default class Follower {
       tab.connection = m.connection
       // what mux.fetch's automatic HTTP fallback asks: has the leader's socket ever been open
       if (m.connection === CONNECTION.open) tab.everOpen = true
+      // a handover's end, for a tab without streams to show it (see Mux `statusHold`)
+      if (m.connection === CONNECTION.open) {
+        tab.releaseStatus(false)
+        if (this.joinTimer !== undefined && !changed && !claim) this.join()
+      }
     }
     if (m.user !== undefined) tab.user = m.user
     if (m.tier !== undefined) tab.tier = m.tier
@@ -211,10 +221,34 @@ export default class Follower {
       Date.now() - this.joinedAt > tab.opts.tabHeartbeatMs
     if (changed || claim || forgotten || this.mustJoin) {
       this.mustJoin = false
-      this.joinedAt = Date.now()
-      this.toLeader({ t: BUS.join, v: BUS_VERSION, visible: tab.isVisible(), lock: tab.holdsTabLock, streams: tab.ownStreamList(), read: Object.fromEntries(tab.readFrom) })
+      if (claim && m.table === true && tab.resignListsOwnStreams(lastLeader)) this.joinLater()
+      else this.join()
     }
     tab.emitStatus()
+  }
+
+  join () {
+    const tab = this.tab
+    clearTimeout(this.joinTimer)
+    this.joinTimer = undefined
+    this.joinedAt = Date.now()
+    this.toLeader({ t: BUS.join, v: BUS_VERSION, visible: tab.isVisible(), lock: tab.holdsTabLock, streams: tab.ownStreamList(), read: Object.fromEntries(tab.readFrom) })
+  }
+
+  /**
+   * The new leader resumed from the last leader's table, which lists all our streams: our
+   * join changes nothing of the replay, so it goes once the handover is over for this tab
+   * (the new leader's first frames here, or its word that its socket is open), at the latest
+   * `handoverQuietMs` after the claim. 29 joins read by the new leader between its hello and
+   * the replay held the replay up. Only on the claim's word: a leader that got the lock
+   * before the table (the crash path) says nothing and waits for the joins, which then come
+   * at once (a tab deciding this by itself, on the `resign` it read, made such a leader wait
+   * `collectMs` for joins held back).
+   */
+  joinLater () {
+    this.joinedAt = Date.now()
+    clearTimeout(this.joinTimer)
+    this.joinTimer = setTimeout(() => this.join(), this.tab.opts.handoverQuietMs)
   }
 
   /** @param {any} m a bus message from another tab */

@@ -193,6 +193,9 @@ export interface ConnectOptions {
   /** After the gateway refused a standby (4429, or `max_connections` under 3), none is
    * tried for this long (default 60000). */
   standbyRetryMs?: number
+  /** During a clean handover, `status` events wait up to this long for its end, so the page
+   * sees one change (default 250; 0: every change at once). `status()` is always current. */
+  handoverQuietMs?: number
   preferVisibleMs?: number
   heartbeatMs?: number
   /** A token function is called this long before its token expires, and the new token sent

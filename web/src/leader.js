@@ -48,6 +48,10 @@ export default class Leader {
     this.beats = 0
     /** The pending parts of this period's heartbeat (see `heartbeat`). */
     this.slotTimers = []
+    /** The followers have heard that this leader's socket was open once. */
+    this.announcedOpen = false
+    /** `stop()` runs: the socket's last state changes are not news for the followers. */
+    this.stopping = false
   }
 
   /**
@@ -69,7 +73,7 @@ export default class Leader {
       warm,
       standby,
       forward: (to, frame) => this.forward(to, frame),
-      onChange: () => this.broadcastStatus(),
+      onChange: () => this.connectionChanged(),
       onConnectionError: error => tab.bus.post({ t: BUS.connError, error: error.toJSON() }),
       onBatchEnd: () => this.flushOutbox(),
     })
@@ -91,7 +95,8 @@ export default class Leader {
       ? new Set()
       : new Set(previous.roster.filter(t => t !== tab.tabId && t !== previous.leader))
     this.collecting = { expected, timer: undefined, after: previous.leader }
-    tab.bus.post({ t: BUS.claim, v: BUS_VERSION, epoch: this.epoch, how })
+    // table: the followers listed in it may join once the replay is out (Follower `joinLater`)
+    tab.bus.post({ t: BUS.claim, v: BUS_VERSION, epoch: this.epoch, how, table: resigned })
     if (expected.size === 0) {
       this.finishCollecting()
     } else {
@@ -118,6 +123,7 @@ export default class Leader {
    */
   stop ({ handoff, leaving }) {
     const tab = this.tab
+    this.stopping = true
     clearInterval(this.hbTimer)
     this.hbTimer = undefined
     this.clearSlots()
@@ -330,6 +336,28 @@ export default class Leader {
     tab.tabs = this.roster.size
     tab.bus.post({ t: BUS.hb, ...this.payload(), ack })
     tab.emitStatus()
+  }
+
+  /**
+   * The socket's state changed: the followers hear it. Not the first `connecting` (the claim
+   * said so), and the first `open` a moment later (with the next joins' status), not in the
+   * same task as `welcome`: 29 tabs woken to re-render their status just before the replay
+   * reached them held it up; a follower with streams learns the handover is over from its
+   * replayed frames.
+   */
+  connectionChanged () {
+    // stepping down: the `resign` says so (a `closed` heartbeat first woke every tab for nothing)
+    if (this.stopping) return
+    const state = this.tab.connection
+    if (!this.announcedOpen) {
+      if (state === CONNECTION.connecting) return
+      if (state === CONNECTION.open) {
+        this.announcedOpen = true
+        this.soonBroadcastStatus()
+        return
+      }
+    }
+    this.broadcastStatus()
   }
 
   /**

@@ -111,6 +111,13 @@ export default class Mux {
     this.standby = null
     /** No standby before this (ms since epoch): the gateway refused the last one. */
     this.standbyPausedUntil = 0
+    /**
+     * While a clean handover runs, this tab's status changes are kept back (`holdStatus`):
+     * {timer, pending}. Every tab re-rendered its status two or three times in the same
+     * 100 ms (resign, claim, the new socket open), which on a busy machine delayed the new
+     * leader's handshake and replay, and showed a "reconnecting" that lasts a blink.
+     */
+    this.statusHold = null
 
     this.installLifecycle()
     this.start()
@@ -226,6 +233,7 @@ export default class Mux {
   /** Ends this tab's streams (code `closed`), hands the socket to another tab if leader. */
   close () {
     if (this.role === ROLE.closed) return
+    this.releaseStatus(false)
     if (this.role === ROLE.leader) this.part?.warnSuccessor()
     this.endOwnStreams(new MuxError(CLIENT_ERROR_CODE.closed, 'the connection was closed by the page'))
     this.suspend(true)
@@ -274,6 +282,7 @@ export default class Mux {
   suspend (final) {
     if (!this.running) return
     this.running = !final
+    this.releaseStatus()
     this.dropWarm()
     this.dropStandby()
     if (this.role === ROLE.leader) {
@@ -405,6 +414,25 @@ export default class Mux {
     } else if (m.frame) {
       this.deliverLocal(m.frame)
     }
+    // the new leader's first frames: the handover is over for this tab (text first, then
+    // status and the join it put off)
+    if (m.from === this.leaderId && this.role === ROLE.follower && this.lastResign?.from !== m.from) {
+      if (this.statusHold) this.releaseStatus()
+      if (this.part.joinTimer !== undefined) this.part.join()
+    }
+  }
+
+  /**
+   * Whether the `resign` of `leader` listed every live stream of this tab (then a new leader
+   * that resumed from it needs no join to resume them).
+   * @param {string|null} leader
+   */
+  resignListsOwnStreams (leader) {
+    const r = this.lastResign
+    if (!leader || !r || r.from !== leader || !Array.isArray(r.streams)) return false
+    const listed = new Set(r.streams.map(s => s?.id))
+    for (const s of this.streams.values()) if (!s.ended && !listed.has(s.id)) return false
+    return true
   }
 
   /** Our streams as a `join` lists them. */
@@ -434,9 +462,13 @@ export default class Mux {
     else this.warmUp()
     const previous = { leader: this.leaderId, roster: this.knownRoster, resign: this.lastResign }
     this.part?.stop()
-    this.part = new Leader(this)
+    // the page's status listeners (a re-render) run once the hello is on its way, not before
+    this.holdStatus(this.opts.handoverQuietMs)
+    const leader = new Leader(this)
+    this.part = leader
     this.setRole(ROLE.leader)
-    this.part.start(how, previous, this.takeWarm(), standby)
+    leader.start(how, previous, this.takeWarm(), standby)
+    leader.nextTask(() => this.releaseStatus())
   }
 
   /**
@@ -484,7 +516,29 @@ export default class Mux {
     // the order the tabs came): start the handshake now, while the lock is on its way
     if (Array.isArray(m.roster) && m.roster[1] === this.tabId) this.warmUp()
     this.connection = CONNECTION.reconnecting
+    // the next leader's claim, then its frames or its word that the socket is open, follow
+    // within a few tens of ms: the page sees one status change for all that (or, if it takes
+    // longer than handoverQuietMs, "reconnecting" then)
+    this.holdStatus(this.opts.handoverQuietMs)
     this.emitStatus()
+  }
+
+  /**
+   * Keeps status changes back for up to `ms` (see `statusHold`); `status()` stays current.
+   * @param {number} ms
+   */
+  holdStatus (ms) {
+    if (this.statusHold || !(ms > 0)) return
+    this.statusHold = { timer: setTimeout(() => this.releaseStatus(), ms) }
+  }
+
+  /** Ends a hold: the page hears the status as it is now (`emit`: false, not at all). */
+  releaseStatus (emit = true) {
+    const hold = this.statusHold
+    if (!hold) return
+    this.statusHold = null
+    clearTimeout(hold.timer)
+    if (emit) this.emitStatus()
   }
 
   /** Opens the WebSocket a next leader will say hello on (see DEFAULTS.warmSocketMs). */
@@ -584,6 +638,7 @@ export default class Mux {
     if (this.connection === state) return false
     this.connection = state
     if (state === CONNECTION.open) this.everOpen = true
+    if (state === CONNECTION.open) this.releaseStatus(false)
     this.emitStatus()
     return true
   }
@@ -621,6 +676,7 @@ export default class Mux {
   }
 
   emitStatus () {
+    if (this.statusHold) return
     const status = this.status()
     const key = JSON.stringify(status)
     if (key === this.lastStatus) return
