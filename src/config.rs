@@ -321,6 +321,13 @@ pub struct ProviderConfig {
     /// divided by the workers. Default 64.
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle_per_host: usize,
+    /// For an `http://` base_url: HTTP/1.1 with the connection read by the stream's own task
+    /// (one task wake-up per chunk instead of three), its keep-alive pool sized by
+    /// `pool_max_idle_per_host`. Not used for `https://`, nor when `HTTP_PROXY` or
+    /// `ALL_PROXY` is set (reqwest's proxy then applies). `false` sends every request through
+    /// reqwest. Default true.
+    #[serde(default = "default_true")]
+    pub direct_http1: bool,
     /// The API key itself, resolved from `api_key_env` or `MUXGATE_UPSTREAM_API_KEY` at load.
     #[serde(skip)]
     pub api_key: Option<String>,
@@ -341,6 +348,9 @@ fn default_max_concurrent() -> usize {
 fn default_pool_max_idle() -> usize {
     64
 }
+fn default_true() -> bool {
+    true
+}
 
 impl ProviderConfig {
     /// A provider that serves every model, as set by `MUXGATE_UPSTREAM_BASE_URL`.
@@ -355,6 +365,7 @@ impl ProviderConfig {
             idle_timeout_ms: default_idle_timeout_ms(),
             max_concurrent: default_max_concurrent(),
             pool_max_idle_per_host: default_pool_max_idle(),
+            direct_http1: true,
             api_key,
         }
     }

@@ -41,7 +41,8 @@
 //! - `metrics`: Prometheus metrics (`docs/metrics.md`).
 //! - `billing`: token counts (`tokens`), daily budgets (`budgets`), and a stream's price and
 //!   settlement at its end (`settlement`).
-//! - `upstream`: providers, pooled HTTP clients, SSE chunk parsing, upstream errors.
+//! - `upstream`: providers, pooled HTTP clients, SSE chunk parsing, upstream errors;
+//!   `upstream::h1`, plain-http upstreams' HTTP/1.1 connections read by the stream's task.
 //! - `sse`: the server-sent events parser: linear time, bounded event size.
 //! - `redact`: the one path upstream text takes to a frame or a log (keys, controls).
 //! - `openai`: the OpenAI-compatible HTTP front end (`/v1/chat/completions`, `/v1/models`),

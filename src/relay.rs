@@ -935,6 +935,7 @@ async fn relay_once(
         // One clock read per stream, not per chunk: only the first answering chunk's time counts.
         let received = t.first_chunk.is_none().then(Instant::now);
         if event.data == "[DONE]" {
+            events.last_event();
             let reason = finish_reason.unwrap_or_else(|| "stop".into());
             return Ok(done(reason, usage, completion_id, system_fingerprint));
         }

@@ -246,6 +246,11 @@ impl<S> EventStream<S> {
             done: false,
         }
     }
+
+    /// The byte stream underneath.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
 }
 
 impl<S, E> Stream for EventStream<S>

@@ -22,6 +22,7 @@ use crate::redact::Redactor;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::sse::{self, SseError};
 
+mod h1;
 mod scan;
 
 /// Bounds on upstream text quoted in an error, in characters.
@@ -53,6 +54,10 @@ pub struct Provider {
     /// reused by every stream; one per worker thread (see [`crate::workers`]), so a pooled
     /// connection's task runs on the thread of the streams that read it.
     clients: Vec<reqwest::Client>,
+    /// Plain-http upstreams: hyper's HTTP/1.1 connection polled by the relay's task itself
+    /// (see [`h1`]), with its own keep-alive pool; `None` for https, which takes `clients`.
+    direct: Option<(h1::Target, Arc<h1::Pool>)>,
+    connect_timeout: Duration,
     models: Vec<String>,
     pub first_token_timeout: Duration,
     pub idle_timeout: Duration,
@@ -140,9 +145,20 @@ pub struct EventStream<S> {
     redactor: Arc<Redactor>,
 }
 
-impl<S> Stream for EventStream<S>
+impl EventStream<UpstreamBody> {
+    /// The relay took the stream's last event (`[DONE]`) and reads no further, so a direct
+    /// connection may go back to its pool (see [`h1::Body::last_event`]).
+    pub fn last_event(&mut self) {
+        if let UpstreamBody::Direct(body) = self.events.get_mut() {
+            body.last_event();
+        }
+    }
+}
+
+impl<S, E> Stream for EventStream<S>
 where
-    S: Stream<Item = reqwest::Result<Bytes>> + Unpin,
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::error::Error,
 {
     type Item = Result<sse::Event, UpstreamError>;
 
@@ -182,8 +198,27 @@ impl Provider {
                     .build()
             })
             .collect::<Result<_, _>>()?;
+        let direct = (c.direct_http1 && url.scheme() == "http" && !proxy_from_env())
+            .then(|| {
+                let host = url.host_str()?;
+                let port = url.port_or_known_default()?;
+                let authority = match url.port() {
+                    Some(p) => format!("{host}:{p}"),
+                    None => host.to_string(),
+                };
+                Some((
+                    h1::Target {
+                        addr: format!("{host}:{port}"),
+                        host: http::HeaderValue::from_str(&authority).ok()?,
+                    },
+                    h1::Pool::new(pools, c.pool_max_idle_per_host, Duration::from_secs(90)),
+                ))
+            })
+            .flatten();
         Ok(Provider {
             name: c.name.clone(),
+            direct,
+            connect_timeout: Duration::from_millis(c.connect_timeout_ms),
             url,
             api_key: c.api_key.clone(),
             redactor,
@@ -199,28 +234,14 @@ impl Provider {
 
     /// Posts one streaming chat-completions request and checks status and content type
     /// before anything is streamed.
-    pub async fn open(
-        &self,
-        body: Bytes,
-    ) -> Result<EventStream<impl Stream<Item = reqwest::Result<Bytes>> + Unpin + Send>, UpstreamError>
-    {
-        let client = &self.clients[crate::workers::current().unwrap_or(0) % self.clients.len()];
-        let mut req = client
-            .post(self.url.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .header("accept", "text/event-stream")
-            .body(body);
-        if let Some(key) = &self.api_key {
-            req = req.bearer_auth(key);
-        }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| UpstreamError::Connect(self.redact(&error_chain(&e))))?;
-        let status = resp.status();
+    pub async fn open(&self, body: Bytes) -> Result<EventStream<UpstreamBody>, UpstreamError> {
+        let (status, headers, mut stream) = match &self.direct {
+            Some((target, pool)) => self.send_direct(target, pool, body).await?,
+            None => self.send_pooled(body).await?,
+        };
         if !status.is_success() {
-            let retry_after = retry_after(resp.headers());
-            let text = read_prefix(resp, 4096).await;
+            let retry_after = retry_after(&headers);
+            let text = read_prefix(&mut stream, 4096).await;
             let (message, upstream) = error_body(&text, &self.redactor);
             return Err(UpstreamError::Status {
                 status: status.as_u16(),
@@ -229,8 +250,7 @@ impl Provider {
                 upstream,
             });
         }
-        let content_type = resp
-            .headers()
+        let content_type = headers
             .get(CONTENT_TYPE)
             .map(|v| String::from_utf8_lossy(v.as_bytes()))
             .unwrap_or_default();
@@ -240,9 +260,64 @@ impl Provider {
             ));
         }
         Ok(EventStream {
-            events: sse::EventStream::new(resp.bytes_stream(), self.max_event_bytes),
+            events: sse::EventStream::new(stream, self.max_event_bytes),
             redactor: self.redactor.clone(),
         })
+    }
+
+    async fn send_pooled(
+        &self,
+        body: Bytes,
+    ) -> Result<(http::StatusCode, HeaderMap, UpstreamBody), UpstreamError> {
+        let client = &self.clients[crate::workers::current().unwrap_or(0) % self.clients.len()];
+        let mut req = client
+            .post(self.url.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header("accept", "text/event-stream")
+            .body(body);
+        if let Some(key) = &self.api_key {
+            req = req.bearer_auth(key);
+        }
+        let mut resp = req
+            .send()
+            .await
+            .map_err(|e| UpstreamError::Connect(self.redact(&error_chain(&e))))?;
+        let headers = std::mem::take(resp.headers_mut());
+        Ok((
+            resp.status(),
+            headers,
+            UpstreamBody::Pooled(Box::pin(resp.bytes_stream())),
+        ))
+    }
+
+    async fn send_direct(
+        &self,
+        target: &h1::Target,
+        pool: &Arc<h1::Pool>,
+        body: Bytes,
+    ) -> Result<(http::StatusCode, HeaderMap, UpstreamBody), UpstreamError> {
+        let path = match self.url.query() {
+            Some(q) => format!("{}?{q}", self.url.path()),
+            None => self.url.path().to_string(),
+        };
+        let mut req = http::Request::post(path)
+            .header(http::header::HOST, target.host.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header(http::header::ACCEPT, "text/event-stream")
+            .header(
+                http::header::USER_AGENT,
+                concat!("muxgate/", env!("CARGO_PKG_VERSION")),
+            );
+        if let Some(key) = &self.api_key {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        let req = req
+            .body(http_body_util::Full::new(body))
+            .map_err(|e| UpstreamError::Connect(self.redact(&e.to_string())))?;
+        let (parts, body) = h1::send(pool, target, self.connect_timeout, req)
+            .await
+            .map_err(|e| UpstreamError::Connect(self.redact(&error_chain(&e))))?;
+        Ok((parts.status, parts.headers, UpstreamBody::Direct(body)))
     }
 
     /// Upstream text made fit for a client frame or a log (see [`crate::redact`]).
@@ -256,6 +331,14 @@ impl Provider {
     }
 }
 
+/// Whether reqwest would send a plain-http request through a proxy from the environment: the
+/// direct path connects itself, so it is used only when none is set.
+fn proxy_from_env() -> bool {
+    ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"]
+        .iter()
+        .any(|k| std::env::var_os(k).is_some_and(|v| !v.is_empty()))
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
@@ -267,16 +350,53 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-async fn read_prefix(mut resp: reqwest::Response, max: usize) -> String {
+async fn read_prefix(body: &mut UpstreamBody, max: usize) -> String {
+    use futures_util::StreamExt;
     let mut buf = Vec::new();
     while buf.len() < max {
-        match resp.chunk().await {
-            Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
+        match body.next().await {
+            Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
             _ => break,
         }
     }
     buf.truncate(max);
     String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// An upstream response's body: through reqwest's pool (its stream type has no name, hence
+/// the box), or read by the relay's own task.
+// The direct body is the larger by far, but the body lives in place in its stream's task for
+// the stream's life: a box would be one more allocation per stream and one more pointer to
+// follow per chunk.
+#[allow(clippy::large_enum_variant)]
+pub enum UpstreamBody {
+    Pooled(Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>),
+    Direct(h1::Body),
+}
+
+/// Why an upstream response's body broke.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Pooled(#[from] reqwest::Error),
+    #[error(transparent)]
+    Direct(#[from] hyper::Error),
+}
+
+impl Stream for UpstreamBody {
+    type Item = Result<Bytes, BodyError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.get_mut() {
+            UpstreamBody::Pooled(s) => s
+                .as_mut()
+                .poll_next(cx)
+                .map(|o| o.map(|r| r.map_err(BodyError::from))),
+            UpstreamBody::Direct(s) => Pin::new(s)
+                .poll_next(cx)
+                .map(|o| o.map(|r| r.map_err(BodyError::from))),
+        }
+    }
 }
 
 /// The `error.message` of an OpenAI-style error body (else the body's start), redacted, and

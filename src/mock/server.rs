@@ -251,10 +251,14 @@ impl Drop for MockHandle {
     }
 }
 
-fn nodelay(listener: TcpListener) -> impl axum::serve::Listener<Addr = SocketAddr> {
+fn nodelay(
+    listener: TcpListener,
+    stats: Arc<MockStats>,
+) -> impl axum::serve::Listener<Addr = SocketAddr> {
     // Without TCP_NODELAY small SSE events can sit in Nagle's buffer waiting
     // for a delayed ACK, which skews latency benchmarks by tens of milliseconds.
-    listener.tap_io(|tcp| {
+    listener.tap_io(move |tcp| {
+        stats.connections.fetch_add(1, Ordering::SeqCst);
         if let Err(err) = tcp.set_nodelay(true) {
             tracing::debug!(%err, "mock upstream: cannot set TCP_NODELAY");
         }
@@ -265,7 +269,10 @@ fn nodelay(listener: TcpListener) -> impl axum::serve::Listener<Addr = SocketAdd
 pub async fn spawn(listener: TcpListener, api_key: Option<String>) -> std::io::Result<MockHandle> {
     let addr = listener.local_addr()?;
     let state = MockState::new(api_key);
-    let server = axum::serve(nodelay(listener), router(state.clone()));
+    let server = axum::serve(
+        nodelay(listener, state.stats.clone()),
+        router(state.clone()),
+    );
     let task = tokio::spawn(async move {
         if let Err(err) = server.await {
             tracing::warn!(%err, "mock upstream stopped");
@@ -280,7 +287,7 @@ pub async fn run(
     state: MockState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(nodelay(listener), router(state))
+    axum::serve(nodelay(listener, state.stats.clone()), router(state))
         .with_graceful_shutdown(shutdown)
         .await
 }

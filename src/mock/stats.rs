@@ -18,6 +18,7 @@ pub struct MockStats {
     pub(super) errors_injected: AtomicU64,
     pub(super) error_events: AtomicU64,
     pub(super) tool_requests: AtomicU64,
+    pub(super) connections: AtomicU64,
     pub(super) last_authorization: Mutex<Option<String>>,
     pub(super) last_request: Mutex<Option<Value>>,
 }
@@ -46,6 +47,10 @@ pub struct MockStatsSnapshot {
     /// Accepted chat-completion requests (valid body and directives) that carried a non-empty
     /// `tools` array.
     pub tool_requests: u64,
+    /// TCP connections accepted: with `requests`, whether a client reused its keep-alive
+    /// connections.
+    #[serde(default)]
+    pub connections: u64,
     /// The `Authorization` header of the last request.
     pub last_authorization: Option<String>,
     /// The JSON body of the last request (`None` if it was not JSON).
@@ -68,6 +73,7 @@ impl MockStats {
             errors_injected: self.errors_injected.load(Ordering::SeqCst),
             error_events: self.error_events.load(Ordering::SeqCst),
             tool_requests: self.tool_requests.load(Ordering::SeqCst),
+            connections: self.connections.load(Ordering::SeqCst),
             last_authorization: self.last_authorization.lock().clone(),
             last_request: self.last_request.lock().clone(),
         }
@@ -85,6 +91,7 @@ impl MockStats {
             &self.errors_injected,
             &self.error_events,
             &self.tool_requests,
+            &self.connections,
         ] {
             counter.store(0, Ordering::SeqCst);
         }
