@@ -72,12 +72,7 @@ async fn streams_progress_concurrently_not_in_turn() {
 async fn cancel_aborts_the_upstream_request() {
     let h = Harness::start().await;
     let mut c = h.connect("alice").await;
-    c.open("s1", "[[mock chunks=1000 delay_ms=20]]").await;
-    c.recv_until("delta", Some("s1")).await;
-    c.send(json!({"type":"cancel","id":"s1"})).await;
-    let end = c.recv_until("error", Some("s1")).await;
-    assert_eq!(end["code"], "cancelled", "{end}");
-    wait_for_mock(&h, "aborted == 1", |s| s.aborted == 1 && s.in_flight == 0).await;
+    cancel_mid_stream(&h, &mut c, "s1").await;
     assert!(h.mock.stats().chunks_sent < 1000);
     // The connection lives on, and the id can be used again.
     c.open("s1", "again [[mock chunks=3]]").await;

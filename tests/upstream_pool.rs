@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use common::*;
 use muxgate::config::ProviderConfig;
-use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -45,12 +44,7 @@ async fn with_direct_http1_off_reqwest_relays_and_pools() {
 async fn a_connection_cancelled_mid_body_is_not_reused() {
     let h = Harness::start().await;
     let mut c = h.connect("alice").await;
-    c.open("s1", "[[mock chunks=1000 delay_ms=20]]").await;
-    c.recv_until("delta", Some("s1")).await;
-    c.send(json!({"type":"cancel","id":"s1"})).await;
-    let end = c.recv_until("error", Some("s1")).await;
-    assert_eq!(end["code"], "cancelled", "{end}");
-    wait_for_mock(&h, "aborted == 1", |s| s.aborted == 1 && s.in_flight == 0).await;
+    cancel_mid_stream(&h, &mut c, "s1").await;
     c.open("s2", "again [[mock chunks=3]]").await;
     let records = c.collect(&["s2".to_string()]).await;
     assert_eq!(records["s2"].text, expected("again", 3));

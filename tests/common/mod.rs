@@ -430,6 +430,17 @@ pub async fn wait_for_mock(
     wait_for_stats(&h.mock, what, pred).await;
 }
 
+/// Opens `id` as a long stream on `c`, cancels it after its first delta and waits until it
+/// ended `cancelled` and the mock saw its upstream request aborted.
+pub async fn cancel_mid_stream(h: &Harness, c: &mut Client, id: &str) {
+    c.open(id, "[[mock chunks=1000 delay_ms=20]]").await;
+    c.recv_until("delta", Some(id)).await;
+    c.send(serde_json::json!({"type":"cancel","id":id})).await;
+    let end = c.recv_until("error", Some(id)).await;
+    assert_eq!(end["code"], "cancelled", "{end}");
+    wait_for_mock(h, "aborted == 1", |s| s.aborted == 1 && s.in_flight == 0).await;
+}
+
 /// Polls `mock`'s stats until `pred` holds, or fails after 10 s.
 pub async fn wait_for_stats(
     mock: &mock::MockHandle,
